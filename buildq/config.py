@@ -1,0 +1,159 @@
+"""The one settings object of buildq.
+
+Every knob is an environment variable with the prefix ``BUILDQ_`` (``BUILDQ_BROKER_URL`` …).
+:func:`load_settings` builds it once at start; everything else receives it as an argument.
+An unknown ``BUILDQ_*`` variable or an invalid value fails at start with an error that names
+the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "BUILDQ_"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Validated configuration; see the README's settings table for each field."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    #: Redis used for leases, cancellation flags, daemon slots and log streams
+    #: (defaults to the broker when that is Redis).
+    redis_url: str | None = None
+
+    launcher: Literal["docker", "local"] = "docker"
+    buildkit_host: str = "tcp://127.0.0.1:1234"
+    #: several daemons, comma separated; when set it replaces ``buildkit_host``
+    buildkit_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: concurrent builds allowed per daemon (a Redis lease semaphore)
+    buildkit_max_builds: int = Field(default=4, ge=1, le=1000)
+    buildctl_image: str = "moby/buildkit:v0.21.0"
+    buildctl_path: str = "buildctl"
+    insecure_registries: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    #: docker launcher: engine URL (default: the SDK's DOCKER_HOST / local socket)
+    docker_url: str | None = None
+    #: docker launcher: network mode of the buildctl container (``host``, ``bridge``, a network)
+    docker_network: str = "host"
+    docker_pull_timeout_s: float = Field(default=300.0, gt=0)
+
+    queue: str = "builds"
+    high_priority_queue: str = "builds.high"
+
+    default_timeout_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    max_timeout_s: int = Field(default=4 * 3600, ge=1, le=7 * 24 * 3600)
+
+    retry_max_attempts: int = Field(default=5, ge=1, le=100)
+    retry_backoff_base_s: float = Field(default=1.0, ge=0)
+    retry_backoff_cap_s: float = Field(default=60.0, ge=0)
+    #: extra regular expressions whose match in buildctl's error text means "transient"
+    transient_patterns: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    #: seconds a job lease lives without renewal (renewed every third of it while building)
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+    #: broker visibility timeout; must exceed max_timeout_s + retry_backoff_cap_s
+    visibility_timeout_s: int = Field(default=6 * 3600, ge=1)
+    #: seconds a warm shutdown waits for running builds
+    shutdown_grace_s: float = Field(default=600.0, ge=0)
+    result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_dir: str | None = None
+
+    log_stream_maxlen: int = Field(default=20000, ge=100)
+    log_stream_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+
+    @field_validator("buildkit_hosts", "insecure_registries", "transient_patterns", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("transient_patterns")
+    @classmethod
+    def _compile(cls, patterns: list[str]) -> list[str]:
+        import re
+
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
+        return patterns
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> Settings:
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError("BUILDQ_DEFAULT_TIMEOUT_S must not exceed BUILDQ_MAX_TIMEOUT_S")
+        needed = self.max_timeout_s + self.retry_backoff_cap_s
+        if self.visibility_timeout_s <= needed:
+            raise ValueError(
+                f"BUILDQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must be greater than "
+                f"BUILDQ_MAX_TIMEOUT_S + BUILDQ_RETRY_BACKOFF_CAP_S ({needed:g}): otherwise Redis "
+                "redelivers a running build to a second worker"
+            )
+        return self
+
+    @property
+    def daemons(self) -> list[str]:
+        """The BuildKit daemon addresses builds are spread over."""
+        return list(self.buildkit_hosts) or [self.buildkit_host]
+
+    @property
+    def state_redis_url(self) -> str:
+        """Redis URL for leases, flags and streams."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return self.broker_url
+        return "redis://127.0.0.1:6379/0"
+
+
+class SettingsError(ValueError):
+    """Settings are invalid; the message names each offending ``BUILDQ_*`` variable."""
+
+
+def _env_name(loc: tuple[object, ...]) -> str:
+    if not loc or loc[0] == "__root__":
+        return ENV_PREFIX + "*"
+    return ENV_PREFIX + str(loc[0]).upper()
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build the settings from ``environ`` (default ``os.environ``) plus explicit overrides.
+
+    Raises :class:`SettingsError` naming every bad or unknown ``BUILDQ_*`` variable.
+    """
+    env = os.environ if environ is None else environ
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        raise SettingsError(
+            "unknown setting(s): " + ", ".join(unknown) + " (see the README's settings table)"
+        )
+    values: dict[str, object] = {
+        name: env[ENV_PREFIX + name.upper()] for name in Settings.model_fields if ENV_PREFIX + name.upper() in env
+    }
+    values.update(overrides)
+    try:
+        # init kwargs only: the environment was read above, so nothing is read twice
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = _env_name(tuple(err.get("loc", ())))
+            problems.append(f"{where}: {err.get('msg')}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from exc

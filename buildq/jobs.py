@@ -1,0 +1,224 @@
+"""The job contract: what a producer puts on the queue.
+
+:class:`BuildJob` is strict (unknown fields rejected) and checks every value that ends up in a
+buildctl flag, so a ``,``, ``=`` or newline cannot smuggle an extra attribute into
+``--output`` / ``--export-cache``. :func:`parse_job` turns any invalid input into one
+:class:`~buildq.errors.InvalidJobError` whose ``field`` names the offending field.
+Secret *values* never travel in a job: a secret names an environment variable on the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InvalidJobError
+from .reference import parse_reference
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+GIT_CONTEXT = re.compile(
+    r"^(?:https://|git://|ssh://)[A-Za-z0-9._~:@%+-]+(?:/[A-Za-z0-9._~@%+-]+)*\.git"
+    r"(?:#[A-Za-z0-9._/+-]*(?::[A-Za-z0-9._/+-]*)?)?$"
+)
+_ARG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PLATFORM = re.compile(r"^[a-z0-9_]+/[a-z0-9_]+(?:/[a-z0-9_.]+)?$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def new_job_id() -> str:
+    """A fresh random job id (32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+def is_git_context(context: str) -> bool:
+    """True when ``context`` is a git URL that BuildKit fetches itself."""
+    return bool(GIT_CONTEXT.match(context))
+
+
+def _no_control(value: str, what: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError(f"{what} must not contain newlines or control characters")
+    return value
+
+
+class SecretRef(BaseModel):
+    """A build secret: exposed to ``RUN --mount=type=secret,id=<id>`` from the worker's env var ``env``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+
+
+class BuildJob(BaseModel):
+    """One image build. See the README's job contract for each field."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    job_id: Annotated[str, Field(pattern=JOB_ID_PATTERN)] = Field(default_factory=new_job_id)
+    context: Annotated[str, Field(min_length=1, max_length=4096)] = Field(
+        description="absolute directory readable by the worker, or https://host/repo.git#ref:subdir"
+    )
+    dockerfile: Annotated[str, Field(min_length=1, max_length=1024)] = "Dockerfile"
+    target: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] | None = None
+    build_args: dict[str, str] = Field(default_factory=dict)
+    platforms: list[str] = Field(default_factory=list)
+    tags: Annotated[list[str], Field(min_length=1, max_length=32)]
+    push: bool = True
+    cache_ref: str | None = Field(default=None, description="default: <repository of first tag>:buildcache")
+    cache_mode: Literal["max", "min"] = "max"
+    labels: dict[str, str] = Field(default_factory=dict)
+    secrets: list[SecretRef] = Field(default_factory=list)
+    timeout_s: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = None
+    priority: Literal["normal", "high"] = "normal"
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, value: str) -> str:
+        _no_control(value, "context")
+        if "://" in value or value.startswith("git@"):
+            if not is_git_context(value):
+                raise ValueError(
+                    "a remote context must be a git URL like https://host/org/repo.git#ref:subdir"
+                )
+            return value
+        if not os.path.isabs(value):
+            raise ValueError("a local context must be an absolute directory path")
+        if "," in value or "=" in value:
+            raise ValueError("a local context path must not contain ',' or '='")
+        return os.path.normpath(value)
+
+    @field_validator("dockerfile")
+    @classmethod
+    def _dockerfile(cls, value: str) -> str:
+        _no_control(value, "dockerfile")
+        if value.startswith("/") or "\\" in value:
+            raise ValueError("must be a relative path inside the context")
+        norm = posixpath.normpath(value)
+        if norm == ".." or norm.startswith("../") or norm == ".":
+            raise ValueError("must stay inside the context (no '..')")
+        if "," in value or "=" in value:
+            raise ValueError("must not contain ',' or '='")
+        return norm
+
+    @field_validator("build_args")
+    @classmethod
+    def _build_args(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, val in value.items():
+            if not _ARG_KEY.match(key):
+                raise ValueError(f"build arg name {key!r} must match [A-Za-z_][A-Za-z0-9_]*")
+            _no_control(val, f"build arg {key}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, val in value.items():
+            if not _LABEL_KEY.match(key) or len(key) > 256:
+                raise ValueError(f"label key {key!r} must match [A-Za-z0-9][A-Za-z0-9._/-]*")
+            _no_control(val, f"label {key}")
+        return value
+
+    @field_validator("platforms")
+    @classmethod
+    def _platforms(cls, value: list[str]) -> list[str]:
+        for platform in value:
+            if not _PLATFORM.match(platform):
+                raise ValueError(f"platform {platform!r} must look like os/arch[/variant]")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        for index, tag in enumerate(value):
+            try:
+                ref = parse_reference(tag)
+            except ValueError as exc:
+                raise ValueError(f"tags[{index}]: {exc}") from None
+            if ref.digest:
+                raise ValueError(f"tags[{index}]: {tag!r} has a digest; push targets take a tag")
+        if len(set(value)) != len(value):
+            raise ValueError("tags must not repeat")
+        return value
+
+    @field_validator("cache_ref")
+    @classmethod
+    def _cache_ref(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        ref = parse_reference(value)
+        if ref.digest:
+            raise ValueError(f"{value!r} has a digest; a cache ref takes a tag")
+        return value
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, value: list[SecretRef]) -> list[SecretRef]:
+        ids = [s.id for s in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("secret ids must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _default_cache_ref(self) -> BuildJob:
+        if self.cache_ref is None:
+            first = parse_reference(self.tags[0])
+            object.__setattr__(self, "cache_ref", f"{first.repository}:buildcache")
+        return self
+
+    @property
+    def is_git(self) -> bool:
+        return is_git_context(self.context)
+
+    def to_message(self) -> dict[str, Any]:
+        """The JSON-able body put on the queue (defaults filled in, so every worker agrees)."""
+        return self.model_dump(mode="json")
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "job"
+
+
+def parse_job(data: Any) -> BuildJob:
+    """Validate a job (a dict, a JSON string or a BuildJob); raise InvalidJobError naming the field."""
+    if isinstance(data, BuildJob):
+        return data
+    try:
+        if isinstance(data, str | bytes):
+            return BuildJob.model_validate_json(data)
+        if not isinstance(data, dict):
+            raise InvalidJobError("a job must be a JSON object", field="job")
+        return BuildJob.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = _field_name(tuple(first.get("loc", ())))
+        if first.get("type") == "extra_forbidden":
+            message = f"unknown field {field!r}"
+        else:
+            message = f"{field}: {first.get('msg')}"
+            if len(exc.errors()) > 1:
+                others = {_field_name(tuple(e.get('loc', ()))) for e in exc.errors()[1:]} - {field}
+                if others:
+                    message += f" (also invalid: {', '.join(sorted(others))})"
+        raise InvalidJobError(message, field=field) from None
+
+
+def job_schema() -> dict[str, Any]:
+    """JSON Schema of the job contract (what ``buildq schema`` prints)."""
+    schema = BuildJob.model_json_schema()
+    schema["title"] = "buildq BuildJob"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema

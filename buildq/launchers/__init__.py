@@ -1,0 +1,27 @@
+"""Launchers: where a buildctl invocation runs. One small interface (``base.Launcher``), one file each.
+
+- ``local``: buildctl as a subprocess of the worker (``BUILDQ_BUILDCTL_PATH``).
+- ``docker``: buildctl in a container from ``BUILDQ_BUILDCTL_IMAGE`` via the Docker engine.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import BuildPaths, Launcher, LaunchSpec, RunningBuild
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+__all__ = ["BuildPaths", "Launcher", "LaunchSpec", "RunningBuild", "make_launcher"]
+
+
+def make_launcher(settings: Settings) -> Launcher:
+    """The launcher named by ``BUILDQ_LAUNCHER`` (imported on demand: docker SDK only if used)."""
+    if settings.launcher == "local":
+        from .local import LocalLauncher
+
+        return LocalLauncher(settings.buildctl_path)
+    from .docker import DockerLauncher
+
+    return DockerLauncher(settings)

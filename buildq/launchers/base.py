@@ -1,0 +1,100 @@
+"""The launcher interface: how one ``buildctl build`` invocation is run somewhere.
+
+A launcher turns a :class:`LaunchSpec` into a :class:`RunningBuild`. The caller then reads
+stderr lines as they arrive (``lines()``), waits for the exit code, reads back the metadata
+file, and always calls ``close()``. ``kill()`` may be called from any thread at any time.
+
+Paths: the argv is built by the caller from the paths the launcher says buildctl will see
+(:meth:`Launcher.prepare`), because a containerised buildctl sees its bind mounts, not the
+worker's paths.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BuildPaths:
+    """Paths as buildctl sees them (``None`` context for a git context)."""
+
+    context_dir: str | None
+    dockerfile_dir: str | None
+    metadata_file: str
+    #: worker-side scratch directory owned by this build (removed by ``RunningBuild.close``)
+    workdir: str | None = None
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a launcher needs to run one buildctl invocation.
+
+    ``argv`` excludes the program name (it starts with ``build`` or ``debug``).
+    ``env`` holds extra environment for buildctl (``BUILDKIT_HOST``, secret values named by
+    ``--secret id=…,env=…``); it is never logged.
+    ``context_dir`` / ``dockerfile_dir`` are worker-side directories to expose read-only.
+    """
+
+    job_id: str
+    argv: list[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    context_dir: str | None = None
+    dockerfile_dir: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+class RunningBuild(abc.ABC):
+    """A started buildctl process or container."""
+
+    @abc.abstractmethod
+    def lines(self) -> Iterator[str]:
+        """Yield stderr lines (without the newline) as buildctl writes them; ends at EOF."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until buildctl exits; return its exit code (raise TimeoutError on timeout)."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Kill buildctl now (idempotent, thread-safe, no error if it already exited)."""
+
+    @abc.abstractmethod
+    def read_metadata(self) -> dict[str, Any] | None:
+        """Return the parsed ``--metadata-file`` content, or None if buildctl wrote none."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release everything (temp dirs, containers). Idempotent."""
+
+    def __enter__(self) -> RunningBuild:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Launcher(abc.ABC):
+    """Runs buildctl. One instance per worker process; must be safe to reuse across builds."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def prepare(self, job_id: str, context_dir: str | None, dockerfile_dir: str | None) -> BuildPaths:
+        """Return the paths buildctl will see for these worker-side directories.
+
+        May create a scratch directory (``BuildPaths.workdir``); ``start`` takes ownership of it.
+        """
+
+    @abc.abstractmethod
+    def start(self, spec: LaunchSpec, paths: BuildPaths) -> RunningBuild:
+        """Start buildctl for ``spec``; raise a BuildError subclass if it cannot start."""
+
+    def find_orphans(self) -> list[str]:
+        """Return job ids of buildctl processes/containers this launcher left running."""
+        return []
+
+    def kill_orphan(self, job_id: str) -> None:  # noqa: B027 - optional hook
+        """Kill and remove the leftover buildctl for ``job_id`` (no-op by default)."""

@@ -1,0 +1,155 @@
+"""The ``local`` launcher: ``BUILDQ_BUILDCTL_PATH`` as a subprocess of the worker.
+
+buildctl runs in its own process group (so a kill reaches anything it spawned), with the
+worker's environment plus ``spec.env`` (``BUILDKIT_HOST``, secret variables). The metadata file
+goes to a private scratch directory that ``close()`` removes. Orphans are found through pid
+files in ``<tmp>/buildq-local/`` that name the job and the process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import PermanentBuildError
+from .base import BuildPaths, Launcher, LaunchSpec, RunningBuild
+
+
+class LocalBuild(RunningBuild):
+    def __init__(self, proc: subprocess.Popen[bytes], paths: BuildPaths, pidfile: Path | None) -> None:
+        self._proc = proc
+        self._paths = paths
+        self._pidfile = pidfile
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def lines(self) -> Iterator[str]:
+        stream = self._proc.stderr
+        assert stream is not None
+        for raw in iter(stream.readline, b""):
+            yield raw.decode("utf-8", "replace").rstrip("\r\n")
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise TimeoutError(f"buildctl still running after {timeout}s") from exc
+
+    def kill(self) -> None:
+        with self._lock:
+            if self._proc.poll() is not None:
+                return
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    self._proc.kill()
+                except ProcessLookupError:
+                    pass
+
+    def read_metadata(self) -> dict[str, Any] | None:
+        try:
+            with open(self._paths.metadata_file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._proc.poll() is None:
+            self.kill()
+            self._proc.wait()
+        if self._proc.stderr is not None:
+            self._proc.stderr.close()
+        if self._pidfile is not None:
+            self._pidfile.unlink(missing_ok=True)
+        if self._paths.workdir:
+            shutil.rmtree(self._paths.workdir, ignore_errors=True)
+
+
+class LocalLauncher(Launcher):
+    """Runs buildctl as a local subprocess."""
+
+    name = "local"
+
+    def __init__(self, buildctl_path: str, *, state_dir: str | None = None) -> None:
+        self.buildctl_path = buildctl_path
+        self.state_dir = Path(state_dir or os.path.join(tempfile.gettempdir(), "buildq-local"))
+
+    def prepare(self, job_id: str, context_dir: str | None, dockerfile_dir: str | None) -> BuildPaths:
+        workdir = tempfile.mkdtemp(prefix=f"buildq-{job_id[:40]}-")
+        return BuildPaths(
+            context_dir=context_dir,
+            dockerfile_dir=dockerfile_dir,
+            metadata_file=os.path.join(workdir, "metadata.json"),
+            workdir=workdir,
+        )
+
+    def start(self, spec: LaunchSpec, paths: BuildPaths) -> RunningBuild:
+        env = dict(os.environ)
+        env.update(spec.env)
+        try:
+            proc = subprocess.Popen(
+                [self.buildctl_path, *spec.argv],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            if paths.workdir:
+                shutil.rmtree(paths.workdir, ignore_errors=True)
+            raise PermanentBuildError(
+                f"cannot run buildctl at {self.buildctl_path!r} (BUILDQ_BUILDCTL_PATH): {exc.strerror or exc}",
+                reason="buildctl_missing",
+            ) from exc
+        return LocalBuild(proc, paths, self._write_pidfile(spec.job_id, proc.pid))
+
+    def _write_pidfile(self, job_id: str, pid: int) -> Path | None:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            path = self.state_dir / f"{job_id}.{pid}.pid"
+            path.write_text(json.dumps({"job_id": job_id, "pgid": pid, "exe": self.buildctl_path}))
+            return path
+        except OSError:
+            return None
+
+    def _pidfiles(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+        if not self.state_dir.is_dir():
+            return
+        for path in self.state_dir.glob("*.pid"):
+            try:
+                yield path, json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+
+    def find_orphans(self) -> list[str]:
+        return sorted({str(info.get("job_id")) for _, info in self._pidfiles()})
+
+    def kill_orphan(self, job_id: str) -> None:
+        for path, info in self._pidfiles():
+            if info.get("job_id") != job_id:
+                continue
+            try:
+                os.killpg(int(info["pgid"]), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, KeyError, ValueError):
+                pass
+            path.unlink(missing_ok=True)
