@@ -127,8 +127,6 @@ class SettingsError(ValueError):
 
 
 def _env_name(loc: tuple[object, ...]) -> str:
-    if not loc or loc[0] == "__root__":
-        return ENV_PREFIX + "*"
     return ENV_PREFIX + str(loc[0]).upper()
 
 
@@ -154,6 +152,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            where = _env_name(tuple(err.get("loc", ())))
-            problems.append(f"{where}: {err.get('msg')}")
+            loc = tuple(err.get("loc", ()))
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            problems.append(f"{_env_name(loc)}: {msg}" if loc else msg)
         raise SettingsError("invalid settings: " + "; ".join(problems)) from exc

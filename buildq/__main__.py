@@ -1,0 +1,5 @@
+"""``python -m buildq`` is the ``buildq`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""The Celery application, made from the settings by :func:`create_app` (nothing at import time)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .config import Settings
+
+TASK_NAME = "buildq.build"
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    """Celery settings that make builds neither lost nor doubled (see the README's reliability section)."""
+    # hard limit: the job's own watcher kills buildctl first; this is the backstop
+    hard_limit = settings.max_timeout_s + 120
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "result_expires": settings.result_ttl_s,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "task_time_limit": hard_limit,
+        "task_default_queue": settings.queue,
+        "task_create_missing_queues": True,
+        "result_extended": True,
+    }
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app configured from ``settings``, with buildq's tasks registered."""
+    app = Celery("buildq", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    app.buildq_settings = settings  # type: ignore[attr-defined]
+    from . import tasks
+
+    tasks.register(app)
+    return app

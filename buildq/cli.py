@@ -1,0 +1,200 @@
+"""``buildq`` command line: worker, submit, status, cancel, schema.
+
+Exit codes: 0 success; 1 the build failed or was cancelled; 2 invalid input or settings
+(the reason goes to stderr); 3 timed out waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from .config import Settings, SettingsError, load_settings
+from .errors import InvalidJobError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="buildq: container-image builds through a Celery queue.")
+
+EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 1, 2, 3
+
+
+def _die(message: str, code: int) -> None:
+    typer.echo(f"buildq: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        _die(str(exc), EXIT_INVALID)
+        raise  # unreachable
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _die(f"{option} expects KEY=VALUE, got {item!r}", EXIT_INVALID)
+        out[key] = value
+    return out
+
+
+def _secret(item: str) -> dict[str, str]:
+    fields = dict(part.partition("=")[::2] for part in item.split(","))
+    if set(fields) != {"id", "env"}:
+        _die(f"--secret expects id=ID,env=VAR, got {item!r}", EXIT_INVALID)
+    return fields
+
+
+def _state_exit(record: dict[str, Any]) -> int:
+    return 0 if record.get("state") == "succeeded" else EXIT_FAILED
+
+
+@app.command()
+def worker(
+    queues: Annotated[str | None, typer.Option("--queues", "-Q", help="comma separated queues")] = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", "-c")] = None,
+    autoscale: Annotated[str | None, typer.Option("--autoscale", help="MAX,MIN")] = None,
+    pool: Annotated[str | None, typer.Option("--pool", "-P")] = None,
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
+    hostname: Annotated[str | None, typer.Option("--hostname", "-n")] = None,
+) -> None:
+    """Start a build worker (Celery, task events on, late acks, prefetch 1)."""
+    from .workers import run_worker, worker_argv
+
+    settings = _settings()
+    argv = worker_argv(
+        settings,
+        queues=[q for q in (queues or "").split(",") if q],
+        concurrency=concurrency,
+        autoscale=autoscale,
+        pool=pool,
+        loglevel=loglevel,
+        hostname=hostname,
+    )
+    run_worker(settings, argv)
+
+
+@app.command()
+def submit(
+    context: Annotated[str, typer.Option("--context", help="directory on the worker, or a git URL")],
+    tag: Annotated[list[str], typer.Option("--tag", "-t", help="image reference (repeatable)")],
+    dockerfile: Annotated[str | None, typer.Option("--dockerfile", "-f")] = None,
+    target: Annotated[str | None, typer.Option("--target")] = None,
+    build_arg: Annotated[list[str] | None, typer.Option("--build-arg", help="KEY=VALUE (repeatable)")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", help="KEY=VALUE (repeatable)")] = None,
+    platform: Annotated[list[str] | None, typer.Option("--platform", help="os/arch (repeatable)")] = None,
+    cache_ref: Annotated[str | None, typer.Option("--cache-ref")] = None,
+    cache_mode: Annotated[str | None, typer.Option("--cache-mode", help="max | min")] = None,
+    no_push: Annotated[bool, typer.Option("--no-push", help="build only, push nothing")] = False,
+    secret: Annotated[list[str] | None, typer.Option("--secret", help="id=ID,env=VAR (repeatable)")] = None,
+    job_id: Annotated[str | None, typer.Option("--job-id")] = None,
+    timeout: Annotated[int | None, typer.Option("--timeout", help="build time limit, seconds")] = None,
+    priority: Annotated[str | None, typer.Option("--priority", help="normal | high")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="block until the build ends")] = False,
+    wait_timeout: Annotated[float | None, typer.Option("--wait-timeout")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON record")] = False,
+) -> None:
+    """Validate and enqueue a build; print its job id (with --wait, its result)."""
+    from .client import BuildqClient
+
+    if "://" not in context and not context.startswith("git@"):
+        context = os.path.abspath(context)
+        if not os.path.isdir(context):
+            _die(f"context: {context!r} is not a directory", EXIT_INVALID)
+    job: dict[str, Any] = {"context": context, "tags": list(tag), "push": not no_push}
+    optional = {
+        "job_id": job_id,
+        "dockerfile": dockerfile,
+        "target": target,
+        "cache_ref": cache_ref,
+        "cache_mode": cache_mode,
+        "timeout_s": timeout,
+        "priority": priority,
+    }
+    job.update({k: v for k, v in optional.items() if v is not None})
+    if build_arg:
+        job["build_args"] = _pairs(build_arg, "--build-arg")
+    if label:
+        job["labels"] = _pairs(label, "--label")
+    if platform:
+        job["platforms"] = list(platform)
+    if secret:
+        job["secrets"] = [_secret(s) for s in secret]
+
+    client = BuildqClient(_settings())
+    try:
+        handle = client.submit(job)
+    except InvalidJobError as exc:
+        _die(f"invalid job: {exc.message}", EXIT_INVALID)
+        return
+    if not wait:
+        typer.echo(json.dumps({"job_id": handle.job_id}) if as_json else handle.job_id)
+        return
+    if not as_json:
+        typer.echo(handle.job_id, err=True)
+    try:
+        record = handle.wait(wait_timeout)
+    except TimeoutError as exc:
+        _die(str(exc), EXIT_TIMEOUT)
+        return
+    _print_record(record, as_json)
+    raise typer.Exit(_state_exit(record))
+
+
+def _print_record(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(record, indent=2))
+        return
+    from .render import render_record
+
+    render_record(record)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument()],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show a job's state, result and phase waterfall."""
+    from .client import BuildqClient
+
+    record = BuildqClient(_settings()).status(job_id)
+    if record.get("state") == "unknown":
+        if as_json:
+            typer.echo(json.dumps(record))
+        _die(f"unknown job {job_id!r}", EXIT_FAILED)
+    _print_record(record, as_json)
+    if record.get("state") in ("failed", "cancelled"):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument()]) -> None:
+    """Cancel a job: a queued one never starts, a running one is killed within 2 s."""
+    from .client import BuildqClient
+
+    record = BuildqClient(_settings()).cancel(job_id)
+    if record.get("state") == "unknown":
+        _die(f"unknown job {job_id!r}", EXIT_FAILED)
+    typer.echo(f"cancel requested for {job_id} (state: {record.get('state')})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of a build job (for producers in other languages)."""
+    from .jobs import job_schema
+
+    typer.echo(json.dumps(job_schema(), indent=2))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

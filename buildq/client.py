@@ -1,0 +1,101 @@
+"""The Python API for producers: submit a job, wait for it, read its status, cancel it.
+
+    from buildq.client import BuildqClient
+    client = BuildqClient()                      # settings from BUILDQ_* variables
+    handle = client.submit({"context": "/srv/app", "tags": ["registry:5000/app:1"]})
+    record = handle.wait(timeout=600)            # the JSON result record
+
+A job is validated here first (:class:`~buildq.errors.InvalidJobError` names the field), so an
+invalid job never reaches the queue.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from celery import Celery
+
+from .app import TASK_NAME, create_app
+from .config import Settings, load_settings
+from .jobs import BuildJob, parse_job
+from .state import JobStore
+
+
+class BuildqClient:
+    """Talks to the broker and Redis; cheap to create, connections made on first use."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+
+    @cached_property
+    def app(self) -> Celery:
+        return create_app(self.settings)
+
+    @cached_property
+    def store(self) -> JobStore:
+        return JobStore.from_url(self.settings.state_redis_url, result_ttl_s=self.settings.result_ttl_s)
+
+    def queue_for(self, job: BuildJob) -> str:
+        return self.settings.high_priority_queue if job.priority == "high" else self.settings.queue
+
+    def submit(self, job: BuildJob | dict[str, Any] | str) -> BuildHandle:
+        """Validate and enqueue ``job``; the returned handle's ``job_id`` is also the Celery task id."""
+        parsed = parse_job(job)
+        enqueued_at = time.time()
+        queue = self.queue_for(parsed)
+        self.store.mark_queued(parsed.job_id, enqueued_at, queue)
+        self.app.send_task(
+            TASK_NAME,
+            kwargs={"job": parsed.to_message(), "enqueued_at": enqueued_at},
+            task_id=parsed.job_id,
+            queue=queue,
+        )
+        return BuildHandle(self, parsed.job_id)
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        """The final record if there is one, else ``{"job_id", "state", "phase", ...}`` (state ``unknown``
+        when buildq has never seen the id)."""
+        record = self.store.result(job_id)
+        if record is not None:
+            return record
+        info = self.store.info(job_id)
+        if not info:
+            return {"job_id": job_id, "state": "unknown"}
+        return {"job_id": job_id, **info}
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the record is stored; TimeoutError after ``timeout`` seconds."""
+        record = self.store.wait_result(job_id, timeout)
+        if record is None:
+            raise TimeoutError(f"job {job_id} has no result after {timeout}s")
+        return record
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask for cancellation: a queued job never starts, a running one is killed within 2 s."""
+        self.store.request_cancel(job_id)
+        return self.status(job_id)
+
+
+@dataclass(frozen=True)
+class BuildHandle:
+    """A submitted job."""
+
+    client: BuildqClient
+    job_id: str
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        return self.client.wait(self.job_id, timeout)
+
+    def status(self) -> dict[str, Any]:
+        return self.client.status(self.job_id)
+
+    def cancel(self) -> dict[str, Any]:
+        return self.client.cancel(self.job_id)
+
+
+def submit(job: BuildJob | dict[str, Any] | str, settings: Settings | None = None) -> BuildHandle:
+    """Shortcut: ``BuildqClient(settings).submit(job)``."""
+    return BuildqClient(settings).submit(job)

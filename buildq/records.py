@@ -1,0 +1,107 @@
+"""The JSON result record of a build, built from attempt outcomes (pure).
+
+Shape (see the README): ``job_id``, ``state`` (succeeded | failed | cancelled), ``image``
+(``names``, ``digest``), ``cache`` (``ref``), ``started_at``, ``finished_at``, ``duration_s``,
+``attempts`` (list), ``error`` (``kind``, ``reason``, ``message``) or null, ``phases``, ``steps``,
+``slowest_steps``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from .buildkit.phases import compute_phases, slowest_steps, step_stats
+from .buildkit.progress import ProgressTracker
+from .jobs import BuildJob
+from .runner import AttemptOutcome
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds → RFC 3339 UTC with milliseconds."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def attempt_record(attempt: AttemptOutcome, *, window_start: float, window_end: float) -> dict[str, Any]:
+    """One entry of ``attempts``: number, times, outcome, reason, error line and its own phases.
+
+    The attempt's phases tile ``[window_start, window_end]``: from the enqueue (or the end of the
+    previous attempt, so a retry's backoff counts as ``queued``) to its result or retry decision.
+    """
+    failure = attempt.failure
+    record: dict[str, Any] = {
+        "number": attempt.number,
+        "daemon": attempt.daemon,
+        "started_at": iso(attempt.started_at),
+        "finished_at": iso(attempt.exited_at),
+        "duration_s": round(attempt.exited_at - attempt.started_at, 3),
+        "outcome": attempt.outcome,
+        "exit_code": attempt.exit_code,
+        "reason": failure.reason if failure else None,
+        "error": failure.message if failure else None,
+        "window_end": window_end,
+        "phases": compute_phases(
+            attempt.tracker if attempt.tracker is not None else ProgressTracker(),
+            enqueued_at=window_start,
+            started_at=attempt.started_at,
+            first_output_at=attempt.first_output_at,
+            exited_at=attempt.exited_at,
+            stored_at=window_end,
+        ),
+    }
+    return record
+
+
+def sum_phases(attempts: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Key-wise sum of the attempts' phases (they tile the build's timeline, so totals add up)."""
+    total: dict[str, float] = {}
+    for attempt in attempts:
+        for name, seconds in (attempt.get("phases") or {}).items():
+            total[name] = round(total.get(name, 0.0) + seconds, 3)
+    return total or None
+
+
+def error_record(kind: str, reason: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The ``error`` member: kind (permanent | transient_exhausted | invalid | cancelled | timeout)."""
+    return {"kind": kind, "reason": reason, "message": message, **extra}
+
+
+def final_record(
+    job: BuildJob,
+    *,
+    state: str,
+    attempts: list[dict[str, Any]],
+    last: AttemptOutcome | None,
+    enqueued_at: float,
+    finished_at: float,
+    error: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The whole record; ``phases`` is the sum of the attempts' phases (enqueue → result stored)."""
+    metadata = (last.metadata if last else None) or {}
+    first_started = min((a["started_at"] for a in attempts if a.get("started_at")), default=None)
+    started_ts = datetime.fromisoformat(first_started).timestamp() if first_started else finished_at
+    record: dict[str, Any] = {
+        "job_id": job.job_id,
+        "state": state,
+        "image": {
+            "names": list(job.tags),
+            "digest": metadata.get("containerimage.digest"),
+            "pushed": job.push and state == "succeeded",
+        },
+        "cache": {"ref": job.cache_ref, "exported": job.push},
+        "enqueued_at": iso(enqueued_at),
+        "started_at": first_started,
+        "finished_at": iso(finished_at),
+        "duration_s": round(max(0.0, finished_at - started_ts), 3),
+        "attempts": attempts,
+        "error": error,
+        "phases": sum_phases(attempts),
+        "steps": None,
+        "slowest_steps": [],
+    }
+    if last is not None and last.tracker is not None:
+        record["steps"] = step_stats(last.tracker)
+        record["slowest_steps"] = slowest_steps(last.tracker)
+    return record

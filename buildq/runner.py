@@ -1,0 +1,160 @@
+"""One attempt of one build, apart from Celery: argv → launcher → progress → outcome.
+
+:func:`run_attempt` starts buildctl through a launcher, feeds every stderr line to the progress
+tracker (and to ``on_line``) as it arrives, kills buildctl when ``should_stop()`` says so or the
+deadline passes, then reads the metadata file and classifies the exit. It never raises for a
+build failure: the outcome is data (:class:`AttemptOutcome`). The clock is injected.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .buildkit.classify import Failure, classify_failure
+from .buildkit.command import build_argv, dockerfile_dir, secret_env
+from .buildkit.progress import ProgressTracker
+from .errors import BuildError, InvalidJobError, PermanentBuildError
+from .jobs import BuildJob
+from .launchers.base import Launcher, LaunchSpec
+
+Clock = Callable[[], float]
+
+#: how often the watcher checks ``should_stop`` (cancellation must act within 2 s)
+WATCH_INTERVAL_S = 0.25
+
+
+@dataclass
+class AttemptOutcome:
+    """What one buildctl invocation did. ``outcome`` is succeeded | failed | cancelled | timeout."""
+
+    number: int
+    daemon: str
+    started_at: float
+    exited_at: float
+    outcome: str
+    exit_code: int | None = None
+    failure: Failure | None = None
+    metadata: dict[str, Any] | None = None
+    tracker: ProgressTracker | None = None
+    first_output_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def transient(self) -> bool:
+        return self.failure is not None and self.failure.transient
+
+
+def check_job_on_worker(job: BuildJob, *, environ: Mapping[str, str], max_timeout_s: int) -> None:
+    """Checks only the worker can make; raise InvalidJobError naming the field."""
+    import os
+
+    if not job.is_git:
+        if not os.path.isdir(job.context):
+            raise InvalidJobError(f"context: {job.context!r} is not a directory on the worker", field="context")
+        if not os.access(job.context, os.R_OK | os.X_OK):
+            raise InvalidJobError(f"context: {job.context!r} is not readable by the worker", field="context")
+        dockerfile = os.path.join(job.context, job.dockerfile)
+        if not os.path.isfile(dockerfile):
+            raise InvalidJobError(f"dockerfile: {job.dockerfile!r} not found in the context", field="dockerfile")
+        real_context = os.path.realpath(job.context)
+        if os.path.commonpath([real_context, os.path.realpath(dockerfile)]) != real_context:
+            raise InvalidJobError("dockerfile: resolves outside the context", field="dockerfile")
+    if job.timeout_s is not None and job.timeout_s > max_timeout_s:
+        raise InvalidJobError(
+            f"timeout_s: {job.timeout_s} exceeds the worker's maximum {max_timeout_s} (BUILDQ_MAX_TIMEOUT_S)",
+            field="timeout_s",
+        )
+    for index, secret in enumerate(job.secrets):
+        if secret.env not in environ:
+            raise InvalidJobError(
+                f"secrets[{index}].env: environment variable {secret.env!r} is not set on the worker",
+                field=f"secrets[{index}].env",
+            )
+
+
+def run_attempt(
+    job: BuildJob,
+    *,
+    number: int,
+    launcher: Launcher,
+    daemon: str,
+    insecure_registries: Sequence[str],
+    environ: Mapping[str, str],
+    timeout_s: float,
+    clock: Clock = time.time,
+    on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[], None] | None = None,
+    should_stop: Callable[[], str | None] | None = None,
+    extra_transient: Sequence[str] = (),
+) -> AttemptOutcome:
+    """Run buildctl once for ``job`` against ``daemon``; return what happened.
+
+    ``should_stop`` is polled every 250 ms while buildctl runs; a non-None answer
+    (``"cancelled"``) kills buildctl and becomes the outcome. Passing ``timeout_s`` kills it too
+    (outcome ``timeout``). ``on_start`` is called once buildctl has been started.
+    """
+    started = clock()
+    tracker = ProgressTracker(clock=clock)
+    paths = launcher.prepare(job.job_id, None if job.is_git else job.context, dockerfile_dir(job))
+    argv = build_argv(job, paths, insecure_registries=insecure_registries)
+    env = {"BUILDKIT_HOST": daemon, **secret_env(job, environ)}
+    spec = LaunchSpec(job_id=job.job_id, argv=argv, env=env, context_dir=paths.context_dir and job.context,
+                      dockerfile_dir=dockerfile_dir(job))
+    try:
+        running = launcher.start(spec, paths)
+    except BuildError as exc:
+        failure = Failure(transient=not isinstance(exc, PermanentBuildError), reason=exc.reason, message=exc.message)
+        return AttemptOutcome(number, daemon, started, clock(), "failed", failure=failure, tracker=tracker)
+    if on_start is not None:
+        on_start()
+
+    stop_reason: list[str] = []
+    done = threading.Event()
+    deadline = started + timeout_s
+
+    def watch() -> None:
+        while not done.wait(WATCH_INTERVAL_S):
+            reason = should_stop() if should_stop is not None else None
+            if reason is None and clock() >= deadline:
+                reason = "timeout"
+            if reason is not None:
+                stop_reason.append(reason)
+                running.kill()
+                return
+
+    watcher = threading.Thread(target=watch, name=f"buildq-watch-{job.job_id[:16]}", daemon=True)
+    watcher.start()
+    try:
+        for line in running.lines():
+            tracker.feed(line)
+            if on_line is not None:
+                on_line(line)
+        exit_code = running.wait()
+        exited = clock()
+        metadata = running.read_metadata() if exit_code == 0 else None
+    finally:
+        done.set()
+        running.close()
+    watcher.join()
+
+    outcome = AttemptOutcome(number, daemon, started, exited, "failed", exit_code=exit_code, tracker=tracker,
+                             first_output_at=tracker.first_output_at)
+    if stop_reason:
+        outcome.outcome = stop_reason[0]
+        message = "build cancelled" if stop_reason[0] == "cancelled" else f"build exceeded its {timeout_s:g}s limit"
+        outcome.failure = Failure(transient=False, reason=stop_reason[0], message=message)
+        return outcome
+    if exit_code == 0:
+        if metadata is None or "containerimage.digest" not in metadata:
+            outcome.failure = Failure(transient=False, reason="no_metadata",
+                                      message="buildctl exited 0 but wrote no image digest to --metadata-file")
+            return outcome
+        outcome.outcome = "succeeded"
+        outcome.metadata = metadata
+        return outcome
+    outcome.failure = classify_failure(exit_code, list(tracker.text_lines), extra_transient=extra_transient)
+    return outcome

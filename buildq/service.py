@@ -1,0 +1,284 @@
+"""What a worker does with one delivered build message, apart from Celery.
+
+:class:`BuildService.handle` validates the job, makes sure only one ``buildctl`` runs per job id
+(a lease in Redis), runs one attempt, and decides: store the final record, or ask for a retry
+after a backoff (the Celery task turns :class:`RetryLater` into ``self.retry``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .buildkit.backoff import backoff_delay
+from .buildkit.classify import Failure
+from .config import Settings
+from .errors import BuildError, InvalidJobError
+from .jobs import BuildJob, parse_job
+from .launchers.base import Launcher
+from .records import attempt_record, error_record, final_record
+from .runner import AttemptOutcome, check_job_on_worker, run_attempt
+from .state import JobStore
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class RetryLater(Exception):
+    """Run the job again in ``countdown`` seconds, carrying the attempts so far."""
+
+    countdown: float
+    attempts: list[dict[str, Any]]
+    reason: str
+
+
+class LeaseLost(Exception):
+    """Another worker owns this job now; this delivery must not store anything."""
+
+
+@dataclass
+class Hooks:
+    """Optional observers (metrics, events, logs); all default to doing nothing."""
+
+    on_phase: Callable[[str, str], None] = lambda job_id, phase: None
+    on_line: Callable[[str, int, str], None] = lambda job_id, attempt, line: None
+    on_attempt: Callable[[str, dict[str, Any]], None] = lambda job_id, attempt: None
+    on_final: Callable[[dict[str, Any]], None] = lambda record: None
+
+
+@dataclass
+class BuildService:
+    """Per-process build runtime: settings, launcher, store and clock, built once."""
+
+    settings: Settings
+    launcher: Launcher
+    store: JobStore
+    clock: Clock = time.time
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    hooks: Hooks = field(default_factory=Hooks)
+    rand: Callable[[], float] | None = None
+    #: seconds between polls while waiting for another worker's lease on the same job
+    duplicate_poll_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    # ----------------------------------------------------------------------------------------
+    def handle(
+        self,
+        message: Any,
+        *,
+        enqueued_at: float | None,
+        attempts: list[dict[str, Any]] | None,
+        task_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Process one delivery; return the final record or raise RetryLater / LeaseLost."""
+        now = self.clock()
+        enqueued = enqueued_at if enqueued_at is not None else now
+        attempts = list(attempts or [])
+        try:
+            job = parse_job(message)
+        except InvalidJobError as exc:
+            return self._reject(message, task_id, exc, enqueued, attempts)
+        try:
+            check_job_on_worker(job, environ=self.environ, max_timeout_s=self.settings.max_timeout_s)
+        except InvalidJobError as exc:
+            return self._reject(job, task_id, exc, enqueued, attempts)
+
+        token = self.store.new_token()
+        pre = self._claim(job.job_id, token)
+        if pre is not None:
+            return pre
+        try:
+            return self._run_claimed(job, token, enqueued, attempts)
+        finally:
+            self.store.release_lease(job.job_id, token)
+
+    # ----------------------------------------------------------------------------------------
+    def _claim(self, job_id: str, token: str) -> dict[str, Any] | None:
+        """Take the job's lease, or return the record some other delivery produced."""
+        ttl = self.settings.lease_ttl_s
+        deadline = self.clock() + self.settings.max_timeout_s + ttl
+        while True:
+            pipe = self.store.redis.pipeline(transaction=False)
+            pipe.get(f"buildq:result:{job_id}")
+            pipe.set(f"buildq:lease:{job_id}", token, nx=True, px=max(1, int(ttl * 1000)))
+            pipe.hget(f"buildq:job:{job_id}", "state")
+            existing, acquired, previous_state = pipe.execute()
+            if existing:
+                if acquired:
+                    self.store.release_lease(job_id, token)
+                import json
+
+                return dict(json.loads(existing))
+            if acquired:
+                if previous_state in (b"running",):
+                    # a previous delivery died mid-build: its buildctl may still be running
+                    self._kill_orphan(job_id)
+                return None
+            if self.clock() > deadline:
+                raise LeaseLost(f"job {job_id} is held by another worker for too long")
+            time.sleep(self.duplicate_poll_s)
+
+    def _kill_orphan(self, job_id: str) -> None:
+        try:
+            self.launcher.kill_orphan(job_id)
+        except Exception:  # noqa: BLE001 - best effort, the build goes on
+            pass
+
+    def _run_claimed(
+        self, job: BuildJob, token: str, enqueued: float, attempts: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        window_start = attempts[-1]["window_end"] if attempts else enqueued
+        number = len(attempts) + 1
+        if self.store.cancel_requested(job.job_id):
+            return self._finish_cancelled_before_start(job, enqueued, attempts, window_start, number)
+
+        self.store.update(job.job_id, state="running", attempt=number, worker=self.worker_id, phase="launch")
+        self.hooks.on_phase(job.job_id, "launch")
+        daemon = self.settings.daemons[(number - 1) % len(self.settings.daemons)]
+        stopper = _Stopper(self.store, job.job_id, token, self.settings.lease_ttl_s, self.clock)
+        outcome = run_attempt(
+            job,
+            number=number,
+            launcher=self.launcher,
+            daemon=daemon,
+            insecure_registries=self.settings.insecure_registries,
+            environ=self.environ,
+            timeout_s=float(job.timeout_s or self.settings.default_timeout_s),
+            clock=self.clock,
+            on_line=lambda line: self.hooks.on_line(job.job_id, number, line),
+            should_stop=stopper,
+            extra_transient=self.settings.transient_patterns,
+        )
+        if outcome.outcome == "lease_lost":
+            raise LeaseLost(f"lost the lease of job {job.job_id} while building")
+        return self._conclude(job, outcome, enqueued, attempts, window_start)
+
+    def _conclude(
+        self,
+        job: BuildJob,
+        outcome: AttemptOutcome,
+        enqueued: float,
+        attempts: list[dict[str, Any]],
+        window_start: float,
+    ) -> dict[str, Any]:
+        failure = outcome.failure
+        retry = (
+            failure is not None
+            and failure.transient
+            and outcome.outcome == "failed"
+            and outcome.number < self.settings.retry_max_attempts
+            and not self.store.cancel_requested(job.job_id)
+        )
+        now = self.clock()
+        record = attempt_record(outcome, window_start=window_start, window_end=now)
+        attempts = [*attempts, record]
+        self.hooks.on_attempt(job.job_id, record)
+        if retry:
+            assert failure is not None
+            delay = backoff_delay(
+                outcome.number,
+                base=self.settings.retry_backoff_base_s,
+                cap=self.settings.retry_backoff_cap_s,
+                **({"rand": self.rand} if self.rand is not None else {}),
+            )
+            self.store.update(job.job_id, state="queued", phase="retry_wait")
+            raise RetryLater(countdown=delay, attempts=attempts, reason=failure.reason)
+        state, error = _final_state(outcome, failure)
+        final = final_record(
+            job,
+            state=state,
+            attempts=attempts,
+            last=outcome,
+            enqueued_at=enqueued,
+            finished_at=now,
+            error=error,
+        )
+        self.store.store_result(job.job_id, final)
+        self.hooks.on_final(final)
+        return final
+
+    def _finish_cancelled_before_start(
+        self, job: BuildJob, enqueued: float, attempts: list[dict[str, Any]], window_start: float, number: int
+    ) -> dict[str, Any]:
+        now = self.clock()
+        outcome = AttemptOutcome(
+            number, "", now, now, "cancelled",
+            failure=Failure(transient=False, reason="cancelled", message="build cancelled before it started"),
+        )
+        return self._conclude(job, outcome, enqueued, attempts, window_start)
+
+    def _reject(
+        self, message: Any, task_id: str | None, exc: BuildError, enqueued: float, attempts: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """An invalid job: a failed record naming the field; buildctl is never launched."""
+        job_id = (
+            message.job_id if isinstance(message, BuildJob)
+            else (message.get("job_id") if isinstance(message, dict) else None)
+        )
+        if not isinstance(job_id, str) or not job_id:
+            job_id = task_id or "unknown"
+        now = self.clock()
+        field_name = getattr(exc, "field", "job")
+        record = {
+            "job_id": job_id,
+            "state": "failed",
+            "image": None,
+            "cache": None,
+            "enqueued_at": None,
+            "started_at": None,
+            "finished_at": None,
+            "duration_s": 0.0,
+            "attempts": attempts,
+            "error": error_record("invalid", "invalid_job", exc.message, field=field_name),
+            "phases": None,
+            "steps": None,
+            "slowest_steps": [],
+        }
+        from .records import iso
+
+        record["enqueued_at"], record["finished_at"] = iso(enqueued), iso(now)
+        if job_id != "unknown":
+            self.store.store_result(job_id, record)
+        self.hooks.on_final(record)
+        return record
+
+
+def _final_state(outcome: AttemptOutcome, failure: Failure | None) -> tuple[str, dict[str, Any] | None]:
+    if outcome.outcome == "succeeded":
+        return "succeeded", None
+    assert failure is not None
+    if outcome.outcome == "cancelled":
+        return "cancelled", error_record("cancelled", "cancelled", failure.message)
+    if outcome.outcome == "timeout":
+        return "failed", error_record("timeout", "timeout", failure.message)
+    kind = "transient_exhausted" if failure.transient else "permanent"
+    return "failed", error_record(kind, failure.reason, failure.message)
+
+
+class _Stopper:
+    """``should_stop`` for the runner: cancellation flag and lease renewal, from the watcher thread."""
+
+    def __init__(self, store: JobStore, job_id: str, token: str, lease_ttl_s: float, clock: Clock) -> None:
+        self.store, self.job_id, self.token, self.ttl, self.clock = store, job_id, token, lease_ttl_s, clock
+        self.next_renewal = clock() + lease_ttl_s / 3
+        self.lock = threading.Lock()
+
+    def __call__(self) -> str | None:
+        with self.lock:
+            try:
+                if self.store.cancel_requested(self.job_id):
+                    return "cancelled"
+                if self.clock() >= self.next_renewal:
+                    if not self.store.renew_lease(self.job_id, self.token, self.ttl):
+                        return "lease_lost"
+                    self.next_renewal = self.clock() + self.ttl / 3
+            except Exception:  # noqa: BLE001 - Redis blip: keep building, try again next tick
+                return None
+            return None

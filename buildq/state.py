@@ -1,0 +1,143 @@
+"""Job state in Redis: records, leases and cancellation flags.
+
+Keys (all under ``buildq:``):
+- ``job:<id>``     hash: ``state`` (queued | running | succeeded | failed | cancelled), ``enqueued_at``,
+                   ``phase``, ``attempt``, ``worker``
+- ``result:<id>``  the final JSON result record (written once; its presence means "done")
+- ``lease:<id>``   the token of the worker process running the build; expires unless renewed
+- ``cancel:<id>``  set by ``buildq cancel``; a queued job never starts, a running one is killed
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import redis
+
+PREFIX = "buildq:"
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def result_key(job_id: str) -> str:
+    return f"{PREFIX}result:{job_id}"
+
+
+def lease_key(job_id: str) -> str:
+    return f"{PREFIX}lease:{job_id}"
+
+
+def done_channel(job_id: str) -> str:
+    """Pub/sub channel told when the job's result is stored."""
+    return f"{PREFIX}done:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{PREFIX}cancel:{job_id}"
+
+
+class JobStore:
+    """Reads and writes job state; one instance per process, sharing one connection pool."""
+
+    def __init__(self, client: redis.Redis, *, result_ttl_s: int) -> None:
+        self.redis = client
+        self.result_ttl_s = result_ttl_s
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    @classmethod
+    def from_url(cls, url: str, *, result_ttl_s: int) -> JobStore:
+        return cls(redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30),
+                   result_ttl_s=result_ttl_s)
+
+    # -- records -----------------------------------------------------------------------------
+    def mark_queued(self, job_id: str, enqueued_at: float, queue: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(job_key(job_id), mapping={"state": "queued", "enqueued_at": repr(enqueued_at), "queue": queue})
+        pipe.expire(job_key(job_id), self.result_ttl_s)
+        pipe.execute()
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        self.redis.hset(job_key(job_id), mapping={k: str(v) for k, v in fields.items()})
+
+    def info(self, job_id: str) -> dict[str, str]:
+        raw = self.redis.hgetall(job_key(job_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def store_result(self, job_id: str, record: dict[str, Any]) -> None:
+        """Store the final record and the job's final state in one round trip."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(result_key(job_id), json.dumps(record, separators=(",", ":")), ex=self.result_ttl_s)
+        pipe.hset(job_key(job_id), mapping={"state": record["state"], "phase": "done"})
+        pipe.expire(job_key(job_id), self.result_ttl_s)
+        pipe.publish(done_channel(job_id), record["state"])
+        pipe.execute()
+
+    def result(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.redis.get(result_key(job_id))
+        return json.loads(raw) if raw else None
+
+    def wait_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
+        """Block until the job's record is stored (or ``timeout`` passes); None on timeout."""
+        import time
+
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(done_channel(job_id))
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                record = self.result(job_id)
+                if record is not None:
+                    return record
+                left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if left <= 0:
+                    return None
+                # re-check at least every second: a publish before we subscribed is not lost
+                pubsub.get_message(timeout=left)
+        finally:
+            pubsub.close()
+
+    # -- leases ------------------------------------------------------------------------------
+    @staticmethod
+    def new_token() -> str:
+        return uuid.uuid4().hex
+
+    def acquire_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
+        """Take the job's lease; False if another live worker holds it."""
+        return bool(self.redis.set(lease_key(job_id), token, nx=True, px=max(1, int(ttl_s * 1000))))
+
+    def renew_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
+        """Extend our lease; False if it expired and was lost."""
+        return bool(self._renew(keys=[lease_key(job_id)], args=[token, max(1, int(ttl_s * 1000))]))
+
+    def release_lease(self, job_id: str, token: str) -> None:
+        self._release(keys=[lease_key(job_id)], args=[token])
+
+    def lease_holder(self, job_id: str) -> str | None:
+        raw = self.redis.get(lease_key(job_id))
+        return raw.decode() if raw else None
+
+    # -- cancellation ------------------------------------------------------------------------
+    def request_cancel(self, job_id: str) -> None:
+        self.redis.set(cancel_key(job_id), "1", ex=self.result_ttl_s)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(cancel_key(job_id)))

@@ -1,0 +1,41 @@
+"""Celery tasks: a thin shell around :class:`buildq.service.BuildService`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Reject
+
+from .app import TASK_NAME
+from .service import LeaseLost, RetryLater
+
+
+class BuildFailed(Exception):
+    """Raised after the failed record is stored, so Celery/Flower show the task as FAILURE."""
+
+
+def register(app: Celery) -> None:
+    """Register ``buildq.build`` on ``app``."""
+
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+    def build(self: Task, job: Any, enqueued_at: float | None = None,
+              attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        from .workers import service_for
+
+        service = service_for(self.app)
+        try:
+            record = service.handle(job, enqueued_at=enqueued_at, attempts=attempts, task_id=self.request.id)
+        except RetryLater as later:
+            raise self.retry(
+                kwargs={"job": job, "enqueued_at": enqueued_at, "attempts": later.attempts},
+                countdown=later.countdown,
+                max_retries=None,
+            ) from None
+        except LeaseLost as lost:
+            # another delivery owns the job: drop this one without storing anything
+            raise Reject(str(lost), requeue=False) from None
+        if record["state"] != "succeeded":
+            error = record.get("error") or {}
+            raise BuildFailed(f"{record['state']}: {error.get('kind')}: {error.get('message')}")
+        return record

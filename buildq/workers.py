@@ -1,0 +1,118 @@
+"""Worker entry point and per-process runtime.
+
+``buildq worker`` builds the settings once, creates the Celery app and starts a worker with task
+events on. Each worker process builds its :class:`BuildService` once (first task after fork),
+never per task. At start the main process removes buildctl processes/containers left by dead
+workers (their job lease has expired).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_ready
+
+from .config import Settings
+from .service import BuildService
+from .state import JobStore
+
+log = logging.getLogger("buildq.worker")
+
+_lock = threading.Lock()
+_services: dict[tuple[int, int], BuildService] = {}
+
+
+def make_service(settings: Settings) -> BuildService:
+    """The build runtime for this process (launcher, Redis store)."""
+    from .launchers import make_launcher
+
+    return BuildService(
+        settings=settings,
+        launcher=make_launcher(settings),
+        store=JobStore.from_url(settings.state_redis_url, result_ttl_s=settings.result_ttl_s),
+    )
+
+
+def service_for(app: Celery) -> BuildService:
+    """This process's service for ``app`` (made on first use after fork, then reused)."""
+    key = (id(app), os.getpid())
+    service = _services.get(key)
+    if service is None:
+        with _lock:
+            service = _services.get(key)
+            if service is None:
+                service = make_service(app.buildq_settings)  # type: ignore[attr-defined]
+                _services[key] = service
+    return service
+
+
+@worker_process_init.connect
+def _forget_parent_runtime(**_: object) -> None:
+    # a forked child must not reuse the parent's connections or docker client
+    _services.clear()
+
+
+def reap_orphans(service: BuildService) -> list[str]:
+    """Kill leftover buildctl runs whose job lease has expired; return their job ids."""
+    reaped = []
+    try:
+        job_ids = service.launcher.find_orphans()
+    except Exception as exc:  # noqa: BLE001 - the engine may be down; the worker still starts
+        log.warning("could not list leftover buildctl runs: %s", exc)
+        return []
+    for job_id in job_ids:
+        if service.store.lease_holder(job_id) is None:
+            service.launcher.kill_orphan(job_id)
+            reaped.append(job_id)
+    if reaped:
+        log.warning("removed %d leftover buildctl run(s): %s", len(reaped), ", ".join(reaped))
+    return reaped
+
+
+@worker_ready.connect
+def _on_ready(sender: object = None, **_: object) -> None:
+    app = getattr(sender, "app", None)
+    if app is None or not hasattr(app, "buildq_settings"):
+        return
+    reap_orphans(service_for(app))
+
+
+def worker_argv(
+    settings: Settings,
+    *,
+    queues: Sequence[str] = (),
+    concurrency: int | None = None,
+    autoscale: str | None = None,
+    pool: str | None = None,
+    loglevel: str = "INFO",
+    hostname: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``celery worker`` argv for these options (events on, late acks from the app config)."""
+    argv = ["worker", "--events", f"--loglevel={loglevel}"]
+    argv.append("--queues=" + ",".join(queues or [settings.high_priority_queue, settings.queue]))
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
+    if autoscale:
+        argv.append(f"--autoscale={autoscale}")
+    if pool:
+        argv.append(f"--pool={pool}")
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    argv.append("--without-gossip")
+    argv.append("--without-mingle")
+    argv.extend(extra)
+    return argv
+
+
+def run_worker(settings: Settings, argv: list[str]) -> None:
+    """Start a Celery worker in this process (blocks until it stops)."""
+    from .app import create_app
+
+    app = create_app(settings)
+    app.conf.worker_soft_shutdown_timeout = 0.0
+    app.worker_main(argv)

@@ -1,0 +1,194 @@
+"""Test harness: real Redis, real ``buildq worker`` subprocesses, the buildctl stand-in.
+
+Each :class:`WorkerProcess` is a genuine ``python -m buildq worker`` (prefork pool) with its own
+environment; tests talk to it through :class:`buildq.client.BuildqClient` on the same Redis DBs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from buildq.client import BuildqClient
+from buildq.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("BUILDQ_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def ensure_redis(port: int = 6379) -> None:
+    """Start a local redis-server on ``port`` if nothing answers there (CI and fresh machines)."""
+    url = f"redis://127.0.0.1:{port}"
+    if redis_answers(url):
+        return
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("Redis does not answer on 127.0.0.1:%d and redis-server is not installed" % port)
+    subprocess.run(
+        [exe, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        check=True,
+    )
+    for _ in range(50):
+        if redis_answers(url):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"redis-server on port {port} did not start")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def base_env(db: int, queue: str, **extra: str) -> dict[str, str]:
+    """BUILDQ_* variables for an isolated test namespace (own DBs, own queues)."""
+    env = {
+        "BUILDQ_BROKER_URL": f"{REDIS_URL}/{db}",
+        "BUILDQ_RESULT_BACKEND": f"{REDIS_URL}/{db + 1}",
+        "BUILDQ_LAUNCHER": "local",
+        "BUILDQ_QUEUE": queue,
+        "BUILDQ_HIGH_PRIORITY_QUEUE": queue + ".high",
+        "BUILDQ_BUILDKIT_HOST": "tcp://127.0.0.1:1234",
+        "BUILDQ_LEASE_TTL_S": "3",
+        "BUILDQ_RETRY_BACKOFF_BASE_S": "0.05",
+        "BUILDQ_RETRY_BACKOFF_CAP_S": "0.2",
+        "BUILDQ_MAX_TIMEOUT_S": "600",
+        "BUILDQ_DEFAULT_TIMEOUT_S": "300",
+        "BUILDQ_VISIBILITY_TIMEOUT_S": "3600",
+    }
+    env.update(extra)
+    return env
+
+
+def settings_from(env: Mapping[str, str]) -> Settings:
+    return load_settings({k: v for k, v in env.items() if k.startswith("BUILDQ_")})
+
+
+class WorkerProcess:
+    """A ``buildq worker`` subprocess; ``stop()`` sends SIGTERM (warm shutdown) and waits."""
+
+    def __init__(self, env: Mapping[str, str], *, concurrency: int = 2, name: str | None = None,
+                 extra_args: tuple[str, ...] = (), log_dir: Path | None = None) -> None:
+        self.name = name or f"w{uuid.uuid4().hex[:6]}"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("BUILDQ_", "STANDIN_"))}
+        full_env.update(env)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        self.log_path = (log_dir or Path("/tmp")) / f"buildq-{self.name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        argv = [sys.executable, "-m", "buildq", "worker", "--concurrency", str(concurrency),
+                "--hostname", f"{self.name}@%h", "--loglevel", "INFO", *extra_args]
+        self.proc = subprocess.Popen(argv, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60.0) -> WorkerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            if " ready." in self.log():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def children(self) -> list[int]:
+        """Pids of the prefork pool processes."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+class StandinLog:
+    """Reads the stand-in's per-invocation JSON lines (``STANDIN_LOG``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def ends(self) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e.get("event") == "end"]
+
+    def starts(self) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e.get("event") == "start"]
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def client_for(env: Mapping[str, str]) -> BuildqClient:
+    return BuildqClient(settings_from(env))
+
+
+def flush_dbs(env: Mapping[str, str]) -> None:
+    for key in ("BUILDQ_BROKER_URL", "BUILDQ_RESULT_BACKEND"):
+        redis.Redis.from_url(env[key]).flushdb()
+
+
+class Background(threading.Thread):
+    """Run a callable in a thread and keep its result or exception."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # noqa: BLE001
+            self.error = exc

@@ -1,0 +1,118 @@
+"""The buildctl argv matches buildctl v0.21.0's flags and the genuine captured command lines."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shlex
+from pathlib import Path
+
+from buildq.buildkit.command import build_argv, csv_attrs, secret_env
+from buildq.jobs import parse_job
+from buildq.launchers.base import BuildPaths
+
+FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"
+PATHS = BuildPaths(context_dir="/build/ctx", dockerfile_dir="/build/ctx", metadata_file="/out/m.json")
+
+
+def flags(argv: list[str], name: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == name]
+
+
+def csv_fields(value: str) -> list[str]:
+    return next(csv.reader(io.StringIO(value)))
+
+
+def test_matches_the_genuine_capture_command() -> None:
+    genuine = shlex.split((FIXTURES / "builds" / "ctx_oci_rawjson_cold.cmd").read_text())
+    job = parse_job({"context": "/build/ctx", "tags": ["127.0.0.1:5000/demo/app:1"]})
+    argv = build_argv(job, PATHS)
+    # the genuine line has --addr (we pass BUILDKIT_HOST) and no filename/ignore-error
+    assert genuine[3:6] == argv[0:3]
+    assert flags(argv, "--local") == flags(genuine, "--local")
+    assert flags(argv, "--output") == flags(genuine, "--output")
+    assert flags(argv, "--import-cache") == flags(genuine, "--import-cache")
+    assert flags(argv, "--export-cache") == [flags(genuine, "--export-cache")[0] + ",ignore-error=true"]
+    assert "--progress=rawjson" in argv
+    assert flags(argv, "--metadata-file") == ["/out/m.json"]
+    assert flags(argv, "--opt") == ["filename=Dockerfile"]
+
+
+def test_every_flag_is_a_buildctl_build_flag() -> None:
+    help_text = (FIXTURES / "version" / "buildctl_build_help.txt").read_text()
+    known = {w.rstrip(",") for w in help_text.split() if w.startswith("--")}
+    job = parse_job(
+        {
+            "context": "/srv/ctx",
+            "dockerfile": "docker/prod.Dockerfile",
+            "target": "runtime",
+            "build_args": {"VERSION": "1.2", "LIST": "a,b=c"},
+            "platforms": ["linux/amd64", "linux/arm64/v8"],
+            "tags": ["reg:5000/a/b:1", "reg:5000/a/b:latest"],
+            "labels": {"org.opencontainers.image.source": "https://x"},
+            "secrets": [{"id": "npm", "env": "NPM_TOKEN"}],
+            "cache_mode": "min",
+        }
+    )
+    argv = build_argv(job, PATHS)
+    used = {a.split("=")[0] for a in argv if a.startswith("--")}
+    assert used <= known
+    opts = flags(argv, "--opt")
+    assert "filename=prod.Dockerfile" in opts
+    assert "target=runtime" in opts
+    assert "build-arg:VERSION=1.2" in opts and "build-arg:LIST=a,b=c" in opts
+    assert "platform=linux/amd64,linux/arm64/v8" in opts
+    assert "label:org.opencontainers.image.source=https://x" in opts
+    assert flags(argv, "--secret") == ["id=npm,env=NPM_TOKEN"]
+    # two names in one CSV field, quoted so buildctl's CSV parser keeps them together
+    out = flags(argv, "--output")[0]
+    assert out == 'type=image,"name=reg:5000/a/b:1,reg:5000/a/b:latest",push=true'
+    assert csv_fields(out) == ["type=image", "name=reg:5000/a/b:1,reg:5000/a/b:latest", "push=true"]
+    export = csv_fields(flags(argv, "--export-cache")[0])
+    assert export == [
+        "type=registry",
+        "ref=reg:5000/a/b:buildcache",
+        "mode=min",
+        "oci-mediatypes=true",
+        "image-manifest=true",
+        "ignore-error=true",
+    ]
+
+
+def test_insecure_registries_only_for_listed_hosts() -> None:
+    job = parse_job({"context": "/srv/ctx", "tags": ["reg:5000/a:1"], "cache_ref": "other.io/a:cache"})
+    argv = build_argv(job, PATHS, insecure_registries=["reg:5000"])
+    assert csv_fields(flags(argv, "--output")[0])[-1] == "registry.insecure=true"
+    assert "registry.insecure=true" not in flags(argv, "--export-cache")[0]
+    assert not any("insecure=" in f and "registry.insecure" not in f for f in argv)
+    job2 = parse_job({"context": "/srv/ctx", "tags": ["reg:5000/a:1"]})
+    argv2 = build_argv(job2, PATHS, insecure_registries=["reg"])  # bare host matches any port
+    assert csv_fields(flags(argv2, "--export-cache")[0])[-1] == "registry.insecure=true"
+    assert csv_fields(flags(argv2, "--import-cache")[0])[-1] == "registry.insecure=true"
+
+
+def test_no_push_exports_no_cache() -> None:
+    job = parse_job({"context": "/srv/ctx", "tags": ["reg/a:1"], "push": False})
+    argv = build_argv(job, PATHS)
+    assert flags(argv, "--output") == ["type=image,name=reg/a:1,push=false"]
+    assert flags(argv, "--export-cache") == []
+    assert flags(argv, "--import-cache") == ["type=registry,ref=reg/a:buildcache"]
+
+
+def test_git_context_uses_opt_context_not_local() -> None:
+    job = parse_job({"context": "https://example.com/org/repo.git#main:sub", "tags": ["reg/a:1"]})
+    argv = build_argv(job, BuildPaths(None, None, "/out/m.json"))
+    assert flags(argv, "--local") == []
+    assert "context=https://example.com/org/repo.git#main:sub" in flags(argv, "--opt")
+
+
+def test_secret_values_never_in_argv() -> None:
+    job = parse_job({"context": "/srv/ctx", "tags": ["reg/a:1"], "secrets": [{"id": "tok", "env": "TOK"}]})
+    env = secret_env(job, {"TOK": "s3cr3t-value"})
+    assert env == {"TOK": "s3cr3t-value"}
+    assert not any("s3cr3t" in a for a in build_argv(job, PATHS))
+
+
+def test_csv_quoting() -> None:
+    assert csv_attrs(["a=1", 'b=x"y', "c=p,q"]) == 'a=1,"b=x""y","c=p,q"'
+    assert csv_fields(csv_attrs(["a=1", 'b=x"y', "c=p,q"])) == ["a=1", 'b=x"y', "c=p,q"]
