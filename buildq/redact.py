@@ -1,0 +1,93 @@
+"""Mask secret values in log text before it leaves the worker.
+
+:class:`Redactor` replaces every occurrence of each secret, of its base64 form (padded and unpadded,
+standard and URL-safe alphabet) and of its URL-encoded form (``quote`` and ``quote_plus``, upper-
+and lower-case hex) with ``***``. All forms go into one compiled alternation, longest first, so a
+secret that contains another secret is masked whole and each line is scanned once.
+
+Values shorter than :data:`MIN_SECRET_LENGTH` (4) characters are ignored: masking ``a`` or ``42``
+would shred ordinary output (every ``a`` becomes ``***``), and a value that short is guessable
+anyway, so masking it would hide nothing while making logs useless. Empty values are ignored too.
+
+Build output is redacted *after* base64 decoding and line assembly (see ``buildkit.plainlog``), one
+line at a time; a multi-line secret is therefore also masked line by line (each line of it that is
+at least 4 characters long).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterable
+from urllib.parse import quote, quote_plus
+
+MIN_SECRET_LENGTH = 4
+MASK = "***"
+
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
+
+
+def secret_forms(secret: str) -> set[str]:
+    """The spellings of one secret that are masked: itself, base64 and URL-encoded forms."""
+    forms: set[str] = set()
+    values = {secret, secret.strip()}
+    if "\n" in secret:
+        values.update(line.strip() for line in secret.splitlines())
+    for value in values:
+        if len(value) < MIN_SECRET_LENGTH:
+            continue
+        raw = value.encode("utf-8")
+        for b64 in (base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()):
+            forms.update((b64, b64.rstrip("=")))
+        for url in (quote(value, safe=""), quote_plus(value)):
+            forms.update((url, _PERCENT.sub(lambda m: m.group(0).lower(), url)))
+        forms.add(value)
+    return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
+
+
+def trie_pattern(words: Iterable[str]) -> str:
+    """One regex matching any of ``words``, longest match first, with shared prefixes factored out.
+
+    Equivalent to the alternation of the words sorted longest first, but the regex engine picks a
+    branch by its next character instead of trying every word at every position.
+    """
+    trie: dict[str, dict] = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict[str, dict]) -> str:
+        literal = []
+        while len(node) == 1 and "" not in node:  # a chain of single children is one literal
+            ((ch, node),) = node.items()
+            literal.append(re.escape(ch))
+        alts = [re.escape(ch) + build(child) for ch, child in sorted(node.items()) if ch]
+        rest = ""
+        if alts:
+            rest = alts[0] if len(alts) == 1 and "" not in node else "(?:" + "|".join(alts) + ")"
+            if "" in node:
+                rest += "?"  # greedy: a longer word is tried before ending here
+        return "".join(literal) + rest
+
+    return build(trie)
+
+
+class Redactor:
+    """Replace secret values (and their encoded forms) with ``***``; a no-op without secrets."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        forms: set[str] = set()
+        for secret in secrets:
+            if secret:
+                forms |= secret_forms(secret)
+        self._pattern = re.compile(trie_pattern(forms)) if forms else None
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret form replaced by ``***``."""
+        if self._pattern is None:
+            return text
+        return self._pattern.sub(MASK, text)
+
+    __call__ = redact
