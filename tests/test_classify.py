@@ -1,0 +1,575 @@
+"""buildq.buildkit.classify: genuine buildctl v0.21.0 captures, a table of real-world wordings,
+precedence, killed runs, the message, operator patterns, and junk that must never raise."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from buildq.buildkit import classify
+from buildq.buildkit.classify import (
+    PERMANENT_REASONS,
+    TRANSIENT_REASONS,
+    Failure,
+    classify_failure,
+    to_exception,
+)
+from buildq.errors import BuildError, PermanentBuildError, TransientBuildError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"
+TAIL_LINES = 20  # what the runner keeps of stderr
+
+
+def _capture(path: Path) -> tuple[int, list[str]]:
+    name = path.name.removesuffix(".rc")
+    rc = int(path.read_text().strip())
+    return rc, path.with_name(name + ".stderr").read_text().splitlines()
+
+
+# --- genuine captures --------------------------------------------------------------------------
+
+ERROR_CAPTURES: dict[str, tuple[bool, str] | None] = {
+    "err_i_refused_tcp_plain": (True, "daemon_unreachable"),
+    "err_i_refused_tcp_rawjson": (True, "daemon_unreachable"),
+    "err_iii_sigterm_plain": None,  # the daemon drained and the build finished: rc 0
+    "err_iii_sigterm_sigkill_plain": (True, "goaway"),
+    "err_iv_syntax_plain": (False, "dockerfile_syntax"),
+    "err_iv_syntax_rawjson": (False, "dockerfile_syntax"),
+    "err_vi_registry_down_rawjson": (True, "registry_unavailable"),
+}
+
+
+def test_every_error_capture_is_in_the_table() -> None:
+    names = {p.name.removesuffix(".rc") for p in (FIXTURES / "errors").glob("*.rc")}
+    assert names == set(ERROR_CAPTURES)
+
+
+@pytest.mark.parametrize("name", sorted(ERROR_CAPTURES))
+@pytest.mark.parametrize("keep", [None, TAIL_LINES])
+def test_error_captures(name: str, keep: int | None) -> None:
+    rc, lines = _capture(FIXTURES / "errors" / f"{name}.rc")
+    tail = lines if keep is None else lines[-keep:]
+    failure = classify_failure(rc, tail)
+    expected = ERROR_CAPTURES[name]
+    if expected is None:
+        assert failure is None
+        return
+    assert failure is not None
+    assert (failure.transient, failure.reason) == expected
+    error_line = next(line for line in reversed(lines) if line.startswith("error: "))
+    assert failure.message == error_line.removeprefix("error: ")
+
+
+OCIFALSE = sorted((FIXTURES / "builds").glob("ctx_ocifalse_*.rc"))
+
+
+def test_ocifalse_captures_exist() -> None:
+    assert len(OCIFALSE) == 6
+
+
+@pytest.mark.parametrize("path", OCIFALSE, ids=lambda p: p.name)
+@pytest.mark.parametrize("keep", [None, TAIL_LINES])
+def test_ocifalse_captures_fail_permanently(path: Path, keep: int | None) -> None:
+    rc, lines = _capture(path)
+    assert rc == 1
+    failure = classify_failure(rc, lines if keep is None else lines[-keep:])
+    assert failure == Failure(
+        False, "invalid_cache_config", "failed to solve: invalid configuration for remote cache"
+    )
+
+
+SUCCESSES = sorted(p for p in FIXTURES.glob("*/*.rc") if p.read_text().strip() == "0")
+
+
+def _shows_an_error(path: Path) -> bool:
+    text = path.with_name(path.name.removesuffix(".rc") + ".stderr").read_text()
+    return "ERROR: " in text or '"error":' in text
+
+
+def test_successful_captures_include_errors_in_progress() -> None:
+    assert len(SUCCESSES) >= 20
+    assert len([p for p in SUCCESSES if _shows_an_error(p)]) >= 9  # every cold build reports the cache miss
+
+
+@pytest.mark.parametrize("path", [p for p in SUCCESSES if _shows_an_error(p)], ids=lambda p: p.name)
+def test_cache_miss_in_progress_is_not_read_as_a_cause(path: Path) -> None:
+    """Had such a run failed without an error line, the cache-import miss would not decide the class."""
+    _, lines = _capture(path)
+    failure = classify_failure(1, lines)
+    assert failure is not None and failure.reason == "unknown"
+
+
+@pytest.mark.parametrize("path", SUCCESSES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_exit_zero_is_never_a_failure(path: Path) -> None:
+    rc, lines = _capture(path)
+    assert classify_failure(rc, lines) is None
+    assert classify_failure(rc, [*lines, "error: failed to solve: context canceled"]) is None
+
+
+# --- real-world wordings -----------------------------------------------------------------------
+
+# One wording per entry: "T|P reason  text"; a line starting with "|" continues the text above
+# (everything after the "|" is appended verbatim). Shapes are from buildctl/buildx reports in the wild.
+_WORDINGS_TABLE = """
+T daemon_unavailable  failed to receive status: rpc error: code = Unavailable desc = transport is closing
+T daemon_unavailable  failed to receive status: rpc error: code = Unavailable desc = error reading from
+  | server: EOF
+T daemon_unavailable  failed to receive status: rpc error: code = Unavailable desc = keepalive ping failed
+  | to receive ACK within timeout
+T daemon_unavailable  failed to receive status: rpc error: code = Unavailable desc = the client connection
+  | is closing
+T daemon_unavailable  failed to solve: Canceled: grpc: the client connection is closing
+T daemon_unavailable  failed to receive status: rpc error: code = Unavailable desc = error reading from
+  | server: read unix @->/run/buildkit/buildkitd.sock: read: connection reset by peer
+T daemon_unavailable  failed to solve: Unavailable: error reading from server: EOF
+T goaway  failed to receive status: rpc error: code = Unavailable desc = closing transport due to:
+  | connection error: desc = "error reading from server: EOF", received prior goaway: code: NO_ERROR, debug
+  | data: "graceful_stop"
+T goaway  failed to receive status: rpc error: code = Unavailable desc = received prior goaway: code:
+  | ENHANCE_YOUR_CALM, debug data: "too_many_pings"
+T goaway  failed to solve: failed to do request: Head "https://registry.example.com/v2/app/manifests/1":
+  | http2: server sent GOAWAY and closed the connection; LastStreamID=1999, ErrCode=NO_ERROR
+T stream_reset  failed to solve: Internal: stream terminated by RST_STREAM with error code: INTERNAL_ERROR
+T stream_reset  failed to receive status: rpc error: code = Internal desc = stream terminated by RST_STREAM
+  | with error code: PROTOCOL_ERROR
+T daemon_unreachable  failed to get status: rpc error: code = Unavailable desc = all SubConns are in
+  | TransientFailure, latest connection error: connection error: desc = "transport: error while dialing:
+  | dial unix /run/buildkit/buildkitd.sock: connect: no such file or directory"
+T daemon_unreachable  failed to solve: Unavailable: connection error: desc = "transport: Error while
+  | dialing: dial unix /run/buildkit/buildkitd.sock: connect: connection refused"
+T daemon_unreachable  listing workers for Build: failed to list workers: DeadlineExceeded: context deadline
+  | exceeded
+T daemon_unreachable  listing workers for Build: failed to list workers: rpc error: code = DeadlineExceeded
+  | desc = context deadline exceeded
+T daemon_unreachable  listing workers for Build: failed to list workers: Unavailable: connection error:
+  | desc = "transport: Error while dialing: dial tcp 10.0.0.7:1234: connect: connection reset by peer"
+T registry_unavailable  failed to solve: rpc error: code = Unknown desc = unexpected status: 503 Service
+  | Unavailable
+T registry_unavailable  failed to solve: rpc error: code = Unknown desc = unexpected status: 502 Bad Gateway
+T registry_unavailable  failed to solve: failed to push ghcr.io/acme/app:1: unexpected status from PUT
+  | request to https://ghcr.io/v2/acme/app/manifests/1: 500 Internal Server Error
+T registry_unavailable  failed to solve: failed to push registry.example.com/app:1: unexpected status from
+  | POST request to https://registry.example.com/v2/app/blobs/uploads/: 504 Gateway Timeout
+T registry_unavailable  failed to solve: failed to push registry.example.com/app:1: unexpected status: 507
+  | Insufficient Storage
+T registry_unavailable  failed to solve: golang:1.23.6-alpine3.20: failed to resolve source metadata for
+  | docker.io/library/golang:1.23.6-alpine3.20: failed to copy: httpReadSeeker: failed open: unexpected
+  | status code https://registry-1.docker.io/v2/library/golang/blobs/sha256:d945: 500 Internal Server Error
+T registry_unavailable  failed to solve: alpine:3.20: failed to resolve source metadata for
+  | docker.io/library/alpine:3.20: failed to copy: httpReadSeeker: failed open: unexpected status code
+  | https://registry-1.docker.io/v2/library/alpine/manifests/sha256:95: 429 Too Many Requests - Server
+  | message: toomanyrequests: You have reached your pull rate limit.
+T registry_unavailable  failed to solve: failed to authorize: failed to fetch oauth token: unexpected
+  | status from GET request to https://auth.docker.io/token?scope=repository%3Aacme%2Fapp%3Apull%2Cpush:
+  | 503 Service Unavailable
+T registry_unavailable  failed to solve: node:20-alpine: failed to resolve source metadata for
+  | docker.io/library/node:20-alpine: failed to do request: Head
+  | "https://dockerproxy.com/v2/library/node/manifests/20-alpine?ns=docker.io": read tcp
+  | 192.168.127.130:44148->150.136.252.237:443: read: connection reset by peer
+T registry_unavailable  failed to solve: postgis/postgis:15: failed to resolve source metadata for
+  | docker.io/postgis/postgis:15: failed to do request: Head
+  | "https://registry-1.docker.io/v2/postgis/postgis/manifests/15": dial tcp: lookup registry-1.docker.io
+  | on 127.0.0.53:53: read udp 127.0.0.1:46706->127.0.0.53:53: i/o timeout
+T registry_unavailable  failed to solve: failed to do request: Head
+  | "https://distrib:5000/v2/img/manifests/8": dial tcp: lookup distrib on 10.0.0.2:53: no such host
+T registry_unavailable  failed to solve: failed to push acme/app:latest: failed to do request: Post
+  | "https://registry-1.docker.io/v2/acme/app/blobs/uploads/": EOF
+T registry_unavailable  failed to solve: failed to push ghcr.io/acme/kali:latest: failed to copy: io:
+  | read/write on closed pipe
+T registry_unavailable  failed to solve: failed to push registry.example.com/app:1: failed to copy: failed
+  | to do request: Put "https://registry.example.com/v2/app/blobs/uploads/8e62?digest=sha256%3A0f0a": write
+  | tcp 172.17.0.2:59112->98.85.153.80:443: write: broken pipe
+T registry_unavailable  failed to solve: failed to push 127.0.0.1:5000/demo/app:1: failed to copy:
+  | unexpected EOF
+T registry_unavailable  failed to solve: failed to do request: Head
+  | "https://registry.example.com/v2/app/manifests/1": net/http: TLS handshake timeout
+T registry_unavailable  failed to solve: DeadlineExceeded: failed to fetch anonymous token: Get
+  | "https://auth.docker.io/token?scope=repository%3Alibrary%2Falpine%3Apull": context deadline exceeded
+T resource_exhausted  failed to solve: rpc error: code = ResourceExhausted desc = too many concurrent solves
+T deadline_exceeded  failed to call info: DeadlineExceeded: context deadline exceeded
+T canceled  failed to solve: context canceled
+T network_error  failed to solve: failed to read downloaded context: unexpected EOF
+T no_space  failed to solve: failed to prepare extraction snapshot "extract-1": write
+  | /var/lib/buildkit/runc-overlayfs/snapshots/12/fs/x: no space left on device
+P step_failed  failed to solve: process "/bin/sh -c false" did not complete successfully: exit code: 1
+P step_failed  failed to solve: process "/bin/sh -c apk --no-cache add curl && npm ci" did not complete
+  | successfully: exit code: 1
+P step_failed  failed to solve: process "/bin/sh -c curl -fsS https://example.com/ || echo 503 Service
+  | Unavailable: connection refused" did not complete successfully: exit code: 7
+P step_failed  failed to solve: process "/bin/sh -c make -j4" did not complete successfully: exit code: 137
+P step_failed  failed to solve: executor failed running [/bin/sh -c npm install]: exit code: 1
+P dockerfile_syntax  failed to solve: dockerfile parse error on line 3: unknown instruction: FROMM (did you
+  | mean FROM?)
+P dockerfile_syntax  failed to solve: dockerfile parse error on line 7: FROM requires either one or three
+  | arguments
+P dockerfile_syntax  failed to solve: failed to process "${FOO": unexpected end of statement while looking
+  | for matching }
+P missing_file  failed to solve: failed to compute cache key: failed to calculate checksum of ref
+  | q8gykwt255nt8lrz6vhq9cogz::w59n98i72bisubs8sg3iaktqa: "/ui-v2": not found
+P missing_file  failed to compute cache key: "/executionserver" not found: not found
+P missing_file  failed to solve: failed to read dockerfile: open Dockerfile: no such file or directory
+P invalid_reference  failed to solve: invalid reference format: repository name must be lowercase
+P invalid_reference  failed to solve: failed to configure registry cache exporter: invalid reference
+  | format: repository name (NotPunchnox/rkllama) must be lowercase
+P invalid_reference  failed to solve: failed to parse image reference "foo::bar"
+P registry_auth  failed to solve: failed to push cr.example.cn/acme/server: unexpected status from HEAD
+  | request to https://cr.example.cn/v2/acme/server/blobs/sha256:4227: 401 Unauthorized
+P registry_auth  failed to solve: authorization status: 401: authorization failed
+P registry_auth  failed to solve: rpc error: code = Unknown desc = failed commit on ref
+  | "manifest-sha256:8767": unexpected status: 401 Unauthorized
+P registry_auth  failed to solve: failed to push ghcr.io/base-org/node:main: unexpected status from POST
+  | request to https://ghcr.io/v2/base-org/node/blobs/uploads/: 403 Forbidden
+P registry_auth  failed to solve: builder: failed to resolve source metadata for
+  | docker.io/library/builder:latest: pull access denied, repository does not exist or may require
+  | authorization: server message: insufficient_scope: authorization failed
+P registry_auth  failed to solve: failed to push docker.io/acme/app:1: denied: requested access to the
+  | resource is denied
+P registry_auth  failed to solve: failed to push quay.io/acme/app:1: unauthorized: authentication required
+P registry_auth  failed to solve: freesurfer/freesurfer:7.4.1: failed to resolve source metadata for
+  | docker.io/freesurfer/freesurfer:7.4.1: failed to authorize: failed to fetch oauth token: unexpected
+  | status from GET request to
+  | https://auth.docker.io/token?scope=repository%3Afreesurfer%2Ffreesurfer%3Apull: 401 Unauthorized
+P registry_auth  failed to solve: rpc error: code = Unavailable desc = failed to push: unexpected status:
+  | 401 Unauthorized
+P registry_unsupported  failed to solve: failed to push registry.example.com/app:1: unexpected status from
+  | PUT request to https://registry.example.com/v2/app/manifests/1: 501 Not Implemented
+P tls_error  failed to solve: failed to do request: Head "https://127.0.0.1:5000/v2/demo/app/manifests/1":
+  | http: server gave HTTP response to HTTPS client
+P tls_error  failed to solve: failed to do request: Head "https://registry.internal/v2/app/manifests/1":
+  | tls: failed to verify certificate: x509: certificate signed by unknown authority
+P tls_error  listing workers for Build: failed to list workers: Unavailable: connection error: desc =
+  | "transport: authentication handshake failed: x509: certificate signed by unknown authority"
+P permission_denied  listing workers for Build: failed to list workers: Unavailable: connection error: desc
+  | = "transport: Error while dialing: dial unix /run/buildkit/buildkitd.sock: connect: permission denied"
+P image_not_found  failed to solve: alpine:3.99: failed to resolve source metadata for
+  | docker.io/library/alpine:3.99: docker.io/library/alpine:3.99: not found
+P image_not_found  failed to solve: 127.0.0.1:5000/base:1: failed to resolve source metadata for
+  | 127.0.0.1:5000/base:1: 127.0.0.1:5000/base:1: not found
+P invalid_cache_config  failed to solve: invalid configuration for remote cache
+P message_too_large  failed to solve: rpc error: code = ResourceExhausted desc = grpc: received message
+  | larger than max (4564294 vs. 4194304)
+P invalid_option  failed to solve: failed to parse platform "linux/amd65": unknown operating system or
+  | architecture
+P invalid_option  flag provided but not defined: -frobnicate
+P unknown  failed to solve: failed to compute cache key: blob not found
+P unknown  failed to solve: something nobody has seen before
+"""
+
+
+def _parse_wordings(table: str) -> list[tuple[str, bool, str]]:
+    entries: list[list[str]] = []
+    for line in table.strip().splitlines():
+        if line.lstrip().startswith("|"):
+            entries[-1][2] += line.lstrip()[1:]
+        else:
+            kind, reason, text = line.split(maxsplit=2)
+            entries.append([kind, reason, text])
+    return [(text, kind == "T", reason) for kind, reason, text in entries]
+
+
+WORDINGS = _parse_wordings(_WORDINGS_TABLE)
+
+
+def test_wordings_table_is_big_and_covers_every_rule() -> None:
+    assert len(WORDINGS) >= 40
+    reasons = {reason for _, _, reason in WORDINGS}
+    assert {r.reason for r in classify._RULES} <= reasons
+
+
+@pytest.mark.parametrize(
+    ("text", "transient", "reason"), WORDINGS, ids=[f"{w[2]}-{i}" for i, w in enumerate(WORDINGS)]
+)
+def test_wordings(text: str, transient: bool, reason: str) -> None:
+    failure = classify_failure(1, ["#1 [internal] load build definition from Dockerfile", f"error: {text}"])
+    assert failure == Failure(transient, reason, text)
+    assert reason in (TRANSIENT_REASONS if transient else PERMANENT_REASONS)
+
+
+@pytest.mark.parametrize(("text", "transient", "reason"), WORDINGS[::7])
+def test_wordings_in_the_tail_without_an_error_line(text: str, transient: bool, reason: str) -> None:
+    """The same texts are recognised as a vertex error (rawjson) or a ``#N ERROR:`` line (plain)."""
+    raw = json.dumps({"vertexes": [{"digest": "sha256:1", "name": "exporting to image", "error": text}]})
+    assert classify_failure(1, [raw, '{"statuses":[]}']) == Failure(
+        transient, reason, "buildctl exited with code 1"
+    )
+    plain = classify_failure(1, ["#7 exporting to image", f"#7 ERROR: {text}", "------"])
+    assert plain is not None and (plain.transient, plain.reason) == (transient, reason)
+
+
+# --- precedence and what is read ----------------------------------------------------------------
+
+
+def test_error_line_wins_over_the_tail() -> None:
+    tail = [
+        "#9 ERROR: rpc error: code = Unavailable desc = transport is closing",
+        'error: failed to solve: process "/bin/sh -c exit 3" did not complete successfully: exit code: 3',
+    ]
+    assert classify_failure(1, tail) == Failure(
+        False,
+        "step_failed",
+        'failed to solve: process "/bin/sh -c exit 3" did not complete successfully: exit code: 3',
+    )
+
+
+def test_unknown_error_line_falls_back_to_the_tail_but_keeps_its_message() -> None:
+    vertex = (
+        '{"vertexes":[{"digest":"sha256:2","name":"exporting to image",'
+        '"error":"unexpected status: 503 Service Unavailable"}]}'
+    )
+    failure = classify_failure(1, [vertex, "error: failed to solve: exporter went away"])
+    assert failure == Failure(True, "registry_unavailable", "failed to solve: exporter went away")
+
+
+def test_in_the_tail_a_permanent_cause_beats_a_transient_one() -> None:
+    tail = [
+        '#5 ERROR: failed to push x: failed to do request: Head "https://r/v2/x": connection refused',
+        "#6 ERROR: failed to push y: unexpected status: 401 Unauthorized",
+    ]
+    failure = classify_failure(1, tail)
+    assert failure is not None and failure.reason == "registry_auth" and not failure.transient
+
+
+@pytest.mark.parametrize(
+    "noise",
+    [
+        # plain step output
+        "#8 0.107 curl: (7) Failed to connect to example.com port 443: Connection refused",
+        # error-block step output
+        "0.345 E: Temporary failure resolving 'deb.debian.org': no such host",
+        "   4 | >>> RUN curl https://x || echo 503 Service Unavailable",  # Dockerfile excerpt
+        " > [2/2] RUN echo transport is closing:",  # error-block header quoting the command
+        "#5 [2/2] RUN echo received prior goaway",  # vertex name quoting the command
+        "#3 ERROR: failed to configure registry cache importer: failed to do request: Head "
+        '"https://127.0.0.1:5000/v2/demo/app/manifests/buildcache": dial tcp 127.0.0.1:5000: connect: '
+        "connection refused",  # the harmless cache-import miss
+        '{"vertexes":[{"digest":"sha256:3","name":"RUN echo connection refused","cached":false}]}',
+        '{"logs":[{"vertex":"sha256:3","stream":1,"data":"Y29ubmVjdGlvbiByZWZ1c2Vk"}]}',
+    ],
+)
+def test_build_output_and_harmless_errors_are_not_read(noise: str) -> None:
+    failure = classify_failure(1, [noise, "error: failed to solve: exporter went away"])
+    assert failure == Failure(False, "unknown", "failed to solve: exporter went away")
+
+
+def test_rawjson_harmless_importer_error_is_not_read() -> None:
+    _, lines = _capture(FIXTURES / "errors" / "err_vi_registry_down_rawjson.rc")
+    without_final = [
+        line for line in lines if not line.startswith("error: ") and "failed to push" not in line
+    ]
+    failure = classify_failure(1, without_final)
+    assert failure is not None and failure.reason == "unknown"
+
+
+# --- killed runs and the message ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rc", [-9, -15, 137, 143, 130])
+def test_killed_without_error_line_is_transient(rc: int) -> None:
+    tail = ["#8 [stage-1 1/1] RUN sleep 30", "#8 0.107 sleeping"]
+    assert classify_failure(rc, tail) == Failure(True, "killed", "#8 0.107 sleeping")
+
+
+@pytest.mark.parametrize("rc", [-9, 137, 1])
+def test_killed_by_us_is_permanent(rc: int) -> None:
+    tail = ["#8 0.107 sleeping", "error: failed to solve: context canceled"]
+    assert classify_failure(rc, tail, killed_by_us=True) == Failure(
+        False, "killed", "failed to solve: context canceled"
+    )
+    assert classify_failure(0, tail, killed_by_us=True) is None
+
+
+def test_signal_exit_with_an_error_line_is_classified_by_text() -> None:
+    tail = ['error: failed to solve: process "/bin/sh -c x" did not complete successfully: exit code: 2']
+    failure = classify_failure(137, tail)
+    assert failure is not None and failure.reason == "step_failed"
+
+
+@pytest.mark.parametrize("rc", [1, 2, 128, 255])
+def test_plain_exit_codes_are_not_signals(rc: int) -> None:
+    failure = classify_failure(rc, ["#8 0.107 sleeping"])
+    assert failure == Failure(False, "unknown", "#8 0.107 sleeping")
+
+
+def test_message_is_the_last_error_line_without_prefix() -> None:
+    tail = [
+        "error: first\r\n",
+        "github.com/moby/buildkit/client.(*Client).solve.func4",
+        "error: second  ",
+        "\tstack",
+    ]
+    failure = classify_failure(1, tail)
+    assert failure is not None and failure.message == "second"
+
+
+def test_message_falls_back_to_last_non_json_line_then_to_exit_code() -> None:
+    tail = ["panic: runtime error", '{"vertexes":[]}', "   ", ""]
+    assert classify_failure(2, tail) == Failure(False, "unknown", "panic: runtime error")
+    assert classify_failure(1, ['{"statuses":[]}', ""]) == Failure(
+        False, "unknown", "buildctl exited with code 1"
+    )
+    assert classify_failure(-9, []) == Failure(True, "killed", "buildctl exited with code -9")
+
+
+# --- operator patterns --------------------------------------------------------------------------
+
+
+def test_extra_patterns_make_unknown_text_transient() -> None:
+    tail = ["error: failed to solve: frobnicator overheated"]
+    assert classify_failure(1, tail) == Failure(False, "unknown", "failed to solve: frobnicator overheated")
+    extra = [r"frobnicator (?:overheated|jammed)"]
+    assert classify_failure(1, tail, extra_transient=extra) == Failure(
+        True, "custom_transient", "failed to solve: frobnicator overheated"
+    )
+
+
+def test_extra_patterns_come_from_settings() -> None:
+    from buildq.config import load_settings
+
+    settings = load_settings({"BUILDQ_TRANSIENT_PATTERNS": r"overheated, exit code: 137$"})
+    tail = ['error: failed to solve: process "/bin/sh -c make" did not complete successfully: exit code: 137']
+    failure = classify_failure(1, tail, extra_transient=settings.transient_patterns)
+    assert failure is not None and (failure.transient, failure.reason) == (True, "custom_transient")
+    other = ['error: failed to solve: process "/bin/sh -c make" did not complete successfully: exit code: 1']
+    failure = classify_failure(1, other, extra_transient=settings.transient_patterns)
+    assert failure is not None and failure.reason == "step_failed"
+
+
+def test_extra_patterns_are_compiled_once() -> None:
+    patterns = ["once-only-pattern-[0-9]+"]
+    classify_failure(1, ["error: x"], extra_transient=patterns)
+    before = classify._compile_extra.cache_info()
+    for _ in range(5):
+        classify_failure(1, ["error: y"], extra_transient=list(patterns))
+    after = classify._compile_extra.cache_info()
+    assert after.misses == before.misses and after.hits == before.hits + 5
+
+
+def test_invalid_extra_pattern_raises() -> None:
+    with pytest.raises(re.error):
+        classify_failure(1, ["error: x"], extra_transient=["(unclosed"])
+
+
+# --- exceptions and reason sets -----------------------------------------------------------------
+
+
+def test_to_exception() -> None:
+    exc = to_exception(Failure(True, "goaway", "received prior goaway"))
+    assert (
+        type(exc) is TransientBuildError and exc.reason == "goaway" and exc.message == "received prior goaway"
+    )
+    exc2 = to_exception(Failure(False, "step_failed", "exit code: 1"))
+    assert type(exc2) is PermanentBuildError and exc2.reason == "step_failed" and str(exc2) == "exit code: 1"
+    assert isinstance(exc2, BuildError)
+
+
+def test_failure_is_frozen() -> None:
+    failure = Failure(True, "goaway", "m")
+    with pytest.raises(AttributeError):
+        failure.reason = "x"  # type: ignore[misc]
+
+
+def test_reason_labels_are_short_snake_case() -> None:
+    for reason in TRANSIENT_REASONS | PERMANENT_REASONS:
+        assert re.fullmatch(r"[a-z]+(?:_[a-z]+)*", reason) and len(reason) <= 24
+
+
+# --- junk never raises ---------------------------------------------------------------------------
+
+_FRAGMENTS = [
+    "error: ",
+    "#3 ERROR: ",
+    "{",
+    "}",
+    "[",
+    "]",
+    '"',
+    "\\",
+    ":",
+    " ",
+    "\t",
+    "\r",
+    "\x00",
+    "\ufffd",
+    "\U0001f600",
+    '{"vertexes":',
+    '{"vertexes":[{"error":5}]}',
+    '{"vertexes":{"error":"x"}}',
+    '{"vertexes":[null,"x",{"error":null}]}',
+    '{"vertexes":[{"error":"failed to push x: connection refused"}]}',
+    '"error"',
+    "null",
+    "1e999",
+    "NaN",
+    "code = Unavailable",
+    "Unavailable: ",
+    "exit code: ",
+    "did not complete successfully",
+    "401",
+    "503",
+    "501",
+    "not found",
+    '"/x": not found',
+    "failed to push",
+    "http://",
+    "/v2/",
+    "dial unix ",
+    "goaway",
+    "RST_STREAM",
+    "(?:",
+    ")*",
+    "a" * 300,
+    "#12 0.5 ",
+    "   3 | ",
+    " > ",
+]
+
+
+def _junk_line(rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return "".join(rng.choice(_FRAGMENTS) for _ in range(rng.randrange(1, 12)))
+    if kind == 1:
+        return "".join(chr(rng.randrange(0x110000)) for _ in range(rng.randrange(0, 40)))
+    if kind == 2:
+        depth = rng.randrange(1, 5000)
+        opener = rng.choice(["{", "[", '{"vertexes":[', '{"error":', '{"vertexes":[{"error":'])
+        return opener * depth + rng.choice(["", "}" * depth, "]" * depth])
+    return "".join(chr(rng.randrange(32, 127)) for _ in range(rng.randrange(0, 200)))
+
+
+def test_huge_lines_are_classified_and_kept_whole_in_the_message() -> None:
+    script = "echo " + "x" * 100_000
+    text = f'failed to solve: process "/bin/sh -c {script}" did not complete successfully: exit code: 2'
+    assert classify_failure(1, [f"error: {text}"]) == Failure(False, "step_failed", text)
+    vertex = '{"vertexes":[{"digest":"d","name":"n","error":"' + "y" * 100_000 + ': connection refused"}]}'
+    failure = classify_failure(1, [vertex])
+    assert failure is not None and failure.reason == "network_error"
+
+
+def test_rule_patterns_use_no_upper_case_escapes() -> None:
+    """Patterns are lower-cased before compiling, which would turn \\S into \\s."""
+    raw_strings = re.findall(r'\br"((?:[^"\\]|\\.)*)"', Path(classify.__file__).read_text())
+    assert len(raw_strings) > 80
+    assert [r for r in raw_strings if re.search(r"\\[SDWBAZ]", r)] == []
+
+
+def test_random_junk_never_raises() -> None:
+    rng = random.Random(20261128)
+    all_reasons = TRANSIENT_REASONS | PERMANENT_REASONS
+    for _ in range(1500):
+        tail = [_junk_line(rng) for _ in range(rng.randrange(0, 12))]
+        rc = rng.choice([0, 1, 2, -9, 137, 255, 4096, -1])
+        extra = rng.choice([(), ("x",), ("[0-9]{3}", "goaway")])
+        failure = classify_failure(rc, tail, extra_transient=extra, killed_by_us=rng.random() < 0.1)
+        if rc == 0:
+            assert failure is None
+            continue
+        assert isinstance(failure, Failure)
+        assert failure.reason in all_reasons and isinstance(failure.message, str) and failure.message
+        assert classify_failure(rc, tail, extra_transient=extra, killed_by_us=False) == classify_failure(
+            rc, list(tail), extra_transient=list(extra)
+        )
