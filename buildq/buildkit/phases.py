@@ -1,0 +1,266 @@
+"""Per-phase timing of a build, computed from a :class:`~buildq.buildkit.progress.ProgressTracker`.
+
+Stream phases, by vertex name (see :func:`classify`):
+
+* ``context``: ``[internal] load ...`` (build definition, .dockerignore, build context, and also
+  ``[internal] load metadata for <image>``: base-image resolution is part of turning the
+  Dockerfile into an LLB graph, it happens before any step runs and BuildKit itself files it under
+  ``[internal] load``, so it is counted with the other loads rather than as a step);
+* ``cache_import``: ``importing cache manifest from ...``;
+* ``build``: Dockerfile steps (``[2/3] COPY ...``, ``[stage-1 1/1] RUN ...``) and any vertex not
+  named by another rule;
+* ``export_image``: ``exporting to ...`` (``exporting to image``) minus its push statuses;
+* ``push``: statuses ``pushing layers`` / ``pushing manifest for ...`` of that vertex, clipped to it;
+* ``cache_export``: ``exporting cache to ...`` (``exporting cache to registry``).
+
+Each phase is the wall-clock union of its intervals (overlaps inside a phase count once). Phases
+that run at the same time are made disjoint so that they add up: an instant covered by several
+phases is given to the first of :data:`PRIORITY` (push, export_image, cache_export, build,
+cache_import, context: the later pipeline stage wins). The sum of the stream phases is therefore
+the union of all their intervals.
+
+Clock rule: stream timestamps come from the daemon, whose clock may be skewed from the worker's.
+Only offsets inside the stream are used: a stream time ``t`` maps to the worker time
+``first_output_at + (t - anchor)``, where ``anchor`` is ``tracker.first_timestamp`` (the earliest
+time in the first timestamped line; for a bare vertex table, its earliest run start). Mapped
+intervals are clipped to ``[first_output_at, exited_at]``; a run or status still open at the end
+of the stream ends at ``exited_at``. A skewed daemon clock therefore shifts nothing, and no phase
+can be negative or fall outside the stream.
+
+Outer phases come from the caller's clock: queued (enqueued→started), launch (started→first
+output), finalize (exited→stored), other (time inside the stream window not covered by any stream
+phase), total (enqueued→stored). The outer times are made monotone first: ``enqueued_at`` (set by
+another host) is taken as no later than ``started_at``, and each later time as no earlier than its
+predecessor. Rounding: every value is an integer number of milliseconds, apportioned by largest
+remainder (each phase is floored, and the leftover milliseconds of ``round(total)`` go to the
+phases with the largest fractions), so the named phases plus ``other`` equal ``total`` exactly in
+milliseconds and every value is within 1 ms of its exact value and never negative.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple, TypedDict
+
+from buildq.buildkit.progress import ProgressTracker, Run, VertexState
+
+Table = Mapping[str, VertexState]
+Interval = tuple[float, float]
+
+STREAM_PHASES = ("context", "cache_import", "build", "export_image", "push", "cache_export")
+PRIORITY = ("push", "export_image", "cache_export", "build", "cache_import", "context")
+PHASES = ("queued", "launch", *STREAM_PHASES, "finalize", "other")
+ALL_KEYS = (*PHASES, "total")
+
+_STEP_RE = re.compile(r"^\[(?:\S+ )?\d+/\d+\] ")
+_PUSH_PREFIXES = ("pushing layers", "pushing manifest for ")
+
+
+class StreamPhases(NamedTuple):
+    """Seconds per stream phase (disjoint) and their union (== their sum)."""
+
+    phases: dict[str, float]
+    union: float
+
+
+class StepRow(TypedDict):
+    """One row of :func:`slowest_steps`."""
+
+    name: str
+    seconds: float
+    cached: bool
+
+
+def is_step(name: str) -> bool:
+    """True for a Dockerfile step vertex such as ``[1/2] COPY ...`` or ``[base 3/3] RUN ...``."""
+    return _STEP_RE.match(name) is not None
+
+
+def classify(name: str) -> str:
+    """Stream phase of a vertex name (never ``push``: pushes are statuses)."""
+    if name.startswith("[internal] load "):
+        return "context"
+    if name.startswith("importing cache manifest from "):
+        return "cache_import"
+    if name.startswith("exporting cache to "):
+        return "cache_export"
+    if name.startswith("exporting to "):
+        return "export_image"
+    return "build"
+
+
+def is_push_status(status_id: str) -> bool:
+    return status_id.startswith(_PUSH_PREFIXES)
+
+
+def _table(source: ProgressTracker | Table) -> Table:
+    return source.vertices if isinstance(source, ProgressTracker) else source
+
+
+def _anchor(source: ProgressTracker | Table) -> float | None:
+    if isinstance(source, ProgressTracker):
+        return source.first_timestamp
+    starts = [r[0] for v in source.values() for r in v.runs]
+    return min(starts) if starts else None
+
+
+def union(intervals: Iterable[Interval]) -> list[Interval]:
+    """Sorted, disjoint union of closed intervals (empty ones dropped)."""
+    out: list[Interval] = []
+    for a, b in sorted(i for i in intervals if i[1] > i[0]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def subtract(base: list[Interval], cut: list[Interval]) -> list[Interval]:
+    """``base`` minus ``cut``; both sorted and disjoint."""
+    out: list[Interval] = []
+    j = 0
+    for a, b in base:
+        while j < len(cut) and cut[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(cut) and cut[k][0] < b:
+            if cut[k][0] > a:
+                out.append((a, cut[k][0]))
+            a = max(a, cut[k][1])
+            k += 1
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def length(intervals: Iterable[Interval]) -> float:
+    return float(sum(b - a for a, b in intervals))
+
+
+def _closed(runs: Iterable[Run], open_end: float) -> list[Interval]:
+    return [(a, open_end if b is None else b) for a, b in runs]
+
+
+def phase_intervals(
+    source: ProgressTracker | Table, *, open_end: float = math.inf
+) -> dict[str, list[Interval]]:
+    """Per stream phase, the union of its intervals in stream time (before priority and clipping).
+
+    Open runs/statuses end at ``open_end``. ``export_image`` already excludes ``push``.
+    """
+    raw: dict[str, list[Interval]] = {p: [] for p in STREAM_PHASES}
+    for v in _table(source).values():
+        phase = classify(v.name)
+        runs = union(_closed(v.runs, open_end))
+        raw[phase].extend(runs)
+        if phase != "export_image":
+            continue
+        pushes: list[Interval] = []
+        for st in v.statuses.values():
+            start = st.started if st.started is not None else st.timestamp
+            if start is None or not is_push_status(st.id or st.name):
+                continue
+            end = open_end if st.completed is None else st.completed
+            pushes.extend((max(a, start), min(b, end)) for a, b in runs)
+        raw["push"].extend(pushes)
+    out = {p: union(iv) for p, iv in raw.items()}
+    out["export_image"] = subtract(out["export_image"], out["push"])
+    return out
+
+
+def stream_phases(
+    source: ProgressTracker | Table, *, first_output_at: float | None, exited_at: float
+) -> StreamPhases:
+    """Seconds per stream phase on the worker's clock, clipped to [first_output_at, exited_at]."""
+    zero = {p: 0.0 for p in STREAM_PHASES}
+    anchor = _anchor(source)
+    if first_output_at is None or anchor is None or exited_at <= first_output_at:
+        return StreamPhases(zero, 0.0)
+    window_len = exited_at - first_output_at
+    per_phase = phase_intervals(source, open_end=math.inf)
+    claimed: list[Interval] = []
+    phases = dict(zero)
+    for name in PRIORITY:
+        # Offsets from the anchor, clipped to the window [0, window_len].
+        clipped = union((max(a - anchor, 0.0), min(b - anchor, window_len)) for a, b in per_phase[name])
+        own = subtract(clipped, claimed)
+        phases[name] = length(own)
+        claimed = union([*claimed, *own])
+    return StreamPhases(phases, length(claimed))
+
+
+def apportion_ms(values: Mapping[str, float], total: float) -> dict[str, float]:
+    """Integer milliseconds for ``values`` (which sum to ``total``), summing to round(total) ms."""
+    target = round(total * 1000)
+    scaled = {k: max(v, 0.0) * 1000 for k, v in values.items()}
+    floors = {k: math.floor(x) for k, x in scaled.items()}
+    left = target - sum(floors.values())
+    rank = sorted(enumerate(scaled), key=lambda ik: (floors[ik[1]] - scaled[ik[1]], ik[0]))
+    for _, k in rank[: max(left, 0)]:
+        floors[k] += 1
+    return {k: ms / 1000 for k, ms in floors.items()}
+
+
+def compute_phases(
+    source: ProgressTracker | Table,
+    *,
+    enqueued_at: float,
+    started_at: float,
+    first_output_at: float | None,
+    exited_at: float,
+    stored_at: float,
+) -> dict[str, float]:
+    """All phases and ``total`` in seconds (ms resolution); the phases other than total sum to total.
+
+    ``first_output_at`` None means buildctl printed nothing (then ``tracker.first_output_at`` is
+    used if the source is a tracker, else launch runs up to ``exited_at``). Use one tracker per
+    attempt of a retried build and call this with that attempt's times.
+    """
+    if first_output_at is None and isinstance(source, ProgressTracker):
+        first_output_at = source.first_output_at
+    t1 = started_at
+    t0 = min(enqueued_at, t1)
+    t2 = max(first_output_at if first_output_at is not None else exited_at, t1)
+    t3 = max(exited_at, t2)
+    t4 = max(stored_at, t3)
+    stream = stream_phases(source, first_output_at=t2, exited_at=t3)
+    exact: dict[str, float] = {"queued": t1 - t0, "launch": t2 - t1, **stream.phases, "finalize": t4 - t3}
+    exact["other"] = max((t3 - t2) - stream.union, 0.0)
+    out = apportion_ms({k: exact[k] for k in PHASES}, t4 - t0)
+    out["total"] = round((t4 - t0) * 1000) / 1000
+    return out
+
+
+def _latest(table: Table) -> float:
+    return max((t for v in table.values() for r in v.runs for t in r if t is not None), default=0.0)
+
+
+def step_stats(source: ProgressTracker | Table) -> dict[str, int | float]:
+    """Dockerfile steps that started or were cache hits: total, cached, executed, cache_hit_ratio."""
+    steps = [v for v in _table(source).values() if is_step(v.name) and (v.runs or v.cached)]
+    cached = sum(1 for v in steps if v.cached)
+    total = len(steps)
+    return {
+        "total": total,
+        "cached": cached,
+        "executed": total - cached,
+        "cache_hit_ratio": cached / total if total else 0.0,
+    }
+
+
+def slowest_steps(source: ProgressTracker | Table, n: int = 5) -> list[StepRow]:
+    """The ``n`` Dockerfile steps with the longest run time (stream durations, ms resolution).
+
+    A step still running at the end of the stream counts up to the last time in the stream.
+    """
+    table = _table(source)
+    last = source.last_timestamp if isinstance(source, ProgressTracker) else None
+    open_end = last if last is not None else _latest(table)
+    rows = sorted(
+        (-round(length(union(_closed(v.runs, open_end))), 3), v.name, v.cached)
+        for v in table.values()
+        if is_step(v.name) and v.runs
+    )
+    return [StepRow(name=name, seconds=-neg, cached=cached) for neg, name, cached in rows[:n]]

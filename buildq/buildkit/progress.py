@@ -1,0 +1,248 @@
+"""Streaming reader of a ``buildctl --progress=rawjson`` stderr stream.
+
+:class:`ProgressTracker` is fed one stderr line at a time and keeps a table of vertices merged by
+digest (name, inputs, first ``started``, last ``completed``, the [started, completed] runs of the
+vertex, cached flag, error), the statuses of each vertex merged by status id, counters of log bytes
+and warnings, and the last few non-JSON lines (the final ``error: ...`` line is among them).
+
+Promises:
+
+* Memory is bounded by the number of distinct vertices and statuses, never by the stream length:
+  no line is kept except the last :data:`TEXT_LINES_KEPT` non-JSON ones, log data is only counted,
+  and each vertex keeps at most :data:`MAX_RUNS` runs (overlapping/adjacent runs are merged; past
+  the limit the two runs with the smallest gap between them are merged into one).
+* Any line is accepted: lines that are not SolveStatus objects are kept as text, never raise.
+* Timestamps are the daemon's (float epoch seconds); ``first_output_at`` is the worker's clock
+  (the injected ``clock``) when the first line arrived. :mod:`buildq.buildkit.phases` maps the
+  former onto the latter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from buildq.buildkit.solvestatus import SolveStatus, Vertex, VertexStatus, parse_line
+
+MAX_RUNS = 8
+TEXT_LINES_KEPT = 20
+ERROR_PREFIX = "error: "
+
+# A run of a vertex: (started, completed); completed is None while it is still running.
+Run = tuple[float, float | None]
+
+
+@dataclass(slots=True)
+class StatusState:
+    """One status of a vertex merged by id: first ``started``, last ``completed``/``timestamp``."""
+
+    id: str
+    name: str = ""
+    started: float | None = None
+    completed: float | None = None
+    timestamp: float | None = None
+    current: int = 0
+    total: int = 0
+
+
+@dataclass(slots=True)
+class VertexState:
+    """One vertex merged by digest. ``runs`` is sorted, disjoint and at most MAX_RUNS long."""
+
+    digest: str
+    name: str = ""
+    inputs: tuple[str, ...] = ()
+    started: float | None = None
+    completed: float | None = None
+    runs: list[Run] = field(default_factory=list)
+    cached: bool = False
+    error: str | None = None
+    statuses: dict[str, StatusState] = field(default_factory=dict)
+    log_bytes: int = 0
+    log_chunks: int = 0
+    warnings: int = 0
+
+
+def base64_decoded_len(data: str) -> int:
+    """Length in bytes of the decoded form of standard base64 ``data``, without decoding it."""
+    n = len(data)
+    if n == 0:
+        return 0
+    pad = 2 if data.endswith("==") else 1 if data.endswith("=") else 0
+    return max(0, n * 3 // 4 - pad)
+
+
+def normalize_runs(runs: Iterable[Run], limit: int = MAX_RUNS) -> list[Run]:
+    """Sort runs, merge overlapping/adjacent ones, then merge closest pairs until ``limit`` remain.
+
+    Open runs (end None): an open run reaches up to the next run and takes its end (a vertex
+    started again must have stopped before); an open run starting strictly inside a completed one
+    is closed by it (that completion is later news); one starting exactly at a completion stays open.
+    """
+    merged: list[Run] = []
+    for start, end in sorted(runs, key=lambda r: r[0]):
+        if merged:
+            last_start, last_end = merged[-1]
+            if last_end is None:
+                merged[-1] = (last_start, end)
+                continue
+            if start < last_end or (start == last_end and end is not None):
+                merged[-1] = (last_start, last_end if end is None else max(last_end, end))
+                continue
+            if start == last_end:
+                merged[-1] = (last_start, None)
+                continue
+        merged.append((start, end))
+    while len(merged) > max(1, limit):
+        # All runs but the last are closed here (an open run would have absorbed its successor).
+        gaps = [merged[i + 1][0] - (merged[i][1] or merged[i][0]) for i in range(len(merged) - 1)]
+        i = gaps.index(min(gaps))
+        merged[i : i + 2] = [(merged[i][0], merged[i + 1][1])]
+    return merged
+
+
+def add_run(runs: list[Run], started: float, completed: float | None) -> list[Run]:
+    """Record that a vertex ran from ``started`` (to ``completed`` if given); returns new runs."""
+    if not runs or (len(runs) < MAX_RUNS and runs[-1][1] is not None and started > runs[-1][1]):
+        if completed is None or completed >= started:
+            runs.append((started, completed))
+            return runs
+    for i, (start, end) in enumerate(runs):
+        if start == started:
+            if completed is not None:
+                runs[i] = (start, completed if end is None else max(end, completed))
+                return normalize_runs(runs)
+            return runs
+        if start <= started and (end is None or started <= end):
+            if completed is not None and end is not None and completed > end:
+                runs[i] = (start, completed)
+                return normalize_runs(runs)
+            return runs
+    runs.append((started, completed))
+    return normalize_runs(runs)
+
+
+class ProgressTracker:
+    """Fold a rawjson progress stream, line by line, into a bounded vertex table.
+
+    ``vertices`` maps digest to :class:`VertexState`. ``first_output_at``/``last_output_at`` are
+    ``clock()`` at the first/last line fed. ``first_timestamp`` is the earliest daemon time in the
+    first line carrying any (the stream's start; a vertex shared with an older build cannot pull it
+    back), ``last_timestamp`` the latest daemon time seen. ``error_line`` is the last line starting
+    with ``error: ``, without that prefix; ``text_lines`` the last non-JSON lines.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self.vertices: dict[str, VertexState] = {}
+        self.lines = 0
+        self.json_lines = 0
+        self.warnings = 0
+        self.first_output_at: float | None = None
+        self.last_output_at: float | None = None
+        self.first_timestamp: float | None = None
+        self.last_timestamp: float | None = None
+        self.error_line: str | None = None
+        self._text: deque[str] = deque(maxlen=TEXT_LINES_KEPT)
+
+    @property
+    def text_lines(self) -> tuple[str, ...]:
+        """The last TEXT_LINES_KEPT non-JSON lines, oldest first."""
+        return tuple(self._text)
+
+    def feed(self, line: str) -> SolveStatus | None:
+        """Take one stderr line; return its SolveStatus, or None for a non-JSON line."""
+        now = self._clock()
+        if self.first_output_at is None:
+            self.first_output_at = now
+        self.last_output_at = now
+        self.lines += 1
+        status = parse_line(line)
+        if status is None:
+            text = line.rstrip("\r\n")
+            if text.strip():
+                self._text.append(text)
+                if text.startswith(ERROR_PREFIX):
+                    self.error_line = text[len(ERROR_PREFIX) :]
+            return None
+        self.json_lines += 1
+        self._apply(status)
+        return status
+
+    def feed_all(self, lines: Iterable[str]) -> ProgressTracker:
+        """Feed every line of ``lines``; returns self."""
+        for line in lines:
+            self.feed(line)
+        return self
+
+    def _vertex(self, digest: str) -> VertexState:
+        state = self.vertices.get(digest)
+        if state is None:
+            state = self.vertices[digest] = VertexState(digest=digest)
+        return state
+
+    def _apply(self, status: SolveStatus) -> None:
+        stamps: list[float] = []
+        for v in status.vertexes:
+            self._merge_vertex(v, stamps)
+        for s in status.statuses:
+            self._merge_status(s, stamps)
+        for log in status.logs:
+            state = self._vertex(log.vertex)
+            state.log_bytes += base64_decoded_len(log.data_b64)
+            state.log_chunks += 1
+            if log.timestamp is not None:
+                stamps.append(log.timestamp)
+        for w in status.warnings:
+            self._vertex(w.vertex).warnings += 1
+            self.warnings += 1
+        if stamps:
+            low, high = min(stamps), max(stamps)
+            if self.first_timestamp is None:
+                self.first_timestamp = low
+            if self.last_timestamp is None or high > self.last_timestamp:
+                self.last_timestamp = high
+
+    def _merge_vertex(self, v: Vertex, stamps: list[float]) -> None:
+        state = self._vertex(v.digest)
+        if v.name:
+            state.name = v.name
+        if v.inputs:
+            state.inputs = v.inputs
+        state.cached = state.cached or v.cached
+        if v.error:
+            state.error = v.error
+        if v.started is not None:
+            stamps.append(v.started)
+            if state.started is None or v.started < state.started:
+                state.started = v.started
+            state.runs = add_run(state.runs, v.started, v.completed)
+        if v.completed is not None:
+            stamps.append(v.completed)
+            if state.completed is None or v.completed > state.completed:
+                state.completed = v.completed
+
+    def _merge_status(self, s: VertexStatus, stamps: list[float]) -> None:
+        statuses = self._vertex(s.vertex).statuses
+        st = statuses.get(s.id)
+        if st is None:
+            st = statuses[s.id] = StatusState(id=s.id)
+        if s.name:
+            st.name = s.name
+        st.current = s.current
+        if s.total:
+            st.total = s.total
+        if s.started is not None:
+            stamps.append(s.started)
+            if st.started is None or s.started < st.started:
+                st.started = s.started
+        if s.completed is not None:
+            stamps.append(s.completed)
+            if st.completed is None or s.completed > st.completed:
+                st.completed = s.completed
+        if s.timestamp is not None:
+            stamps.append(s.timestamp)
+            if st.timestamp is None or s.timestamp > st.timestamp:
+                st.timestamp = s.timestamp
