@@ -12,7 +12,7 @@ import pytest
 from tests.harness import StandinLog, WorkerProcess, base_env, ensure_redis, flush_dbs
 from tests.standin import write_standin_executable
 
-# pytest_plugins = ["tests.conftest_docker"]
+pytest_plugins = ["tests.conftest_docker"]
 
 FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"
 
