@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``, with buildq's tasks registered."""
     app = Celery("buildq", set_as_current=False)
     app.conf.update(celery_config(settings))
-    app.buildq_settings = settings  # type: ignore[attr-defined]
+    app.buildq_settings = settings
     from . import tasks
 
     tasks.register(app)

@@ -16,7 +16,9 @@ import typer
 from .config import Settings, SettingsError, load_settings
 from .errors import InvalidJobError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="buildq: container-image builds through a Celery queue.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="buildq: container-image builds through a Celery queue."
+)
 
 EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 1, 2, 3
 

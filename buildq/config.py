@@ -74,10 +74,16 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_dir: str | None = None
 
+    #: names of worker environment variables whose values are masked in logs and records
+    #: (registry passwords and the like; ``--secret`` values are always masked)
+    redact_env: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     log_stream_maxlen: int = Field(default=20000, ge=100)
     log_stream_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
 
-    @field_validator("buildkit_hosts", "insecure_registries", "transient_patterns", mode="before")
+    @field_validator(
+        "buildkit_hosts", "insecure_registries", "transient_patterns", "redact_env", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -143,7 +149,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
             "unknown setting(s): " + ", ".join(unknown) + " (see the README's settings table)"
         )
     values: dict[str, object] = {
-        name: env[ENV_PREFIX + name.upper()] for name in Settings.model_fields if ENV_PREFIX + name.upper() in env
+        name: env[ENV_PREFIX + name.upper()]
+        for name in Settings.model_fields
+        if ENV_PREFIX + name.upper() in env
     }
     values.update(overrides)
     try:

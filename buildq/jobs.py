@@ -210,7 +210,7 @@ def parse_job(data: Any) -> BuildJob:
         else:
             message = f"{field}: {first.get('msg')}"
             if len(exc.errors()) > 1:
-                others = {_field_name(tuple(e.get('loc', ()))) for e in exc.errors()[1:]} - {field}
+                others = {_field_name(tuple(e.get("loc", ()))) for e in exc.errors()[1:]} - {field}
                 if others:
                     message += f" (also invalid: {', '.join(sorted(others))})"
         raise InvalidJobError(message, field=field) from None

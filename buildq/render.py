@@ -63,7 +63,13 @@ def render_record(record: dict[str, Any], console: Console | None = None) -> Non
         summary.add_row("duration", f"{record['duration_s']:.3f}s")
     attempts = record.get("attempts") or []
     if attempts:
-        summary.add_row("attempts", ", ".join(f"#{a['number']} {a['outcome']}" + (f" ({a['reason']})" if a.get("reason") else "") for a in attempts))
+        summary.add_row(
+            "attempts",
+            ", ".join(
+                f"#{a['number']} {a['outcome']}" + (f" ({a['reason']})" if a.get("reason") else "")
+                for a in attempts
+            ),
+        )
     error = record.get("error")
     if error:
         summary.add_row("error", f"[red]{error.get('kind')}[/]: {error.get('message')}")
@@ -81,11 +87,14 @@ def render_record(record: dict[str, Any], console: Console | None = None) -> Non
     steps = record.get("steps")
     if steps:
         console.print(
-            f"steps: {steps.get('total')} total, {steps.get('cached')} cached, {steps.get('executed')} executed"
+            f"steps: {steps.get('total')} total, {steps.get('cached')} cached, "
+            f"{steps.get('executed')} executed"
             f" (cache hit {steps.get('cache_hit_ratio', 0):.0%})"
         )
     for step in record.get("slowest_steps") or []:
-        console.print(f"  {step['seconds']:8.3f}s  {step['name']}" + ("  (cached)" if step.get("cached") else ""))
+        console.print(
+            f"  {step['seconds']:8.3f}s  {step['name']}" + ("  (cached)" if step.get("cached") else "")
+        )
     tail = (error or {}).get("log_tail")
     if tail:
         console.print("[bold]last output of the failing step:[/]")

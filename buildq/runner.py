@@ -17,6 +17,7 @@ from typing import Any
 from .buildkit.classify import Failure, classify_failure
 from .buildkit.command import build_argv, dockerfile_dir, secret_env
 from .buildkit.progress import ProgressTracker
+from .buildkit.solvestatus import SolveStatus
 from .errors import BuildError, InvalidJobError, PermanentBuildError
 from .jobs import BuildJob
 from .launchers.base import Launcher, LaunchSpec
@@ -54,12 +55,16 @@ def check_job_on_worker(job: BuildJob, *, environ: Mapping[str, str], max_timeou
 
     if not job.is_git:
         if not os.path.isdir(job.context):
-            raise InvalidJobError(f"context: {job.context!r} is not a directory on the worker", field="context")
+            raise InvalidJobError(
+                f"context: {job.context!r} is not a directory on the worker", field="context"
+            )
         if not os.access(job.context, os.R_OK | os.X_OK):
             raise InvalidJobError(f"context: {job.context!r} is not readable by the worker", field="context")
         dockerfile = os.path.join(job.context, job.dockerfile)
         if not os.path.isfile(dockerfile):
-            raise InvalidJobError(f"dockerfile: {job.dockerfile!r} not found in the context", field="dockerfile")
+            raise InvalidJobError(
+                f"dockerfile: {job.dockerfile!r} not found in the context", field="dockerfile"
+            )
         real_context = os.path.realpath(job.context)
         if os.path.commonpath([real_context, os.path.realpath(dockerfile)]) != real_context:
             raise InvalidJobError("dockerfile: resolves outside the context", field="dockerfile")
@@ -86,7 +91,7 @@ def run_attempt(
     environ: Mapping[str, str],
     timeout_s: float,
     clock: Clock = time.time,
-    on_line: Callable[[str], None] | None = None,
+    on_line: Callable[[str, SolveStatus | None], None] | None = None,
     on_start: Callable[[], None] | None = None,
     should_stop: Callable[[], str | None] | None = None,
     extra_transient: Sequence[str] = (),
@@ -95,19 +100,27 @@ def run_attempt(
 
     ``should_stop`` is polled every 250 ms while buildctl runs; a non-None answer
     (``"cancelled"``) kills buildctl and becomes the outcome. Passing ``timeout_s`` kills it too
-    (outcome ``timeout``). ``on_start`` is called once buildctl has been started.
+    (outcome ``timeout``). ``on_start`` is called once buildctl has been started; ``on_line``
+    gets every stderr line with its parsed SolveStatus (None for a text line) as it arrives.
     """
     started = clock()
     tracker = ProgressTracker(clock=clock)
     paths = launcher.prepare(job.job_id, None if job.is_git else job.context, dockerfile_dir(job))
     argv = build_argv(job, paths, insecure_registries=insecure_registries)
     env = {"BUILDKIT_HOST": daemon, **secret_env(job, environ)}
-    spec = LaunchSpec(job_id=job.job_id, argv=argv, env=env, context_dir=paths.context_dir and job.context,
-                      dockerfile_dir=dockerfile_dir(job))
+    spec = LaunchSpec(
+        job_id=job.job_id,
+        argv=argv,
+        env=env,
+        context_dir=paths.context_dir and job.context,
+        dockerfile_dir=dockerfile_dir(job),
+    )
     try:
         running = launcher.start(spec, paths)
     except BuildError as exc:
-        failure = Failure(transient=not isinstance(exc, PermanentBuildError), reason=exc.reason, message=exc.message)
+        failure = Failure(
+            transient=not isinstance(exc, PermanentBuildError), reason=exc.reason, message=exc.message
+        )
         return AttemptOutcome(number, daemon, started, clock(), "failed", failure=failure, tracker=tracker)
     if on_start is not None:
         on_start()
@@ -130,9 +143,9 @@ def run_attempt(
     watcher.start()
     try:
         for line in running.lines():
-            tracker.feed(line)
+            status = tracker.feed(line)
             if on_line is not None:
-                on_line(line)
+                on_line(line, status)
         exit_code = running.wait()
         exited = clock()
         metadata = running.read_metadata() if exit_code == 0 else None
@@ -141,17 +154,30 @@ def run_attempt(
         running.close()
     watcher.join()
 
-    outcome = AttemptOutcome(number, daemon, started, exited, "failed", exit_code=exit_code, tracker=tracker,
-                             first_output_at=tracker.first_output_at)
+    outcome = AttemptOutcome(
+        number,
+        daemon,
+        started,
+        exited,
+        "failed",
+        exit_code=exit_code,
+        tracker=tracker,
+        first_output_at=tracker.first_output_at,
+    )
     if stop_reason:
         outcome.outcome = stop_reason[0]
-        message = "build cancelled" if stop_reason[0] == "cancelled" else f"build exceeded its {timeout_s:g}s limit"
+        message = (
+            "build cancelled" if stop_reason[0] == "cancelled" else f"build exceeded its {timeout_s:g}s limit"
+        )
         outcome.failure = Failure(transient=False, reason=stop_reason[0], message=message)
         return outcome
     if exit_code == 0:
         if metadata is None or "containerimage.digest" not in metadata:
-            outcome.failure = Failure(transient=False, reason="no_metadata",
-                                      message="buildctl exited 0 but wrote no image digest to --metadata-file")
+            outcome.failure = Failure(
+                transient=False,
+                reason="no_metadata",
+                message="buildctl exited 0 but wrote no image digest to --metadata-file",
+            )
             return outcome
         outcome.outcome = "succeeded"
         outcome.metadata = metadata

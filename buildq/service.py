@@ -17,11 +17,16 @@ from typing import Any
 
 from .buildkit.backoff import backoff_delay
 from .buildkit.classify import Failure
+from .buildkit.livephase import LivePhases
+from .buildkit.solvestatus import SolveStatus
 from .config import Settings
 from .errors import BuildError, InvalidJobError
 from .jobs import BuildJob, parse_job
 from .launchers.base import Launcher
+from .logs import AttemptLog, LogStore
+from .metrics import BuildMetrics
 from .records import attempt_record, error_record, final_record
+from .redact import Redactor
 from .runner import AttemptOutcome, check_job_on_worker, run_attempt
 from .state import JobStore
 
@@ -41,14 +46,14 @@ class LeaseLost(Exception):
     """Another worker owns this job now; this delivery must not store anything."""
 
 
-@dataclass
-class Hooks:
-    """Optional observers (metrics, events, logs); all default to doing nothing."""
+class Reporter:
+    """Where live progress goes (the Celery task sends events and updates its state); no-op here."""
 
-    on_phase: Callable[[str, str], None] = lambda job_id, phase: None
-    on_line: Callable[[str, int, str], None] = lambda job_id, attempt, line: None
-    on_attempt: Callable[[str, dict[str, Any]], None] = lambda job_id, attempt: None
-    on_final: Callable[[dict[str, Any]], None] = lambda record: None
+    def phase_started(self, job_id: str, attempt: int, phase: str) -> None:
+        """The build entered ``phase`` (shown as the task's current state)."""
+
+    def phase_ended(self, job_id: str, attempt: int, phase: str, seconds: float) -> None:
+        """``phase`` ended after ``seconds`` (a ``task-phase`` event)."""
 
 
 @dataclass
@@ -60,7 +65,8 @@ class BuildService:
     store: JobStore
     clock: Clock = time.time
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
-    hooks: Hooks = field(default_factory=Hooks)
+    metrics: BuildMetrics | None = None
+    logs: LogStore | None = None
     rand: Callable[[], float] | None = None
     #: seconds between polls while waiting for another worker's lease on the same job
     duplicate_poll_s: float = 0.5
@@ -76,8 +82,10 @@ class BuildService:
         enqueued_at: float | None,
         attempts: list[dict[str, Any]] | None,
         task_id: str | None = None,
+        reporter: Reporter | None = None,
     ) -> dict[str, Any]:
         """Process one delivery; return the final record or raise RetryLater / LeaseLost."""
+        reporter = reporter or Reporter()
         now = self.clock()
         enqueued = enqueued_at if enqueued_at is not None else now
         attempts = list(attempts or [])
@@ -95,7 +103,7 @@ class BuildService:
         if pre is not None:
             return pre
         try:
-            return self._run_claimed(job, token, enqueued, attempts)
+            return self._run_claimed(job, token, enqueued, attempts, reporter)
         finally:
             self.store.release_lease(job.job_id, token)
 
@@ -132,33 +140,72 @@ class BuildService:
             pass
 
     def _run_claimed(
-        self, job: BuildJob, token: str, enqueued: float, attempts: list[dict[str, Any]]
+        self, job: BuildJob, token: str, enqueued: float, attempts: list[dict[str, Any]], reporter: Reporter
     ) -> dict[str, Any]:
         window_start = attempts[-1]["window_end"] if attempts else enqueued
         number = len(attempts) + 1
         if self.store.cancel_requested(job.job_id):
-            return self._finish_cancelled_before_start(job, enqueued, attempts, window_start, number)
+            return self._finish_cancelled_before_start(
+                job, enqueued, attempts, window_start, number, reporter
+            )
 
+        started = self.clock()
         self.store.update(job.job_id, state="running", attempt=number, worker=self.worker_id, phase="launch")
-        self.hooks.on_phase(job.job_id, "launch")
+        reporter.phase_ended(job.job_id, number, "queued", max(0.0, started - window_start))
+        reporter.phase_started(job.job_id, number, "launch")
+        live = LivePhases(self.clock, started)
+        log = self._attempt_log(job, number)
+
+        def on_line(line: str, status: SolveStatus | None) -> None:
+            if log is not None:
+                log.feed(line, status)
+            ended = live.on_output(status)
+            if ended:
+                for phase, seconds in ended:
+                    reporter.phase_ended(job.job_id, number, phase, seconds)
+                reporter.phase_started(job.job_id, number, live.current)
+
         daemon = self.settings.daemons[(number - 1) % len(self.settings.daemons)]
         stopper = _Stopper(self.store, job.job_id, token, self.settings.lease_ttl_s, self.clock)
-        outcome = run_attempt(
-            job,
-            number=number,
-            launcher=self.launcher,
-            daemon=daemon,
-            insecure_registries=self.settings.insecure_registries,
-            environ=self.environ,
-            timeout_s=float(job.timeout_s or self.settings.default_timeout_s),
-            clock=self.clock,
-            on_line=lambda line: self.hooks.on_line(job.job_id, number, line),
-            should_stop=stopper,
-            extra_transient=self.settings.transient_patterns,
-        )
+        if self.metrics is not None:
+            self.metrics.attempt_started()
+        try:
+            outcome = run_attempt(
+                job,
+                number=number,
+                launcher=self.launcher,
+                daemon=daemon,
+                insecure_registries=self.settings.insecure_registries,
+                environ=self.environ,
+                timeout_s=float(job.timeout_s or self.settings.default_timeout_s),
+                clock=self.clock,
+                on_line=on_line,
+                should_stop=stopper,
+                extra_transient=self.settings.transient_patterns,
+            )
+        except BaseException:
+            if log is not None:
+                log.close()
+            if self.metrics is not None:
+                self.metrics.in_progress.dec()
+            raise
+        for phase, seconds in live.finish():
+            reporter.phase_ended(job.job_id, number, phase, seconds)
+        reporter.phase_started(job.job_id, number, "finalize")
         if outcome.outcome == "lease_lost":
+            if log is not None:
+                log.close()
             raise LeaseLost(f"lost the lease of job {job.job_id} while building")
-        return self._conclude(job, outcome, enqueued, attempts, window_start)
+        return self._conclude(job, outcome, enqueued, attempts, window_start, reporter, log)
+
+    def _attempt_log(self, job: BuildJob, number: int) -> AttemptLog | None:
+        if self.logs is None:
+            return None
+        secrets = [self.environ[s.env] for s in job.secrets if s.env in self.environ]
+        secrets += [self.environ[name] for name in self.settings.redact_env if name in self.environ]
+        log = AttemptLog(self.logs, job.job_id, number, redactor=Redactor(secrets) if secrets else None)
+        self.logs.mark(job.job_id, number, f"attempt {number} started on {self.worker_id}")
+        return log
 
     def _conclude(
         self,
@@ -167,6 +214,8 @@ class BuildService:
         enqueued: float,
         attempts: list[dict[str, Any]],
         window_start: float,
+        reporter: Reporter,
+        log: AttemptLog | None = None,
     ) -> dict[str, Any]:
         failure = outcome.failure
         retry = (
@@ -179,7 +228,8 @@ class BuildService:
         now = self.clock()
         record = attempt_record(outcome, window_start=window_start, window_end=now)
         attempts = [*attempts, record]
-        self.hooks.on_attempt(job.job_id, record)
+        if self.metrics is not None and outcome.daemon:  # an attempt that reached the launcher
+            self.metrics.attempt_finished(record)
         if retry:
             assert failure is not None
             delay = backoff_delay(
@@ -188,9 +238,20 @@ class BuildService:
                 cap=self.settings.retry_backoff_cap_s,
                 **({"rand": self.rand} if self.rand is not None else {}),
             )
+            if log is not None:
+                log.close()
+                log.store.mark(
+                    job.job_id,
+                    outcome.number,
+                    f"attempt {outcome.number} failed ({failure.reason}); retrying in {delay:.2f}s",
+                )
             self.store.update(job.job_id, state="queued", phase="retry_wait")
             raise RetryLater(countdown=delay, attempts=attempts, reason=failure.reason)
         state, error = _final_state(outcome, failure)
+        if error is not None and log is not None:
+            tail = log.failing_tail(30)
+            if tail:
+                error["log_tail"] = tail
         final = final_record(
             job,
             state=state,
@@ -200,26 +261,50 @@ class BuildService:
             finished_at=now,
             error=error,
         )
+        if log is not None:
+            log.close(final_state=state)
         self.store.store_result(job.job_id, final)
-        self.hooks.on_final(final)
+        reporter.phase_ended(
+            job.job_id, outcome.number, "finalize", max(0.0, self.clock() - outcome.exited_at)
+        )
+        if self.metrics is not None:
+            self.metrics.build_finished(final)
         return final
 
     def _finish_cancelled_before_start(
-        self, job: BuildJob, enqueued: float, attempts: list[dict[str, Any]], window_start: float, number: int
+        self,
+        job: BuildJob,
+        enqueued: float,
+        attempts: list[dict[str, Any]],
+        window_start: float,
+        number: int,
+        reporter: Reporter,
     ) -> dict[str, Any]:
         now = self.clock()
         outcome = AttemptOutcome(
-            number, "", now, now, "cancelled",
+            number,
+            "",
+            now,
+            now,
+            "cancelled",
             failure=Failure(transient=False, reason="cancelled", message="build cancelled before it started"),
         )
-        return self._conclude(job, outcome, enqueued, attempts, window_start)
+        if self.logs is not None:
+            self.logs.mark(job.job_id, number, "final: cancelled (before it started)")
+        return self._conclude(job, outcome, enqueued, attempts, window_start, reporter)
 
     def _reject(
-        self, message: Any, task_id: str | None, exc: BuildError, enqueued: float, attempts: list[dict[str, Any]]
+        self,
+        message: Any,
+        task_id: str | None,
+        exc: BuildError,
+        enqueued: float,
+        attempts: list[dict[str, Any]],
     ) -> dict[str, Any]:
         """An invalid job: a failed record naming the field; buildctl is never launched."""
         job_id = (
-            message.job_id if isinstance(message, BuildJob)
+            message.job_id
+            if isinstance(message, BuildJob)
             else (message.get("job_id") if isinstance(message, dict) else None)
         )
         if not isinstance(job_id, str) or not job_id:
@@ -246,7 +331,8 @@ class BuildService:
         record["enqueued_at"], record["finished_at"] = iso(enqueued), iso(now)
         if job_id != "unknown":
             self.store.store_result(job_id, record)
-        self.hooks.on_final(record)
+        if self.metrics is not None:
+            self.metrics.build_finished(record)
         return record
 
 

@@ -65,13 +65,16 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str, *, result_ttl_s: int) -> JobStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30),
-                   result_ttl_s=result_ttl_s)
+        return cls(
+            redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30), result_ttl_s=result_ttl_s
+        )
 
     # -- records -----------------------------------------------------------------------------
     def mark_queued(self, job_id: str, enqueued_at: float, queue: str) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(job_key(job_id), mapping={"state": "queued", "enqueued_at": repr(enqueued_at), "queue": queue})
+        pipe.hset(
+            job_key(job_id), mapping={"state": "queued", "enqueued_at": repr(enqueued_at), "queue": queue}
+        )
         pipe.expire(job_key(job_id), self.result_ttl_s)
         pipe.execute()
 
@@ -79,7 +82,7 @@ class JobStore:
         self.redis.hset(job_key(job_id), mapping={k: str(v) for k, v in fields.items()})
 
     def info(self, job_id: str) -> dict[str, str]:
-        raw = self.redis.hgetall(job_key(job_id))
+        raw: dict[bytes, bytes] = self.redis.hgetall(job_key(job_id))  # type: ignore[assignment]
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     def store_result(self, job_id: str, record: dict[str, Any]) -> None:
@@ -133,7 +136,7 @@ class JobStore:
 
     def lease_holder(self, job_id: str) -> str | None:
         raw = self.redis.get(lease_key(job_id))
-        return raw.decode() if raw else None
+        return raw.decode() if isinstance(raw, bytes) else raw
 
     # -- cancellation ------------------------------------------------------------------------
     def request_cancel(self, job_id: str) -> None:

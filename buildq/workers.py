@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
 from .config import Settings
 from .service import BuildService
@@ -27,13 +27,22 @@ _services: dict[tuple[int, int], BuildService] = {}
 
 
 def make_service(settings: Settings) -> BuildService:
-    """The build runtime for this process (launcher, Redis store)."""
+    """The build runtime for this process (launcher, Redis store, log store, metrics)."""
     from .launchers import make_launcher
+    from .logs import LogStore
 
+    store = JobStore.from_url(settings.state_redis_url, result_ttl_s=settings.result_ttl_s)
+    metrics = None
+    if settings.metrics_port is not None:
+        from .metrics import BuildMetrics
+
+        metrics = BuildMetrics()
     return BuildService(
         settings=settings,
         launcher=make_launcher(settings),
-        store=JobStore.from_url(settings.state_redis_url, result_ttl_s=settings.result_ttl_s),
+        store=store,
+        logs=LogStore(store.redis, maxlen=settings.log_stream_maxlen, ttl_s=settings.log_stream_ttl_s),
+        metrics=metrics,
     )
 
 
@@ -45,7 +54,7 @@ def service_for(app: Celery) -> BuildService:
         with _lock:
             service = _services.get(key)
             if service is None:
-                service = make_service(app.buildq_settings)  # type: ignore[attr-defined]
+                service = make_service(app.buildq_settings)
                 _services[key] = service
     return service
 
@@ -54,6 +63,13 @@ def service_for(app: Celery) -> BuildService:
 def _forget_parent_runtime(**_: object) -> None:
     # a forked child must not reuse the parent's connections or docker client
     _services.clear()
+
+
+@worker_process_shutdown.connect
+def _drop_live_gauges(pid: int | None = None, **_: object) -> None:
+    from .metrics import mark_process_dead
+
+    mark_process_dead(pid or os.getpid())
 
 
 def reap_orphans(service: BuildService) -> list[str]:
@@ -78,6 +94,12 @@ def _on_ready(sender: object = None, **_: object) -> None:
     app = getattr(sender, "app", None)
     if app is None or not hasattr(app, "buildq_settings"):
         return
+    settings: Settings = app.buildq_settings
+    if settings.metrics_port is not None:
+        from .metrics import serve_metrics
+
+        serve_metrics(settings.metrics_port)
+        log.info("serving Prometheus metrics on :%d/metrics", settings.metrics_port)
     reap_orphans(service_for(app))
 
 
@@ -113,6 +135,11 @@ def run_worker(settings: Settings, argv: list[str]) -> None:
     """Start a Celery worker in this process (blocks until it stops)."""
     from .app import create_app
 
+    if settings.metrics_port is not None:
+        from .metrics import prepare_multiprocess_dir
+
+        # before anything imports prometheus_client: pool processes write samples to this dir
+        prepare_multiprocess_dir(settings.metrics_dir)
     app = create_app(settings)
     app.conf.worker_soft_shutdown_timeout = 0.0
     app.worker_main(argv)

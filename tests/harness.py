@@ -43,9 +43,21 @@ def ensure_redis(port: int = 6379) -> None:
         return
     exe = shutil.which("redis-server")
     if exe is None:
-        raise RuntimeError("Redis does not answer on 127.0.0.1:%d and redis-server is not installed" % port)
+        raise RuntimeError(f"Redis does not answer on 127.0.0.1:{port} and redis-server is not installed")
     subprocess.run(
-        [exe, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        [
+            exe,
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         check=True,
     )
     for _ in range(50):
@@ -88,18 +100,37 @@ def settings_from(env: Mapping[str, str]) -> Settings:
 class WorkerProcess:
     """A ``buildq worker`` subprocess; ``stop()`` sends SIGTERM (warm shutdown) and waits."""
 
-    def __init__(self, env: Mapping[str, str], *, concurrency: int = 2, name: str | None = None,
-                 extra_args: tuple[str, ...] = (), log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        concurrency: int = 2,
+        name: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        log_dir: Path | None = None,
+    ) -> None:
         self.name = name or f"w{uuid.uuid4().hex[:6]}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("BUILDQ_", "STANDIN_"))}
         full_env.update(env)
         full_env["PYTHONUNBUFFERED"] = "1"
         self.log_path = (log_dir or Path("/tmp")) / f"buildq-{self.name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        argv = [sys.executable, "-m", "buildq", "worker", "--concurrency", str(concurrency),
-                "--hostname", f"{self.name}@%h", "--loglevel", "INFO", *extra_args]
-        self.proc = subprocess.Popen(argv, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, start_new_session=True)
+        argv = [
+            sys.executable,
+            "-m",
+            "buildq",
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{self.name}@%h",
+            "--loglevel",
+            "INFO",
+            *extra_args,
+        ]
+        self.proc = subprocess.Popen(
+            argv, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 60.0) -> WorkerProcess:
         deadline = time.monotonic() + timeout

@@ -19,8 +19,14 @@ def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.Comp
 
     full = {k: v for k, v in os.environ.items() if not k.startswith("BUILDQ_")}
     full.update(env)
-    return subprocess.run([sys.executable, "-m", "buildq", *args], env=full, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "buildq", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_python_api_build_succeeds(buildq_env, start_worker, context_dir, standin_log) -> None:
@@ -48,8 +54,20 @@ def test_python_api_build_succeeds(buildq_env, start_worker, context_dir, standi
 
 def test_cli_submit_wait_json_and_status(buildq_env, start_worker, context_dir) -> None:
     start_worker(buildq_env)
-    done = cli(buildq_env, "submit", "--context", str(context_dir), "--tag", "127.0.0.1:5000/demo/cli:1",
-               "--tag", "127.0.0.1:5000/demo/cli:latest", "--build-arg", "A=1", "--wait", "--json")
+    done = cli(
+        buildq_env,
+        "submit",
+        "--context",
+        str(context_dir),
+        "--tag",
+        "127.0.0.1:5000/demo/cli:1",
+        "--tag",
+        "127.0.0.1:5000/demo/cli:latest",
+        "--build-arg",
+        "A=1",
+        "--wait",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert record["state"] == "succeeded"
@@ -71,10 +89,22 @@ def test_cli_submit_without_wait_prints_job_id(buildq_env, start_worker, context
 
 def test_failed_build_reports_buildctl_error_line(buildq_env, start_worker, context_dir) -> None:
     start_worker(buildq_env)
-    text = "failed to solve: dockerfile parse error on line 3: unknown instruction: FROMM (did you mean FROM?)"
+    text = (
+        "failed to solve: dockerfile parse error on line 3: unknown instruction: FROMM (did you mean FROM?)"
+    )
     sc = scenario(kind="fail", error=text, after_lines=4)
-    out = cli(buildq_env, "submit", "--context", str(context_dir), "--tag", "reg/a:1",
-              "--build-arg", f"STANDIN_SCENARIO={sc}", "--wait", "--json")
+    out = cli(
+        buildq_env,
+        "submit",
+        "--context",
+        str(context_dir),
+        "--tag",
+        "reg/a:1",
+        "--build-arg",
+        f"STANDIN_SCENARIO={sc}",
+        "--wait",
+        "--json",
+    )
     assert out.returncode == 1
     record = json.loads(out.stdout)
     assert record["state"] == "failed"
@@ -133,8 +163,12 @@ def test_raw_message_with_bad_field_is_rejected_by_worker(buildq_env, start_work
     """A producer that skips validation (another language) still cannot launch a bad job."""
     start_worker(buildq_env)
     client = client_for(buildq_env)
-    client.app.send_task("buildq.build", kwargs={"job": {"job_id": "raw-1", "context": "/x", "tags": ["a:1\n"]}},
-                         task_id="raw-1", queue=buildq_env["BUILDQ_QUEUE"])
+    client.app.send_task(
+        "buildq.build",
+        kwargs={"job": {"job_id": "raw-1", "context": "/x", "tags": ["a:1\n"]}},
+        task_id="raw-1",
+        queue=buildq_env["BUILDQ_QUEUE"],
+    )
     record = client.wait("raw-1", timeout=60)
     assert record["state"] == "failed"
     assert record["error"]["field"].startswith("tags")

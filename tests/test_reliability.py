@@ -16,8 +16,9 @@ from tests.conftest import scenario
 from tests.harness import client_for, free_port, wait_until
 
 GOAWAY = (
-    "failed to receive status: rpc error: code = Unavailable desc = closing transport due to: connection error: "
-    'desc = "error reading from server: EOF", received prior goaway: code: NO_ERROR, debug data: "graceful_stop"'
+    "failed to receive status: rpc error: code = Unavailable desc = closing transport due to: "
+    'connection error: desc = "error reading from server: EOF", received prior goaway: '
+    'code: NO_ERROR, debug data: "graceful_stop"'
 )
 
 
@@ -45,8 +46,12 @@ def test_storm_every_job_succeeds_exactly_once(buildq_env, start_worker, context
     start_worker(env, concurrency=2)
     start_worker(env, concurrency=2)
     client = client_for(env)
-    handles = [client.submit({"context": str(context_dir), "tags": [f"reg:5000/storm/app{i}:1"],
-                              "job_id": f"storm-{i}"}) for i in range(jobs)]
+    handles = [
+        client.submit(
+            {"context": str(context_dir), "tags": [f"reg:5000/storm/app{i}:1"], "job_id": f"storm-{i}"}
+        )
+        for i in range(jobs)
+    ]
     records = [h.wait(timeout=300) for h in handles]
 
     assert [r["state"] for r in records] == ["succeeded"] * jobs
@@ -67,17 +72,22 @@ def test_storm_every_job_succeeds_exactly_once(buildq_env, start_worker, context
     assert 0.2 < failures / len(ends) < 0.4  # the injected rate really was about 30 %
     assert len(standin_log.starts()) == len(ends)  # nothing started and left running
     reasons = collections.Counter(a["reason"] for r in records for a in r["attempts"][:-1])
-    print(f"\nstorm: jobs={jobs} attempts={len(ends)} injected_failures={failures} retries={failures} "
-          f"losses=0 duplicates=0 reasons={dict(reasons)}")
+    print(
+        f"\nstorm: jobs={jobs} attempts={len(ends)} injected_failures={failures} retries={failures} "
+        f"losses=0 duplicates=0 reasons={dict(reasons)}"
+    )
 
 
 def test_permanent_error_is_not_retried(buildq_env, start_worker, context_dir, standin_log):
     start_worker(buildq_env)
-    text = "failed to solve: process \"/bin/sh -c make\" did not complete successfully: exit code: 2"
-    handle = client_for(buildq_env).submit({
-        "context": str(context_dir), "tags": ["reg/perm:1"],
-        "build_args": {"STANDIN_SCENARIO": scenario(kind="fail", error=text)},
-    })
+    text = 'failed to solve: process "/bin/sh -c make" did not complete successfully: exit code: 2'
+    handle = client_for(buildq_env).submit(
+        {
+            "context": str(context_dir),
+            "tags": ["reg/perm:1"],
+            "build_args": {"STANDIN_SCENARIO": scenario(kind="fail", error=text)},
+        }
+    )
     record = handle.wait(timeout=60)
     assert record["state"] == "failed"
     assert record["error"]["kind"] == "permanent"
@@ -89,10 +99,13 @@ def test_permanent_error_is_not_retried(buildq_env, start_worker, context_dir, s
 def test_transient_errors_exhaust_attempts(buildq_env, start_worker, context_dir, standin_log):
     env = {**buildq_env, "BUILDQ_RETRY_MAX_ATTEMPTS": "3"}
     start_worker(env)
-    handle = client_for(env).submit({
-        "context": str(context_dir), "tags": ["reg/goaway:1"],
-        "build_args": {"STANDIN_SCENARIO": scenario(kind="fail", error=GOAWAY)},
-    })
+    handle = client_for(env).submit(
+        {
+            "context": str(context_dir),
+            "tags": ["reg/goaway:1"],
+            "build_args": {"STANDIN_SCENARIO": scenario(kind="fail", error=GOAWAY)},
+        }
+    )
     record = handle.wait(timeout=60)
     assert record["state"] == "failed"
     assert record["error"]["kind"] == "transient_exhausted"
@@ -106,15 +119,22 @@ def test_sigkill_of_worker_process_redelivers_once_without_orphan(
     buildq_env, start_worker, context_dir, standin_log
 ):
     worker = start_worker(buildq_env, concurrency=1)
-    handle = client_for(buildq_env).submit({
-        "context": str(context_dir), "tags": ["reg/killed:1"], "job_id": "killed-1",
-        # long enough to outlive the dead process's lease (3 s) even on a loaded machine
-        "build_args": {"STANDIN_SCENARIO": scenario(kind="succeed", sleep_s=8)},
-    })
+    handle = client_for(buildq_env).submit(
+        {
+            "context": str(context_dir),
+            "tags": ["reg/killed:1"],
+            "job_id": "killed-1",
+            # long enough to outlive the dead process's lease (3 s) even on a loaded machine
+            "build_args": {"STANDIN_SCENARIO": scenario(kind="succeed", sleep_s=8)},
+        }
+    )
     first = wait_until(lambda: standin_log.starts(), timeout=30)[0]
     standin_pid = first["pid"]
-    ppid = int(subprocess.run(["ps", "-o", "ppid=", "-p", str(standin_pid)], capture_output=True,
-                              text=True).stdout.strip())
+    ppid = int(
+        subprocess.run(
+            ["ps", "-o", "ppid=", "-p", str(standin_pid)], capture_output=True, text=True
+        ).stdout.strip()
+    )
     assert ppid in worker.children()
     os.kill(ppid, signal.SIGKILL)  # the pool process running the build dies mid-build
 
@@ -130,10 +150,13 @@ def test_sigkill_of_worker_process_redelivers_once_without_orphan(
 def test_cancel_running_build_kills_it_within_two_seconds(buildq_env, start_worker, context_dir, standin_log):
     start_worker(buildq_env)
     client = client_for(buildq_env)
-    handle = client.submit({
-        "context": str(context_dir), "tags": ["reg/cancel:1"],
-        "build_args": {"STANDIN_SCENARIO": scenario(kind="hang")},
-    })
+    handle = client.submit(
+        {
+            "context": str(context_dir),
+            "tags": ["reg/cancel:1"],
+            "build_args": {"STANDIN_SCENARIO": scenario(kind="hang")},
+        }
+    )
     started = wait_until(lambda: standin_log.starts(), timeout=30)[0]
     t0 = time.monotonic()
     handle.cancel()
@@ -150,10 +173,13 @@ def test_cancel_running_build_kills_it_within_two_seconds(buildq_env, start_work
 def test_cancel_queued_build_never_starts(buildq_env, start_worker, context_dir, standin_log):
     start_worker(buildq_env, concurrency=1)
     client = client_for(buildq_env)
-    blocker = client.submit({
-        "context": str(context_dir), "tags": ["reg/block:1"],
-        "build_args": {"STANDIN_SCENARIO": scenario(kind="hang")},
-    })
+    blocker = client.submit(
+        {
+            "context": str(context_dir),
+            "tags": ["reg/block:1"],
+            "build_args": {"STANDIN_SCENARIO": scenario(kind="hang")},
+        }
+    )
     wait_until(lambda: standin_log.starts(), timeout=30)
     queued = client.submit({"context": str(context_dir), "tags": ["reg/queued:1"]})
     assert client.status(queued.job_id)["state"] == "queued"
@@ -164,14 +190,17 @@ def test_cancel_queued_build_never_starts(buildq_env, start_worker, context_dir,
     assert [s["key"] for s in standin_log.starts()] == ["reg/block:1"]
 
 
-def test_duplicate_delivery_of_a_finished_job_returns_the_result(buildq_env, start_worker, context_dir,
-                                                                 standin_log):
+def test_duplicate_delivery_of_a_finished_job_returns_the_result(
+    buildq_env, start_worker, context_dir, standin_log
+):
     start_worker(buildq_env)
     client = client_for(buildq_env)
     job = {"context": str(context_dir), "tags": ["reg/dup:1"], "job_id": "dup-1"}
     first = client.submit(job).wait(timeout=60)
     client.submit(job)  # the same job id again, as a redelivery would
-    client.app.send_task("buildq.build", kwargs={"job": job}, task_id="dup-1", queue=buildq_env["BUILDQ_QUEUE"])
+    client.app.send_task(
+        "buildq.build", kwargs={"job": job}, task_id="dup-1", queue=buildq_env["BUILDQ_QUEUE"]
+    )
     time.sleep(1.0)
     assert client.wait("dup-1", timeout=10) == first
     assert len(standin_log.starts()) == 1
@@ -180,8 +209,12 @@ def test_duplicate_delivery_of_a_finished_job_returns_the_result(buildq_env, sta
 def test_concurrent_duplicates_run_one_buildctl(buildq_env, start_worker, context_dir, standin_log):
     start_worker(buildq_env, concurrency=2)
     client = client_for(buildq_env)
-    job = {"context": str(context_dir), "tags": ["reg/twin:1"], "job_id": "twin-1",
-           "build_args": {"STANDIN_SCENARIO": scenario(kind="succeed", sleep_s=1.5)}}
+    job = {
+        "context": str(context_dir),
+        "tags": ["reg/twin:1"],
+        "job_id": "twin-1",
+        "build_args": {"STANDIN_SCENARIO": scenario(kind="succeed", sleep_s=1.5)},
+    }
     client.submit(job)
     client.submit(job)
     record = client.wait("twin-1", timeout=60)
@@ -194,13 +227,36 @@ def test_concurrent_duplicates_run_one_buildctl(buildq_env, start_worker, contex
 def _start_private_redis(port: int, data_dir: Path) -> None:
     data_dir.mkdir(exist_ok=True)
     subprocess.run(
-        [shutil.which("redis-server") or "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1",
-         "--port", str(port), "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "always",
-         "--save", "", "--pidfile", str(data_dir / "redis.pid")],
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--pidfile",
+            str(data_dir / "redis.pid"),
+        ],
         check=True,
     )
-    wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                                      text=True).stdout.strip() == "PONG", timeout=10)
+    wait_until(
+        lambda: (
+            subprocess.run(
+                ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
+            ).stdout.strip()
+            == "PONG"
+        ),
+        timeout=10,
+    )
 
 
 @pytest.fixture
@@ -214,13 +270,25 @@ def private_redis(tmp_path):
 
 def test_redis_restart_loses_no_queued_job(buildq_env, start_worker, context_dir, standin_log, private_redis):
     port, data = private_redis
-    env = {**buildq_env, "BUILDQ_BROKER_URL": f"redis://127.0.0.1:{port}/0",
-           "BUILDQ_RESULT_BACKEND": f"redis://127.0.0.1:{port}/1"}
+    env = {
+        **buildq_env,
+        "BUILDQ_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+        "BUILDQ_RESULT_BACKEND": f"redis://127.0.0.1:{port}/1",
+    }
     start_worker(env, concurrency=2)
     client = client_for(env)
     slow = scenario(kind="succeed", sleep_s=0.3)
-    handles = [client.submit({"context": str(context_dir), "tags": [f"reg/restart{i}:1"], "job_id": f"rs-{i}",
-                              "build_args": {"STANDIN_SCENARIO": slow}}) for i in range(12)]
+    handles = [
+        client.submit(
+            {
+                "context": str(context_dir),
+                "tags": [f"reg/restart{i}:1"],
+                "job_id": f"rs-{i}",
+                "build_args": {"STANDIN_SCENARIO": slow},
+            }
+        )
+        for i in range(12)
+    ]
     wait_until(lambda: len(standin_log.ends()) >= 2, timeout=30)
     subprocess.run(["redis-cli", "-p", str(port), "shutdown"], check=False, capture_output=True)
     time.sleep(1.5)

@@ -118,7 +118,8 @@ class LocalLauncher(Launcher):
             if paths.workdir:
                 shutil.rmtree(paths.workdir, ignore_errors=True)
             raise PermanentBuildError(
-                f"cannot run buildctl at {self.buildctl_path!r} (BUILDQ_BUILDCTL_PATH): {exc.strerror or exc}",
+                f"cannot run buildctl at {self.buildctl_path!r} (BUILDQ_BUILDCTL_PATH): "
+                f"{exc.strerror or exc}",
                 reason="buildctl_missing",
             ) from exc
         return LocalBuild(proc, paths, self._write_pidfile(spec.job_id, proc.pid))

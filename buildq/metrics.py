@@ -1,0 +1,111 @@
+"""Prometheus metrics of a worker (``prometheus_client`` multiprocess mode for the prefork pool).
+
+``prepare_multiprocess_dir`` must run in the worker's main process *before* ``prometheus_client``
+is imported anywhere (the library picks its value class at import time); the CLI does this.
+Each pool process then writes its samples to mmap files in that directory, and
+``serve_metrics`` (main process) aggregates them on ``BUILDQ_METRICS_PORT``.
+
+Metrics:
+- ``buildq_build_phase_seconds{phase}``: histogram, one observation per phase per finished build
+- ``buildq_builds_total{outcome}``: succeeded | failed | cancelled
+- ``buildq_build_attempts_total{outcome,reason}``: every attempt, with the classifier's reason
+- ``buildq_build_steps_total{kind}``: cached | executed Dockerfile steps
+- ``buildq_builds_in_progress``: attempts running now (summed over live processes)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+PHASE_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1200.0,
+    1800.0,
+    3600.0,
+)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_multiprocess_dir(path: str | None) -> str:
+    """Create an empty directory for multiprocess samples and point prometheus_client at it."""
+    directory = path or os.path.join(tempfile.gettempdir(), f"buildq-metrics-{os.getpid()}")
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = directory
+    return directory
+
+
+class BuildMetrics:
+    """The metric objects of one process (made once, at worker process start)."""
+
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        kwargs = {"registry": registry} if registry is not None else {}
+        self.phase_seconds = Histogram(
+            "buildq_build_phase_seconds",
+            "Seconds per build phase",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
+            **kwargs,
+        )
+        self.builds = Counter("buildq_builds_total", "Finished builds", ["outcome"], **kwargs)
+        self.attempts = Counter(
+            "buildq_build_attempts_total", "Build attempts", ["outcome", "reason"], **kwargs
+        )
+        self.steps = Counter("buildq_build_steps_total", "Dockerfile steps", ["kind"], **kwargs)
+        self.in_progress = Gauge(
+            "buildq_builds_in_progress", "Build attempts running", multiprocess_mode="livesum", **kwargs
+        )
+
+    def attempt_started(self) -> None:
+        self.in_progress.inc()
+
+    def attempt_finished(self, attempt: dict[str, Any]) -> None:
+        self.in_progress.dec()
+        self.attempts.labels(
+            outcome=attempt.get("outcome") or "unknown", reason=attempt.get("reason") or "none"
+        ).inc()
+
+    def build_finished(self, record: dict[str, Any]) -> None:
+        self.builds.labels(outcome=record.get("state") or "unknown").inc()
+        for phase, seconds in (record.get("phases") or {}).items():
+            self.phase_seconds.labels(phase=phase).observe(seconds)
+        steps = record.get("steps") or {}
+        if steps.get("cached"):
+            self.steps.labels(kind="cached").inc(steps["cached"])
+        if steps.get("executed"):
+            self.steps.labels(kind="executed").inc(steps["executed"])
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0") -> Any:
+    """Serve the aggregated samples of all pool processes on ``port`` (main process)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return start_http_server(port, addr=addr, registry=registry)
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead pool process's live gauges (called when a child exits)."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
