@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutting_down
 
 from .config import Settings
 from .service import BuildService
@@ -103,6 +103,30 @@ def _on_ready(sender: object = None, **_: object) -> None:
     reap_orphans(service_for(app))
 
 
+@worker_shutting_down.connect
+def _bound_warm_shutdown(sig: str = "", how: str = "", exitcode: int = 0, **_: object) -> None:
+    """Warm shutdown lets running builds finish, for at most ``BUILDQ_SHUTDOWN_GRACE_S``.
+
+    After the grace the worker escalates to a cold shutdown: pool processes (and their buildctl,
+    killed by the next owner of the job's lease) stop, and the unacknowledged messages go back
+    to the queue, so the builds run again elsewhere instead of being lost.
+    """
+    if how != "Warm" or _grace_s is None:
+        return
+    import signal
+
+    def escalate() -> None:
+        log.warning("builds still running after %.0fs of warm shutdown: cold shutdown", _grace_s)
+        os.kill(os.getpid(), signal.SIGQUIT)
+
+    timer = threading.Timer(_grace_s, escalate)
+    timer.daemon = True
+    timer.start()
+
+
+_grace_s: float | None = None
+
+
 def worker_argv(
     settings: Settings,
     *,
@@ -141,5 +165,6 @@ def run_worker(settings: Settings, argv: list[str]) -> None:
         # before anything imports prometheus_client: pool processes write samples to this dir
         prepare_multiprocess_dir(settings.metrics_dir)
     app = create_app(settings)
-    app.conf.worker_soft_shutdown_timeout = 0.0
+    global _grace_s
+    _grace_s = settings.shutdown_grace_s
     app.worker_main(argv)

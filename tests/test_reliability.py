@@ -297,3 +297,37 @@ def test_redis_restart_loses_no_queued_job(buildq_env, start_worker, context_dir
     assert [r["state"] for r in records] == ["succeeded"] * len(handles)
     succeeded = collections.Counter(e["key"] for e in standin_log.ends() if e["outcome"] == "succeeded")
     assert sorted(succeeded) == sorted(f"reg/restart{i}:1" for i in range(12))
+
+
+def test_warm_shutdown_lets_a_running_build_finish(buildq_env, start_worker, context_dir, standin_log):
+    worker = start_worker({**buildq_env, "BUILDQ_SHUTDOWN_GRACE_S": "60"}, concurrency=1)
+    handle = client_for(buildq_env).submit({
+        "context": str(context_dir), "tags": ["reg/warm:1"],
+        "build_args": {"STANDIN_SCENARIO": scenario(kind="succeed", sleep_s=1.5)},
+    })
+    wait_until(lambda: standin_log.starts(), timeout=30)
+    assert worker.stop(timeout=30) == 0  # SIGTERM: warm shutdown waits for the build
+    assert handle.wait(timeout=5)["state"] == "succeeded"
+    assert [e["outcome"] for e in standin_log.ends()] == ["succeeded"]
+
+
+def test_warm_shutdown_grace_is_bounded_and_the_build_is_not_lost(
+    buildq_env, start_worker, context_dir, standin_log
+):
+    env = {**buildq_env, "BUILDQ_SHUTDOWN_GRACE_S": "1"}
+    worker = start_worker(env, concurrency=1)
+    handle = client_for(env).submit({
+        "context": str(context_dir), "tags": ["reg/grace:1"], "job_id": "grace-1",
+        "build_args": {"STANDIN_SCENARIO": scenario(kind="succeed", sleep_s=6)},
+    })
+    first = wait_until(lambda: standin_log.starts(), timeout=30)[0]
+    t0 = time.monotonic()
+    worker.stop(timeout=30)
+    assert time.monotonic() - t0 < 5.5  # the 6 s build did not hold the shutdown
+    # the grace ended the build: it did not run to success under the stopping worker
+    assert [e for e in standin_log.ends() if e["outcome"] == "succeeded"] == []
+    assert handle.status()["state"] != "succeeded"
+    start_worker(env, concurrency=1)  # the message went back to the queue: a new worker finishes it
+    assert handle.wait(timeout=60)["state"] == "succeeded"
+    assert not pid_alive(first["pid"])
+    assert [e["outcome"] for e in standin_log.ends()].count("succeeded") == 1
