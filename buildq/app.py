@@ -14,6 +14,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
     # hard limit: the job's own watcher kills buildctl first; this is the backstop
     hard_limit = settings.max_timeout_s + 120
     transport = {"visibility_timeout": settings.visibility_timeout_s}
+    # a worker consuming "builds.high,builds" drains the high-priority queue first
+    broker_transport = {**transport, "queue_order_strategy": "priority"}
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
@@ -26,7 +28,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": transport,
+        "broker_transport_options": broker_transport,
         "result_backend_transport_options": transport,
         "result_expires": settings.result_ttl_s,
         "task_track_started": True,

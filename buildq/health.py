@@ -1,0 +1,320 @@
+"""Health check: can this worker reach its broker, its BuildKit daemons and (docker launcher) its engine?
+
+:func:`check_health` returns one :class:`Check` per item; :attr:`HealthReport.ok` is true when all
+are ok. Items:
+
+- ``broker``: Redis ``PING`` on ``BUILDQ_BROKER_URL``; ``result backend`` / ``state redis`` likewise
+  when those URLs differ from the broker's (a non-Redis URL is reported as not checked, and ok).
+- ``buildkit <daemon>``: ``buildctl debug workers`` with ``BUILDKIT_HOST=<daemon>``, run through the
+  launcher like a build. Its stdout is not captured by launchers, so it is judged by the exit code
+  and the ``error: …`` line on stderr; past the timeout it is killed.
+- ``docker engine`` / ``docker image`` (docker launcher only): engine ``ping`` and whether
+  ``BUILDQ_BUILDCTL_IMAGE`` is present locally. Daemon checks then run only if both are ok (a
+  missing image would otherwise be pulled by the check itself).
+
+Checks run concurrently, each bounded by ``timeout_s``. Details never contain URL passwords.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from .launchers.base import Launcher, LaunchSpec
+from .redact import Redactor
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .config import Settings
+
+#: seconds the caller waits past ``timeout_s`` for a check that should have bounded itself
+GRACE_S = 2.0
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s/]+(?=@)")
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&;]password=)[^&;\s]+", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One item: ``ok`` or not, a one-line ``detail`` (password-free) and how long it took."""
+
+    name: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when every check is ok."""
+        return all(check.ok for check in self.checks)
+
+
+def mask_url_passwords(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` and ``?password=`` masked."""
+    text = _URL_PASSWORD.sub(r"\g<head>***", text)
+    return _QUERY_PASSWORD.sub(r"\g<head>***", text)
+
+
+def url_passwords(urls: Iterable[str | None]) -> list[str]:
+    """The passwords (raw and URL-decoded) found in ``urls``."""
+    found: list[str] = []
+    for url in urls:
+        if not url:
+            continue
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            password = None
+        if password:
+            found += [password, unquote(password)]
+        match = _QUERY_PASSWORD.search(url)
+        if match:
+            value = url[match.end("head") :].split("&")[0].split(";")[0]
+            found += [value, unquote(value)]
+    return found
+
+
+def _masker(settings: Settings) -> Callable[[str], str]:
+    urls = [settings.broker_url, settings.result_backend, settings.redis_url, settings.docker_url]
+    redactor = Redactor(url_passwords([*urls, *settings.daemons]))
+    return lambda text: redactor(mask_url_passwords(text))
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _error_text(exc: BaseException) -> str:
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+# -- individual checks -----------------------------------------------------------------------
+
+
+def check_redis(name: str, url: str, timeout_s: float) -> Check:
+    """``PING`` the Redis at ``url`` (no retries: one connection attempt bounded by ``timeout_s``)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    started = time.monotonic()
+    if not url.startswith(REDIS_SCHEMES):
+        return Check(name, True, f"not checked: {url.split('://')[0]} is not a Redis URL", 0.0)
+    client = None
+    try:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+        )
+        client.ping()
+        ok, detail = True, f"PING answered by {url}"
+    except Exception as exc:  # any failure is the finding
+        ok, detail = False, f"{url}: {_error_text(exc)}"
+    finally:
+        if client is not None:
+            client.close()
+    return Check(name, ok, detail, time.monotonic() - started)
+
+
+def check_daemon(n: int, daemon: str, launcher: Launcher, timeout_s: float) -> Check:
+    """Run ``buildctl debug workers`` against ``daemon``; ok when it exits 0 within ``timeout_s``."""
+    name = f"buildkit {daemon}"
+    job_id = f"health-{n}"
+    started = time.monotonic()
+    deadline = started + timeout_s
+    try:
+        paths = launcher.prepare(job_id, None, None)
+        spec = LaunchSpec(job_id=job_id, argv=["debug", "workers"], env={"BUILDKIT_HOST": daemon})
+        run = launcher.start(spec, paths)
+    except Exception as exc:
+        return Check(name, False, f"cannot start buildctl: {_error_text(exc)}", time.monotonic() - started)
+    lines: list[str] = []
+
+    def read() -> None:
+        try:
+            lines.extend(run.lines())
+        except Exception:  # the stream was closed under us after a kill: keep what was read
+            pass
+
+    reader = threading.Thread(target=read, daemon=True, name=f"{job_id}-stderr")
+    try:
+        reader.start()
+        try:
+            rc: int | None = run.wait(max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            rc = None
+            run.kill()
+        reader.join(timeout=max(0.5, min(GRACE_S, deadline - time.monotonic())))
+    finally:
+        run.close()
+    seconds = time.monotonic() - started
+    if rc is None:
+        return Check(name, False, f"no answer within {timeout_s:g}s (buildctl killed)", seconds)
+    if rc == 0:
+        return Check(name, True, "buildctl debug workers: exit 0", seconds)
+    return Check(name, False, f"exit {rc}: {_failure_text(lines)}", seconds)
+
+
+def _failure_text(lines: list[str]) -> str:
+    """The last ``error:`` line of buildctl's stderr (without the prefix), else its last line."""
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return _one_line(line[len("error: ") :])
+    rest = [line for line in lines if line.strip()]
+    return _one_line(rest[-1]) if rest else "no error text on stderr"
+
+
+def default_docker_client(settings: Settings, timeout_s: float) -> Any:
+    """A docker SDK client for ``BUILDQ_DOCKER_URL`` (else the environment) with ``timeout_s``."""
+    import docker
+
+    if settings.docker_url:
+        return docker.DockerClient(base_url=settings.docker_url, timeout=timeout_s)
+    return docker.from_env(timeout=timeout_s)
+
+
+def check_docker(
+    settings: Settings, timeout_s: float, factory: Callable[[Settings, float], Any] | None = None
+) -> list[Check]:
+    """``docker engine`` ping, then (if it answered) ``docker image`` present locally."""
+    started = time.monotonic()
+    where = settings.docker_url or "the environment's DOCKER_HOST"
+    client = None
+    try:
+        client = (factory or default_docker_client)(settings, timeout_s)
+        client.ping()
+    except Exception as exc:
+        if client is not None:
+            client.close()
+        return [Check("docker engine", False, f"{where}: {_error_text(exc)}", time.monotonic() - started)]
+    checks = [Check("docker engine", True, f"{where}: ping ok", time.monotonic() - started)]
+    image = settings.buildctl_image
+    started = time.monotonic()
+    try:
+        import docker.errors
+
+        try:
+            client.images.get(image)
+            ok, detail = True, f"{image} present"
+        except docker.errors.ImageNotFound:
+            ok, detail = False, f"{image} absent locally (docker pull it; a build would pull it first)"
+        except Exception as exc:
+            ok, detail = False, f"{image}: {_error_text(exc)}"
+    finally:
+        client.close()
+    checks.append(Check("docker image", ok, detail, time.monotonic() - started))
+    return checks
+
+
+# -- orchestration ---------------------------------------------------------------------------
+
+
+#: the check names a task reports (used if it does not finish) and the task itself
+_Task = tuple[list[str], Callable[[], list[Check]]]
+
+
+def _listed(fn: Callable[..., Check], *args: Any) -> list[Check]:
+    return [fn(*args)]
+
+
+def _run_concurrently(tasks: list[_Task], timeout_s: float) -> list[Check]:
+    """Run each task in a daemon thread; a task unfinished after ``timeout_s + GRACE_S`` fails its names."""
+    results: list[list[Check] | None] = [None] * len(tasks)
+    started = time.monotonic()
+
+    def run(i: int, names: list[str], fn: Callable[[], list[Check]]) -> None:
+        try:
+            results[i] = fn()
+        except Exception as exc:
+            results[i] = [Check(n, False, _error_text(exc), time.monotonic() - started) for n in names]
+
+    threads = [
+        threading.Thread(target=run, args=(i, names, fn), daemon=True, name=f"health-{names[0]}")
+        for i, (names, fn) in enumerate(tasks)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = started + timeout_s + GRACE_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    checks: list[Check] = []
+    for (names, _), result in zip(tasks, results, strict=True):
+        if result is None:
+            elapsed = time.monotonic() - started
+            result = [Check(n, False, f"no answer within {timeout_s:g}s", elapsed) for n in names]
+        checks += result
+    return checks
+
+
+def check_health(
+    settings: Settings,
+    *,
+    launcher: Launcher | None = None,
+    timeout_s: float = 5,
+    docker_factory: Callable[[Settings, float], Any] | None = None,
+) -> HealthReport:
+    """Check broker, result backend, state Redis, every daemon and (docker launcher) the engine.
+
+    ``launcher`` defaults to the one ``BUILDQ_LAUNCHER`` names; ``docker_factory(settings, timeout)``
+    (tests) replaces the docker SDK client constructor.
+    """
+    if launcher is None:
+        from .launchers import make_launcher
+
+        launcher = make_launcher(settings)
+    mask = _masker(settings)
+    redis_urls = {"broker": settings.broker_url}
+    for name, url in (("result backend", settings.result_backend), ("state redis", settings.redis_url)):
+        if url and url not in redis_urls.values():
+            redis_urls[name] = url
+    tasks: list[_Task] = [
+        ([name], partial(_listed, check_redis, name, url, timeout_s)) for name, url in redis_urls.items()
+    ]
+    daemon_tasks: list[_Task] = [
+        ([f"buildkit {d}"], partial(_listed, check_daemon, n, d, launcher, timeout_s))
+        for n, d in enumerate(settings.daemons)
+    ]
+    if settings.launcher == "docker":
+        docker_task = partial(check_docker, settings, timeout_s, docker_factory)
+        first = _run_concurrently([*tasks, (["docker engine", "docker image"], docker_task)], timeout_s)
+        docker_checks = [c for c in first if c.name.startswith("docker ")]
+        if all(c.ok for c in docker_checks) and len(docker_checks) == 2:
+            checks = first + _run_concurrently(daemon_tasks, timeout_s)
+        else:
+            why = "; ".join(c.name for c in docker_checks if not c.ok) or "docker"
+            checks = first + [
+                Check(names[0], False, f"not checked: {why} not ok", 0.0) for names, _ in daemon_tasks
+            ]
+    else:
+        checks = _run_concurrently(tasks + daemon_tasks, timeout_s)
+    return HealthReport(tuple(Check(mask(c.name), c.ok, mask(c.detail), c.seconds) for c in checks))
+
+
+def render_health(report: HealthReport) -> Table:
+    """A rich table: check, status, detail, time (detail shown verbatim, never as markup)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    title = "buildq health: " + ("ok" if report.ok else "FAILING")
+    table = Table(title=title, title_justify="left")
+    table.add_column("check", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("detail", overflow="fold")
+    table.add_column("time", justify="right", no_wrap=True)
+    for check in report.checks:
+        status = Text("ok", style="green") if check.ok else Text("FAIL", style="bold red")
+        table.add_row(Text(check.name), status, Text(check.detail), f"{check.seconds * 1000:.0f} ms")
+    return table
