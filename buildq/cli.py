@@ -188,6 +188,25 @@ def cancel(job_id: Annotated[str, typer.Argument()]) -> None:
 
 
 @app.command()
+def health(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Check the broker, each BuildKit daemon (buildctl debug workers) and the Docker engine."""
+    from .health import check_health, render_health
+
+    report = check_health(_settings())
+    if as_json:
+        checks = [
+            {"name": c.name, "ok": c.ok, "detail": c.detail, "seconds": round(c.seconds, 3)}
+            for c in report.checks
+        ]
+        typer.echo(json.dumps({"ok": report.ok, "checks": checks}, indent=2))
+    else:
+        from rich.console import Console
+
+        Console(width=160).print(render_health(report))
+    raise typer.Exit(0 if report.ok else EXIT_FAILED)
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of a build job (for producers in other languages)."""
     from .jobs import job_schema

@@ -8,9 +8,11 @@ after a backoff (the Celery task turns :class:`RetryLater` into ``self.retry``).
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,7 @@ from .buildkit.backoff import backoff_delay
 from .buildkit.classify import Failure
 from .buildkit.livephase import LivePhases
 from .buildkit.solvestatus import SolveStatus
+from .capacity import DaemonSlots, wait_for_slot
 from .config import Settings
 from .errors import BuildError, InvalidJobError
 from .jobs import BuildJob, parse_job
@@ -40,6 +43,14 @@ class RetryLater(Exception):
     countdown: float
     attempts: list[dict[str, Any]]
     reason: str
+
+
+class WaitForDaemon(Exception):
+    """Every daemon is at its cap: re-queue this delivery (no attempt used) in ``countdown`` seconds."""
+
+    def __init__(self, countdown: float) -> None:
+        super().__init__(f"all BuildKit daemons are busy; re-queued for {countdown:.1f}s")
+        self.countdown = countdown
 
 
 class LeaseLost(Exception):
@@ -67,6 +78,9 @@ class BuildService:
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     metrics: BuildMetrics | None = None
     logs: LogStore | None = None
+    slots: DaemonSlots | None = None
+    #: how long a delivery polls for a daemon slot before it re-queues itself
+    slot_wait_s: float = 5.0
     rand: Callable[[], float] | None = None
     #: seconds between polls while waiting for another worker's lease on the same job
     duplicate_poll_s: float = 0.5
@@ -149,6 +163,44 @@ class BuildService:
                 job, enqueued, attempts, window_start, number, reporter
             )
 
+        daemon = self._take_daemon(job, token, number)
+        try:
+            return self._run_on(job, token, enqueued, attempts, reporter, daemon, window_start, number)
+        finally:
+            if self.slots is not None:
+                self.slots.release(daemon, token)
+
+    def _take_daemon(self, job: BuildJob, token: str, number: int) -> str:
+        """A daemon with a free slot (held under ``token``); raise WaitForDaemon when all stay full."""
+        daemons = self.settings.daemons
+        prefer = zlib.crc32(job.job_id.encode()) + number - 1  # spread jobs; move on at a retry
+        if self.slots is None:
+            return daemons[prefer % len(daemons)]
+        daemon = wait_for_slot(
+            self.slots,
+            daemons,
+            token,
+            self.settings.lease_ttl_s,
+            self.settings.buildkit_max_builds,
+            max_wait_s=self.slot_wait_s,
+            prefer=prefer,
+        )
+        if daemon is None:
+            self.store.update(job.job_id, state="queued", phase="waiting_for_daemon")
+            raise WaitForDaemon(countdown=1.0 + (self.rand or random.random)() * 2.0)
+        return daemon
+
+    def _run_on(
+        self,
+        job: BuildJob,
+        token: str,
+        enqueued: float,
+        attempts: list[dict[str, Any]],
+        reporter: Reporter,
+        daemon: str,
+        window_start: float,
+        number: int,
+    ) -> dict[str, Any]:
         started = self.clock()
         self.store.update(job.job_id, state="running", attempt=number, worker=self.worker_id, phase="launch")
         reporter.phase_ended(job.job_id, number, "queued", max(0.0, started - window_start))
@@ -165,8 +217,9 @@ class BuildService:
                     reporter.phase_ended(job.job_id, number, phase, seconds)
                 reporter.phase_started(job.job_id, number, live.current)
 
-        daemon = self.settings.daemons[(number - 1) % len(self.settings.daemons)]
-        stopper = _Stopper(self.store, job.job_id, token, self.settings.lease_ttl_s, self.clock)
+        stopper = _Stopper(
+            self.store, job.job_id, token, self.settings.lease_ttl_s, self.clock, self.slots, daemon
+        )
         if self.metrics is not None:
             self.metrics.attempt_started()
         try:
@@ -349,10 +402,20 @@ def _final_state(outcome: AttemptOutcome, failure: Failure | None) -> tuple[str,
 
 
 class _Stopper:
-    """``should_stop`` for the runner: cancellation flag and lease renewal, from the watcher thread."""
+    """``should_stop`` for the runner: cancellation flag, lease and daemon-slot renewal (watcher thread)."""
 
-    def __init__(self, store: JobStore, job_id: str, token: str, lease_ttl_s: float, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        token: str,
+        lease_ttl_s: float,
+        clock: Clock,
+        slots: DaemonSlots | None = None,
+        daemon: str = "",
+    ) -> None:
         self.store, self.job_id, self.token, self.ttl, self.clock = store, job_id, token, lease_ttl_s, clock
+        self.slots, self.daemon = slots, daemon
         self.next_renewal = clock() + lease_ttl_s / 3
         self.lock = threading.Lock()
 
@@ -364,6 +427,8 @@ class _Stopper:
                 if self.clock() >= self.next_renewal:
                     if not self.store.renew_lease(self.job_id, self.token, self.ttl):
                         return "lease_lost"
+                    if self.slots is not None:
+                        self.slots.renew(self.daemon, self.token, self.ttl)
                     self.next_renewal = self.clock() + self.ttl / 3
             except Exception:  # noqa: BLE001 - Redis blip: keep building, try again next tick
                 return None

@@ -8,7 +8,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 
 from .app import TASK_NAME
-from .service import LeaseLost, Reporter, RetryLater
+from .service import LeaseLost, Reporter, RetryLater, WaitForDaemon
 from .state import JobStore
 
 #: custom Celery state while buildctl runs; ``info`` holds ``{"job_id", "attempt", "phase"}``
@@ -59,6 +59,13 @@ def register(app: Celery) -> None:
             raise self.retry(
                 kwargs={"job": job, "enqueued_at": enqueued_at, "attempts": later.attempts},
                 countdown=later.countdown,
+                max_retries=None,
+            ) from None
+        except WaitForDaemon as busy:
+            # not an attempt: the same attempts go back to the queue; the wait counts as queued time
+            raise self.retry(
+                kwargs={"job": job, "enqueued_at": enqueued_at, "attempts": attempts},
+                countdown=busy.countdown,
                 max_retries=None,
             ) from None
         except LeaseLost as lost:

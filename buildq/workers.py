@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutting_down
 
+from .capacity import DaemonSlots
 from .config import Settings
 from .service import BuildService
 from .state import JobStore
@@ -41,6 +42,7 @@ def make_service(settings: Settings) -> BuildService:
         settings=settings,
         launcher=make_launcher(settings),
         store=store,
+        slots=DaemonSlots(store.redis, limit=settings.buildkit_max_builds),
         logs=LogStore(store.redis, maxlen=settings.log_stream_maxlen, ttl_s=settings.log_stream_ttl_s),
         metrics=metrics,
     )
