@@ -188,6 +188,35 @@ def cancel(job_id: Annotated[str, typer.Argument()]) -> None:
 
 
 @app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument()],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="follow a running build until it ends")
+    ] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="the rawjson progress lines")] = False,
+) -> None:
+    """Print a build's log (like buildctl --progress=plain); -f follows it across retries."""
+    from .client import BuildqClient
+    from .logs import format_entry, show_attempts
+
+    client = BuildqClient(_settings())
+    if not follow:
+        entries = client.logs(job_id, raw=raw)
+        if not entries and client.status(job_id).get("state") == "unknown":
+            _die(f"unknown job {job_id!r}", EXIT_FAILED)
+        several = show_attempts(entries)
+        for entry in entries:
+            typer.echo(format_entry(entry, show_attempt=several))
+        return
+    if client.status(job_id).get("state") == "unknown":
+        _die(f"unknown job {job_id!r}", EXIT_FAILED)
+    for entry in client.follow_logs(job_id, raw=raw):
+        typer.echo(format_entry(entry, show_attempt=entry.kind == "mark"))
+    record = client.store.result(job_id) or {}
+    raise typer.Exit(_state_exit(record))
+
+
+@app.command()
 def health(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Check the broker, each BuildKit daemon (buildctl debug workers) and the Docker engine."""
     from .health import check_health, render_health

@@ -12,6 +12,7 @@ invalid job never reaches the queue.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -21,6 +22,7 @@ from celery import Celery
 from .app import TASK_NAME, create_app
 from .config import Settings, load_settings
 from .jobs import BuildJob, parse_job
+from .logs import LogEntry, LogStore
 from .state import JobStore
 
 
@@ -78,6 +80,26 @@ class BuildqClient:
         self.store.request_cancel(job_id)
         return self.status(job_id)
 
+    @cached_property
+    def log_store(self) -> LogStore:
+        return LogStore(
+            self.store.redis, maxlen=self.settings.log_stream_maxlen, ttl_s=self.settings.log_stream_ttl_s
+        )
+
+    def logs(self, job_id: str, *, raw: bool = False) -> list[LogEntry]:
+        """The stored log: plain lines and attempt marks (``raw``: the rawjson lines instead)."""
+        return self.log_store.read(job_id, kinds=_kinds(raw))
+
+    def follow_logs(self, job_id: str, *, raw: bool = False) -> Iterator[LogEntry]:
+        """Log entries as they are written, across retries, until the build ends."""
+        return self.log_store.follow(
+            job_id, kinds=_kinds(raw), is_finished=lambda: self.store.result(job_id) is not None
+        )
+
+
+def _kinds(raw: bool) -> tuple[str, ...]:
+    return ("raw", "mark") if raw else ("plain", "mark")
+
 
 @dataclass(frozen=True)
 class BuildHandle:
@@ -94,6 +116,12 @@ class BuildHandle:
 
     def cancel(self) -> dict[str, Any]:
         return self.client.cancel(self.job_id)
+
+    def logs(self, *, raw: bool = False) -> list[LogEntry]:
+        return self.client.logs(self.job_id, raw=raw)
+
+    def follow_logs(self, *, raw: bool = False) -> Iterator[LogEntry]:
+        return self.client.follow_logs(self.job_id, raw=raw)
 
 
 def submit(job: BuildJob | dict[str, Any] | str, settings: Settings | None = None) -> BuildHandle:

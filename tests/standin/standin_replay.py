@@ -85,8 +85,11 @@ def capture_path(name: str, rawjson: bool) -> str:
     """Path of the stderr of capture ``name`` in the wanted progress mode.
 
     ``ctx_*_rawjson_*`` / ``ctx_*_plain_*`` swap to their pair; ``extra_*`` use ``.trace.json``
-    (the rawjson stream) or ``.stderr`` (plain); ``err_*`` are used as they are.
+    (the rawjson stream) or ``.stderr`` (plain); ``err_*`` are used as they are; an absolute path
+    is a capture file a test wrote itself.
     """
+    if os.path.isabs(name):
+        return name
     if name.startswith("extra_"):
         return os.path.join(FIXTURES, "extra", name + (".trace.json" if rawjson else ".stderr"))
     folder = "errors" if name.startswith("err_") else "builds"
@@ -166,12 +169,19 @@ def line_times(line: str) -> list[int]:
     return [parse_rfc3339_ns(line[a:b]) for a, b in _time_spans(line)]
 
 
-def shift_line(line: str, delta_ns: int) -> str:
-    """The same line, byte for byte, with every timestamp moved by ``delta_ns``."""
+def shift_line(line: str, delta_ns: int, pauses: list[tuple[int, int]] | None = None) -> str:
+    """The same line, byte for byte, with every timestamp moved by ``delta_ns``.
+
+    ``pauses`` are ``(capture_time_ns, slept_ns)``: a timestamp later than a pause's capture time is
+    moved by that pause's sleep too, so time already reported (a vertex's ``started``, repeated in
+    later updates) stays the same across a pause, as it does in a real stream.
+    """
     out, last = [], 0
     for a, b in _time_spans(line):
         out.append(line[last:a])
-        out.append(format_rfc3339_ns(parse_rfc3339_ns(line[a:b]) + delta_ns))
+        t = parse_rfc3339_ns(line[a:b])
+        extra = sum(slept for at, slept in pauses or () if t > at)
+        out.append(format_rfc3339_ns(t + delta_ns + extra))
         last = b
     out.append(line[last:])
     return "".join(out)
@@ -196,6 +206,10 @@ class Replayer:
         self.lines, self.pace, self.clock, self.trace = lines, pace, clock, trace
         self.trace_lines = lines if trace_lines is None else trace_lines
         self.pos = self.trace_pos = 0
+        self.pauses: list[tuple[int, int]] = []  # (capture time reached, slept ns)
+        self.trace_pauses: list[tuple[int, int]] = []
+        self.reached: int | None = None
+        self.trace_reached: int | None = None
         self.t0 = clock()
         self.first = _first_time(lines)
         self.delta = (self.t0 - self.first) if self.first is not None else 0
@@ -208,25 +222,34 @@ class Replayer:
             line = self.lines[self.pos]
             self.pos += 1
             times = line_times(line)
+            if times:
+                self.reached = max(times) if self.reached is None else max(self.reached, *times)
             if self.pace > 0 and times and self.first is not None:
                 due = self.t0 + int(self.pace * (max(times) - self.first))
                 wait = due - self.clock()
                 if wait > 0:
                     time.sleep(wait / 1e9)
-            write_err((shift_line(line, self.delta) if times else line) + "\n")
+            write_err((shift_line(line, self.delta, self.pauses) if times else line) + "\n")
             if self.trace is not None:
                 upto = -(-self.pos * len(self.trace_lines) // len(self.lines))  # ceil
                 for tline in self.trace_lines[self.trace_pos : upto]:
-                    self.trace.write(shift_line(tline, self.trace_delta) + "\n")
+                    ttimes = line_times(tline)
+                    if ttimes:
+                        self.trace_reached = max(
+                            ttimes + ([self.trace_reached] if self.trace_reached else [])
+                        )
+                    self.trace.write(shift_line(tline, self.trace_delta, self.trace_pauses) + "\n")
                 self.trace_pos = max(self.trace_pos, upto)
 
     def pause(self, seconds: float) -> None:
-        """Sleep, then move all later timestamps (and pace deadlines) by the time slept."""
+        """Sleep, then move the timestamps not yet reached (and pace deadlines) by the time slept."""
+        if seconds <= 0:
+            return
         before = self.clock()
-        time.sleep(max(0.0, seconds))
+        time.sleep(seconds)
         slept = self.clock() - before
-        self.delta += slept
-        self.trace_delta += slept
+        self.pauses.append((self.reached if self.reached is not None else -1, slept))
+        self.trace_pauses.append((self.trace_reached if self.trace_reached is not None else -1, slept))
         self.t0 += slept
 
     @property
