@@ -31,13 +31,11 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "broker_transport_options": broker_transport,
         "result_backend_transport_options": transport,
         "result_expires": settings.result_ttl_s,
-        "task_track_started": True,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "task_time_limit": hard_limit,
         "task_default_queue": settings.queue,
         "task_create_missing_queues": True,
-        "result_extended": True,
     }
 
 

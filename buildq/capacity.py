@@ -179,6 +179,30 @@ class DaemonSlots:
         index = int(self._acquire_any(keys=[self.key(d) for d in order], args=args))
         return order[index - 1] if index > 0 else None
 
+    def queue_acquire_any(
+        self,
+        pipe: redis.client.Pipeline,
+        daemons: Sequence[str],
+        token: str,
+        ttl_s: float,
+        limit: int,
+        *,
+        prefer: int = 0,
+    ) -> Callable[[object], str | None]:
+        """:meth:`acquire_any` queued on ``pipe`` (so it shares a round trip with other commands).
+
+        Returns the decoder of this command's reply: the daemon granted, or None.
+        """
+        order = rotate(daemons, prefer)
+        args: list[str | int] = [token, _ttl_ms(ttl_s), _check_limit(limit)]
+        self._acquire_any(keys=[self.key(d) for d in order], args=args, client=pipe)
+
+        def decode(reply: object) -> str | None:
+            index = int(reply)  # type: ignore[call-overload]
+            return order[index - 1] if index > 0 else None
+
+        return decode
+
     def usage(self, daemons: Sequence[str], limit: int | None = None) -> dict[str, tuple[int, int]]:
         """``{daemon: (live holders, limit)}`` in one round trip; expired holders are not counted."""
         order = list(dict.fromkeys(daemons))

@@ -48,13 +48,13 @@ class BuildqClient:
         parsed = parse_job(job)
         enqueued_at = time.time()
         queue = self.queue_for(parsed)
-        self.store.mark_queued(parsed.job_id, enqueued_at, queue)
         self.app.send_task(
             TASK_NAME,
             kwargs={"job": parsed.to_message(), "enqueued_at": enqueued_at},
             task_id=parsed.job_id,
             queue=queue,
         )
+        self.store.mark_queued(parsed.job_id, enqueued_at, queue)
         return BuildHandle(self, parsed.job_id)
 
     def status(self, job_id: str) -> dict[str, Any]:

@@ -78,16 +78,23 @@ class JobStore:
         pipe.expire(job_key(job_id), self.result_ttl_s)
         pipe.execute()
 
-    def update(self, job_id: str, **fields: Any) -> None:
-        self.redis.hset(job_key(job_id), mapping={k: str(v) for k, v in fields.items()})
+    def update(self, job_id: str, fields: dict[str, Any] | None = None, **more: Any) -> None:
+        """Set fields of the job hash (``state``, ``phase``, ``attempt``, ``worker``)."""
+        values = {**(fields or {}), **more}
+        self.redis.hset(job_key(job_id), mapping={k: str(v) for k, v in values.items()})
 
     def info(self, job_id: str) -> dict[str, str]:
         raw: dict[bytes, bytes] = self.redis.hgetall(job_key(job_id))  # type: ignore[assignment]
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    def store_result(self, job_id: str, record: dict[str, Any]) -> None:
-        """Store the final record and the job's final state in one round trip."""
+    def store_result(self, job_id: str, record: dict[str, Any], before: Any = None) -> None:
+        """Store the final record and the job's final state in one round trip.
+
+        ``before(pipe)`` may queue more commands first (the log's last lines), sharing the trip.
+        """
         pipe = self.redis.pipeline(transaction=True)
+        if before is not None:
+            before(pipe)
         pipe.set(result_key(job_id), json.dumps(record, separators=(",", ":")), ex=self.result_ttl_s)
         pipe.hset(job_key(job_id), mapping={"state": record["state"], "phase": "done"})
         pipe.expire(job_key(job_id), self.result_ttl_s)
@@ -133,6 +140,10 @@ class JobStore:
 
     def release_lease(self, job_id: str, token: str) -> None:
         self._release(keys=[lease_key(job_id)], args=[token])
+
+    def queue_release_lease(self, pipe: Any, job_id: str, token: str) -> None:
+        """:meth:`release_lease` queued on a pipeline."""
+        self._release(keys=[lease_key(job_id)], args=[token], client=pipe)
 
     def lease_holder(self, job_id: str) -> str | None:
         raw = self.redis.get(lease_key(job_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery, Task
@@ -9,7 +10,6 @@ from celery.exceptions import Reject
 
 from .app import TASK_NAME
 from .service import LeaseLost, Reporter, RetryLater, WaitForDaemon
-from .state import JobStore
 
 #: custom Celery state while buildctl runs; ``info`` holds ``{"job_id", "attempt", "phase"}``
 BUILDING = "BUILDING"
@@ -21,20 +21,63 @@ class BuildFailed(Exception):
     """Raised after the failed record is stored, so Celery/Flower show the task as FAILURE."""
 
 
-class TaskReporter(Reporter):
-    """Live progress through Celery: the task state shows the current phase, an event per ended phase."""
+_dispatchers: dict[tuple[int, str], Any] = {}
 
-    def __init__(self, task: Task, store: JobStore) -> None:
-        self.task, self.store = task, store
+
+def _dispatcher(app: Celery, hostname: str) -> Any:
+    """One event dispatcher per process and hostname, used only from the side-channel thread."""
+    key = (os.getpid(), hostname)
+    dispatcher = _dispatchers.get(key)
+    if dispatcher is None:
+        dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=hostname, enabled=True)
+        _dispatchers[key] = dispatcher
+    return dispatcher
+
+
+class TaskReporter(Reporter):
+    """Live progress through Celery: the task state shows the current phase, an event per ended phase.
+
+    Everything is handed to the service's side channel (another thread), so it never delays
+    buildctl's start or the stored result; ``handle`` drains it before the task returns.
+    """
+
+    def __init__(self, task: Task, service: Any) -> None:
+        self.app, self.backend, self.service = task.app, task.backend, service
+        self.task_id: str = task.request.id
+        self.hostname: str = task.request.hostname or "buildq"
 
     def phase_started(self, job_id: str, attempt: int, phase: str) -> None:
-        self.task.update_state(state=BUILDING, meta={"job_id": job_id, "attempt": attempt, "phase": phase})
-        self.store.update(job_id, phase=phase)
+        self.service.side.submit(self._state, job_id, attempt, phase)
 
     def phase_ended(self, job_id: str, attempt: int, phase: str, seconds: float) -> None:
-        self.task.send_event(
-            PHASE_EVENT, job_id=job_id, attempt=attempt, phase=phase, seconds=round(seconds, 3)
+        self.service.side.submit(self._event, job_id, attempt, phase, round(seconds, 3))
+
+    def _state(self, job_id: str, attempt: int, phase: str) -> None:
+        self.backend.store_result(
+            self.task_id, {"job_id": job_id, "attempt": attempt, "phase": phase}, BUILDING
         )
+        self.service.store.update(job_id, phase=phase)
+
+    def _event(self, job_id: str, attempt: int, phase: str, seconds: float) -> None:
+        try:
+            _dispatcher(self.app, self.hostname).send(
+                PHASE_EVENT, uuid=self.task_id, job_id=job_id, attempt=attempt, phase=phase, seconds=seconds
+            )
+        except Exception:
+            _dispatchers.pop((os.getpid(), self.hostname), None)  # reconnect next time
+            raise
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What Celery stores as the task result (the full record is ``buildq status --json``)."""
+    image = record.get("image") or {}
+    return {
+        "job_id": record["job_id"],
+        "state": record["state"],
+        "digest": image.get("digest"),
+        "names": image.get("names"),
+        "duration_s": record.get("duration_s"),
+    }
 
 
 def register(app: Celery) -> None:
@@ -53,7 +96,7 @@ def register(app: Celery) -> None:
                 enqueued_at=enqueued_at,
                 attempts=attempts,
                 task_id=self.request.id,
-                reporter=TaskReporter(self, service.store),
+                reporter=TaskReporter(self, service),
             )
         except RetryLater as later:
             raise self.retry(
@@ -74,4 +117,4 @@ def register(app: Celery) -> None:
         if record["state"] != "succeeded":
             error = record.get("error") or {}
             raise BuildFailed(f"{record['state']}: {error.get('kind')}: {error.get('message')}")
-        return record
+        return summary(record)

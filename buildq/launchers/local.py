@@ -8,6 +8,7 @@ files in ``<tmp>/buildq-local/`` that name the job and the process group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -81,6 +82,9 @@ class LocalBuild(RunningBuild):
             self._pidfile.unlink(missing_ok=True)
         if self._paths.workdir:
             shutil.rmtree(self._paths.workdir, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(self._paths.metadata_file)
 
 
 class LocalLauncher(Launcher):
@@ -91,14 +95,20 @@ class LocalLauncher(Launcher):
     def __init__(self, buildctl_path: str, *, state_dir: str | None = None) -> None:
         self.buildctl_path = buildctl_path
         self.state_dir = Path(state_dir or os.path.join(tempfile.gettempdir(), "buildq-local"))
+        self._scratch: str | None = None
+        self._scratch_pid = 0
+        self._count = 0
 
     def prepare(self, job_id: str, context_dir: str | None, dockerfile_dir: str | None) -> BuildPaths:
-        workdir = tempfile.mkdtemp(prefix=f"buildq-{job_id[:40]}-")
+        # one private scratch directory per process, made once; one metadata file per build in it
+        if self._scratch is None or self._scratch_pid != os.getpid():
+            self._scratch = tempfile.mkdtemp(prefix=f"buildq-run-{os.getpid()}-")
+            self._scratch_pid = os.getpid()
+        self._count += 1
         return BuildPaths(
             context_dir=context_dir,
             dockerfile_dir=dockerfile_dir,
-            metadata_file=os.path.join(workdir, "metadata.json"),
-            workdir=workdir,
+            metadata_file=os.path.join(self._scratch, f"{job_id}.{self._count}.metadata.json"),
         )
 
     def start(self, spec: LaunchSpec, paths: BuildPaths) -> RunningBuild:

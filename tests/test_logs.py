@@ -1,0 +1,420 @@
+"""Job logs in a capped Redis Stream: live batches, follow across attempts, cap and TTL, redaction."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from buildq.buildkit.plainlog import PlainLogRenderer
+from buildq.buildkit.solvestatus import parse_line
+from buildq.logs import (
+    AttemptLog,
+    LogEntry,
+    LogStore,
+    RawRedactor,
+    final_state,
+    format_entry,
+    log_key,
+    show_attempts,
+)
+from buildq.redact import Redactor
+from tests.harness import free_port
+
+FIX = Path(__file__).parent / "fixtures" / "buildkit"
+CTX = FIX / "builds" / "ctx_oci_rawjson_cold.stderr"
+TRACE = FIX / "extra" / "extra_cachemetrics_trace_cold.trace.json"
+SYNTAX = FIX / "errors" / "err_iv_syntax_rawjson.stderr"
+JOB = "job-1"
+SECRET = "hunter2-Sup3rSecret"
+T0 = 1_800_000_000.0
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def r() -> Iterator[redis.Redis]:
+    client = redis.Redis(host="127.0.0.1", port=6379, db=12, socket_timeout=5)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def store(r: redis.Redis) -> LogStore:
+    return LogStore(r, maxlen=100_000, ttl_s=3600)
+
+
+def lines_of(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def render(lines: list[str], redactor: Redactor | None = None) -> list[str]:
+    renderer = PlainLogRenderer(redact=redactor.redact if redactor else None)
+    return [out for line in lines for out in renderer.feed_line(line)] + renderer.finish()
+
+
+def texts(entries: list[LogEntry], kind: str) -> list[str]:
+    return [e.line for e in entries if e.kind == kind]
+
+
+def wait_until(r: redis.Redis, job_id: str, done: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Block on the stream (XREAD) until ``done()``; fail after ``timeout_s``."""
+    last, deadline = "0-0", time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "stream never reached the expected state"
+        reply: Any = r.xread({log_key(job_id): last}, block=100)
+        if reply:
+            last = reply[0][1][-1][0].decode()
+
+
+def replay(
+    store: LogStore, lines: list[str], attempt: int = 1, redactor: Redactor | None = None
+) -> AttemptLog:
+    log = AttemptLog(store, JOB, attempt, redactor=redactor, flush_interval_s=0.01)
+    for line in lines:
+        log.feed(line)
+    log.close()
+    return log
+
+
+def vertex_output(raw_lines: list[str]) -> dict[str, bytes]:
+    """The step output carried by raw lines, concatenated per vertex."""
+    out: dict[str, bytes] = {}
+    for line in raw_lines:
+        status = parse_line(line)
+        for entry in status.logs if status else ():
+            out[entry.vertex] = out.get(entry.vertex, b"") + base64.b64decode(entry.data_b64)
+    return out
+
+
+# -- stored log equals the renderer's output ------------------------------------------------------
+@pytest.mark.parametrize("path", [CTX, TRACE], ids=["ctx_oci_cold", "trace_cold"])
+def test_replayed_capture_stores_the_renderers_plain_lines_and_the_raw_lines(
+    store: LogStore, path: Path
+) -> None:
+    lines = lines_of(path)
+    log = replay(store, lines)
+    entries = store.read(JOB, kinds=("plain", "raw", "mark"))
+    assert texts(entries, "plain") == render(lines)
+    assert texts(entries, "raw") == lines
+    assert {e.attempt for e in entries} == {1}
+    assert log.flushes >= 1 and log.failed_flushes == log.dropped == 0
+
+
+@pytest.mark.parametrize("path", [CTX, TRACE], ids=["ctx_oci_cold", "trace_cold"])
+def test_with_a_redactor_raw_lines_still_replay_to_the_stored_plain_lines(
+    store: LogStore, path: Path
+) -> None:
+    lines, redactor = lines_of(path), Redactor(["no-such-secret-anywhere"])
+    replay(store, lines, redactor=redactor)
+    entries = store.read(JOB, kinds=("plain", "raw"))
+    plain, raw = texts(entries, "plain"), texts(entries, "raw")
+    assert plain == render(lines, redactor)
+    assert render(raw, redactor) == plain
+    assert vertex_output(raw) == vertex_output(lines)
+
+
+def test_buildctl_text_lines_are_stored_as_plain_and_raw(store: LogStore) -> None:
+    lines = lines_of(SYNTAX)
+    text = [ln for ln in lines if parse_line(ln) is None]
+    assert text[-1].startswith("error: ")
+    replay(store, lines)
+    entries = store.read(JOB, kinds=("plain", "raw"))
+    plain = texts(entries, "plain")
+    assert [ln for ln in plain if ln not in text] == render(lines)
+    assert [ln for ln in plain if ln in text] == text  # in arrival order (before the finish() summary)
+    assert texts(entries, "raw") == lines
+
+
+def test_feed_accepts_an_already_parsed_status(store: LogStore) -> None:
+    lines = lines_of(TRACE)
+    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.01)
+    for line in lines:
+        log.feed(line, parse_line(line))
+    log.close()
+    assert texts(store.read(JOB), "plain") == render(lines)
+
+
+# -- live: batches while the build runs ---------------------------------------------------------
+def test_lines_are_readable_before_close(store: LogStore, r: redis.Redis) -> None:
+    lines = lines_of(TRACE)
+    half = lines[: len(lines) // 2]
+    renderer = PlainLogRenderer()  # what the renderer gives before finish()
+    expected = [out for line in half for out in renderer.feed_line(line)]
+    assert len(expected) > 10
+    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.02)
+    for line in half:
+        log.feed(line)
+    wait_until(r, JOB, lambda: len(store.read(JOB)) >= len(expected))
+    assert texts(store.read(JOB), "plain") == expected
+    for line in lines[len(half) :]:
+        log.feed(line)
+    log.close()
+    assert texts(store.read(JOB), "plain") == render(lines)
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_interval(store: LogStore, r: redis.Redis) -> None:
+    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=3600, max_batch=10)
+    for i in range(10):
+        log.feed(f"text line {i}")  # two entries each (plain and raw): the 5th line fills the batch
+    wait_until(r, JOB, lambda: len(store.read(JOB)) >= 5)
+    assert texts(store.read(JOB), "plain")[:5] == [f"text line {i}" for i in range(5)]
+    log.close()
+    assert texts(store.read(JOB), "plain") == [f"text line {i}" for i in range(10)]
+
+
+def test_close_is_idempotent_and_writes_the_final_mark_once(store: LogStore) -> None:
+    log = AttemptLog(store, JOB, 2, redactor=None)
+    log.feed("error: boom")
+    log.close()
+    log.close()
+    log.close(final_state="failed")
+    log.close(final_state="failed")
+    log.feed("late line")  # ignored after close
+    entries = store.read(JOB)
+    assert [(e.attempt, e.kind, e.line) for e in entries] == [
+        (2, "plain", "error: boom"),
+        (2, "mark", "final: failed"),
+    ]
+    assert final_state(entries) == "failed"
+
+
+def test_close_without_any_line_still_writes_the_final_mark(store: LogStore) -> None:
+    AttemptLog(store, JOB, 1, redactor=None).close(final_state="cancelled")
+    assert texts(store.read(JOB), "mark") == ["final: cancelled"]
+
+
+# -- follow ---------------------------------------------------------------------------------------
+def test_follow_sees_lines_live_and_ends_after_the_final_mark_across_attempts(store: LogStore) -> None:
+    first, second = lines_of(CTX), lines_of(TRACE)
+    half = len(first) // 2
+    seen_live = threading.Event()
+    writer_done = threading.Event()
+    live: list[bool] = []
+
+    def write() -> None:
+        log1 = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.01)
+        for line in first[:half]:
+            log1.feed(line)
+        live.append(seen_live.wait(10))  # the follower sees attempt 1 lines while attempt 1 still runs
+        for line in first[half:]:
+            log1.feed(line)
+        log1.close()
+        store.mark(JOB, 1, "attempt 1 failed (goaway); retrying in 0.8s")
+        log2 = AttemptLog(store, JOB, 2, redactor=None, flush_interval_s=0.01)
+        for line in second:
+            log2.feed(line)
+        log2.close(final_state="succeeded")
+        writer_done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    got: list[LogEntry] = []
+    for entry in store.follow(JOB, kinds=("plain", "mark"), is_finished=lambda: False, block_ms=100):
+        got.append(entry)
+        seen_live.set()
+    writer.join()
+    assert writer_done.is_set() and live == [True]
+    expected = [(1, "plain", ln) for ln in render(first)]
+    expected.append((1, "mark", "attempt 1 failed (goaway); retrying in 0.8s"))
+    expected += [(2, "plain", ln) for ln in render(second)]
+    expected.append((2, "mark", "final: succeeded"))
+    assert [(e.attempt, e.kind, e.line) for e in got] == expected
+    assert final_state(got) == "succeeded" and show_attempts(got)
+
+
+def test_follow_sees_the_first_lines_before_the_writer_goes_on(store: LogStore) -> None:
+    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.01)
+    log.feed("step one")
+    follower = store.follow(JOB, kinds=("plain",), is_finished=lambda: False, block_ms=100)
+    assert next(follower).line == "step one"  # nothing else was written yet: it came live
+    log.feed("step two")
+    assert next(follower).line == "step two"
+    log.close(final_state="succeeded")
+    assert list(follower) == []  # the final mark (not among kinds) ends it
+
+
+def test_follow_ends_when_the_job_is_finished_and_nothing_more_arrives(store: LogStore) -> None:
+    store.append(JOB, [(1, "plain", "a"), (1, "plain", "b")])  # a worker that died: no final mark
+    got = list(store.follow(JOB, kinds=("plain", "mark"), is_finished=lambda: True, block_ms=50))
+    assert [e.line for e in got] == ["a", "b"]
+    assert final_state(got) is None
+
+
+def test_read_pages_and_filters(store: LogStore) -> None:
+    store.append(JOB, [(1, "raw" if i % 2 else "plain", f"l{i}") for i in range(2500)])
+    plain = store.read(JOB)
+    assert [e.line for e in plain] == [f"l{i}" for i in range(0, 2500, 2)]
+    assert [e.line for e in store.read(JOB, count=3)] == ["l0", "l2", "l4"]
+    assert [e.line for e in store.read(JOB, kinds=("raw",), after=plain[600].id, count=2)] == [
+        "l1201",
+        "l1203",
+    ]
+    assert store.read("no-such-job") == []
+
+
+# -- cap and TTL ----------------------------------------------------------------------------------
+def test_stream_is_capped_approximately_and_expires(r: redis.Redis) -> None:
+    store = LogStore(r, maxlen=100, ttl_s=60)
+    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.01)
+    for i in range(2500):
+        log.feed(f"line {i}")  # 5,000 entries (plain + raw)
+    log.close(final_state="succeeded")
+    # MAXLEN ~ only drops whole stream nodes: at least maxlen entries stay, and fewer than maxlen
+    # plus one node (stream-node-max-entries, 100 by default)
+    config: Any = r.config_get("stream-node-max-entries")
+    node = int(config["stream-node-max-entries"])
+    assert node > 0
+    assert 100 <= r.xlen(log_key(JOB)) < 100 + node
+    assert store.read(JOB)[-1].line == "final: succeeded"  # the newest entries are kept
+    assert 0 < r.ttl(log_key(JOB)) <= 60
+
+
+# -- secrets ----------------------------------------------------------------------------------------
+def ts(seconds: float) -> str:
+    return datetime.fromtimestamp(T0 + seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def vtx(digest: str, name: str, start: float, stop: float | None = None, **kw: Any) -> str:
+    v: dict[str, Any] = {
+        "digest": digest,
+        "name": name,
+        "inputs": ["sha256:base"],
+        "started": ts(start),
+        **kw,
+    }
+    if stop is not None:
+        v["completed"] = ts(stop)
+    return json.dumps({"vertexes": [v]})
+
+
+def log_line(digest: str, at: float, data: bytes) -> str:
+    entry = {"vertex": digest, "stream": 1, "data": base64.b64encode(data).decode(), "timestamp": ts(at)}
+    return json.dumps({"logs": [entry]})
+
+
+def secret_build() -> list[str]:
+    s = SECRET.encode()
+    lines = [vtx("a", f"[1/1] RUN echo {SECRET}", 0.0)]
+    lines += [log_line("a", 0.1 + k / 10, b"x" * k + s + b" tail\n") for k in range(3)]  # each base64 offset
+    lines += [log_line("a", 0.5, b"split " + s[:7]), log_line("a", 0.6, s[7:] + b" done\n")]
+    lines += [
+        log_line("a", 0.7, b"three " + s[:3]),
+        log_line("a", 0.8, s[3:9]),
+        log_line("a", 0.9, s[9:] + b"\n"),
+    ]
+    lines.append(log_line("a", 1.0, b"last " + s))  # never terminated: released when the step ends
+    lines.append(vtx("a", f"[1/1] RUN echo {SECRET}", 0.0, 1.1, error=f"exit code 1 ({SECRET})"))
+    return lines
+
+
+def test_a_plain_text_redact_of_raw_lines_would_leak_the_secret() -> None:
+    """Sanity check of the fixture: masking the JSON text cannot catch base64 at offsets 1 and 2."""
+    naive = [Redactor([SECRET]).redact(line) for line in secret_build()]
+    assert SECRET.encode() in b"".join(vertex_output(naive).values())
+
+
+def test_secret_in_step_output_is_masked_in_plain_raw_and_failing_tail(store: LogStore) -> None:
+    lines, redactor = secret_build(), Redactor([SECRET])
+    log = replay(store, lines, redactor=redactor)
+    entries = store.read(JOB, kinds=("plain", "raw"))
+    plain, raw = texts(entries, "plain"), texts(entries, "raw")
+    assert not [ln for ln in plain + raw if SECRET in ln]
+    output = vertex_output(raw)["a"]
+    assert SECRET.encode() not in output
+    assert output.count(b"***") == 6  # three offsets, two splits, the unterminated line
+    assert plain == render(lines, redactor)
+    assert render(raw, redactor) == plain
+    assert "#1 0.500 split *** done" in plain
+    assert "#1 0.700 three ***" in plain
+    assert log.failing_tail(30) == [
+        "*** tail",
+        "x*** tail",
+        "xx*** tail",
+        "split *** done",
+        "three ***",
+        "last ***",
+    ]
+
+
+def compact(line: str) -> str:
+    return json.dumps(json.loads(line), separators=(",", ":"))
+
+
+def test_raw_redactor_keeps_each_line_start_with_its_own_timestamp() -> None:
+    raw = RawRedactor(Redactor([SECRET]).redact)
+    assert raw.line(log_line("a", 0.1, b"hel")) == [compact(log_line("a", 0.1, b""))]  # held, timestamp kept
+    assert raw.line(log_line("a", 0.2, b"lo\nwor")) == [compact(log_line("a", 0.1, b"hello\n"))]
+    assert raw.finish() == [compact(log_line("a", 0.2, b"wor"))]
+    assert raw.finish() == []
+    assert raw.line("not json " + SECRET) == ["not json ***"]
+
+
+# -- failures and formatting ----------------------------------------------------------------------
+def test_redis_failure_in_the_flusher_never_reaches_feed_or_close() -> None:
+    # no retries: redis-py's default (10 retries, backoff capped at 1 s) spends ~4 s per failed write
+    dead = redis.Redis(
+        host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
+    log = AttemptLog(LogStore(dead, maxlen=100, ttl_s=60), JOB, 1, redactor=None, flush_interval_s=0.01)
+    for line in lines_of(CTX):
+        log.feed(line)
+    deadline = time.monotonic() + 10
+    while log.failed_flushes == 0:  # the flusher thread met the error and goes on
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    log.feed("error: after the first failure")
+    log.close(final_state="failed")
+    assert log.failed_flushes >= 2 and log.flushes == 0
+    assert log.dropped == len(lines_of(CTX)) + len(render(lines_of(CTX))) + 2 + 1
+
+
+class GatedStore(LogStore):
+    """A LogStore whose first write waits for ``gate``: Redis falling behind the build."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def append(self, job_id: str, entries: Any) -> None:
+        self.entered.set()
+        assert self.gate.wait(10)
+        super().append(job_id, entries)
+
+
+def test_when_redis_falls_behind_only_the_newest_maxlen_entries_wait(r: redis.Redis) -> None:
+    store = GatedStore(r, maxlen=50, ttl_s=60)
+    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.01, max_batch=10)
+    log.feed("line 0")
+    assert store.entered.wait(10)  # the flusher is stuck writing line 0
+    for i in range(1, 201):
+        log.feed(f"line {i}")  # 400 entries; 50 may wait, the older ones would be trimmed anyway
+    store.gate.set()
+    log.close(final_state="failed")
+    assert log.dropped == 400 + 1 - 50 and log.failed_flushes == 0
+    assert texts(store.read(JOB, kinds=("plain", "mark")), "plain") == [
+        f"line {i}" for i in [0, *range(176, 201)]
+    ]
+    assert final_state(store.read(JOB)) == "failed"
+
+
+def test_format_entry_and_final_state() -> None:
+    line, mark = LogEntry("1-0", 2, "plain", "#1 DONE 0.1s"), LogEntry("2-0", 2, "mark", "final: failed")
+    assert format_entry(line, show_attempt=False) == "#1 DONE 0.1s"
+    assert format_entry(line, show_attempt=True) == "[attempt 2] #1 DONE 0.1s"
+    assert format_entry(mark, show_attempt=True) == "--- attempt 2: final: failed ---"
+    assert format_entry(mark, show_attempt=False) == "--- final: failed ---"
+    assert final_state([line, mark]) == "failed" and final_state([line]) is None
+    assert not show_attempts([line, mark])
