@@ -1,7 +1,7 @@
 """Taking a job before its build starts, in one Redis round trip, and holding it while it runs.
 
 :func:`claim` sends one pipeline: the stored result (a duplicate delivery returns it), the job's
-lease (``SET NX PX``), the job's previous state (``running`` means a dead worker left a buildctl
+lease (``SET NX PX``), whether an earlier delivery claimed it (a dead worker may have left a buildctl
 behind), the cancel flag, and a daemon slot (the least loaded daemon under its cap). The rare
 paths (lease held elsewhere, every daemon full) fall back to polling. :class:`Holder` renews the
 lease and the slot and watches the cancel flag while buildctl runs.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .capacity import DaemonSlots, wait_for_slot
-from .state import JobStore, cancel_key, job_key, lease_key, result_key
+from .state import QUEUED_INDEX, JobStore, cancel_key, job_key, lease_key, result_key
 
 Clock = Callable[[], float]
 
@@ -29,7 +29,8 @@ class Claim:
     record: dict[str, Any] | None = None
     daemon: str | None = None
     cancelled: bool = False
-    previous_state: str | None = None
+    #: an earlier delivery took this job (a retry, or a worker that died: its buildctl may still run)
+    claimed_before: bool = False
 
 
 def claim(
@@ -59,12 +60,15 @@ def claim(
         pipe = store.redis.pipeline(transaction=False)
         pipe.get(result_key(job_id))
         pipe.set(lease_key(job_id), token, nx=True, px=px)
-        pipe.hget(job_key(job_id), "state")
+        pipe.hget(job_key(job_id), "claims")
+        pipe.hincrby(job_key(job_id), "claims", 1)
+        pipe.hdel(job_key(job_id), "msg")  # delivered: the janitor's copy is no longer needed
+        pipe.zrem(QUEUED_INDEX, job_id)
         pipe.exists(cancel_key(job_id))
         decode = slots.queue_acquire_any(pipe, daemons, token, ttl_s, limit, prefer=prefer) if slots else None
         replies = pipe.execute()
-        existing, acquired, previous, cancelled = replies[:4]
-        daemon = decode(replies[4]) if decode is not None else daemons[prefer % len(daemons)]
+        existing, acquired, previous, _, _, _, cancelled = replies[:7]
+        daemon = decode(replies[7]) if decode is not None else daemons[prefer % len(daemons)]
         if existing or not acquired or cancelled:
             if slots is not None and daemon is not None:
                 slots.release(daemon, token)
@@ -74,8 +78,7 @@ def claim(
                 store.release_lease(job_id, token)
             return Claim(record=dict(json.loads(existing)))
         if acquired:
-            state = previous.decode() if isinstance(previous, bytes) else previous
-            return Claim(daemon=daemon, cancelled=bool(cancelled), previous_state=state)
+            return Claim(daemon=daemon, cancelled=bool(cancelled), claimed_before=bool(previous))
         if clock() > deadline:
             raise TimeoutError(f"job {job_id} is held by another worker for too long")
         sleep(poll_s)

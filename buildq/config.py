@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     #: seconds a warm shutdown waits for running builds
     shutdown_grace_s: float = Field(default=600.0, ge=0)
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    #: a submitted job never claimed after this long, whose message is in no queue, is sent again
+    requeue_lost_after_s: float = Field(default=60.0, gt=0)
 
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_dir: str | None = None

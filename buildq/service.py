@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -64,7 +65,11 @@ class Reporter:
     """Where live progress goes (the Celery task sends events and updates its state); no-op here.
 
     Called from the build's own thread; implementations hand the I/O to the side channel.
+    ``done`` turns true once the result is stored: progress still queued then is stale.
     """
+
+    def __init__(self) -> None:
+        self.done = False
 
     def phase_started(self, job_id: str, attempt: int, phase: str) -> None:
         """The build entered ``phase`` (shown as the task's current state)."""
@@ -150,8 +155,8 @@ class BuildService:
             return got.record
         daemon = got.daemon
         try:
-            if got.previous_state == "running":
-                # a previous delivery died mid-build: its buildctl may still be running
+            if got.claimed_before:
+                # a retry, or an earlier delivery that died mid-build: its buildctl may still run
                 self._kill_orphan(job.job_id)
             window_start = attempts[-1]["window_end"] if attempts else enqueued
             if got.cancelled:
@@ -199,14 +204,13 @@ class BuildService:
         live = LivePhases(self.clock, self.clock())
         log = self._attempt_log(job, number)
 
-        def on_start() -> None:  # buildctl is running: now tell the world, off the critical path
-            self.side.submit(
-                self.store.update,
-                job.job_id,
-                {"state": "running", "attempt": number, "worker": self.worker_id},
-            )
+        current = _CurrentPhase(self, reporter, job.job_id, number)
+        holder = Holder(
+            self.store, job.job_id, token, self.settings.lease_ttl_s, self.clock, self.slots, daemon
+        )
+
+        def on_start() -> None:  # buildctl is running: events go out off the critical path
             reporter.phase_ended(job.job_id, number, "queued", max(0.0, live.since - window_start))
-            reporter.phase_started(job.job_id, number, "launch")
 
         def on_line(line: str, status: SolveStatus | None) -> None:
             if log is not None:
@@ -215,7 +219,11 @@ class BuildService:
             if ended:
                 for phase, seconds in ended:
                     reporter.phase_ended(job.job_id, number, phase, seconds)
-                reporter.phase_started(job.job_id, number, live.current)
+                current.set(live.current)
+
+        def should_stop() -> str | None:  # the watcher thread, every 250 ms
+            current.go_live()
+            return holder()
 
         if self.metrics is not None:
             self.metrics.attempt_started()
@@ -231,9 +239,7 @@ class BuildService:
                 clock=self.clock,
                 on_start=on_start,
                 on_line=on_line,
-                should_stop=Holder(
-                    self.store, job.job_id, token, self.settings.lease_ttl_s, self.clock, self.slots, daemon
-                ),
+                should_stop=should_stop,
                 extra_transient=self.settings.transient_patterns,
             )
         except BaseException:
@@ -249,6 +255,10 @@ class BuildService:
                 log.close()
             raise LeaseLost(f"lost the lease of job {job.job_id} while building")
         return self._conclude(job, outcome, enqueued, attempts, window_start, reporter, log)
+
+    def _mark_running(self, reporter: Reporter, job_id: str, number: int) -> None:
+        if not reporter.done:
+            self.store.update(job_id, {"state": "running", "attempt": number, "worker": self.worker_id})
 
     def _attempt_log(self, job: BuildJob, number: int) -> AttemptLog | None:
         if self.logs is None:
@@ -311,6 +321,7 @@ class BuildService:
         )
         # the log's last lines and its final mark travel with the result: one round trip
         self.store.store_result(job.job_id, final, before=log.drain_into(state) if log is not None else None)
+        reporter.done = True
         reporter.phase_ended(
             job.job_id, outcome.number, "finalize", max(0.0, self.clock() - outcome.exited_at)
         )
@@ -376,6 +387,32 @@ class BuildService:
         if self.metrics is not None:
             self.metrics.build_finished(record)
         return record
+
+
+class _CurrentPhase:
+    """The running build's current phase (task state ``BUILDING``, job hash), published from the
+    watcher's first tick on: a build that ends within 250 ms never shows a stale running state,
+    and costs no progress writes."""
+
+    def __init__(self, service: BuildService, reporter: Reporter, job_id: str, number: int) -> None:
+        self.service, self.reporter, self.job_id, self.number = service, reporter, job_id, number
+        self.phase = "launch"
+        self.live = False
+        self.lock = threading.Lock()
+
+    def set(self, phase: str) -> None:
+        with self.lock:
+            self.phase = phase
+            if self.live:
+                self.reporter.phase_started(self.job_id, self.number, phase)
+
+    def go_live(self) -> None:
+        if self.live:
+            return
+        with self.lock:
+            self.live = True
+            self.service.side.submit(self.service._mark_running, self.reporter, self.job_id, self.number)
+            self.reporter.phase_started(self.job_id, self.number, self.phase)
 
 
 def _final_state(outcome: AttemptOutcome, failure: Failure | None) -> tuple[str, dict[str, Any] | None]:

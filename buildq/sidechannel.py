@@ -24,6 +24,7 @@ class SideChannel:
 
     def __init__(self, name: str = "buildq-side") -> None:
         self._name = name
+        self._idle_hooks: list[Callable[[], Any]] = []
         self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -37,6 +38,12 @@ class SideChannel:
                     self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                     self._thread.start()
         self._queue.put((fn, args))
+
+    def on_idle(self, hook: Callable[[], Any]) -> None:
+        """Call ``hook`` whenever the queue runs empty (e.g. flush batched events): work that
+        arrives together is sent together, work that arrives alone is sent at once."""
+        if hook not in self._idle_hooks:
+            self._idle_hooks.append(hook)
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far has run; False if ``timeout`` passed first."""
@@ -52,8 +59,14 @@ class SideChannel:
             if item is None:
                 return
             fn, args = item
-            try:
-                fn(*args)
-            except Exception as exc:  # noqa: BLE001 - progress is best effort; the build goes on
-                self.failures += 1
-                log.warning("progress update failed: %s", exc)
+            self._call(fn, args)
+            if self._queue.empty():
+                for hook in self._idle_hooks:
+                    self._call(hook, ())
+
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - progress is best effort; the build goes on
+            self.failures += 1
+            log.warning("progress update failed: %s", exc)

@@ -17,6 +17,8 @@ from typing import Any
 import redis
 
 PREFIX = "buildq:"
+#: sorted set of submitted, not yet claimed jobs (score: enqueued_at), for the lost-message janitor
+QUEUED_INDEX = f"{PREFIX}queued"
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 _RENEW = """
@@ -70,12 +72,24 @@ class JobStore:
         )
 
     # -- records -----------------------------------------------------------------------------
-    def mark_queued(self, job_id: str, enqueued_at: float, queue: str) -> None:
+    def mark_queued(
+        self, job_id: str, enqueued_at: float, queue: str, *, message: bytes | None = None, tag: str = ""
+    ) -> None:
+        """Record a submitted job, after its message is sent (``HSETNX``: never overwrites a worker's
+        ``running``). With ``message`` (Redis broker on this same Redis) it is pushed to ``queue`` in
+        the same round trip, and kept (with its delivery ``tag``) until a worker claims the job, so
+        the janitor can send it again if the broker loses it."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(
-            job_key(job_id), mapping={"state": "queued", "enqueued_at": repr(enqueued_at), "queue": queue}
-        )
-        pipe.expire(job_key(job_id), self.result_ttl_s)
+        key = job_key(job_id)
+        if message is not None:
+            pipe.lpush(queue, message)
+        pipe.hsetnx(key, "state", "queued")
+        fields: dict[Any, Any] = {"enqueued_at": repr(enqueued_at), "queue": queue}
+        if message is not None:
+            fields[b"msg"], fields[b"tag"] = message, tag
+            pipe.zadd(QUEUED_INDEX, {job_id: enqueued_at})
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, self.result_ttl_s)
         pipe.execute()
 
     def update(self, job_id: str, fields: dict[str, Any] | None = None, **more: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import redis.exceptions
 from celery import Celery, Task
 from celery.exceptions import Reject
 
@@ -25,13 +26,33 @@ _dispatchers: dict[tuple[int, str], Any] = {}
 
 
 def _dispatcher(app: Celery, hostname: str) -> Any:
-    """One event dispatcher per process and hostname, used only from the side-channel thread."""
+    """One event dispatcher per process and hostname, used only from the side-channel thread.
+
+    Task events are buffered and published as one ``task.multi`` message (Celery's own batching,
+    which event receivers such as Flower unpack) whenever the side channel runs idle.
+    """
     key = (os.getpid(), hostname)
     dispatcher = _dispatchers.get(key)
     if dispatcher is None:
-        dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=hostname, enabled=True)
+        dispatcher = app.events.Dispatcher(
+            app.connection_for_write(),
+            hostname=hostname,
+            enabled=True,
+            buffer_group=["task"],
+            buffer_limit=50,
+        )
         _dispatchers[key] = dispatcher
     return dispatcher
+
+
+def _flush_events() -> None:
+    for key, dispatcher in list(_dispatchers.items()):
+        if key[0] == os.getpid():
+            try:
+                dispatcher.flush()
+            except Exception:
+                _dispatchers.pop(key, None)  # reconnect next time
+                raise
 
 
 class TaskReporter(Reporter):
@@ -42,9 +63,11 @@ class TaskReporter(Reporter):
     """
 
     def __init__(self, task: Task, service: Any) -> None:
+        super().__init__()
         self.app, self.backend, self.service = task.app, task.backend, service
         self.task_id: str = task.request.id
         self.hostname: str = task.request.hostname or "buildq"
+        service.side.on_idle(_flush_events)
 
     def phase_started(self, job_id: str, attempt: int, phase: str) -> None:
         self.service.side.submit(self._state, job_id, attempt, phase)
@@ -53,19 +76,17 @@ class TaskReporter(Reporter):
         self.service.side.submit(self._event, job_id, attempt, phase, round(seconds, 3))
 
     def _state(self, job_id: str, attempt: int, phase: str) -> None:
+        if self.done:  # the result is stored: a late progress state must not cover it
+            return
         self.backend.store_result(
             self.task_id, {"job_id": job_id, "attempt": attempt, "phase": phase}, BUILDING
         )
         self.service.store.update(job_id, phase=phase)
 
     def _event(self, job_id: str, attempt: int, phase: str, seconds: float) -> None:
-        try:
-            _dispatcher(self.app, self.hostname).send(
-                PHASE_EVENT, uuid=self.task_id, job_id=job_id, attempt=attempt, phase=phase, seconds=seconds
-            )
-        except Exception:
-            _dispatchers.pop((os.getpid(), self.hostname), None)  # reconnect next time
-            raise
+        _dispatcher(self.app, self.hostname).send(
+            PHASE_EVENT, uuid=self.task_id, job_id=job_id, attempt=attempt, phase=phase, seconds=seconds
+        )
 
 
 def summary(record: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +135,10 @@ def register(app: Celery) -> None:
         except LeaseLost as lost:
             # another delivery owns the job: drop this one without storing anything
             raise Reject(str(lost), requeue=False) from None
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as lost_redis:
+            # Redis went away mid-build: hand the message back instead of acknowledging a build
+            # that has no record (if the broker is down too, it stays unacknowledged and returns)
+            raise Reject(f"redis unavailable: {lost_redis}", requeue=True) from None
         if record["state"] != "succeeded":
             error = record.get("error") or {}
             raise BuildFailed(f"{record['state']}: {error.get('kind')}: {error.get('message')}")

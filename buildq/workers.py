@@ -102,7 +102,15 @@ def _on_ready(sender: object = None, **_: object) -> None:
 
         serve_metrics(settings.metrics_port)
         log.info("serving Prometheus metrics on :%d/metrics", settings.metrics_port)
-    reap_orphans(service_for(app))
+    service = service_for(app)
+    reap_orphans(service)
+    from .janitor import start_janitor
+
+    start_janitor(
+        service.store,
+        after_s=settings.requeue_lost_after_s,
+        every_s=max(0.5, settings.requeue_lost_after_s / 2),
+    )
 
 
 @worker_shutting_down.connect

@@ -274,6 +274,8 @@ def test_redis_restart_loses_no_queued_job(buildq_env, start_worker, context_dir
         **buildq_env,
         "BUILDQ_BROKER_URL": f"redis://127.0.0.1:{port}/0",
         "BUILDQ_RESULT_BACKEND": f"redis://127.0.0.1:{port}/1",
+        # a message the restart loses between BRPOP and its unacked record is sent again
+        "BUILDQ_REQUEUE_LOST_AFTER_S": "2",
     }
     start_worker(env, concurrency=2)
     client = client_for(env)

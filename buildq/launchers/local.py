@@ -9,6 +9,7 @@ files in ``<tmp>/buildq-local/`` that name the job and the process group.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -143,10 +144,10 @@ class LocalLauncher(Launcher):
         except OSError:
             return None
 
-    def _pidfiles(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+    def _pidfiles(self, job_id: str | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
         if not self.state_dir.is_dir():
             return
-        for path in self.state_dir.glob("*.pid"):
+        for path in self.state_dir.glob(f"{glob.escape(job_id)}.*.pid" if job_id else "*.pid"):
             try:
                 yield path, json.loads(path.read_text())
             except (OSError, ValueError):
@@ -156,11 +157,24 @@ class LocalLauncher(Launcher):
         return sorted({str(info.get("job_id")) for _, info in self._pidfiles()})
 
     def kill_orphan(self, job_id: str) -> None:
-        for path, info in self._pidfiles():
+        for path, info in self._pidfiles(job_id):
             if info.get("job_id") != job_id:
                 continue
             try:
-                os.killpg(int(info["pgid"]), signal.SIGKILL)
+                pgid = int(info["pgid"])
+                if _runs(pgid, str(info.get("exe", ""))):  # not a recycled pid of something else
+                    os.killpg(pgid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError, KeyError, ValueError):
                 pass
             path.unlink(missing_ok=True)
+
+
+def _runs(pid: int, exe: str) -> bool:
+    """True when process ``pid`` is alive and was started from ``exe`` (directly, or as the script
+    an interpreter runs: then ``exe`` is among the first arguments)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")[:3]
+    except OSError:
+        return False
+    return exe.encode() in argv

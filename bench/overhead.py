@@ -1,0 +1,226 @@
+"""What buildq costs on top of the build: buildq vs a bare Celery task that spawns the same process.
+
+Run by hand (not part of the tests):  .venv/bin/python bench/overhead.py [--builds 300] [--bulk 500]
+
+Both sides: real Redis on 127.0.0.1:6379, a real worker (prefork, 2 processes, late acks,
+prefetch 1, events on), and the same buildctl stand-in (bench/standin_exit.c, compiled here: it
+writes the metadata file and exits at once, appending its own start/end time to BENCH_TIMES).
+Figures: p50/p95/p99 of enqueue → buildctl start and buildctl exit → result readable (one build
+at a time), builds per second (bulk), peak RSS of a worker child after the run (1,000+ builds),
+and the ratio buildq / floor for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+REDIS = "redis://127.0.0.1:6379"
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def compile_standin(workdir: Path) -> Path:
+    exe = workdir / "buildctl"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(ROOT / "bench" / "standin_exit.c")], check=True)
+    return exe
+
+
+def read_times(path: Path) -> list[tuple[float, float]]:
+    out = []
+    for line in path.read_text().splitlines():
+        start, end = line.split()
+        out.append((int(start) / 1e9, int(end) / 1e9))
+    return out
+
+
+def children_rss(pid: int) -> list[tuple[int, int, int]]:
+    """(child pid, VmRSS kB, VmHWM kB) of each pool process."""
+    out = []
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for kid in kids:
+        fields = {}
+        for line in Path(f"/proc/{kid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+        if "VmRSS" in fields:
+            out.append((int(kid), int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])))
+    return out
+
+
+def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while " ready." not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"worker did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+class Side:
+    """One side of the comparison: how to submit one job and wait for its result."""
+
+    name = ""
+
+    def submit(self, job_id: str) -> object: ...
+
+    def wait(self, handle: object) -> None: ...
+
+
+class BuildqSide(Side):
+    name = "buildq"
+
+    def __init__(self, env: dict[str, str], context: Path) -> None:
+        from buildq.client import BuildqClient
+        from buildq.config import load_settings
+
+        self.client = BuildqClient(load_settings({k: v for k, v in env.items() if k.startswith("BUILDQ_")}))
+        self.context = str(context)
+        self.client.store.redis.ping()
+        self.client.app.connection_for_write().ensure_connection()
+
+    def submit(self, job_id: str) -> object:
+        return self.client.submit({"job_id": job_id, "context": self.context, "tags": [f"reg:5000/bench/{job_id}:1"]})
+
+    def wait(self, handle: object) -> None:
+        record = handle.wait(timeout=60)  # type: ignore[attr-defined]
+        assert record["state"] == "succeeded", record
+
+
+class FloorSide(Side):
+    name = "floor"
+
+    def __init__(self, env: dict[str, str]) -> None:
+        os.environ.update({k: v for k, v in env.items() if k.startswith("FLOOR_")})
+        from bench.floor_app import app
+
+        self.app = app
+        self.queue = env["FLOOR_QUEUE"]
+        app.connection_for_write().ensure_connection()
+
+    def submit(self, job_id: str) -> object:
+        return self.app.send_task("floor.run", args=[job_id], task_id=job_id, queue=self.queue)
+
+    def wait(self, handle: object) -> None:
+        handle.get(timeout=60)  # type: ignore[attr-defined]
+
+
+def measure(side: Side, times_file: Path, builds: int, bulk: int, warmup: int = 30) -> dict[str, float]:
+    for i in range(warmup):
+        side.wait(side.submit(f"warm-{uuid.uuid4().hex[:8]}-{i}"))
+    times_file.write_text("")
+    to_start, to_result = [], []
+    for i in range(builds):
+        t_enq = time.time()
+        handle = side.submit(f"one-{uuid.uuid4().hex[:8]}-{i}")
+        side.wait(handle)
+        t_done = time.time()
+        (start, end), = read_times(times_file)[-1:]
+        to_start.append(start - t_enq)
+        to_result.append(t_done - end)
+    t0 = time.time()
+    handles = [side.submit(f"bulk-{uuid.uuid4().hex[:8]}-{i}") for i in range(bulk)]
+    for handle in handles:
+        side.wait(handle)
+    per_s = bulk / (time.time() - t0)
+    out = {"builds_per_s": per_s}
+    for label, values in (("enqueue_to_start", to_start), ("exit_to_result", to_result)):
+        for p in (50, 95, 99):
+            out[f"{label}_p{p}_ms"] = pct(values, p) * 1000
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--builds", type=int, default=300, help="one-at-a-time builds per side")
+    parser.add_argument("--bulk", type=int, default=700, help="builds submitted at once per side")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="buildq-bench-"))
+    standin = compile_standin(work)
+    context = work / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM scratch\n")
+    times = work / "times"
+    queue = f"bench{uuid.uuid4().hex[:6]}"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("BUILDQ_", "FLOOR_"))}
+    base["BENCH_TIMES"] = str(times)
+    for db in (8, 9):
+        redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
+
+    buildq_env = {
+        **base,
+        "BUILDQ_BROKER_URL": f"{REDIS}/8",
+        "BUILDQ_RESULT_BACKEND": f"{REDIS}/9",
+        "BUILDQ_LAUNCHER": "local",
+        "BUILDQ_BUILDCTL_PATH": str(standin),
+        "BUILDQ_QUEUE": queue,
+        "BUILDQ_HIGH_PRIORITY_QUEUE": queue + ".high",
+    }
+    results: dict[str, dict[str, float]] = {}
+    rss: dict[str, list[tuple[int, int, int]]] = {}
+    worker = start([sys.executable, "-m", "buildq", "worker", "--concurrency", "2", "--pool", "prefork",
+                    "--loglevel", "INFO"], buildq_env, work / "buildq-worker.log")
+    try:
+        side = BuildqSide(buildq_env, context)
+        results["buildq"] = measure(side, times, args.builds, args.bulk)
+        rss["buildq"] = children_rss(worker.pid)
+    finally:
+        stop(worker)
+
+    floor_env = {**base, "FLOOR_BROKER_URL": f"{REDIS}/8", "FLOOR_RESULT_BACKEND": f"{REDIS}/9",
+                 "FLOOR_STANDIN": str(standin), "FLOOR_QUEUE": queue + ".floor", "PYTHONPATH": str(ROOT)}
+    worker = start([sys.executable, "-m", "celery", "-A", "bench.floor_app", "worker", "--concurrency", "2",
+                    "--pool", "prefork", "--events", "--prefetch-multiplier", "1", "--without-gossip",
+                    "--without-mingle", "-Q", floor_env["FLOOR_QUEUE"], "--loglevel", "INFO"],
+                   floor_env, work / "floor-worker.log")
+    try:
+        side = FloorSide(floor_env)
+        results["floor"] = measure(side, times, args.builds, args.bulk)
+        rss["floor"] = children_rss(worker.pid)
+    finally:
+        stop(worker)
+
+    total = 30 + args.builds + args.bulk
+    print(f"\n{total} builds per side ({args.builds} one at a time, {args.bulk} in bulk), 2 prefork processes\n")
+    print(f"| figure | buildq | floor | buildq / floor |")
+    print("|---|---|---|---|")
+    for key in results["floor"]:
+        b, f = results["buildq"][key], results["floor"][key]
+        unit = "" if key == "builds_per_s" else " ms"
+        print(f"| {key} | {b:.2f}{unit} | {f:.2f}{unit} | {b / f:.2f} |")
+    for name, rows in rss.items():
+        for pid, cur, peak in rows:
+            print(f"{name} worker child {pid}: RSS {cur / 1024:.1f} MB, peak {peak / 1024:.1f} MB")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

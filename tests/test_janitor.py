@@ -1,0 +1,49 @@
+"""The janitor re-sends a submitted build whose message the broker lost, and only then (real Redis)."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from buildq.janitor import UNACKED_KEY, requeue_lost
+from buildq.state import QUEUED_INDEX
+from tests.harness import client_for
+
+
+def test_lost_message_is_sent_again_once(buildq_env, context_dir) -> None:
+    client = client_for(buildq_env)
+    queue = buildq_env["BUILDQ_QUEUE"]
+    handle = client.submit({"context": str(context_dir), "tags": ["reg/lost:1"], "job_id": "lost-1"})
+    r = redis.Redis.from_url(buildq_env["BUILDQ_BROKER_URL"])
+    message = r.rpop(queue)  # what BRPOP does; then Redis "restarts" before the unacked HSET
+    assert message is not None and r.llen(queue) == 0
+    store = client.store
+    now = time.time()
+    assert requeue_lost(store, after_s=60, now=now) == []  # too young to call lost
+    assert requeue_lost(store, after_s=0, now=now + 1) == [handle.job_id]
+    assert r.lrange(queue, 0, -1) == [message]
+    assert requeue_lost(store, after_s=0, now=now + 2) == []  # already back: never pushed twice
+
+
+def test_messages_in_the_queue_unacked_or_claimed_are_left_alone(buildq_env, context_dir) -> None:
+    client = client_for(buildq_env)
+    queue = buildq_env["BUILDQ_QUEUE"]
+    r = redis.Redis.from_url(buildq_env["BUILDQ_BROKER_URL"])
+    waiting = client.submit({"context": str(context_dir), "tags": ["reg/a:1"], "job_id": "waiting-1"})
+    unacked = client.submit({"context": str(context_dir), "tags": ["reg/b:1"], "job_id": "unacked-1"})
+    claimed = client.submit({"context": str(context_dir), "tags": ["reg/c:1"], "job_id": "claimed-1"})
+    # unacked-1: delivered and held by a worker (kombu keeps it under its delivery tag)
+    tag = r.hget(f"buildq:job:{unacked.job_id}", "tag")
+    r.lrem(queue, 0, r.hget(f"buildq:job:{unacked.job_id}", "msg"))
+    r.hset(UNACKED_KEY, tag, b"held")
+    # claimed-1: a worker took it (its claim drops the janitor's copy and index entry)
+    r.lrem(queue, 0, r.hget(f"buildq:job:{claimed.job_id}", "msg"))
+    r.hincrby(f"buildq:job:{claimed.job_id}", "claims", 1)
+    try:
+        assert requeue_lost(client.store, after_s=0, now=time.time() + 1) == []
+        assert r.llen(queue) == 1  # only waiting-1, still where it was
+        assert r.zscore(QUEUED_INDEX, waiting.job_id) is not None
+        assert r.zscore(QUEUED_INDEX, claimed.job_id) is None  # no longer tracked
+    finally:
+        r.hdel(UNACKED_KEY, tag)
