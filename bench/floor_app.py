@@ -30,8 +30,13 @@ STANDIN = os.environ["FLOOR_STANDIN"]
 def run(job_id: str) -> dict[str, str]:
     workdir = tempfile.mkdtemp(prefix="floor-")
     try:
-        proc = subprocess.Popen([STANDIN, "--metadata-file", f"{workdir}/metadata.json"], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            [STANDIN, "--metadata-file", f"{workdir}/metadata.json"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         assert proc.stderr is not None
         for _ in iter(proc.stderr.readline, b""):
             pass

@@ -16,7 +16,6 @@ import argparse
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,8 +65,14 @@ def children_rss(pid: int) -> list[tuple[int, int, int]]:
 
 
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                            cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
+        cwd=ROOT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while " ready." not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -107,7 +112,9 @@ class BuildqSide(Side):
         self.client.app.connection_for_write().ensure_connection()
 
     def submit(self, job_id: str) -> object:
-        return self.client.submit({"job_id": job_id, "context": self.context, "tags": [f"reg:5000/bench/{job_id}:1"]})
+        return self.client.submit(
+            {"job_id": job_id, "context": self.context, "tags": [f"reg:5000/bench/{job_id}:1"]}
+        )
 
     def wait(self, handle: object) -> None:
         record = handle.wait(timeout=60)  # type: ignore[attr-defined]
@@ -142,7 +149,7 @@ def measure(side: Side, times_file: Path, builds: int, bulk: int, warmup: int = 
         handle = side.submit(f"one-{uuid.uuid4().hex[:8]}-{i}")
         side.wait(handle)
         t_done = time.time()
-        (start, end), = read_times(times_file)[-1:]
+        ((start, end),) = read_times(times_file)[-1:]
         to_start.append(start - t_enq)
         to_result.append(t_done - end)
     t0 = time.time()
@@ -186,8 +193,22 @@ def main() -> None:
     }
     results: dict[str, dict[str, float]] = {}
     rss: dict[str, list[tuple[int, int, int]]] = {}
-    worker = start([sys.executable, "-m", "buildq", "worker", "--concurrency", "2", "--pool", "prefork",
-                    "--loglevel", "INFO"], buildq_env, work / "buildq-worker.log")
+    worker = start(
+        [
+            sys.executable,
+            "-m",
+            "buildq",
+            "worker",
+            "--concurrency",
+            "2",
+            "--pool",
+            "prefork",
+            "--loglevel",
+            "INFO",
+        ],
+        buildq_env,
+        work / "buildq-worker.log",
+    )
     try:
         side = BuildqSide(buildq_env, context)
         results["buildq"] = measure(side, times, args.builds, args.bulk)
@@ -195,12 +216,39 @@ def main() -> None:
     finally:
         stop(worker)
 
-    floor_env = {**base, "FLOOR_BROKER_URL": f"{REDIS}/8", "FLOOR_RESULT_BACKEND": f"{REDIS}/9",
-                 "FLOOR_STANDIN": str(standin), "FLOOR_QUEUE": queue + ".floor", "PYTHONPATH": str(ROOT)}
-    worker = start([sys.executable, "-m", "celery", "-A", "bench.floor_app", "worker", "--concurrency", "2",
-                    "--pool", "prefork", "--events", "--prefetch-multiplier", "1", "--without-gossip",
-                    "--without-mingle", "-Q", floor_env["FLOOR_QUEUE"], "--loglevel", "INFO"],
-                   floor_env, work / "floor-worker.log")
+    floor_env = {
+        **base,
+        "FLOOR_BROKER_URL": f"{REDIS}/8",
+        "FLOOR_RESULT_BACKEND": f"{REDIS}/9",
+        "FLOOR_STANDIN": str(standin),
+        "FLOOR_QUEUE": queue + ".floor",
+        "PYTHONPATH": str(ROOT),
+    }
+    worker = start(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.floor_app",
+            "worker",
+            "--concurrency",
+            "2",
+            "--pool",
+            "prefork",
+            "--events",
+            "--prefetch-multiplier",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "-Q",
+            floor_env["FLOOR_QUEUE"],
+            "--loglevel",
+            "INFO",
+        ],
+        floor_env,
+        work / "floor-worker.log",
+    )
     try:
         side = FloorSide(floor_env)
         results["floor"] = measure(side, times, args.builds, args.bulk)
@@ -209,8 +257,10 @@ def main() -> None:
         stop(worker)
 
     total = 30 + args.builds + args.bulk
-    print(f"\n{total} builds per side ({args.builds} one at a time, {args.bulk} in bulk), 2 prefork processes\n")
-    print(f"| figure | buildq | floor | buildq / floor |")
+    print(
+        f"\n{total} builds per side ({args.builds} one at a time, {args.bulk} in bulk), 2 prefork processes\n"
+    )
+    print("| figure | buildq | floor | buildq / floor |")
     print("|---|---|---|---|")
     for key in results["floor"]:
         b, f = results["buildq"][key], results["floor"][key]
