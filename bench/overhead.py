@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -139,12 +140,22 @@ class FloorSide(Side):
         handle.get(timeout=60)  # type: ignore[attr-defined]
 
 
-def measure(side: Side, times_file: Path, builds: int, bulk: int, warmup: int = 30) -> dict[str, float]:
+def measure(
+    side: Side,
+    times_file: Path,
+    builds: int,
+    bulk: int,
+    warmup: int = 30,
+    gap_s: float = 0.02,
+    after_warmup: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
     for i in range(warmup):
         side.wait(side.submit(f"warm-{uuid.uuid4().hex[:8]}-{i}"))
+    after_warmup()
     times_file.write_text("")
     to_start, to_result = [], []
     for i in range(builds):
+        time.sleep(gap_s)  # one build at a time: let the previous one's bookkeeping finish
         t_enq = time.time()
         handle = side.submit(f"one-{uuid.uuid4().hex[:8]}-{i}")
         side.wait(handle)
@@ -168,6 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--builds", type=int, default=300, help="one-at-a-time builds per side")
     parser.add_argument("--bulk", type=int, default=700, help="builds submitted at once per side")
+    parser.add_argument("--gap-ms", type=float, default=20.0, help="pause between one-at-a-time builds")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="buildq-bench-"))
@@ -211,7 +223,16 @@ def main() -> None:
     )
     try:
         side = BuildqSide(buildq_env, context)
-        results["buildq"] = measure(side, times, args.builds, args.bulk)
+        early: list[tuple[int, int, int]] = []
+        results["buildq"] = measure(
+            side,
+            times,
+            args.builds,
+            args.bulk,
+            gap_s=args.gap_ms / 1000,
+            after_warmup=lambda: early.extend(children_rss(worker.pid)),
+        )
+        rss["buildq after 30 builds"] = early
         rss["buildq"] = children_rss(worker.pid)
     finally:
         stop(worker)
@@ -251,7 +272,7 @@ def main() -> None:
     )
     try:
         side = FloorSide(floor_env)
-        results["floor"] = measure(side, times, args.builds, args.bulk)
+        results["floor"] = measure(side, times, args.builds, args.bulk, gap_s=args.gap_ms / 1000)
         rss["floor"] = children_rss(worker.pid)
     finally:
         stop(worker)

@@ -223,6 +223,7 @@ class BuildService:
 
         def should_stop() -> str | None:  # the watcher thread, every 250 ms
             current.go_live()
+            self.side.poke()  # publish the phase events batched since the last tick
             return holder()
 
         if self.metrics is not None:

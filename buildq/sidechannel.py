@@ -39,17 +39,26 @@ class SideChannel:
                     self._thread.start()
         self._queue.put((fn, args))
 
-    def on_idle(self, hook: Callable[[], Any]) -> None:
-        """Call ``hook`` whenever the queue runs empty (e.g. flush batched events): work that
-        arrives together is sent together, work that arrives alone is sent at once."""
+    def on_flush(self, hook: Callable[[], Any]) -> None:
+        """Call ``hook`` (e.g. publish batched events) at every :meth:`poke` and :meth:`drain`."""
         if hook not in self._idle_hooks:
             self._idle_hooks.append(hook)
+
+    def poke(self) -> None:
+        """Run the flush hooks soon (the build's watcher pokes every 250 ms)."""
+        if self._idle_hooks:
+            self.submit(self._flush)
+
+    def _flush(self) -> None:
+        for hook in self._idle_hooks:
+            self._call(hook, ())
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far has run; False if ``timeout`` passed first."""
         if self._thread is None:
             return True
         done = threading.Event()
+        self._queue.put((self._flush, ()))
         self._queue.put((done.set, ()))
         return done.wait(timeout)
 
@@ -60,9 +69,6 @@ class SideChannel:
                 return
             fn, args = item
             self._call(fn, args)
-            if self._queue.empty():
-                for hook in self._idle_hooks:
-                    self._call(hook, ())
 
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         try:

@@ -123,6 +123,9 @@ class JobStore:
         """Block until the job's record is stored (or ``timeout`` passes); None on timeout."""
         import time
 
+        record = self.result(job_id)  # already done: one round trip, no subscription
+        if record is not None:
+            return record
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(done_channel(job_id))

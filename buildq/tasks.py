@@ -29,7 +29,7 @@ def _dispatcher(app: Celery, hostname: str) -> Any:
     """One event dispatcher per process and hostname, used only from the side-channel thread.
 
     Task events are buffered and published as one ``task.multi`` message (Celery's own batching,
-    which event receivers such as Flower unpack) whenever the side channel runs idle.
+    which event receivers such as Flower unpack) at the watcher's 250 ms tick and when the task ends.
     """
     key = (os.getpid(), hostname)
     dispatcher = _dispatchers.get(key)
@@ -67,7 +67,7 @@ class TaskReporter(Reporter):
         self.app, self.backend, self.service = task.app, task.backend, service
         self.task_id: str = task.request.id
         self.hostname: str = task.request.hostname or "buildq"
-        service.side.on_idle(_flush_events)
+        service.side.on_flush(_flush_events)
 
     def phase_started(self, job_id: str, attempt: int, phase: str) -> None:
         self.service.side.submit(self._state, job_id, attempt, phase)
