@@ -8,22 +8,44 @@ pushes the message back for a job that is still ``queued`` after ``after_s``, wa
 has no result, and whose message is neither in its queue nor unacknowledged. One Lua script per
 job makes the check-and-push atomic, so several workers never push the same message twice; and a
 spurious push could only lead to a duplicate delivery, which the job lease turns into a no-op.
+
+:func:`requeue_stalled` does the same for messages a worker took and can no longer finish or
+hand back (its process was terminated while Redis was unreachable): still unacknowledged, no
+live job lease, no result. Celery would restore them only after the visibility timeout.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 
+from .app import TASK_NAME
 from .state import QUEUED_INDEX, JobStore, job_key, lease_key, result_key
 
 log = logging.getLogger("buildq.janitor")
 
-#: kombu's Redis transport keeps delivered, unacknowledged messages in this hash
+#: kombu's Redis transport keeps delivered, unacknowledged messages in this hash, and their
+#: delivery times in this sorted set
 UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
+# KEYS: unacked hash, unacked index, lease, result, job; ARGV: tag, queue -> 1 when put back.
+# A job waiting for its retry has handed over to a new message: its old one is being acked.
+_RESTORE_STALLED = """
+local payload = redis.call('HGET', KEYS[1], ARGV[1])
+if not payload then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+if redis.call('HGET', KEYS[5], 'phase') == 'retry_wait' then return 0 end
+local entry = cjson.decode(payload)
+redis.call('RPUSH', ARGV[2], cjson.encode(entry[1]))
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
 _REQUEUE = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'claims', 'msg', 'queue', 'tag')
 if (not h[3]) or h[2] or h[1] ~= 'queued' then
@@ -57,6 +79,51 @@ def requeue_lost(store: JobStore, *, after_s: float, now: float | None = None, b
     return requeued
 
 
+def requeue_stalled(
+    store: JobStore, *, after_s: float, now: float | None = None, batch: int = 200
+) -> list[str]:
+    """Put back delivered build messages whose worker is gone; return their job ids.
+
+    A message delivered more than ``after_s`` ago that is still unacknowledged while its job has
+    no live lease and no result belongs to a worker that stopped (killed, or cut off from Redis
+    when Celery tried to hand it back). Celery's own restore waits for the visibility timeout
+    (hours); the job lease is a better heartbeat. Retry messages waiting for their ETA are left alone.
+    """
+    script = store.redis.register_script(_RESTORE_STALLED)
+    clock = time.time() if now is None else now
+    requeued = []
+    for raw_tag in store.redis.zrangebyscore(UNACKED_INDEX_KEY, "-inf", clock - after_s, start=0, num=batch):
+        tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
+        payload = store.redis.hget(UNACKED_KEY, tag)
+        job = _build_message_job(payload, clock)
+        if job is None:
+            continue
+        job_id, queue = job
+        keys = [UNACKED_KEY, UNACKED_INDEX_KEY, lease_key(job_id), result_key(job_id), job_key(job_id)]
+        if script(keys=keys, args=[tag, queue]):
+            requeued.append(job_id)
+    if requeued:
+        log.warning("re-queued %d build(s) whose worker went away: %s", len(requeued), ", ".join(requeued))
+    return requeued
+
+
+def _build_message_job(payload: object, now: float) -> tuple[str, str] | None:
+    """(job id, queue) of an unacked ``buildq.build`` message that is due; None otherwise."""
+    if not isinstance(payload, bytes | str):
+        return None
+    try:
+        message, _exchange, routing_key = json.loads(payload)
+        headers = message.get("headers") or {}
+        if headers.get("task") != TASK_NAME or not headers.get("id") or not routing_key:
+            return None
+        eta = headers.get("eta")
+        if eta and datetime.fromisoformat(eta).timestamp() > now:
+            return None  # a retry waiting out its backoff in a live worker
+        return str(headers["id"]), str(routing_key)
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return None
+
+
 def start_janitor(store: JobStore, *, after_s: float, every_s: float) -> Callable[[], None]:
     """Run :func:`requeue_lost` every ``every_s`` seconds in a daemon thread; returns ``stop``."""
     stop = threading.Event()
@@ -65,6 +132,7 @@ def start_janitor(store: JobStore, *, after_s: float, every_s: float) -> Callabl
         while not stop.wait(every_s):
             try:
                 requeue_lost(store, after_s=after_s)
+                requeue_stalled(store, after_s=after_s)
             except Exception as exc:  # noqa: BLE001 - Redis may be down; try again next round
                 log.info("lost-message check skipped: %s", exc)
 

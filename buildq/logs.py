@@ -361,18 +361,7 @@ class AttemptLog:
         (once, also when a plain ``close()`` came first).
         """
         with self._cond:
-            tail: list[Entry] = []
-            if not self._closed:
-                self._closed = True
-                try:
-                    raw = self._raw.finish() if self._raw is not None else []
-                    tail = [(self.attempt, "raw", r) for r in raw]
-                    tail += [(self.attempt, "plain", p) for p in self._renderer.finish()]
-                except Exception:
-                    self.feed_errors += 1
-            if final_state is not None and not self._final_written:
-                self._final_written = True
-                tail.append((self.attempt, "mark", f"{FINAL_PREFIX} {self._redact(final_state)}"))
+            tail = self._closing_entries(final_state)
             self._buffer_all(tail)
             thread = self._thread
             self._cond.notify_all()
@@ -385,6 +374,22 @@ class AttemptLog:
             with self._cond:
                 batch, self._buffer = self._buffer, deque(maxlen=self._max_buffered)
             self._write(batch)
+
+    def _closing_entries(self, final_state: str | None) -> list[Entry]:
+        """What closing adds (caller holds the lock): the renderer's end once, the final mark once."""
+        tail: list[Entry] = []
+        if not self._closed:
+            self._closed = True
+            try:
+                raw = self._raw.finish() if self._raw is not None else []
+                tail = [(self.attempt, "raw", r) for r in raw]
+                tail += [(self.attempt, "plain", p) for p in self._renderer.finish()]
+            except Exception:
+                self.feed_errors += 1
+        if final_state is not None and not self._final_written:
+            self._final_written = True
+            tail.append((self.attempt, "mark", f"{FINAL_PREFIX} {self._redact(final_state)}"))
+        return tail
 
     def mark(self, text: str) -> None:
         """Buffer a ``mark`` line (attempt started, retrying); written in order with the lines."""
@@ -399,18 +404,7 @@ class AttemptLog:
         Everything the flusher had taken is written before this returns, so order is kept.
         """
         with self._cond:
-            tail: list[Entry] = []
-            if not self._closed:
-                self._closed = True
-                try:
-                    raw = self._raw.finish() if self._raw is not None else []
-                    tail = [(self.attempt, "raw", r) for r in raw]
-                    tail += [(self.attempt, "plain", p) for p in self._renderer.finish()]
-                except Exception:
-                    self.feed_errors += 1
-            if final_state is not None and not self._final_written:
-                self._final_written = True
-                tail.append((self.attempt, "mark", f"{FINAL_PREFIX} {self._redact(final_state)}"))
+            tail = self._closing_entries(final_state)
             pending = [*self._buffer, *tail]
             self._buffer = deque(maxlen=self._max_buffered)
             thread = self._thread

@@ -29,6 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("BUILDQ_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
+def run_cli(env: Mapping[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m buildq ARGS`` with exactly the given BUILDQ_* environment."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("BUILDQ_")}
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "buildq", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
 def redis_answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_timeout=1).ping())

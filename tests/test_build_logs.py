@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 from tests.conftest import FIXTURES, scenario
-from tests.harness import ROOT, client_for, wait_until
+from tests.harness import client_for, wait_until
+from tests.harness import run_cli as cli
 
 SECRET = "s3cr3t-Npm-T0ken-4242"
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("BUILDQ_")}
-    full.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "buildq", *args],
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
 
 
 def step_lines(lines: list[str]) -> list[str]:

@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from buildq.errors import InvalidJobError
 from tests.conftest import scenario
-from tests.harness import ROOT, client_for
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    import os
-
-    full = {k: v for k, v in os.environ.items() if not k.startswith("BUILDQ_")}
-    full.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "buildq", *args],
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+from tests.harness import client_for
+from tests.harness import run_cli as cli
 
 
 def test_python_api_build_succeeds(buildq_env, start_worker, context_dir, standin_log) -> None:

@@ -47,3 +47,38 @@ def test_messages_in_the_queue_unacked_or_claimed_are_left_alone(buildq_env, con
         assert r.zscore(QUEUED_INDEX, claimed.job_id) is None  # no longer tracked
     finally:
         r.hdel(UNACKED_KEY, tag)
+
+
+def test_stalled_delivery_of_a_gone_worker_is_put_back(buildq_env, context_dir) -> None:
+    """A message held unacknowledged by a worker that is gone (no lease, no result) goes back."""
+    import json
+
+    from buildq.janitor import UNACKED_INDEX_KEY, requeue_stalled
+
+    client = client_for(buildq_env)
+    queue = buildq_env["BUILDQ_QUEUE"]
+    r = redis.Redis.from_url(buildq_env["BUILDQ_BROKER_URL"])
+    handles = {
+        name: client.submit({"context": str(context_dir), "tags": [f"reg/{name}:1"], "job_id": name})
+        for name in ("gone-1", "alive-1", "done-1", "other-task")
+    }
+    delivered = time.time() - 100
+    for name in handles:  # what kombu does when a worker takes a message
+        raw = r.rpop(queue)
+        message = json.loads(raw)
+        if name == "other-task":
+            message["headers"]["task"] = "somebody.else"
+        r.hset(UNACKED_KEY, name, json.dumps([message, "", queue]))
+        r.zadd(UNACKED_INDEX_KEY, {name: delivered})
+    r.set("buildq:lease:alive-1", "token", px=60_000)
+    r.set("buildq:result:done-1", json.dumps({"state": "succeeded"}))
+    try:
+        assert requeue_stalled(client.store, after_s=300) == []  # delivered too recently to judge
+        assert requeue_stalled(client.store, after_s=30) == ["gone-1"]
+        back = [json.loads(m) for m in r.lrange(queue, 0, -1)]
+        assert [m["headers"]["id"] for m in back] == ["gone-1"]
+        assert not r.hexists(UNACKED_KEY, "gone-1") and r.hexists(UNACKED_KEY, "alive-1")
+        assert requeue_stalled(client.store, after_s=30) == []  # never twice
+    finally:
+        r.hdel(UNACKED_KEY, *handles)
+        r.zrem(UNACKED_INDEX_KEY, *handles)
