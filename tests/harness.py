@@ -50,35 +50,25 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def ensure_redis(port: int = 6379) -> None:
-    """Start a local redis-server on ``port`` if nothing answers there (CI and fresh machines)."""
-    url = f"redis://127.0.0.1:{port}"
-    if redis_answers(url):
-        return
+def start_redis_server(port: int, *options: str) -> None:
+    """Start a daemonized redis-server on 127.0.0.1:``port`` with ``options``; wait until it answers."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError(f"Redis does not answer on 127.0.0.1:{port} and redis-server is not installed")
     subprocess.run(
-        [
-            exe,
-            "--daemonize",
-            "yes",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        check=True,
+        [exe, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port), *options], check=True
     )
-    for _ in range(50):
-        if redis_answers(url):
+    for _ in range(100):
+        if redis_answers(f"redis://127.0.0.1:{port}"):
             return
         time.sleep(0.1)
     raise RuntimeError(f"redis-server on port {port} did not start")
+
+
+def ensure_redis(port: int = 6379) -> None:
+    """Start a local redis-server on ``port`` if nothing answers there (CI and fresh machines)."""
+    if not redis_answers(f"redis://127.0.0.1:{port}"):
+        start_redis_server(port, "--save", "", "--appendonly", "no")
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +13,7 @@ import pytest
 import redis
 
 from tests.conftest import scenario
-from tests.harness import client_for, free_port, wait_until
+from tests.harness import client_for, free_port, start_redis_server, wait_until
 
 GOAWAY = (
     "failed to receive status: rpc error: code = Unavailable desc = closing transport due to: "
@@ -226,37 +225,20 @@ def test_concurrent_duplicates_run_one_buildctl(buildq_env, start_worker, contex
 
 
 def _start_private_redis(port: int, data_dir: Path) -> None:
+    """A Redis that keeps its data across a restart (AOF, fsync always)."""
     data_dir.mkdir(exist_ok=True)
-    subprocess.run(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--daemonize",
-            "yes",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(data_dir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--pidfile",
-            str(data_dir / "redis.pid"),
-        ],
-        check=True,
-    )
-    wait_until(
-        lambda: (
-            subprocess.run(
-                ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
-            ).stdout.strip()
-            == "PONG"
-        ),
-        timeout=10,
+    start_redis_server(
+        port,
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--pidfile",
+        str(data_dir / "redis.pid"),
     )
 
 
