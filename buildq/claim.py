@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .capacity import DaemonSlots, wait_for_slot
+from .capacity import DaemonSlots
 from .state import QUEUED_INDEX, JobStore, cancel_key, job_key, lease_key, result_key
 
 Clock = Callable[[], float]
@@ -82,20 +82,6 @@ def claim(
         if clock() > deadline:
             raise TimeoutError(f"job {job_id} is held by another worker for too long")
         sleep(poll_s)
-
-
-def wait_for_daemon(
-    slots: DaemonSlots,
-    daemons: Sequence[str],
-    token: str,
-    *,
-    limit: int,
-    ttl_s: float,
-    prefer: int,
-    max_wait_s: float,
-) -> str | None:
-    """Poll for a daemon slot for up to ``max_wait_s``; None when every daemon stayed full."""
-    return wait_for_slot(slots, daemons, token, ttl_s, limit, max_wait_s=max_wait_s, prefer=prefer)
 
 
 def release(store: JobStore, slots: DaemonSlots | None, job_id: str, token: str, daemon: str | None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .buildkit.classify import Failure, classify_failure
@@ -42,11 +42,6 @@ class AttemptOutcome:
     metadata: dict[str, Any] | None = None
     tracker: ProgressTracker | None = None
     first_output_at: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def transient(self) -> bool:
-        return self.failure is not None and self.failure.transient
 
 
 def check_job_on_worker(job: BuildJob, *, environ: Mapping[str, str], max_timeout_s: int) -> None:
@@ -105,16 +100,12 @@ def run_attempt(
     """
     started = clock()
     tracker = ProgressTracker(clock=clock)
-    paths = launcher.prepare(job.job_id, None if job.is_git else job.context, dockerfile_dir(job))
+    context = None if job.is_git else job.context
+    dockerfile = dockerfile_dir(job)
+    paths = launcher.prepare(job.job_id, context, dockerfile)
     argv = build_argv(job, paths, insecure_registries=insecure_registries)
     env = {"BUILDKIT_HOST": daemon, **secret_env(job, environ)}
-    spec = LaunchSpec(
-        job_id=job.job_id,
-        argv=argv,
-        env=env,
-        context_dir=paths.context_dir and job.context,
-        dockerfile_dir=dockerfile_dir(job),
-    )
+    spec = LaunchSpec(job_id=job.job_id, argv=argv, env=env, context_dir=context, dockerfile_dir=dockerfile)
     try:
         running = launcher.start(spec, paths)
     except BuildError as exc:

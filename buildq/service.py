@@ -23,8 +23,8 @@ from .buildkit.backoff import backoff_delay
 from .buildkit.classify import Failure
 from .buildkit.livephase import LivePhases
 from .buildkit.solvestatus import SolveStatus
-from .capacity import DaemonSlots
-from .claim import Holder, claim, release, wait_for_daemon
+from .capacity import DaemonSlots, wait_for_slot
+from .claim import Holder, claim, release
 from .config import Settings
 from .errors import BuildError, InvalidJobError
 from .jobs import BuildJob, parse_job
@@ -169,12 +169,12 @@ class BuildService:
 
     def _wait_for_daemon(self, job: BuildJob, token: str, prefer: int) -> str:
         assert self.slots is not None
-        daemon = wait_for_daemon(
+        daemon = wait_for_slot(
             self.slots,
             self.settings.daemons,
             token,
-            limit=self.settings.buildkit_max_builds,
-            ttl_s=self.settings.lease_ttl_s,
+            self.settings.lease_ttl_s,
+            self.settings.buildkit_max_builds,
             prefer=prefer,
             max_wait_s=self.slot_wait_s,
         )
