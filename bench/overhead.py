@@ -65,6 +65,29 @@ def children_rss(pid: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def cpu_s(pid: int) -> float:
+    """utime + stime of one process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds spent by the worker's parent, its pool children, Redis and this process."""
+
+    def __init__(self, worker_pid: int) -> None:
+        self.worker_pid = worker_pid
+        self.redis_pid = int(redis.Redis.from_url(REDIS).info("server")["process_id"])
+
+    def read(self) -> dict[str, float]:
+        kids = subprocess.run(["pgrep", "-P", str(self.worker_pid)], capture_output=True, text=True)
+        return {
+            "worker parent": cpu_s(self.worker_pid),
+            "worker children": sum(cpu_s(int(k)) for k in kids.stdout.split()),
+            "redis-server": cpu_s(self.redis_pid),
+            "producer (this process)": sum(os.times()[:2]),
+        }
+
+
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         argv,
@@ -148,6 +171,7 @@ def measure(
     warmup: int = 30,
     gap_s: float = 0.02,
     after_warmup: Callable[[], None] = lambda: None,
+    cpu: CpuMeter | None = None,
 ) -> dict[str, float]:
     for i in range(warmup):
         side.wait(side.submit(f"warm-{uuid.uuid4().hex[:8]}-{i}"))
@@ -163,12 +187,16 @@ def measure(
         ((start, end),) = read_times(times_file)[-1:]
         to_start.append(start - t_enq)
         to_result.append(t_done - end)
+    before = cpu.read() if cpu else {}
     t0 = time.time()
     handles = [side.submit(f"bulk-{uuid.uuid4().hex[:8]}-{i}") for i in range(bulk)]
     for handle in handles:
         side.wait(handle)
     per_s = bulk / (time.time() - t0)
     out = {"builds_per_s": per_s}
+    if cpu:  # CPU time per bulk build, by process: where the throughput goes
+        for name, value in cpu.read().items():
+            out[f"cpu_ms_per_build {name}"] = (value - before[name]) / bulk * 1000
     for label, values in (("enqueue_to_start", to_start), ("exit_to_result", to_result)):
         for p in (50, 95, 99):
             out[f"{label}_p{p}_ms"] = pct(values, p) * 1000
@@ -231,6 +259,7 @@ def main() -> None:
             args.bulk,
             gap_s=args.gap_ms / 1000,
             after_warmup=lambda: early.extend(children_rss(worker.pid)),
+            cpu=CpuMeter(worker.pid),
         )
         rss["buildq after 30 builds"] = early
         rss["buildq"] = children_rss(worker.pid)
@@ -272,7 +301,9 @@ def main() -> None:
     )
     try:
         side = FloorSide(floor_env)
-        results["floor"] = measure(side, times, args.builds, args.bulk, gap_s=args.gap_ms / 1000)
+        results["floor"] = measure(
+            side, times, args.builds, args.bulk, gap_s=args.gap_ms / 1000, cpu=CpuMeter(worker.pid)
+        )
         rss["floor"] = children_rss(worker.pid)
     finally:
         stop(worker)
@@ -286,6 +317,7 @@ def main() -> None:
     for key in results["floor"]:
         b, f = results["buildq"][key], results["floor"][key]
         unit = "" if key == "builds_per_s" else " ms"
+        key = key.removesuffix("_ms")
         print(f"| {key} | {b:.2f}{unit} | {f:.2f}{unit} | {b / f:.2f} |")
     for name, rows in rss.items():
         for pid, cur, peak in rows:

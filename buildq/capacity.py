@@ -24,8 +24,8 @@ import redis
 
 PREFIX = "buildq:slots:"
 
-# now in ms on the server clock; set the key TTL to outlive its last member by a second
-_PRELUDE = """
+# now in ms on the server clock (`now`), and keep(key): set the key TTL to outlive its last member by a second
+PRELUDE_LUA = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -37,7 +37,7 @@ end
 
 # KEYS[1] slot set; ARGV token, ttl_ms, limit -> 1 granted (or already held, then extended) | 0
 _TRY_ACQUIRE = (
-    _PRELUDE
+    PRELUDE_LUA
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
@@ -51,7 +51,7 @@ return 0
 
 # KEYS[1] slot set; ARGV token, ttl_ms -> 1 extended | 0 lost (expired or never held)
 _RENEW = (
-    _PRELUDE
+    PRELUDE_LUA
     + """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if (not score) or tonumber(score) <= now then
@@ -64,29 +64,32 @@ return 1
 """
 )
 
-# KEYS slot sets in preference order; ARGV token, ttl_ms, limit -> 1-based index granted | 0 all full.
-# A daemon where the token already holds a slot wins (retry after a lost reply); otherwise the least
-# loaded one with room, the earliest in KEYS order among equals.
-_ACQUIRE_ANY = (
-    _PRELUDE
-    + """
-local limit = tonumber(ARGV[3])
-local best, best_n = 0, limit
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  if redis.call('ZSCORE', key, ARGV[1]) then
-    best = i
-    break
+# A Lua function (needs PRELUDE_LUA's ``now`` and ``keep``): take a slot for ``token`` on one of the
+# slot sets KEYS[first..#KEYS] (preference order); returns its 1-based position among them, 0 if all
+# are full. A set where the token already holds a slot wins (retry after a lost reply); otherwise
+# the least loaded one with room, the earliest among equals. Shared by acquire_any and claim.
+ACQUIRE_ANY_LUA = """
+local function acquire_any(first, token, ttl_ms, limit)
+  local best, best_n = 0, limit
+  for i = first, #KEYS do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+    if redis.call('ZSCORE', KEYS[i], token) then
+      best = i
+      break
+    end
+    local n = redis.call('ZCARD', KEYS[i])
+    if n < best_n then best, best_n = i, n end
   end
-  local n = redis.call('ZCARD', key)
-  if n < best_n then best, best_n = i, n end
-end
-if best > 0 then
-  redis.call('ZADD', KEYS[best], now + tonumber(ARGV[2]), ARGV[1])
+  if best == 0 then return 0 end
+  redis.call('ZADD', KEYS[best], now + ttl_ms, token)
   keep(KEYS[best])
+  return best - first + 1
 end
-return best
 """
+
+# KEYS slot sets in preference order; ARGV token, ttl_ms, limit -> 1-based index granted | 0 all full.
+_ACQUIRE_ANY = (
+    PRELUDE_LUA + ACQUIRE_ANY_LUA + "return acquire_any(1, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))\n"
 )
 
 # KEYS slot sets -> live member count of each (read only)
@@ -178,30 +181,6 @@ class DaemonSlots:
         args: list[str | int] = [token, _ttl_ms(ttl_s), _check_limit(limit)]
         index = int(self._acquire_any(keys=[self.key(d) for d in order], args=args))
         return order[index - 1] if index > 0 else None
-
-    def queue_acquire_any(
-        self,
-        pipe: redis.client.Pipeline,
-        daemons: Sequence[str],
-        token: str,
-        ttl_s: float,
-        limit: int,
-        *,
-        prefer: int = 0,
-    ) -> Callable[[object], str | None]:
-        """:meth:`acquire_any` queued on ``pipe`` (so it shares a round trip with other commands).
-
-        Returns the decoder of this command's reply: the daemon granted, or None.
-        """
-        order = rotate(daemons, prefer)
-        args: list[str | int] = [token, _ttl_ms(ttl_s), _check_limit(limit)]
-        self._acquire_any(keys=[self.key(d) for d in order], args=args, client=pipe)
-
-        def decode(reply: object) -> str | None:
-            index = int(reply)  # type: ignore[call-overload]
-            return order[index - 1] if index > 0 else None
-
-        return decode
 
     def usage(self, daemons: Sequence[str], limit: int | None = None) -> dict[str, tuple[int, int]]:
         """``{daemon: (live holders, limit)}`` in one round trip; expired holders are not counted."""

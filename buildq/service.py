@@ -24,7 +24,7 @@ from .buildkit.classify import Failure
 from .buildkit.livephase import LivePhases
 from .buildkit.solvestatus import SolveStatus
 from .capacity import DaemonSlots, wait_for_slot
-from .claim import Holder, claim, release
+from .claim import Holder, claim, queue_release, release
 from .config import Settings
 from .errors import BuildError, InvalidJobError
 from .jobs import BuildJob, parse_job
@@ -153,19 +153,22 @@ class BuildService:
             raise LeaseLost(str(exc)) from None
         if got.record is not None:
             return got.record
-        daemon = got.daemon
+        hold = _Hold(token, got.daemon)
         try:
             if got.claimed_before:
                 # a retry, or an earlier delivery that died mid-build: its buildctl may still run
                 self._kill_orphan(job.job_id)
             window_start = attempts[-1]["window_end"] if attempts else enqueued
             if got.cancelled:
-                return self._cancelled_before_start(job, enqueued, attempts, window_start, number, reporter)
-            if daemon is None:
-                daemon = self._wait_for_daemon(job, token, prefer)
-            return self._run(job, token, daemon, enqueued, attempts, window_start, number, reporter)
+                return self._cancelled_before_start(
+                    job, hold, enqueued, attempts, window_start, number, reporter
+                )
+            if hold.daemon is None:
+                hold.daemon = self._wait_for_daemon(job, token, prefer)
+            return self._run(job, hold, enqueued, attempts, window_start, number, reporter)
         finally:
-            release(self.store, self.slots, job.job_id, token, daemon)
+            if not hold.released:  # a retry or an error: the result transaction did not release it
+                release(self.store, self.slots, job.job_id, token, hold.daemon)
 
     def _wait_for_daemon(self, job: BuildJob, token: str, prefer: int) -> str:
         assert self.slots is not None
@@ -193,8 +196,7 @@ class BuildService:
     def _run(
         self,
         job: BuildJob,
-        token: str,
-        daemon: str,
+        hold: _Hold,
         enqueued: float,
         attempts: list[dict[str, Any]],
         window_start: float,
@@ -205,8 +207,10 @@ class BuildService:
         log = self._attempt_log(job, number)
 
         current = _CurrentPhase(self, reporter, job.job_id, number)
+        daemon = hold.daemon
+        assert daemon is not None
         holder = Holder(
-            self.store, job.job_id, token, self.settings.lease_ttl_s, self.clock, self.slots, daemon
+            self.store, job.job_id, hold.token, self.settings.lease_ttl_s, self.clock, self.slots, daemon
         )
 
         def on_start() -> None:  # buildctl is running: events go out off the critical path
@@ -255,7 +259,7 @@ class BuildService:
             if log is not None:
                 log.close()
             raise LeaseLost(f"lost the lease of job {job.job_id} while building")
-        return self._conclude(job, outcome, enqueued, attempts, window_start, reporter, log)
+        return self._conclude(job, hold, outcome, enqueued, attempts, window_start, reporter, log)
 
     def _mark_running(self, reporter: Reporter, job_id: str, number: int) -> None:
         if not reporter.done:
@@ -273,6 +277,7 @@ class BuildService:
     def _conclude(
         self,
         job: BuildJob,
+        hold: _Hold,
         outcome: AttemptOutcome,
         enqueued: float,
         attempts: list[dict[str, Any]],
@@ -320,8 +325,16 @@ class BuildService:
             finished_at=now,
             error=error,
         )
-        # the log's last lines and its final mark travel with the result: one round trip
-        self.store.store_result(job.job_id, final, before=log.drain_into(state) if log is not None else None)
+        drain_log = log.drain_into(state) if log is not None else None
+
+        def with_result(pipe: Any) -> None:
+            # one round trip: the log's last lines and final mark, the result, the lease and slot back
+            if drain_log is not None:
+                drain_log(pipe)
+            queue_release(pipe, self.store, self.slots, job.job_id, hold.token, hold.daemon)
+
+        self.store.store_result(job.job_id, final, before=with_result)
+        hold.released = True
         reporter.done = True
         reporter.phase_ended(
             job.job_id, outcome.number, "finalize", max(0.0, self.clock() - outcome.exited_at)
@@ -333,6 +346,7 @@ class BuildService:
     def _cancelled_before_start(
         self,
         job: BuildJob,
+        hold: _Hold,
         enqueued: float,
         attempts: list[dict[str, Any]],
         window_start: float,
@@ -351,7 +365,7 @@ class BuildService:
         )
         if self.logs is not None:
             self.logs.mark(job.job_id, number, "final: cancelled (before it started)")
-        return self._conclude(job, outcome, enqueued, attempts, window_start, reporter)
+        return self._conclude(job, hold, outcome, enqueued, attempts, window_start, reporter)
 
     def _reject(
         self,
@@ -388,6 +402,15 @@ class BuildService:
         if self.metrics is not None:
             self.metrics.build_finished(record)
         return record
+
+
+@dataclass
+class _Hold:
+    """The claimed lease's token and daemon slot, and whether the result transaction gave them back."""
+
+    token: str
+    daemon: str | None
+    released: bool = False
 
 
 class _CurrentPhase:

@@ -64,6 +64,7 @@ class JobStore:
         self.result_ttl_s = result_ttl_s
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._scripts: dict[str, Any] = {}
 
     @classmethod
     def from_url(cls, url: str, *, result_ttl_s: int) -> JobStore:
@@ -159,8 +160,16 @@ class JobStore:
         self._release(keys=[lease_key(job_id)], args=[token])
 
     def queue_release_lease(self, pipe: Any, job_id: str, token: str) -> None:
-        """:meth:`release_lease` queued on a pipeline."""
-        self._release(keys=[lease_key(job_id)], args=[token], client=pipe)
+        """:meth:`release_lease` queued on a pipeline (as EVAL: a registered script would make the
+        pipeline check the script cache first, one more round trip)."""
+        pipe.eval(_RELEASE, 1, lease_key(job_id), token)
+
+    def script(self, body: str) -> Any:
+        """``body`` registered once per store (run with EVALSHA, loaded again if Redis lost it)."""
+        registered = self._scripts.get(body)
+        if registered is None:
+            registered = self._scripts[body] = self.redis.register_script(body)
+        return registered
 
     def lease_holder(self, job_id: str) -> str | None:
         raw = self.redis.get(lease_key(job_id))

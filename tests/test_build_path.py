@@ -34,6 +34,10 @@ def test_python_api_build_succeeds(buildq_env, start_worker, context_dir, standi
     export = argv[argv.index("--export-cache") + 1]
     assert "oci-mediatypes=true" in export and "image-manifest=true" in export
     assert handle.status()["state"] == "succeeded"
+    # the lease and the daemon slot went back in the same transaction that stored the result
+    r = client.store.redis
+    assert r.exists(f"buildq:lease:{handle.job_id}") == 0
+    assert r.keys("buildq:slots:*") == []  # the set goes when its last holder leaves
 
 
 def test_cli_submit_wait_json_and_status(buildq_env, start_worker, context_dir) -> None:

@@ -1,0 +1,135 @@
+"""claim / queue_release against a real Redis (DB 13, flushed around each test)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from buildq.capacity import DaemonSlots, slot_key
+from buildq.claim import claim, queue_release, release
+from buildq.state import QUEUED_INDEX, JobStore, cancel_key, job_key, lease_key, result_key
+from tests.harness import REDIS_URL
+
+DB_URL = f"{REDIS_URL}/13"
+D = ["tcp://bk-0:1234", "tcp://bk-1:1234"]
+
+
+class CountingRedis(redis.Redis):
+    """Counts the round trips: one per command sent alone, one per pipeline."""
+
+    trips: list[str]
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.trips.append(str(args[0]))
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        self.trips.append("PIPELINE")
+        return super().pipeline(transaction, shard_hint)
+
+
+@pytest.fixture
+def client() -> Iterator[CountingRedis]:
+    r = CountingRedis(connection_pool=redis.ConnectionPool.from_url(DB_URL))
+    r.trips = []
+    r.flushdb()
+    yield r
+    r.flushdb()
+    r.close()
+
+
+@pytest.fixture
+def store(client: CountingRedis) -> JobStore:
+    return JobStore(client, result_ttl_s=60)
+
+
+@pytest.fixture
+def slots(client: CountingRedis) -> DaemonSlots:
+    return DaemonSlots(client, limit=1)
+
+
+def take(store: JobStore, slots: DaemonSlots | None, job_id: str, token: str, **kw: Any) -> Any:
+    options: dict[str, Any] = {
+        "daemons": D,
+        "limit": 1,
+        "ttl_s": 30,
+        "prefer": 0,
+        "give_up_after_s": 0,
+        "sleep": lambda s: None,
+    }
+    return claim(store, slots, job_id, token, **{**options, **kw})
+
+
+def test_first_claim_takes_lease_slot_and_drops_the_janitor_copy(store, slots, client) -> None:
+    store.mark_queued("j1", 1.0, "q", message=b"{}", tag="t")
+    warm = take(store, slots, "warm", "w")  # the first call loads the script: count from the second
+    release(store, slots, "warm", "w", warm.daemon)
+    client.trips.clear()
+    got = take(store, slots, "j1", "tok")
+    assert client.trips == ["EVALSHA"]  # one round trip
+    assert (got.record, got.daemon, got.cancelled, got.claimed_before) == (None, D[0], False, False)
+    assert client.get(lease_key("j1")) == b"tok"
+    assert client.zscore(slot_key(D[0]), "tok") is not None
+    assert client.hget(job_key("j1"), "msg") is None
+    assert client.zscore(QUEUED_INDEX, "j1") is None
+    assert client.hget(job_key("j1"), "claims") == b"1"
+
+
+def test_the_least_loaded_daemon_is_taken_and_none_when_all_are_full(store, slots) -> None:
+    assert take(store, slots, "a", "ta").daemon == D[0]
+    assert take(store, slots, "b", "tb").daemon == D[1]
+    full = take(store, slots, "c", "tc")
+    assert full.daemon is None and full.record is None  # the lease is ours; the caller waits for a slot
+    assert store.lease_holder("c") == "tc"
+
+
+def test_a_finished_job_returns_its_record_and_touches_nothing(store, slots, client) -> None:
+    client.set(result_key("done"), json.dumps({"job_id": "done", "state": "succeeded"}))
+    got = take(store, slots, "done", "tok")
+    assert got.record == {"job_id": "done", "state": "succeeded"}
+    assert client.exists(lease_key("done"), slot_key(D[0]), slot_key(D[1]), job_key("done")) == 0
+
+
+def test_a_cancelled_job_gets_the_lease_but_no_slot(store, slots, client) -> None:
+    client.set(cancel_key("c1"), "1")
+    got = take(store, slots, "c1", "tok")
+    assert got.cancelled and got.daemon is None
+    assert store.lease_holder("c1") == "tok"
+    assert client.exists(slot_key(D[0]), slot_key(D[1])) == 0
+
+
+def test_a_second_claim_after_release_knows_an_earlier_delivery_ran(store, slots) -> None:
+    first = take(store, slots, "r1", "one")
+    release(store, slots, "r1", "one", first.daemon)
+    second = take(store, slots, "r1", "two")
+    assert second.claimed_before and second.daemon == first.daemon
+
+
+def test_lease_held_elsewhere_polls_then_times_out(store, slots) -> None:
+    take(store, slots, "h1", "owner")
+    clock = iter(range(100))
+    sleeps: list[float] = []
+    with pytest.raises(TimeoutError, match="h1"):
+        take(store, slots, "h1", "other", give_up_after_s=3, clock=lambda: next(clock), sleep=sleeps.append)
+    assert len(sleeps) == 3
+    assert store.lease_holder("h1") == "owner"
+
+
+def test_without_slots_the_daemon_follows_prefer(store) -> None:
+    assert take(store, None, "p1", "t", prefer=3).daemon == D[1]
+
+
+def test_queue_release_gives_back_only_what_is_ours(store, slots, client) -> None:
+    got = take(store, slots, "q1", "mine")
+    client.set(lease_key("q2"), "someone-else")
+    pipe = client.pipeline(transaction=True)
+    queue_release(pipe, store, slots, "q1", "mine", got.daemon)
+    queue_release(pipe, store, slots, "q2", "mine", None)
+    pipe.execute()
+    assert client.exists(lease_key("q1")) == 0
+    assert client.zscore(slot_key(got.daemon), "mine") is None
+    assert client.get(lease_key("q2")) == b"someone-else"
