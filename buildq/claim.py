@@ -6,8 +6,9 @@ duplicate delivery returns the record, touching nothing); otherwise it takes the
 buildctl behind), drops the janitor's copy of the message, reads the cancel flag and takes a daemon
 slot (the least loaded daemon under its cap). The rare paths (lease held elsewhere, every daemon
 full) fall back to polling. :class:`Holder` renews the lease and the slot and watches the cancel
-flag while buildctl runs; :func:`queue_release` gives both back, queued on the pipeline that stores
-the result so that costs no round trip of its own.
+flag while buildctl runs. :func:`finish` is the other end, also one script: the log's last
+entries, the result record, the job's final state, the lease and slot given back, and the
+"done" notice, all at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .capacity import ACQUIRE_ANY_LUA, PRELUDE_LUA, DaemonSlots, rotate
-from .state import QUEUED_INDEX, JobStore, cancel_key, job_key, lease_key, result_key
+from .logs import Entry, LogStore, log_key
+from .state import QUEUED_INDEX, JobStore, cancel_key, done_channel, job_key, lease_key, result_key
 
 Clock = Callable[[], float]
 
@@ -41,6 +43,24 @@ if redis.call('EXISTS', KEYS[5]) == 1 then return {2, earlier, 1, 0} end
 return {2, earlier, 0, acquire_any(6, ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))}
 """
 )
+
+
+# KEYS result, job hash, log stream, lease, slot set
+# ARGV record, state, result ttl, done channel, token, give back the slot (1|0), log maxlen, log ttl,
+#      then the log's last entries as (attempt, kind, line) triples
+_FINISH = """
+for i = 9, #ARGV, 3 do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'a', ARGV[i], 'k', ARGV[i + 1], 'l', ARGV[i + 2])
+end
+if #ARGV >= 9 then redis.call('EXPIRE', KEYS[3], ARGV[8]) end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('HSET', KEYS[2], 'state', ARGV[2], 'phase', 'done')
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if ARGV[6] == '1' then redis.call('ZREM', KEYS[5], ARGV[5]) end
+if redis.call('GET', KEYS[4]) == ARGV[5] then redis.call('DEL', KEYS[4]) end
+redis.call('PUBLISH', ARGV[4], ARGV[2])
+return 1
+"""
 
 
 @dataclass
@@ -98,24 +118,54 @@ def claim(
         sleep(poll_s)
 
 
-def queue_release(
-    pipe: Any, store: JobStore, slots: DaemonSlots | None, job_id: str, token: str, daemon: str | None
-) -> None:
-    """Queue on ``pipe`` giving back the slot and the lease (the lease only while still ours)."""
+def release(store: JobStore, slots: DaemonSlots | None, job_id: str, token: str, daemon: str | None) -> None:
+    """Give back the slot and the lease (the lease only while still ours) in one round trip."""
+    pipe = store.redis.pipeline(transaction=False)
     if slots is not None and daemon is not None:
         pipe.zrem(slots.key(daemon), token)
     store.queue_release_lease(pipe, job_id, token)
-
-
-def release(store: JobStore, slots: DaemonSlots | None, job_id: str, token: str, daemon: str | None) -> None:
-    """Give back the slot and the lease in one round trip."""
-    pipe = store.redis.pipeline(transaction=False)
-    queue_release(pipe, store, slots, job_id, token, daemon)
     pipe.execute()
 
 
+def finish(
+    store: JobStore,
+    slots: DaemonSlots | None,
+    job_id: str,
+    token: str,
+    daemon: str | None,
+    record: dict[str, Any],
+    *,
+    logs: LogStore | None = None,
+    log_entries: Sequence[Entry] = (),
+) -> None:
+    """Store the final ``record`` and end the claim, atomically, in one round trip.
+
+    Appends ``log_entries`` to the job's log stream (capped and expiring as ``logs`` says), stores
+    the record and the job's final state, gives back the daemon slot and the lease (only while
+    still ours), and publishes the state on the job's "done" channel. A reader who sees the
+    record therefore also sees the whole log and the lease gone.
+    """
+    slot_key = slots.key(daemon) if slots is not None and daemon is not None else ""
+    keys = [result_key(job_id), job_key(job_id), log_key(job_id), lease_key(job_id), slot_key]
+    state = record["state"]
+    args: list[Any] = [
+        json.dumps(record, separators=(",", ":")),
+        state,
+        store.result_ttl_s,
+        done_channel(job_id),
+        token,
+        1 if slot_key else 0,
+        logs.maxlen if logs is not None else 0,
+        logs.ttl_s if logs is not None else 0,
+    ]
+    if logs is not None:
+        for attempt, kind, line in log_entries:
+            args += [attempt, kind, line.encode("utf-8", errors="replace")]
+    store.script(_FINISH)(keys=keys, args=args)
+
+
 class Holder:
-    """``should_stop`` for the runner (watcher thread): cancel flag, lease and slot renewal."""
+    """``should_stop`` for the runner (on the ticker thread): cancel flag, lease and slot renewal."""
 
     def __init__(
         self,

@@ -396,12 +396,11 @@ class AttemptLog:
         with self._cond:
             self._buffer_all([(self.attempt, "mark", self._redact(text))])
 
-    def drain_into(self, final_state: str | None = None) -> Callable[[Any], None]:
-        """Close like :meth:`close`, but leave the last entries to the caller's pipeline.
-
-        Returns ``queue(pipe)``, which queues the unwritten entries (and the ``final:`` mark) on a
-        pipeline, so the end of the log is stored in the same round trip as the build's result.
-        Everything the flusher had taken is written before this returns, so order is kept.
+    def drain(self, final_state: str | None = None) -> list[Entry]:
+        """Close like :meth:`close`, but return the unwritten entries (and the ``final:`` mark)
+        instead of writing them, so the end of the log is stored in the same round trip as the
+        build's result. Everything the flusher had taken is written before this returns, so the
+        returned entries come after everything already in the stream.
         """
         with self._cond:
             tail = self._closing_entries(final_state)
@@ -411,11 +410,7 @@ class AttemptLog:
             self._cond.notify_all()
         if thread is not None:
             thread.join(CLOSE_TIMEOUT_S)
-
-        def queue(pipe: Any) -> None:
-            self.store.queue_append(pipe, self.job_id, pending)
-
-        return queue
+        return pending
 
     def failing_tail(self, n: int = 30) -> list[str]:
         """The last ``n`` output lines (redacted) of the failed step, else of the last step with output."""

@@ -8,7 +8,6 @@ build failure: the outcome is data (:class:`AttemptOutcome`). The clock is injec
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,10 +20,12 @@ from .buildkit.solvestatus import SolveStatus
 from .errors import BuildError, InvalidJobError, PermanentBuildError
 from .jobs import BuildJob
 from .launchers.base import Launcher, LaunchSpec
+from .ticker import Ticker
 
 Clock = Callable[[], float]
 
-#: how often the watcher checks ``should_stop`` (cancellation must act within 2 s)
+#: how often a build's watcher checks ``should_stop`` (cancellation must act within 2 s); the
+#: interval of the process's :class:`~buildq.ticker.Ticker`
 WATCH_INTERVAL_S = 0.25
 
 
@@ -85,6 +86,7 @@ def run_attempt(
     insecure_registries: Sequence[str],
     environ: Mapping[str, str],
     timeout_s: float,
+    ticker: Ticker,
     clock: Clock = time.time,
     on_line: Callable[[str, SolveStatus | None], None] | None = None,
     on_start: Callable[[], None] | None = None,
@@ -93,7 +95,7 @@ def run_attempt(
 ) -> AttemptOutcome:
     """Run buildctl once for ``job`` against ``daemon``; return what happened.
 
-    ``should_stop`` is polled every 250 ms while buildctl runs; a non-None answer
+    ``should_stop`` is polled by ``ticker`` (every 250 ms) while buildctl runs; a non-None answer
     (``"cancelled"``) kills buildctl and becomes the outcome. Passing ``timeout_s`` kills it too
     (outcome ``timeout``). ``on_start`` is called once buildctl has been started; ``on_line``
     gets every stderr line with its parsed SolveStatus (None for a text line) as it arrives.
@@ -117,21 +119,19 @@ def run_attempt(
         on_start()
 
     stop_reason: list[str] = []
-    done = threading.Event()
     deadline = started + timeout_s
 
-    def watch() -> None:
-        while not done.wait(WATCH_INTERVAL_S):
-            reason = should_stop() if should_stop is not None else None
-            if reason is None and clock() >= deadline:
-                reason = "timeout"
-            if reason is not None:
-                stop_reason.append(reason)
-                running.kill()
-                return
+    def watch() -> bool:  # on the ticker's thread, every WATCH_INTERVAL_S; True: stop watching
+        reason = should_stop() if should_stop is not None else None
+        if reason is None and clock() >= deadline:
+            reason = "timeout"
+        if reason is not None:
+            stop_reason.append(reason)
+            running.kill()
+            return True
+        return False
 
-    watcher = threading.Thread(target=watch, name=f"buildq-watch-{job.job_id[:16]}", daemon=True)
-    watcher.start()
+    ticket = ticker.every(watch)
     try:
         for line in running.lines():
             status = tracker.feed(line)
@@ -141,9 +141,8 @@ def run_attempt(
         exited = clock()
         metadata = running.read_metadata() if exit_code == 0 else None
     finally:
-        done.set()
+        ticket.cancel()  # no watch runs after this
         running.close()
-    watcher.join()
 
     outcome = AttemptOutcome(
         number,

@@ -24,7 +24,7 @@ from .buildkit.classify import Failure
 from .buildkit.livephase import LivePhases
 from .buildkit.solvestatus import SolveStatus
 from .capacity import DaemonSlots, wait_for_slot
-from .claim import Holder, claim, queue_release, release
+from .claim import Holder, claim, finish, release
 from .config import Settings
 from .errors import BuildError, InvalidJobError
 from .jobs import BuildJob, parse_job
@@ -33,9 +33,10 @@ from .logs import AttemptLog, LogStore
 from .metrics import BuildMetrics
 from .records import attempt_record, error_record, final_record, iso
 from .redact import Redactor
-from .runner import AttemptOutcome, check_job_on_worker, run_attempt
+from .runner import WATCH_INTERVAL_S, AttemptOutcome, check_job_on_worker, run_attempt
 from .sidechannel import SideChannel
 from .state import JobStore
+from .ticker import Ticker
 
 Clock = Callable[[], float]
 
@@ -92,6 +93,7 @@ class BuildService:
     logs: LogStore | None = None
     slots: DaemonSlots | None = None
     side: SideChannel = field(default_factory=SideChannel)
+    ticker: Ticker = field(default_factory=lambda: Ticker(WATCH_INTERVAL_S))
     #: how long a delivery polls for a daemon slot before it re-queues itself
     slot_wait_s: float = 5.0
     #: seconds between polls while waiting for another worker's lease on the same job
@@ -225,7 +227,7 @@ class BuildService:
                     reporter.phase_ended(job.job_id, number, phase, seconds)
                 current.set(live.current)
 
-        def should_stop() -> str | None:  # the watcher thread, every 250 ms
+        def should_stop() -> str | None:  # on the ticker thread, every 250 ms from the start
             current.go_live()
             self.side.poke()  # publish the phase events batched since the last tick
             return holder()
@@ -241,6 +243,7 @@ class BuildService:
                 insecure_registries=self.settings.insecure_registries,
                 environ=self.environ,
                 timeout_s=float(job.timeout_s or self.settings.default_timeout_s),
+                ticker=self.ticker,
                 clock=self.clock,
                 on_start=on_start,
                 on_line=on_line,
@@ -325,15 +328,17 @@ class BuildService:
             finished_at=now,
             error=error,
         )
-        drain_log = log.drain_into(state) if log is not None else None
-
-        def with_result(pipe: Any) -> None:
-            # one round trip: the log's last lines and final mark, the result, the lease and slot back
-            if drain_log is not None:
-                drain_log(pipe)
-            queue_release(pipe, self.store, self.slots, job.job_id, hold.token, hold.daemon)
-
-        self.store.store_result(job.job_id, final, before=with_result)
+        # one round trip: the log's end, the result, the final state, the lease and slot given back
+        finish(
+            self.store,
+            self.slots,
+            job.job_id,
+            hold.token,
+            hold.daemon,
+            final,
+            logs=self.logs,
+            log_entries=log.drain(state) if log is not None else (),
+        )
         hold.released = True
         reporter.done = True
         reporter.phase_ended(

@@ -5,7 +5,8 @@ between buildctl exiting and the result being readable. Live progress (Celery ev
 ``BUILDING`` task state, the job hash's ``phase``) is worth having but must not sit on those paths,
 so it goes through one daemon thread per process, in submission order. :meth:`SideChannel.drain`
 waits until everything submitted so far is written: the task drains before it returns, so a late
-``BUILDING`` can never overwrite the final state.
+``BUILDING`` can never overwrite the final state. A short build submits nothing; its drain then
+runs the flush hooks on the caller's thread, with no hand-off to the side thread.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class SideChannel:
         self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._pending = 0  # submitted, not yet run
         self.failures = 0
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -37,10 +39,15 @@ class SideChannel:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                     self._thread.start()
+        with self._lock:
+            self._pending += 1
         self._queue.put((fn, args))
 
     def on_flush(self, hook: Callable[[], Any]) -> None:
-        """Call ``hook`` (e.g. publish batched events) at every :meth:`poke` and :meth:`drain`."""
+        """Call ``hook`` (e.g. publish batched events) at every :meth:`poke` and :meth:`drain`.
+
+        Hooks run on the side thread, or on the thread calling :meth:`drain` when nothing is
+        pending, so they must be thread-safe."""
         if hook not in self._idle_hooks:
             self._idle_hooks.append(hook)
 
@@ -54,12 +61,15 @@ class SideChannel:
             self._call(hook, ())
 
     def drain(self, timeout: float = 10.0) -> bool:
-        """Wait until everything submitted so far has run; False if ``timeout`` passed first."""
-        if self._thread is None:
+        """Run the flush hooks after everything submitted so far; False if ``timeout`` passed first."""
+        with self._lock:
+            idle = self._pending == 0
+        if idle:  # nothing to keep in order with: flush here, no thread hand-off
+            self._flush()
             return True
         done = threading.Event()
-        self._queue.put((self._flush, ()))
-        self._queue.put((done.set, ()))
+        self.submit(self._flush)
+        self.submit(done.set)
         return done.wait(timeout)
 
     def _run(self) -> None:
@@ -69,6 +79,8 @@ class SideChannel:
                 return
             fn, args = item
             self._call(fn, args)
+            with self._lock:
+                self._pending -= 1
 
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         try:

@@ -102,14 +102,10 @@ class JobStore:
         raw: dict[bytes, bytes] = self.redis.hgetall(job_key(job_id))  # type: ignore[assignment]
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    def store_result(self, job_id: str, record: dict[str, Any], before: Any = None) -> None:
-        """Store the final record and the job's final state in one round trip.
-
-        ``before(pipe)`` may queue more commands first (the log's last lines), sharing the trip.
-        """
+    def store_result(self, job_id: str, record: dict[str, Any]) -> None:
+        """Store the final record and the job's final state in one round trip (a job that was never
+        claimed; a claimed one ends with :func:`buildq.claim.finish`)."""
         pipe = self.redis.pipeline(transaction=True)
-        if before is not None:
-            before(pipe)
         pipe.set(result_key(job_id), json.dumps(record, separators=(",", ":")), ex=self.result_ttl_s)
         pipe.hset(job_key(job_id), mapping={"state": record["state"], "phase": "done"})
         pipe.expire(job_key(job_id), self.result_ttl_s)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from typing import Any
 
 import redis.exceptions
@@ -11,6 +13,8 @@ from celery.exceptions import Reject
 
 from .app import TASK_NAME
 from .service import LeaseLost, Reporter, RetryLater, WaitForDaemon
+
+log = logging.getLogger("buildq.tasks")
 
 #: custom Celery state while buildctl runs; ``info`` holds ``{"job_id", "attempt", "phase"}``
 BUILDING = "BUILDING"
@@ -23,13 +27,16 @@ class BuildFailed(Exception):
 
 
 _dispatchers: dict[tuple[int, str], Any] = {}
+#: guards the dispatchers: the build's thread buffers events, a flush may come from another thread
+_events_lock = threading.Lock()
 
 
 def _dispatcher(app: Celery, hostname: str) -> Any:
-    """One event dispatcher per process and hostname, used only from the side-channel thread.
+    """One event dispatcher per process and hostname (caller holds ``_events_lock``).
 
-    Task events are buffered and published as one ``task.multi`` message (Celery's own batching,
-    which event receivers such as Flower unpack) at the watcher's 250 ms tick and when the task ends.
+    Task events are buffered in memory and published as one ``task.multi`` message (Celery's own
+    batching, which event receivers such as Flower unpack) at the watcher's 250 ms tick and when
+    the task ends.
     """
     key = (os.getpid(), hostname)
     dispatcher = _dispatchers.get(key)
@@ -46,20 +53,23 @@ def _dispatcher(app: Celery, hostname: str) -> Any:
 
 
 def _flush_events() -> None:
-    for key, dispatcher in list(_dispatchers.items()):
-        if key[0] == os.getpid():
-            try:
-                dispatcher.flush()
-            except Exception:
-                _dispatchers.pop(key, None)  # reconnect next time
-                raise
+    with _events_lock:
+        for key, dispatcher in list(_dispatchers.items()):
+            if key[0] == os.getpid():
+                try:
+                    dispatcher.flush()
+                except Exception:
+                    _dispatchers.pop(key, None)  # reconnect next time
+                    raise
 
 
 class TaskReporter(Reporter):
     """Live progress through Celery: the task state shows the current phase, an event per ended phase.
 
-    Everything is handed to the service's side channel (another thread), so it never delays
-    buildctl's start or the stored result; ``handle`` drains it before the task returns.
+    Phase events are only buffered here (no I/O); they are published by the side channel's flush
+    (each watcher tick, and once when the task ends). State writes go through the side channel
+    (another thread), so they never delay buildctl's start or the stored result; ``handle``
+    drains it before the task returns.
     """
 
     def __init__(self, task: Task, service: Any) -> None:
@@ -73,7 +83,10 @@ class TaskReporter(Reporter):
         self.service.side.submit(self._state, job_id, attempt, phase)
 
     def phase_ended(self, job_id: str, attempt: int, phase: str, seconds: float) -> None:
-        self.service.side.submit(self._event, job_id, attempt, phase, round(seconds, 3))
+        try:
+            self._event(job_id, attempt, phase, round(seconds, 3))
+        except Exception as exc:  # noqa: BLE001 - progress is best effort; the build goes on
+            log.warning("phase event not sent: %s", exc)
 
     def _state(self, job_id: str, attempt: int, phase: str) -> None:
         if self.done:  # the result is stored: a late progress state must not cover it
@@ -84,9 +97,10 @@ class TaskReporter(Reporter):
         self.service.store.update(job_id, phase=phase)
 
     def _event(self, job_id: str, attempt: int, phase: str, seconds: float) -> None:
-        _dispatcher(self.app, self.hostname).send(
-            PHASE_EVENT, uuid=self.task_id, job_id=job_id, attempt=attempt, phase=phase, seconds=seconds
-        )
+        with _events_lock:
+            _dispatcher(self.app, self.hostname).send(
+                PHASE_EVENT, uuid=self.task_id, job_id=job_id, attempt=attempt, phase=phase, seconds=seconds
+            )
 
 
 def summary(record: dict[str, Any]) -> dict[str, Any]:

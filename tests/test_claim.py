@@ -10,8 +10,9 @@ import pytest
 import redis
 
 from buildq.capacity import DaemonSlots, slot_key
-from buildq.claim import claim, queue_release, release
-from buildq.state import QUEUED_INDEX, JobStore, cancel_key, job_key, lease_key, result_key
+from buildq.claim import claim, finish, release
+from buildq.logs import LogStore, log_key
+from buildq.state import QUEUED_INDEX, JobStore, cancel_key, done_channel, job_key, lease_key, result_key
 from tests.harness import REDIS_URL
 
 DB_URL = f"{REDIS_URL}/13"
@@ -123,13 +124,46 @@ def test_without_slots_the_daemon_follows_prefer(store) -> None:
     assert take(store, None, "p1", "t", prefer=3).daemon == D[1]
 
 
-def test_queue_release_gives_back_only_what_is_ours(store, slots, client) -> None:
+def test_release_gives_back_only_what_is_ours(store, slots, client) -> None:
     got = take(store, slots, "q1", "mine")
     client.set(lease_key("q2"), "someone-else")
-    pipe = client.pipeline(transaction=True)
-    queue_release(pipe, store, slots, "q1", "mine", got.daemon)
-    queue_release(pipe, store, slots, "q2", "mine", None)
-    pipe.execute()
+    release(store, slots, "q1", "mine", got.daemon)
+    release(store, slots, "q2", "mine", None)
     assert client.exists(lease_key("q1")) == 0
     assert client.zscore(slot_key(got.daemon), "mine") is None
     assert client.get(lease_key("q2")) == b"someone-else"
+
+
+def test_finish_stores_everything_and_ends_the_claim_in_one_round_trip(store, slots, client) -> None:
+    logs = LogStore(client, maxlen=100, ttl_s=50)
+    store.mark_queued("f1", 1.0, "q")
+    got = take(store, slots, "f1", "tok")
+    other = take(store, slots, "f2", "tok2")  # holds the other daemon's slot: must keep it
+    finish(store, slots, "warm", "w", None, {"job_id": "warm", "state": "failed"})  # loads the script
+    pubsub = client.pubsub()
+    pubsub.subscribe(done_channel("f1"))
+    client.trips.clear()
+    entries = [(1, "plain", "#1 DONE 0.1s"), (1, "mark", "final: succeeded")]
+    record = {"job_id": "f1", "state": "succeeded", "image": {"digest": "sha256:ab"}}
+    finish(store, slots, "f1", "tok", got.daemon, record, logs=logs, log_entries=entries)
+    assert client.trips == ["EVALSHA"]
+    assert store.result("f1") == record
+    assert store.info("f1")["state"] == "succeeded" and store.info("f1")["phase"] == "done"
+    assert 0 < client.ttl(result_key("f1")) <= 60 and 0 < client.ttl(job_key("f1")) <= 60
+    assert [(e.attempt, e.kind, e.line) for e in logs.read("f1")] == entries
+    assert 0 < client.ttl(log_key("f1")) <= 50
+    assert client.exists(lease_key("f1")) == 0
+    assert client.zscore(slot_key(got.daemon), "tok") is None
+    assert client.zscore(slot_key(other.daemon), "tok2") is not None
+    messages = [m for m in iter(lambda: pubsub.get_message(timeout=1), None) if m["type"] == "message"]
+    assert [m["data"] for m in messages] == [b"succeeded"]
+    pubsub.close()
+
+
+def test_finish_keeps_a_lease_that_is_no_longer_ours(store, slots, client) -> None:
+    take(store, slots, "f3", "old")
+    client.set(lease_key("f3"), "new-owner")
+    finish(store, slots, "f3", "old", None, {"job_id": "f3", "state": "failed"})
+    assert client.get(lease_key("f3")) == b"new-owner"
+    assert store.result("f3") == {"job_id": "f3", "state": "failed"}
+    assert client.exists(log_key("f3")) == 0  # no entries, no stream
