@@ -11,6 +11,7 @@ Keys (all under ``buildq:``):
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from typing import Any
 
@@ -65,6 +66,7 @@ class JobStore:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._scripts: dict[str, Any] = {}
+        self._local = threading.local()
 
     @classmethod
     def from_url(cls, url: str, *, result_ttl_s: int) -> JobStore:
@@ -117,27 +119,52 @@ class JobStore:
         return json.loads(raw) if raw else None
 
     def wait_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        """Block until the job's record is stored (or ``timeout`` passes); None on timeout."""
+        """Block until the job's record is stored (or ``timeout`` passes); None on timeout.
+
+        Listens on the job's "done" channel through one subscriber connection per thread, kept
+        between calls (a new connection per wait would cost more than the wait itself).
+        """
         import time
 
         record = self.result(job_id)  # already done: one round trip, no subscription
         if record is not None:
             return record
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._subscriber()
+        channel = done_channel(job_id).encode()
+        clean = False
         try:
-            pubsub.subscribe(done_channel(job_id))
+            pubsub.subscribe(channel)
             deadline = None if timeout is None else time.monotonic() + timeout
+            check = True
             while True:
-                record = self.result(job_id)
-                if record is not None:
-                    return record
+                if check:
+                    record = self.result(job_id)
+                    if record is not None:
+                        clean = True
+                        return record
                 left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if left <= 0:
+                    clean = True
                     return None
                 # re-check at least every second: a publish before we subscribed is not lost
-                pubsub.get_message(timeout=left)
+                message = pubsub.get_message(timeout=left)
+                check = message is None or message.get("channel") == channel
         finally:
-            pubsub.close()
+            if clean:
+                pubsub.unsubscribe(channel)
+            else:  # broken or interrupted: start afresh next time
+                self._local.__dict__.pop("pubsub", None)
+                pubsub.close()
+
+    def _subscriber(self) -> Any:
+        """This thread's subscriber (made again in a forked child: sockets are not shared)."""
+        import os
+
+        held = getattr(self._local, "pubsub", None)
+        if held is None or held[0] != os.getpid():
+            held = (os.getpid(), self.redis.pubsub(ignore_subscribe_messages=True))
+            self._local.pubsub = held
+        return held[1]
 
     # -- leases ------------------------------------------------------------------------------
     @staticmethod

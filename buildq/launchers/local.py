@@ -99,6 +99,7 @@ class LocalLauncher(Launcher):
         self._scratch: str | None = None
         self._scratch_pid = 0
         self._count = 0
+        self._base_env: dict[bytes, bytes] | None = None
 
     def prepare(self, job_id: str, context_dir: str | None, dockerfile_dir: str | None) -> BuildPaths:
         # one private scratch directory per process, made once; one metadata file per build in it
@@ -113,8 +114,10 @@ class LocalLauncher(Launcher):
         )
 
     def start(self, spec: LaunchSpec, paths: BuildPaths) -> RunningBuild:
-        env = dict(os.environ)
-        env.update(spec.env)
+        if self._base_env is None:  # the worker's environment, read once (as bytes: no re-encoding)
+            self._base_env = dict(os.environb)
+        env = self._base_env.copy()
+        env.update((os.fsencode(k), os.fsencode(v)) for k, v in spec.env.items())
         try:
             proc = subprocess.Popen(
                 [self.buildctl_path, *spec.argv],
@@ -136,11 +139,19 @@ class LocalLauncher(Launcher):
         return LocalBuild(proc, paths, self._write_pidfile(spec.job_id, proc.pid))
 
     def _write_pidfile(self, job_id: str, pid: int) -> Path | None:
+        path = f"{self.state_dir}/{job_id}.{pid}.pid"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            path = self.state_dir / f"{job_id}.{pid}.pid"
-            path.write_text(json.dumps({"job_id": job_id, "pgid": pid, "exe": self.buildctl_path}))
-            return path
+            try:
+                fd = os.open(path, flags, 0o644)
+            except FileNotFoundError:  # first build, or the directory was cleaned away
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, flags, 0o644)
+            try:
+                os.write(fd, json.dumps({"job_id": job_id, "pgid": pid, "exe": self.buildctl_path}).encode())
+            finally:
+                os.close(fd)
+            return Path(path)
         except OSError:
             return None
 
