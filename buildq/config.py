@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     buildkit_max_builds: int = Field(default=4, ge=1, le=1000)
     buildctl_image: str = "moby/buildkit:v0.21.0"
     buildctl_path: str = "buildctl"
+    #: local launcher: where pid files and metadata files go (default: /dev/shm/buildq-local
+    #: when /dev/shm is writable, else <tmp>/buildq-local); all workers of a host must agree
+    local_state_dir: str | None = None
     insecure_registries: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     #: docker launcher: engine URL (default: the SDK's DOCKER_HOST / local socket)

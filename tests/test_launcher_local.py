@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from buildq.launchers.base import LaunchSpec
-from buildq.launchers.local import LocalLauncher
+from buildq.launchers.local import LocalLauncher, default_state_dir
 
 
 def script(tmp_path: Path, body: str) -> str:
@@ -75,3 +76,17 @@ def test_kill_orphan_leaves_a_recycled_pid_alone(tmp_path: Path) -> None:
     launcher.kill_orphan("job-x")
     time.sleep(0.01)
     assert launcher.find_orphans() == []  # the stale pid file is gone, and we are still here
+
+
+def test_state_dir_defaults_to_memory_backed_shm_when_writable(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    assert default_state_dir(str(shm)) == str(shm / "buildq-local")
+    assert default_state_dir(str(tmp_path / "absent")) == os.path.join(tempfile.gettempdir(), "buildq-local")
+
+
+def test_metadata_files_go_to_a_scratch_dir_under_the_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    launcher = LocalLauncher(script(tmp_path, "exit 0\n"), state_dir=str(state))
+    paths = launcher.prepare("job-m", None, None)
+    assert Path(paths.metadata_file).parent.parent == state
