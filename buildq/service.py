@@ -229,7 +229,6 @@ class BuildService:
 
         def should_stop() -> str | None:  # on the ticker thread, every 250 ms from the start
             current.go_live()
-            self.side.poke()  # publish the phase events batched since the last tick
             return holder()
 
         if self.metrics is not None:

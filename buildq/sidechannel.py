@@ -6,7 +6,7 @@ between buildctl exiting and the result being readable. Live progress (Celery ev
 so it goes through one daemon thread per process, in submission order. :meth:`SideChannel.drain`
 waits until everything submitted so far is written: the task drains before it returns, so a late
 ``BUILDING`` can never overwrite the final state. A short build submits nothing; its drain then
-runs the flush hooks on the caller's thread, with no hand-off to the side thread.
+returns at once, with no hand-off to the side thread.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ class SideChannel:
 
     def __init__(self, name: str = "buildq-side") -> None:
         self._name = name
-        self._idle_hooks: list[Callable[[], Any]] = []
         self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -43,32 +42,12 @@ class SideChannel:
             self._pending += 1
         self._queue.put((fn, args))
 
-    def on_flush(self, hook: Callable[[], Any]) -> None:
-        """Call ``hook`` (e.g. publish batched events) at every :meth:`poke` and :meth:`drain`.
-
-        Hooks run on the side thread, or on the thread calling :meth:`drain` when nothing is
-        pending, so they must be thread-safe."""
-        if hook not in self._idle_hooks:
-            self._idle_hooks.append(hook)
-
-    def poke(self) -> None:
-        """Run the flush hooks soon (the build's watcher pokes every 250 ms)."""
-        if self._idle_hooks:
-            self.submit(self._flush)
-
-    def _flush(self) -> None:
-        for hook in self._idle_hooks:
-            self._call(hook, ())
-
     def drain(self, timeout: float = 10.0) -> bool:
-        """Run the flush hooks after everything submitted so far; False if ``timeout`` passed first."""
+        """Wait until everything submitted so far has run; False if ``timeout`` passed first."""
         with self._lock:
-            idle = self._pending == 0
-        if idle:  # nothing to keep in order with: flush here, no thread hand-off
-            self._flush()
-            return True
+            if self._pending == 0:  # nothing in flight: no hand-off to the side thread
+                return True
         done = threading.Event()
-        self.submit(self._flush)
         self.submit(done.set)
         return done.wait(timeout)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from typing import Any
 
 import redis.exceptions
@@ -12,64 +10,25 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 
 from .app import TASK_NAME
+from .events import phase_events
 from .service import LeaseLost, Reporter, RetryLater, WaitForDaemon
 
 log = logging.getLogger("buildq.tasks")
 
 #: custom Celery state while buildctl runs; ``info`` holds ``{"job_id", "attempt", "phase"}``
 BUILDING = "BUILDING"
-#: custom event type sent as each phase ends (``job_id``, ``attempt``, ``phase``, ``seconds``)
-PHASE_EVENT = "task-phase"
 
 
 class BuildFailed(Exception):
     """Raised after the failed record is stored, so Celery/Flower show the task as FAILURE."""
 
 
-_dispatchers: dict[tuple[int, str], Any] = {}
-#: guards the dispatchers: the build's thread buffers events, a flush may come from another thread
-_events_lock = threading.Lock()
-
-
-def _dispatcher(app: Celery, hostname: str) -> Any:
-    """One event dispatcher per process and hostname (caller holds ``_events_lock``).
-
-    Task events are buffered in memory and published as one ``task.multi`` message (Celery's own
-    batching, which event receivers such as Flower unpack) at the watcher's 250 ms tick and when
-    the task ends.
-    """
-    key = (os.getpid(), hostname)
-    dispatcher = _dispatchers.get(key)
-    if dispatcher is None:
-        dispatcher = app.events.Dispatcher(
-            app.connection_for_write(),
-            hostname=hostname,
-            enabled=True,
-            buffer_group=["task"],
-            buffer_limit=50,
-        )
-        _dispatchers[key] = dispatcher
-    return dispatcher
-
-
-def _flush_events() -> None:
-    with _events_lock:
-        for key, dispatcher in list(_dispatchers.items()):
-            if key[0] == os.getpid():
-                try:
-                    dispatcher.flush()
-                except Exception:
-                    _dispatchers.pop(key, None)  # reconnect next time
-                    raise
-
-
 class TaskReporter(Reporter):
     """Live progress through Celery: the task state shows the current phase, an event per ended phase.
 
-    Phase events are only buffered here (no I/O); they are published by the side channel's flush
-    (each watcher tick, and once when the task ends). State writes go through the side channel
-    (another thread), so they never delay buildctl's start or the stored result; ``handle``
-    drains it before the task returns.
+    Phase events are buffered and published in batches (:mod:`buildq.events`). State writes go
+    through the side channel (another thread), so they never delay buildctl's start or the stored
+    result; ``handle`` drains it before the task returns.
     """
 
     def __init__(self, task: Task, service: Any) -> None:
@@ -77,14 +36,21 @@ class TaskReporter(Reporter):
         self.app, self.backend, self.service = task.app, task.backend, service
         self.task_id: str = task.request.id
         self.hostname: str = task.request.hostname or "buildq"
-        service.side.on_flush(_flush_events)
+        self.events = phase_events(task.app, service.ticker)
 
     def phase_started(self, job_id: str, attempt: int, phase: str) -> None:
         self.service.side.submit(self._state, job_id, attempt, phase)
 
     def phase_ended(self, job_id: str, attempt: int, phase: str, seconds: float) -> None:
         try:
-            self._event(job_id, attempt, phase, round(seconds, 3))
+            self.events.send(
+                self.hostname,
+                uuid=self.task_id,
+                job_id=job_id,
+                attempt=attempt,
+                phase=phase,
+                seconds=round(seconds, 3),
+            )
         except Exception as exc:  # noqa: BLE001 - progress is best effort; the build goes on
             log.warning("phase event not sent: %s", exc)
 
@@ -95,12 +61,6 @@ class TaskReporter(Reporter):
             self.task_id, {"job_id": job_id, "attempt": attempt, "phase": phase}, BUILDING
         )
         self.service.store.update(job_id, phase=phase)
-
-    def _event(self, job_id: str, attempt: int, phase: str, seconds: float) -> None:
-        with _events_lock:
-            _dispatcher(self.app, self.hostname).send(
-                PHASE_EVENT, uuid=self.task_id, job_id=job_id, attempt=attempt, phase=phase, seconds=seconds
-            )
 
 
 def summary(record: dict[str, Any]) -> dict[str, Any]:

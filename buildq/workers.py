@@ -68,9 +68,11 @@ def _forget_parent_runtime(**_: object) -> None:
 
 
 @worker_process_shutdown.connect
-def _drop_live_gauges(pid: int | None = None, **_: object) -> None:
+def _on_process_shutdown(pid: int | None = None, **_: object) -> None:
+    from .events import flush_all
     from .metrics import mark_process_dead
 
+    flush_all()  # phase events still buffered
     mark_process_dead(pid or os.getpid())
 
 
