@@ -1,13 +1,16 @@
 """What buildq costs on top of the build: buildq vs a bare Celery task that spawns the same process.
 
-Run by hand (not part of the tests):  .venv/bin/python bench/overhead.py [--builds 300] [--bulk 500]
+Run by hand (not part of the tests):
+    .venv/bin/python bench/overhead.py [--builds 300] [--bulk 700] [--rounds 3]
 
 Both sides: real Redis on 127.0.0.1:6379, a real worker (prefork, 2 processes, late acks,
 prefetch 1, events on), and the same buildctl stand-in (bench/standin_exit.c, compiled here: it
 writes the metadata file and exits at once, appending its own start/end time to BENCH_TIMES).
 Figures: p50/p95/p99 of enqueue → buildctl start and buildctl exit → result readable (one build
-at a time), builds per second (bulk), peak RSS of a worker child after the run (1,000+ builds),
-and the ratio buildq / floor for each.
+at a time), builds per second (bulk), CPU time per build of each process (bulk), RSS of a worker
+child after 30 builds and after the run (1,030 builds), and the ratio buildq / floor for each.
+The sides take turns over several rounds (order alternating, a fresh worker each time), so drift
+of the machine hits both alike; latency percentiles pool every round, the rest is the median.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import argparse
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -163,21 +167,32 @@ class FloorSide(Side):
         handle.get(timeout=60)  # type: ignore[attr-defined]
 
 
+@dataclass
+class Run:
+    """One side's figures from one round."""
+
+    to_start: list[float] = field(default_factory=list)
+    to_result: list[float] = field(default_factory=list)
+    builds_per_s: float = 0.0
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    rss_early: list[tuple[int, int, int]] = field(default_factory=list)
+    rss_end: list[tuple[int, int, int]] = field(default_factory=list)
+
+
 def measure(
     side: Side,
     times_file: Path,
     builds: int,
     bulk: int,
+    worker_pid: int,
     warmup: int = 30,
     gap_s: float = 0.02,
-    after_warmup: Callable[[], None] = lambda: None,
-    cpu: CpuMeter | None = None,
-) -> dict[str, float]:
+) -> Run:
+    run = Run()
     for i in range(warmup):
         side.wait(side.submit(f"warm-{uuid.uuid4().hex[:8]}-{i}"))
-    after_warmup()
+    run.rss_early = children_rss(worker_pid)
     times_file.write_text("")
-    to_start, to_result = [], []
     for i in range(builds):
         time.sleep(gap_s)  # one build at a time: let the previous one's bookkeeping finish
         t_enq = time.time()
@@ -185,44 +200,23 @@ def measure(
         side.wait(handle)
         t_done = time.time()
         ((start, end),) = read_times(times_file)[-1:]
-        to_start.append(start - t_enq)
-        to_result.append(t_done - end)
-    before = cpu.read() if cpu else {}
+        run.to_start.append(start - t_enq)
+        run.to_result.append(t_done - end)
+    cpu = CpuMeter(worker_pid)
+    before = cpu.read()
     t0 = time.time()
     handles = [side.submit(f"bulk-{uuid.uuid4().hex[:8]}-{i}") for i in range(bulk)]
     for handle in handles:
         side.wait(handle)
-    per_s = bulk / (time.time() - t0)
-    out = {"builds_per_s": per_s}
-    if cpu:  # CPU time per bulk build, by process: where the throughput goes
-        for name, value in cpu.read().items():
-            out[f"cpu_ms_per_build {name}"] = (value - before[name]) / bulk * 1000
-    for label, values in (("enqueue_to_start", to_start), ("exit_to_result", to_result)):
-        for p in (50, 95, 99):
-            out[f"{label}_p{p}_ms"] = pct(values, p) * 1000
-    return out
+    run.builds_per_s = bulk / (time.time() - t0)
+    # CPU time per bulk build, by process: where the throughput goes
+    run.cpu_ms = {name: (value - before[name]) / bulk * 1000 for name, value in cpu.read().items()}
+    run.rss_end = children_rss(worker_pid)
+    return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--builds", type=int, default=300, help="one-at-a-time builds per side")
-    parser.add_argument("--bulk", type=int, default=700, help="builds submitted at once per side")
-    parser.add_argument("--gap-ms", type=float, default=20.0, help="pause between one-at-a-time builds")
-    args = parser.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="buildq-bench-"))
-    standin = compile_standin(work)
-    context = work / "ctx"
-    context.mkdir()
-    (context / "Dockerfile").write_text("FROM scratch\n")
-    times = work / "times"
-    queue = f"bench{uuid.uuid4().hex[:6]}"
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("BUILDQ_", "FLOOR_"))}
-    base["BENCH_TIMES"] = str(times)
-    for db in (8, 9):
-        redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
-
-    buildq_env = {
+def run_buildq(base: dict[str, str], work: Path, standin: Path, queue: str, args: argparse.Namespace) -> Run:
+    env = {
         **base,
         "BUILDQ_BROKER_URL": f"{REDIS}/8",
         "BUILDQ_RESULT_BACKEND": f"{REDIS}/9",
@@ -231,42 +225,17 @@ def main() -> None:
         "BUILDQ_QUEUE": queue,
         "BUILDQ_HIGH_PRIORITY_QUEUE": queue + ".high",
     }
-    results: dict[str, dict[str, float]] = {}
-    rss: dict[str, list[tuple[int, int, int]]] = {}
-    worker = start(
-        [
-            sys.executable,
-            "-m",
-            "buildq",
-            "worker",
-            "--concurrency",
-            "2",
-            "--pool",
-            "prefork",
-            "--loglevel",
-            "INFO",
-        ],
-        buildq_env,
-        work / "buildq-worker.log",
-    )
+    argv = [sys.executable, "-m", "buildq", "worker", "--concurrency", "2", "--pool", "prefork"]
+    worker = start([*argv, "--loglevel", "INFO"], env, work / "buildq-worker.log")
     try:
-        side = BuildqSide(buildq_env, context)
-        early: list[tuple[int, int, int]] = []
-        results["buildq"] = measure(
-            side,
-            times,
-            args.builds,
-            args.bulk,
-            gap_s=args.gap_ms / 1000,
-            after_warmup=lambda: early.extend(children_rss(worker.pid)),
-            cpu=CpuMeter(worker.pid),
-        )
-        rss["buildq after 30 builds"] = early
-        rss["buildq"] = children_rss(worker.pid)
+        side = BuildqSide(env, work / "ctx")
+        return measure(side, work / "times", args.builds, args.bulk, worker.pid, gap_s=args.gap_ms / 1000)
     finally:
         stop(worker)
 
-    floor_env = {
+
+def run_floor(base: dict[str, str], work: Path, standin: Path, queue: str, args: argparse.Namespace) -> Run:
+    env = {
         **base,
         "FLOOR_BROKER_URL": f"{REDIS}/8",
         "FLOOR_RESULT_BACKEND": f"{REDIS}/9",
@@ -274,54 +243,73 @@ def main() -> None:
         "FLOOR_QUEUE": queue + ".floor",
         "PYTHONPATH": str(ROOT),
     }
-    worker = start(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "bench.floor_app",
-            "worker",
-            "--concurrency",
-            "2",
-            "--pool",
-            "prefork",
-            "--events",
-            "--prefetch-multiplier",
-            "1",
-            "--without-gossip",
-            "--without-mingle",
-            "-Q",
-            floor_env["FLOOR_QUEUE"],
-            "--loglevel",
-            "INFO",
-        ],
-        floor_env,
-        work / "floor-worker.log",
-    )
+    argv = [sys.executable, "-m", "celery", "-A", "bench.floor_app", "worker", "--concurrency", "2"]
+    argv += ["--pool", "prefork", "--events", "--prefetch-multiplier", "1", "--without-gossip"]
+    argv += ["--without-mingle", "-Q", env["FLOOR_QUEUE"], "--loglevel", "INFO"]
+    worker = start(argv, env, work / "floor-worker.log")
     try:
-        side = FloorSide(floor_env)
-        results["floor"] = measure(
-            side, times, args.builds, args.bulk, gap_s=args.gap_ms / 1000, cpu=CpuMeter(worker.pid)
-        )
-        rss["floor"] = children_rss(worker.pid)
+        side = FloorSide(env)
+        return measure(side, work / "times", args.builds, args.bulk, worker.pid, gap_s=args.gap_ms / 1000)
     finally:
         stop(worker)
 
-    total = 30 + args.builds + args.bulk
+
+def figures(runs: list[Run]) -> dict[str, float]:
+    """Latency percentiles over every round's samples; throughput and CPU: the median round."""
+    out = {"builds_per_s": statistics.median(r.builds_per_s for r in runs)}
+    for name in runs[0].cpu_ms:
+        out[f"cpu_ms_per_build {name}"] = statistics.median(r.cpu_ms[name] for r in runs)
+    for label in ("to_start", "to_result"):
+        values = [v for r in runs for v in getattr(r, label)]
+        title = {"to_start": "enqueue_to_start", "to_result": "exit_to_result"}[label]
+        for p in (50, 95, 99):
+            out[f"{title}_p{p}_ms"] = pct(values, p) * 1000
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--builds", type=int, default=300, help="one-at-a-time builds per side and round")
+    parser.add_argument("--bulk", type=int, default=700, help="builds submitted at once per side and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each side in turn (order alternates)")
+    parser.add_argument("--gap-ms", type=float, default=20.0, help="pause between one-at-a-time builds")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="buildq-bench-"))
+    standin = compile_standin(work)
+    (work / "ctx").mkdir()
+    (work / "ctx" / "Dockerfile").write_text("FROM scratch\n")
+    queue = f"bench{uuid.uuid4().hex[:6]}"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("BUILDQ_", "FLOOR_"))}
+    base["BENCH_TIMES"] = str(work / "times")
+    runs: dict[str, list[Run]] = {"buildq": [], "floor": []}
+    sides = {"buildq": run_buildq, "floor": run_floor}
+    for round_no in range(args.rounds):
+        order = ["buildq", "floor"] if round_no % 2 == 0 else ["floor", "buildq"]
+        for name in order:
+            for db in (8, 9):
+                redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
+            run = sides[name](base, work, standin, queue, args)
+            runs[name].append(run)
+            print(f"round {round_no + 1} {name}: {run.builds_per_s:.0f} builds/s", flush=True)
+
+    results = {name: figures(rs) for name, rs in runs.items()}
+    per_worker = 30 + args.builds + args.bulk
     print(
-        f"\n{total} builds per side ({args.builds} one at a time, {args.bulk} in bulk), 2 prefork processes\n"
+        f"\n{args.rounds} rounds × {per_worker} builds per side ({args.builds} one at a time, "
+        f"{args.bulk} in bulk), 2 prefork processes; a fresh worker each round\n"
     )
     print("| figure | buildq | floor | buildq / floor |")
     print("|---|---|---|---|")
     for key in results["floor"]:
         b, f = results["buildq"][key], results["floor"][key]
         unit = "" if key == "builds_per_s" else " ms"
-        key = key.removesuffix("_ms")
-        print(f"| {key} | {b:.2f}{unit} | {f:.2f}{unit} | {b / f:.2f} |")
-    for name, rows in rss.items():
-        for pid, cur, peak in rows:
-            print(f"{name} worker child {pid}: RSS {cur / 1024:.1f} MB, peak {peak / 1024:.1f} MB")
+        print(f"| {key.removesuffix('_ms')} | {b:.2f}{unit} | {f:.2f}{unit} | {b / f:.2f} |")
+    for name, rs in runs.items():
+        for label, rows in (("after 30 builds", rs[-1].rss_early), (f"after {per_worker}", rs[-1].rss_end)):
+            for pid, cur, peak in rows:
+                mb = f"RSS {cur / 1024:.1f} MB, peak {peak / 1024:.1f} MB"
+                print(f"{name} worker child {pid} {label}: {mb}")
     shutil.rmtree(work, ignore_errors=True)
 
 
