@@ -121,14 +121,12 @@ class JobStore:
     def wait_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
         """Block until the job's record is stored (or ``timeout`` passes); None on timeout.
 
-        Listens on the job's "done" channel through one subscriber connection per thread, kept
-        between calls (a new connection per wait would cost more than the wait itself).
+        Subscribes to the job's "done" channel first, then reads the record (so a record stored in
+        between is not missed), through one subscriber connection per thread kept between calls (a
+        new connection per wait would cost more than the wait itself).
         """
         import time
 
-        record = self.result(job_id)  # already done: one round trip, no subscription
-        if record is not None:
-            return record
         pubsub = self._subscriber()
         channel = done_channel(job_id).encode()
         clean = False
