@@ -88,12 +88,19 @@ class Ticker:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                now = self._clock()
-                due = [t for t in self._tickets if t.due <= now]
-                if not due:
-                    nearest = min((t.due for t in self._tickets), default=now + self.interval_s)
-                    self._cond.wait(nearest - now)
-                    continue
-            for ticket in due:
-                ticket._fire(self._clock, self.interval_s)
+            try:
+                self._tick()
+            except Exception:  # noqa: BLE001 - builds rely on this thread: never let it die
+                log.exception("ticker failed; going on")
+                time.sleep(self.interval_s)
+
+    def _tick(self) -> None:
+        with self._cond:
+            now = self._clock()
+            due = [t for t in self._tickets if t.due <= now]
+            if not due:
+                nearest = min((t.due for t in self._tickets), default=now + self.interval_s)
+                self._cond.wait(nearest - now)
+                return
+        for ticket in due:
+            ticket._fire(self._clock, self.interval_s)

@@ -108,3 +108,18 @@ def test_a_failing_side_job_is_counted_and_the_next_one_runs() -> None:
     side.submit(done.append, 1)
     assert side.drain()
     assert side.failures == 1 and done == [1]
+
+
+def test_the_ticker_thread_survives_a_failing_clock() -> None:
+    calls: list[int] = []
+    failures = iter([True, True])
+
+    def clock() -> float:  # fails on the ticker thread's first two reads
+        if threading.current_thread().name == "buildq-ticker" and next(failures, False):
+            raise OSError("clock went away")
+        return time.monotonic()
+
+    ticker = Ticker(0.01, clock=clock)
+    ticker.every(lambda: calls.append(1) or len(calls) == 2)
+    wait_for(lambda: len(calls) == 2)
+    assert next(failures, None) is None  # both failures happened
