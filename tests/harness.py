@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,31 @@ from buildq.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("BUILDQ_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+class CountingRedis(redis.Redis):
+    """A client that records its round trips in ``calls``: each command sent alone by its name,
+    each pipeline as ``PIPELINE``."""
+
+    calls: list[str]
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.calls.append(str(args[0]))
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        self.calls.append("PIPELINE")
+        return super().pipeline(transaction, shard_hint)
+
+
+def counting_client(url: str) -> Iterator[CountingRedis]:
+    """A :class:`CountingRedis` on ``url``'s DB, flushed before and after (a fixture body)."""
+    r = CountingRedis(connection_pool=redis.ConnectionPool.from_url(url))
+    r.calls = []
+    r.flushdb()
+    yield r
+    r.flushdb()
+    r.close()
 
 
 def run_cli(env: Mapping[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

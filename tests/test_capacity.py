@@ -11,30 +11,15 @@ import pytest
 import redis
 
 from buildq.capacity import DaemonSlots, rotate, slot_key, wait_for_slot
-from tests.harness import REDIS_URL
+from tests.harness import REDIS_URL, CountingRedis, counting_client
 
 DB_URL = f"{REDIS_URL}/13"
 D = ["tcp://bk-0:1234", "tcp://bk-1:1234", "tcp://bk-2:1234"]
 
 
-class CountingRedis(redis.Redis):
-    """A client that counts the commands it sends (each one is a round trip here: no pipelines)."""
-
-    calls: list[str]
-
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        self.calls.append(str(args[0]))
-        return super().execute_command(*args, **options)
-
-
 @pytest.fixture
 def client() -> Iterator[CountingRedis]:
-    r = CountingRedis(connection_pool=redis.ConnectionPool.from_url(DB_URL))
-    r.calls = []
-    r.flushdb()
-    yield r
-    r.flushdb()
-    r.close()
+    yield from counting_client(DB_URL)
 
 
 @pytest.fixture

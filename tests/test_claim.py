@@ -7,40 +7,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
 from buildq.capacity import DaemonSlots, slot_key
 from buildq.claim import claim, finish, release
 from buildq.logs import LogStore, log_key
 from buildq.state import QUEUED_INDEX, JobStore, cancel_key, done_channel, job_key, lease_key, result_key
-from tests.harness import REDIS_URL
+from tests.harness import REDIS_URL, CountingRedis, counting_client
 
 DB_URL = f"{REDIS_URL}/13"
 D = ["tcp://bk-0:1234", "tcp://bk-1:1234"]
 
 
-class CountingRedis(redis.Redis):
-    """Counts the round trips: one per command sent alone, one per pipeline."""
-
-    trips: list[str]
-
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        self.trips.append(str(args[0]))
-        return super().execute_command(*args, **options)
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        self.trips.append("PIPELINE")
-        return super().pipeline(transaction, shard_hint)
-
-
 @pytest.fixture
 def client() -> Iterator[CountingRedis]:
-    r = CountingRedis(connection_pool=redis.ConnectionPool.from_url(DB_URL))
-    r.trips = []
-    r.flushdb()
-    yield r
-    r.flushdb()
-    r.close()
+    yield from counting_client(DB_URL)
 
 
 @pytest.fixture
@@ -69,9 +49,9 @@ def test_first_claim_takes_lease_slot_and_drops_the_janitor_copy(store, slots, c
     store.mark_queued("j1", 1.0, "q", message=b"{}", tag="t")
     warm = take(store, slots, "warm", "w")  # the first call loads the script: count from the second
     release(store, slots, "warm", "w", warm.daemon)
-    client.trips.clear()
+    client.calls.clear()
     got = take(store, slots, "j1", "tok")
-    assert client.trips == ["EVALSHA"]  # one round trip
+    assert client.calls == ["EVALSHA"]  # one round trip
     assert (got.record, got.daemon, got.cancelled, got.claimed_before) == (None, D[0], False, False)
     assert client.get(lease_key("j1")) == b"tok"
     assert client.zscore(slot_key(D[0]), "tok") is not None
@@ -142,11 +122,11 @@ def test_finish_stores_everything_and_ends_the_claim_in_one_round_trip(store, sl
     finish(store, slots, "warm", "w", None, {"job_id": "warm", "state": "failed"})  # loads the script
     pubsub = client.pubsub()
     pubsub.subscribe(done_channel("f1"))
-    client.trips.clear()
+    client.calls.clear()
     entries = [(1, "plain", "#1 DONE 0.1s"), (1, "mark", "final: succeeded")]
     record = {"job_id": "f1", "state": "succeeded", "image": {"digest": "sha256:ab"}}
     finish(store, slots, "f1", "tok", got.daemon, record, logs=logs, log_entries=entries)
-    assert client.trips == ["EVALSHA"]
+    assert client.calls == ["EVALSHA"]
     assert store.result("f1") == record
     assert store.info("f1")["state"] == "succeeded" and store.info("f1")["phase"] == "done"
     assert 0 < client.ttl(result_key("f1")) <= 60 and 0 < client.ttl(job_key("f1")) <= 60
