@@ -68,21 +68,18 @@ class LogStore:
         self.ttl_s = ttl_s
 
     def append(self, job_id: str, entries: Iterable[Entry]) -> None:
-        """Add entries in order, trimming to about ``maxlen``, and refresh the TTL: one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        if self.queue_append(pipe, job_id, entries):
-            pipe.execute()
-
-    def queue_append(self, pipe: Any, job_id: str, entries: Iterable[Entry]) -> bool:
-        """:meth:`append` queued on ``pipe``; False when there was nothing to add."""
-        key, added = log_key(job_id), False
+        """Add entries in order, trimming to about ``maxlen``, and refresh the TTL: one round trip
+        (nothing is sent when there are no entries). The end of a build's log is written by
+        :func:`buildq.claim.finish` instead, with the result."""
+        key, pipe = log_key(job_id), None
         for attempt, kind, line in entries:
+            if pipe is None:
+                pipe = self.redis.pipeline(transaction=False)
             fields = {"a": attempt, "k": kind, "l": line.encode("utf-8", errors="replace")}
             pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
-            added = True
-        if added:
+        if pipe is not None:
             pipe.expire(key, self.ttl_s)
-        return added
+            pipe.execute()
 
     def mark(self, job_id: str, attempt: int, text: str) -> None:
         """Append one ``mark`` line (attempt started / failed / retrying, ``final: <state>``)."""

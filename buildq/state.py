@@ -64,7 +64,6 @@ class JobStore:
         self.redis = client
         self.result_ttl_s = result_ttl_s
         self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
         self._scripts: dict[str, Any] = {}
         self._local = threading.local()
 
@@ -169,20 +168,14 @@ class JobStore:
     def new_token() -> str:
         return uuid.uuid4().hex
 
-    def acquire_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
-        """Take the job's lease; False if another live worker holds it."""
-        return bool(self.redis.set(lease_key(job_id), token, nx=True, px=max(1, int(ttl_s * 1000))))
-
     def renew_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
         """Extend our lease; False if it expired and was lost."""
         return bool(self._renew(keys=[lease_key(job_id)], args=[token, max(1, int(ttl_s * 1000))]))
 
-    def release_lease(self, job_id: str, token: str) -> None:
-        self._release(keys=[lease_key(job_id)], args=[token])
-
     def queue_release_lease(self, pipe: Any, job_id: str, token: str) -> None:
-        """:meth:`release_lease` queued on a pipeline (as EVAL: a registered script would make the
-        pipeline check the script cache first, one more round trip)."""
+        """Queue on ``pipe`` deleting the job's lease if it is still ``token``'s (as EVAL: a
+        registered script would make the pipeline check the script cache first, one more round
+        trip). Taking the lease is part of :func:`buildq.claim.claim`."""
         pipe.eval(_RELEASE, 1, lease_key(job_id), token)
 
     def script(self, body: str) -> Any:
