@@ -1,10 +1,12 @@
 """What a worker does with one delivered build message, apart from Celery.
 
 :meth:`BuildService.handle` validates the job, claims it (lease, cancel flag, daemon slot: one
-round trip), runs one attempt, and decides: store the final record, or ask for a retry after a
-backoff (the Celery task turns :class:`RetryLater` into ``self.retry``). Only what must precede
-buildctl's start or the stored result sits on those paths; live progress goes through the
-process's :class:`~buildq.sidechannel.SideChannel`.
+round trip), runs one attempt, and decides: store the final record with the log's end and give
+the claim back (:func:`~buildq.claim.finish`, one round trip), or ask for a retry after a backoff
+(the Celery task turns :class:`RetryLater` into ``self.retry``). Only what must precede buildctl's
+start or the stored result sits on those paths; live progress goes through the process's
+:class:`~buildq.sidechannel.SideChannel`, and the build's watcher runs on its
+:class:`~buildq.ticker.Ticker`.
 """
 
 from __future__ import annotations
