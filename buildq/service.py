@@ -300,10 +300,12 @@ class BuildService:
         now = self.clock()
         record = attempt_record(outcome, window_start=window_start, window_end=now)
         attempts = [*attempts, record]
-        if self.metrics is not None and outcome.daemon:  # an attempt that reached the launcher
-            self.metrics.attempt_finished(record)
+        # counted only when it reached the launcher; a final attempt once the result is stored
+        attempt_metrics = self.metrics if outcome.daemon else None
         if retry:
             assert failure is not None
+            if attempt_metrics is not None:
+                attempt_metrics.attempt_finished(record)
             delay = backoff_delay(
                 outcome.number,
                 base=self.settings.retry_backoff_base_s,
@@ -345,6 +347,8 @@ class BuildService:
         reporter.phase_ended(
             job.job_id, outcome.number, "finalize", max(0.0, self.clock() - outcome.exited_at)
         )
+        if attempt_metrics is not None:
+            attempt_metrics.attempt_finished(record)
         if self.metrics is not None:
             self.metrics.build_finished(final)
         return final
