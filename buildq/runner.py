@@ -8,6 +8,7 @@ build failure: the outcome is data (:class:`AttemptOutcome`). The clock is injec
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,8 +48,6 @@ class AttemptOutcome:
 
 def check_job_on_worker(job: BuildJob, *, environ: Mapping[str, str], max_timeout_s: int) -> None:
     """Checks only the worker can make; raise InvalidJobError naming the field."""
-    import os
-
     if not job.is_git:
         if not os.path.isdir(job.context):
             raise InvalidJobError(

@@ -11,7 +11,9 @@ Keys (all under ``buildq:``):
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -124,8 +126,6 @@ class JobStore:
         between is not missed), through one subscriber connection per thread kept between calls (a
         new connection per wait would cost more than the wait itself).
         """
-        import time
-
         pubsub = self._subscriber()
         channel = done_channel(job_id).encode()
         clean = False
@@ -155,8 +155,6 @@ class JobStore:
 
     def _subscriber(self) -> Any:
         """This thread's subscriber (made again in a forked child: sockets are not shared)."""
-        import os
-
         held = getattr(self._local, "pubsub", None)
         if held is None or held[0] != os.getpid():
             held = (os.getpid(), self.redis.pubsub(ignore_subscribe_messages=True))

@@ -12,6 +12,7 @@ from celery.exceptions import Reject
 from .app import TASK_NAME
 from .events import phase_events
 from .service import LeaseLost, Reporter, RetryLater, WaitForDaemon
+from .workers import service_for
 
 log = logging.getLogger("buildq.tasks")
 
@@ -82,8 +83,6 @@ def register(app: Celery) -> None:
     def build(
         self: Task, job: Any, enqueued_at: float | None = None, attempts: list[dict[str, Any]] | None = None
     ) -> dict[str, Any]:
-        from .workers import service_for
-
         service = service_for(self.app)
         try:
             record = service.handle(
