@@ -66,7 +66,7 @@ return 1
 
 def requeue_lost(store: JobStore, *, after_s: float, now: float | None = None, batch: int = 200) -> list[str]:
     """Push back the messages of jobs lost before pickup; return their job ids."""
-    script = store.redis.register_script(_REQUEUE)
+    script = store.script(_REQUEUE)
     cutoff = (time.time() if now is None else now) - after_s
     requeued = []
     for raw in store.redis.zrangebyscore(QUEUED_INDEX, "-inf", cutoff, start=0, num=batch):
@@ -89,7 +89,7 @@ def requeue_stalled(
     when Celery tried to hand it back). Celery's own restore waits for the visibility timeout
     (hours); the job lease is a better heartbeat. Retry messages waiting for their ETA are left alone.
     """
-    script = store.redis.register_script(_RESTORE_STALLED)
+    script = store.script(_RESTORE_STALLED)
     clock = time.time() if now is None else now
     requeued = []
     for raw_tag in store.redis.zrangebyscore(UNACKED_INDEX_KEY, "-inf", clock - after_s, start=0, num=batch):

@@ -65,7 +65,6 @@ class JobStore:
     def __init__(self, client: redis.Redis, *, result_ttl_s: int) -> None:
         self.redis = client
         self.result_ttl_s = result_ttl_s
-        self._renew = client.register_script(_RENEW)
         self._scripts: dict[str, Any] = {}
         self._local = threading.local()
 
@@ -168,7 +167,7 @@ class JobStore:
 
     def renew_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
         """Extend our lease; False if it expired and was lost."""
-        return bool(self._renew(keys=[lease_key(job_id)], args=[token, max(1, int(ttl_s * 1000))]))
+        return bool(self.script(_RENEW)(keys=[lease_key(job_id)], args=[token, max(1, int(ttl_s * 1000))]))
 
     def queue_release_lease(self, pipe: Any, job_id: str, token: str) -> None:
         """Queue on ``pipe`` deleting the job's lease if it is still ``token``'s (as EVAL: a
