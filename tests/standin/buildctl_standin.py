@@ -19,10 +19,14 @@ import sys
 import time
 
 try:  # as tests.standin.buildctl_standin
+    from . import standin_checks as S
+    from . import standin_daemons as D
     from . import standin_replay as R
     from .standin_checks import BuildctlError, csv_fields, go_quote, validate_build
 except ImportError:  # as a script, or from the buildctl wrapper (its folder on sys.path)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import standin_checks as S  # type: ignore[no-redef]
+    import standin_daemons as D  # type: ignore[no-redef]
     import standin_replay as R  # type: ignore[no-redef]
     from standin_checks import BuildctlError, csv_fields, go_quote, validate_build  # type: ignore[no-redef]
 
@@ -152,23 +156,54 @@ def load_scenario(opts: dict) -> dict:
     return scenario
 
 
+def cache_refs(values: list[str]) -> list[str]:
+    """The ``ref=`` of each ``--export-cache``/``--import-cache`` value (already checked)."""
+    refs = []
+    for value in values:
+        for field in csv_fields(value):
+            key, _, val = field.partition("=")
+            if key.lower() == "ref" and val:
+                refs.append(val)
+    return refs
+
+
 def run_build(addr: str, v: dict, info: dict, scenario: dict, rec: dict) -> int:
-    """Replay a capture according to ``scenario``; return the exit code."""
+    """Dial the (simulated) daemon, then replay a capture according to ``scenario``; return the exit code."""
+    kind = scenario.get("kind", "succeed")
+    exports, imports = cache_refs(v.get("export-cache", [])), cache_refs(v.get("import-cache", []))
+    rec["cache_key"] = (exports or imports or info["names"] or [rec["key"]])[0]
+    daemon = D.daemon_for(addr)
+    if daemon is not None:
+        rec["daemon"], rec["cmd"] = daemon, "build"
+        daemon.dial()
+    capture = scenario.get("capture")
+    if daemon is not None and capture is None and kind in ("succeed", "flaky"):
+        rec["variant"] = daemon.variant(rec["cache_key"], imports)
+        capture = f"ctx_oci_rawjson_{rec['variant']}"
+    capture = capture or R.DEFAULT_CAPTURE
+    remote = S.remote_context_url(info["opts"]) if kind != "refused" else None
+    if remote:
+        S.fetch_remote_context(remote, info["opts"].get("filename") or "Dockerfile")
     rawjson = info["progress"] == "rawjson"
-    lines = (
-        []
-        if info["progress"] == "quiet"
-        else R.read_lines(R.capture_path(scenario.get("capture", R.DEFAULT_CAPTURE), rawjson))
-    )
+
+    def stream(raw: bool) -> list[str]:
+        lines = R.read_lines(R.capture_path(capture, raw))
+        if remote:
+            lines = R.remote_context_lines(lines)
+        if scenario.get("cache_export") in ("fail", "fail-strict"):
+            ref = (exports or ["127.0.0.1:5000/demo/app:buildcache"])[0]
+            lines = R.cache_export_failed_lines(lines, raw, scenario.get("cache_export_error"), ref)
+        return lines
+
+    lines = [] if info["progress"] == "quiet" else stream(rawjson)
     pace = float(scenario.get("pace", 0))
+    watch = daemon.watch if daemon is not None else None
     if not v.get("trace"):
-        return play(R.Replayer(lines, pace), addr, v, info, scenario, rec)
-    capture = scenario.get("capture", R.DEFAULT_CAPTURE)
-    trace_lines = lines if rawjson else R.read_lines(R.capture_path(capture, rawjson=True))
+        return play(R.Replayer(lines, pace, watch=watch), addr, v, info, scenario, rec)
+    trace_lines = lines if rawjson else stream(True)
     with open(v["trace"], "a", encoding="utf-8") as trace:  # --trace gets the rawjson stream
-        return play(
-            R.Replayer(lines, pace, trace=trace, trace_lines=trace_lines), addr, v, info, scenario, rec
-        )
+        rep = R.Replayer(lines, pace, trace=trace, trace_lines=trace_lines, watch=watch)
+        return play(rep, addr, v, info, scenario, rec)
 
 
 def play(rep: R.Replayer, addr: str, v: dict, info: dict, scenario: dict, rec: dict) -> int:
@@ -190,8 +225,19 @@ def play(rep: R.Replayer, addr: str, v: dict, info: dict, scenario: dict, rec: d
         rep.emit(rep.remaining // 2)
         rep.pause(float(scenario.get("sleep_s", 0)))
         rep.emit()
+        export = scenario.get("cache_export")
+        if export == "fail-strict":  # no ignore-error=true: the build fails, image already pushed
+            text = scenario.get("cache_export_error") or cache_export_text(rep.lines)
+            raise BuildctlError(f"failed to solve: {text}")
+        daemon = rec.get("daemon")
+        if daemon is not None:
+            daemon.record_built(rec["cache_key"])
+            if export != "fail":
+                for ref in cache_refs(v.get("export-cache", [])):
+                    daemon.record_exported(ref)
         if v.get("metadata-file"):
-            md = R.build_metadata(rec["argv"], info["names"], info["exports_cache"])
+            exported = info["exports_cache"] and export != "fail"
+            md = R.build_metadata(rec["argv"], info["names"], exported)
             R.write_atomic(v["metadata-file"], R.dumps_indent(md))
         return 0
     if kind == "fail":
@@ -204,9 +250,20 @@ def play(rep: R.Replayer, addr: str, v: dict, info: dict, scenario: dict, rec: d
         raise BuildctlError(text, rc=int(scenario.get("rc", 1)))
     if kind == "hang":
         rep.emit(after)
-        while True:
-            time.sleep(3600)
+        rep.hold()
     raise BuildctlError(f"stand-in: unknown scenario kind {kind!r}", rc=2)
+
+
+def cache_export_text(lines: list[str]) -> str:
+    """The cache export error of an edited stream (rawjson ``"error"`` or plain ``#N ERROR:``)."""
+    for line in reversed(lines):
+        if line.startswith("{"):
+            for vx in R.loads(line).get("vertexes", []):  # type: ignore[union-attr]
+                if vx.get("name") == R.CACHE_EXPORT_NAME and "error" in vx:
+                    return vx["error"]
+        elif line.startswith("#") and " ERROR: " in line:
+            return line.split(" ERROR: ", 1)[1]
+    return R.cache_export_error("127.0.0.1:5000/demo/app:buildcache", "sha256:unknown")
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -235,6 +292,10 @@ def cmd_debug(g: dict, args: list[str], rec: dict) -> int:
     except UsageError as exc:
         stdout(f"Incorrect Usage: {exc}\n\n")
         raise BuildctlError(str(exc)) from None
+    daemon = D.daemon_for(g["addr"])
+    if daemon is not None:
+        rec["daemon"], rec["cmd"] = daemon, "debug-workers"
+        daemon.dial(what="")
     scenario = load_scenario({})
     kind = scenario.get("kind", "succeed")
     if kind in ("refused", "flaky"):
@@ -313,6 +374,10 @@ def main(argv: list[str]) -> int:
             return 3
     except BuildctlError as exc:
         outcome, rc, error = "failed", exc.rc, str(exc)
+        if isinstance(exc, D.Refused):
+            rec["daemon_outcome"] = "refused"
+        elif isinstance(exc, D.DaemonGone):
+            rec["daemon_outcome"] = "goaway"
         R.write_err(f"error: {exc}\n")
     except (Interrupted, KeyboardInterrupt):
         outcome, rc, error = "killed", 1, CANCELED
@@ -321,6 +386,11 @@ def main(argv: list[str]) -> int:
         R.log_event({"event": "end", "pid": rec["pid"], "argv": rec["argv"], "started": rec["started"],
                      "ended": time.time(), "outcome": outcome, "rc": rc, "key": rec["key"],
                      "error": error, "attempt": rec.get("attempt")})  # fmt: skip
+        daemon = rec.get("daemon")
+        if daemon is not None:
+            daemon.log({"cmd": rec["cmd"], "t": rec["started"], "pid": rec["pid"],
+                        "key": rec.get("cache_key"), "outcome": rec.get("daemon_outcome", outcome),
+                        "variant": rec.get("variant"), "rc": rc})  # fmt: skip
     return rc
 
 

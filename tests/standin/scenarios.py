@@ -8,11 +8,15 @@ through any launcher because it is part of argv) or as the environment variable
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from .standin_daemons import LOG, STATE, daemon_slug
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "buildkit"
 
@@ -55,6 +59,63 @@ def hang(**fields: Any) -> dict[str, Any]:
 def flaky(state_dir: str | Path, **fields: Any) -> dict[str, Any]:
     """``fail_first: n`` or ``p``/``seed``; ``key`` defaults to the first ``--output`` name."""
     return {"kind": "flaky", "state_dir": str(state_dir), **fields}
+
+
+def cache_export_failed(strict: bool = False, **fields: Any) -> dict[str, Any]:
+    """``succeed`` whose registry cache export fails: exit 0, no ``cache.manifest`` (as with
+    ``ignore-error=true``); ``strict``: buildctl's exit 1 without ``ignore-error``.
+    ``cache_export_error`` replaces the derived vertex error text."""
+    return {"kind": "succeed", "cache_export": "fail-strict" if strict else "fail", **fields}
+
+
+# ---- simulated daemons (env STANDIN_DAEMONS_DIR) ----------------------------------------------
+
+
+def daemons_env(daemons_dir: str | Path) -> dict[str, str]:
+    """``{"STANDIN_DAEMONS_DIR": <dir>}`` for the stand-in's environment."""
+    return {"STANDIN_DAEMONS_DIR": str(daemons_dir)}
+
+
+def daemon_dir(daemons_dir: str | Path, addr: str) -> Path:
+    """Folder of the simulated daemon at ``addr`` (``tcp://127.0.0.1:1234`` → ``tcp___127.0.0.1_1234``)."""
+    return Path(daemons_dir) / daemon_slug(addr)
+
+
+def _write_state(daemons_dir: str | Path, addr: str, state: dict[str, Any]) -> None:
+    folder = daemon_dir(daemons_dir, addr)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{STATE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(state), encoding="utf-8")
+    os.replace(tmp, folder / STATE)
+
+
+def daemon_down(daemons_dir: str | Path, addr: str, seconds: float, goaway: bool = True) -> float:
+    """Stop the daemon at ``addr`` now for ``seconds`` (a restart); return ``down_until``.
+
+    New builds and ``debug workers`` are refused until then; builds running now fail with the
+    GOAWAY error (``goaway=True``) or finish (``goaway=False``: the daemon drains them).
+    """
+    now = time.time()
+    _write_state(daemons_dir, addr, {"down_since": now, "down_until": now + seconds, "goaway": goaway})
+    return now + seconds
+
+
+def daemon_up(daemons_dir: str | Path, addr: str) -> None:
+    """End the outage of the daemon at ``addr`` now (``down_until`` null; ``down_since`` kept)."""
+    folder = daemon_dir(daemons_dir, addr)
+    try:
+        state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    _write_state(daemons_dir, addr, {**state, "down_until": None})
+
+
+def daemon_invocations(daemons_dir: str | Path, addr: str) -> list[dict[str, Any]]:
+    """The daemon's ``invocations.log``: ``{"cmd","t","pid","key","outcome","variant","rc"}`` per line."""
+    path = daemon_dir(daemons_dir, addr) / LOG
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def genuine_argv(

@@ -18,6 +18,7 @@ ENTITLEMENTS = ("network.host", "security.insecure", "device")
 PROGRESS_MODES = ("auto", "tty", "plain", "rawjson", "quiet", "")
 QUOTE_ERR = 'extraneous or missing " in quoted-field'
 BAD_OUTPUT = "invalid output option: output: "
+ENOENT = "no such file or directory"
 
 
 class BuildctlError(Exception):
@@ -222,3 +223,67 @@ def validate_build(v: dict) -> dict:
         if typ in ("image", "registry") and attrs.get("name"):
             names.append(attrs["name"])
     return {"opts": opts, "names": names, "progress": progress, "exports_cache": bool(v.get("export-cache"))}
+
+
+# ---- remote (http/https) build contexts -------------------------------------------------------
+
+DOWNLOAD = "failed to solve: failed to read downloaded context: failed to load cache key: "
+
+
+def remote_context_url(opts: dict) -> str | None:
+    """``--opt context=`` when it is an http(s) URL BuildKit downloads (not a git repository)."""
+    ctx = opts.get("context", "")
+    if not ctx.startswith(("http://", "https://")):
+        return None
+    path = ctx.split("#", 1)[0].split("?", 1)[0]
+    return None if path.endswith(".git") else ctx  # dockerui.DetectGitContext: https git needs .git
+
+
+def _go_dial_error(url: str, reason: object) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = f"{parts.hostname}:{port}"
+    if isinstance(reason, ConnectionRefusedError):
+        return f"dial tcp {host}: connect: connection refused"
+    if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+        return f"dial tcp {host}: i/o timeout"
+    return str(reason)
+
+
+def fetch_remote_context(url: str, filename: str = "Dockerfile", timeout: float = 30.0) -> None:
+    """Download ``url`` as BuildKit's http source would; check the Dockerfile is in it.
+
+    A tar (plain or gzip) must hold ``filename``; anything else is the Dockerfile itself (as
+    dockerui treats a download that is not an archive). Raises :class:`BuildctlError` with
+    buildctl's texts: ``failed to read downloaded context: failed to load cache key: invalid
+    response status 404`` (HTTP error) or ``… Get "<url>": dial tcp …`` (no connection), and
+    ``failed to read dockerfile: open <filename>: no such file or directory``.
+    """
+    import io
+    import tarfile
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    handlers = []
+    if urlsplit(url).hostname in ("localhost", "127.0.0.1", "::1"):
+        handlers.append(urllib.request.ProxyHandler({}))  # Go's ProxyFromEnvironment skips loopback
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            data = resp.read()
+    except urllib.error.HTTPError as exc:
+        raise BuildctlError(f"{DOWNLOAD}invalid response status {exc.code}") from None
+    except urllib.error.URLError as exc:
+        raise BuildctlError(f"{DOWNLOAD}Get {go_quote(url)}: {_go_dial_error(url, exc.reason)}") from None
+    except OSError as exc:
+        raise BuildctlError(f"{DOWNLOAD}Get {go_quote(url)}: {_go_dial_error(url, exc)}") from None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            names = {m.name.lstrip("/").removeprefix("./") for m in tar.getmembers() if not m.isdir()}
+    except (tarfile.TarError, EOFError, OSError):
+        return  # not an archive: the download is the Dockerfile
+    if filename.lstrip("/").removeprefix("./") not in names:
+        raise BuildctlError(f"failed to solve: failed to read dockerfile: open {filename}: {ENOENT}")

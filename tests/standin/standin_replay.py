@@ -23,6 +23,11 @@ UNAVAILABLE_DIAL = 'Unavailable: connection error: desc = "transport: Error whil
 RPC_UNAVAILABLE = "failed to receive status: rpc error: code = Unavailable desc = "
 TIME_KEYS = ("started", "completed", "timestamp")
 ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+POLL_S = 0.05  # how often a running build looks at its simulated daemon's state
+GOAWAY_CAPTURE = "err_iii_sigterm_sigkill_plain"
+LOCAL_CONTEXT_NAME = "[internal] load build context"
+REMOTE_CONTEXT_NAME = "[internal] load remote build context"
+CACHE_EXPORT_NAME = "exporting cache to registry"
 
 
 # ---- JSON without importing json ----------------------------------------------------------
@@ -193,6 +198,8 @@ class Replayer:
     ``pace`` f: a line is written no earlier than f × (its capture offset) after the start (rawjson
     lines only: plain lines carry no timestamps). ``trace``: an open file that receives the rawjson
     stream ``trace_lines`` (shifted the same way) in step with the stderr lines, like ``--trace``.
+    ``watch``: called before each line and every :data:`POLL_S` while sleeping (it may raise, e.g.
+    when the simulated daemon goes away); without it sleeps are single ``time.sleep`` calls.
     """
 
     def __init__(
@@ -202,8 +209,10 @@ class Replayer:
         clock: Callable[[], int] = time.time_ns,
         trace: IO[str] | None = None,
         trace_lines: list[str] | None = None,
+        watch: Callable[[], None] | None = None,
     ) -> None:
         self.lines, self.pace, self.clock, self.trace = lines, pace, clock, trace
+        self.watch = watch
         self.trace_lines = lines if trace_lines is None else trace_lines
         self.pos = self.trace_pos = 0
         self.pauses: list[tuple[int, int]] = []  # (capture time reached, slept ns)
@@ -221,6 +230,8 @@ class Replayer:
         while self.pos < stop:
             line = self.lines[self.pos]
             self.pos += 1
+            if self.watch is not None:
+                self.watch()
             times = line_times(line)
             if times:
                 self.reached = max(times) if self.reached is None else max(self.reached, *times)
@@ -228,7 +239,7 @@ class Replayer:
                 due = self.t0 + int(self.pace * (max(times) - self.first))
                 wait = due - self.clock()
                 if wait > 0:
-                    time.sleep(wait / 1e9)
+                    self.sleep(wait / 1e9)
             write_err((shift_line(line, self.delta, self.pauses) if times else line) + "\n")
             if self.trace is not None:
                 upto = -(-self.pos * len(self.trace_lines) // len(self.lines))  # ceil
@@ -246,11 +257,29 @@ class Replayer:
         if seconds <= 0:
             return
         before = self.clock()
-        time.sleep(seconds)
+        self.sleep(seconds)
         slept = self.clock() - before
         self.pauses.append((self.reached if self.reached is not None else -1, slept))
         self.trace_pauses.append((self.trace_reached if self.trace_reached is not None else -1, slept))
         self.t0 += slept
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep``, in slices of :data:`POLL_S` calling ``watch`` when there is one."""
+        if self.watch is None:
+            time.sleep(seconds)
+            return
+        end = time.monotonic() + seconds
+        while True:
+            self.watch()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, POLL_S))
+
+    def hold(self) -> None:
+        """Sleep until killed (or until ``watch`` raises)."""
+        while True:
+            self.sleep(3600)
 
     @property
     def remaining(self) -> int:
@@ -267,6 +296,110 @@ def write_err(text: str) -> None:
     while data:
         n = os.write(2, data)
         data = data[n:]
+
+
+# ---- edits of a genuine stream (remote context, failed cache export) --------------------------
+
+
+def remote_context_lines(lines: list[str]) -> list[str]:
+    """The stream with the local-context vertex renamed as for an http(s) context (only that)."""
+    return [ln.replace(LOCAL_CONTEXT_NAME, REMOTE_CONTEXT_NAME) for ln in lines]
+
+
+def registry_repo(ref: str) -> tuple[str, str]:
+    """``127.0.0.1:5000/demo/app:buildcache`` → (``127.0.0.1:5000``, ``demo/app``), as docker refs split."""
+    ref = ref.split("@", 1)[0]
+    first, slash, rest = ref.partition("/")
+    if not slash or not ("." in first or ":" in first or first == "localhost"):
+        host, rest = "registry-1.docker.io", ref if slash else "library/" + ref
+    else:
+        host = first
+    name, colon, tag = rest.rpartition(":")
+    return host, (name if colon and "/" not in tag else rest)
+
+
+def cache_export_error(ref: str, layer: str) -> str:
+    """Vertex error of a registry cache export whose registry refused the connection.
+
+    Shape of the genuine push failure of errors/err_vi_registry_down_rawjson (same host, same
+    blob URL form) wrapped as BuildKit's remotecache exporter wraps a layer write error.
+    """
+    host, repo = registry_repo(ref)
+    url = f"https://{host}/v2/{repo}/blobs/{layer}"
+    return (
+        f"error writing layer blob: failed to do request: Head {dumps(url)}: "
+        f"dial tcp {host}: connect: connection refused"
+    )
+
+
+def cache_export_failed_lines(lines: list[str], rawjson: bool, error: str | None, ref: str) -> list[str]:
+    """The stream cut where the cache export writes its first layer, which fails with ``error``.
+
+    rawjson: the genuine lines up to the first ``writing layer`` status of the
+    ``exporting cache to registry`` vertex, then one line made of genuine objects: that vertex
+    from its completion line with ``"error"`` added (completed when the layer write completed),
+    the layer status completed, and ``preparing build cache for export`` completed.
+    plain: the genuine lines up to that layer, ``preparing build cache for export … done``,
+    ``#N ERROR: …``, the genuine summaries after the section, then the vertex's summary block
+    (as in builds/ctx_ocifalse_plain_cold).
+    """
+    if not rawjson:
+        return _cache_export_failed_plain(lines, error, ref)
+    vdigest, first = None, None
+    for i, line in enumerate(lines):
+        obj: Any = loads(line)
+        for vx in obj.get("vertexes", []):
+            if vx.get("name") == CACHE_EXPORT_NAME:
+                vdigest = vx["digest"]
+        if vdigest and any(
+            st.get("vertex") == vdigest and st["id"].startswith("writing layer ")
+            for st in obj.get("statuses", [])
+        ):
+            first = i
+            break
+    if first is None:
+        raise ValueError("the capture has no cache export layer write")
+    status = next(st for st in loads(lines[first])["statuses"]  # type: ignore[index]
+                  if st.get("vertex") == vdigest and st["id"].startswith("writing layer "))  # fmt: skip
+    layer_done = vertex = preparing = None
+    for line in lines[first + 1 :]:
+        obj = loads(line)
+        for st in obj.get("statuses", []):
+            if st["id"] == status["id"] and "completed" in st and layer_done is None:
+                layer_done = st
+            if st["id"] == "preparing build cache for export" and "completed" in st:
+                preparing = st
+        for vx in obj.get("vertexes", []):
+            if vx.get("digest") == vdigest and "completed" in vx:
+                vertex = vx
+    if layer_done is None or vertex is None:
+        raise ValueError("the capture's cache export does not complete")
+    when = layer_done["completed"]
+    failed = {**vertex, "completed": when, "error": error or cache_export_error(ref, status["id"][14:])}
+    statuses = [layer_done]
+    if preparing is not None:  # completes with the vertex (its timestamps move to the failure)
+        statuses.append({**preparing, "timestamp": when, "completed": when})
+    last = dumps({"vertexes": [failed], "statuses": statuses})
+    return lines[: first + 1] + [last]
+
+
+def _cache_export_failed_plain(lines: list[str], error: str | None, ref: str) -> list[str]:
+    heads = [i for i, ln in enumerate(lines) if ln.startswith("#") and ln.endswith(" " + CACHE_EXPORT_NAME)]
+    if not heads:
+        raise ValueError("the capture has no cache export")
+    head = heads[0]
+    tag = lines[head].split(" ", 1)[0] + " "
+    section_end = next(i for i in range(head, len(lines)) if lines[i].startswith(tag + "DONE"))
+    layer = next(i for i in range(head, section_end) if lines[i].startswith(tag + "writing layer "))
+    out = lines[: layer + 1]
+    prep = tag + "preparing build cache for export"
+    if not any(ln.startswith(prep) and ln.endswith(" done") for ln in out[head:]):
+        done = [ln for ln in lines[layer:section_end] if ln.startswith(prep) and ln.endswith(" done")]
+        out.append(done[0] if done else prep + " done")
+    digest = lines[layer][len(tag + "writing layer ") :].split(" ")[0]
+    out.append(tag + "ERROR: " + (error or cache_export_error(ref, digest)))
+    out += lines[section_end + 1 :]
+    return out + ["------", f" > {CACHE_EXPORT_NAME}:", "------"]
 
 
 # ---- metadata ---------------------------------------------------------------------------------
@@ -353,11 +486,16 @@ def transient_texts(addr: str) -> list[str]:
     ]
 
 
+def safe_name(key: str) -> str:
+    """A file name for ``key``: its safe characters (80 at most) and 8 hex digits of its sha256."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[:80]
+    return safe + "-" + _sha256(key.encode()).hexdigest()[:8]
+
+
 def claim_attempt(state_dir: str, key: str) -> int:
     """Number this invocation for ``key`` (1, 2, …) by creating ``<key>.<n>`` with O_EXCL."""
     os.makedirs(state_dir, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[:80]
-    safe += "-" + _sha256(key.encode()).hexdigest()[:8]
+    safe = safe_name(key)
     n = 1
     while True:
         try:
