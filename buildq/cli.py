@@ -67,7 +67,7 @@ def worker(
     hostname: Annotated[str | None, typer.Option("--hostname", "-n")] = None,
 ) -> None:
     """Start a build worker (Celery, task events on, late acks, prefetch 1)."""
-    from .workers import run_worker, worker_argv
+    from .celeryapp.worker import run_worker, worker_argv
 
     settings = _settings()
     argv = worker_argv(
@@ -197,7 +197,7 @@ def logs(
 ) -> None:
     """Print a build's log (like buildctl --progress=plain); -f follows it across retries."""
     from .client import BuildqClient
-    from .logs import format_entry, show_attempts
+    from .store.logs import format_entry, show_attempts
 
     client = BuildqClient(_settings())
     if not follow:

@@ -20,12 +20,13 @@ from typing import Any
 
 from celery import Celery
 
-from .app import TASK_NAME, create_app
-from .config import Settings, load_settings
+from .celeryapp.app import create_app
+from .celeryapp.producer import build_message
+from .config import Settings, is_redis_url, load_settings
 from .jobs import BuildJob, parse_job
-from .logs import LogEntry, LogStore
-from .producer import build_message, is_redis_url
-from .state import JobStore
+from .names import TASK_NAME
+from .store.jobs import JobStore
+from .store.logs import LogEntry, LogStore
 
 
 class BuildqClient:
@@ -62,7 +63,7 @@ class BuildqClient:
         # what Flower shows as the arguments; also spares Celery a repr() of the whole job
         kwargsrepr = f"{{'job': {parsed.job_id!r}, 'tags': {list(parsed.tags)!r}}}"
         if self._same_redis:
-            # message and "queued" record in one round trip (Celery protocol v2, see producer.py)
+            # message and "queued" record in one round trip (Celery protocol v2, see celeryapp/producer.py)
             tag = uuid.uuid4().hex
             message = build_message(parsed.job_id, queue, kwargs, kwargsrepr=kwargsrepr, delivery_tag=tag)
             self.store.mark_queued(parsed.job_id, enqueued_at, queue, message=message, tag=tag)

@@ -1,21 +1,38 @@
 """The one settings object of buildq.
 
-Every knob is an environment variable with the prefix ``BUILDQ_`` (``BUILDQ_BROKER_URL`` …).
-:func:`load_settings` builds it once at start; everything else receives it as an argument.
-An unknown ``BUILDQ_*`` variable or an invalid value fails at start with an error that names
-the variable.
+Every knob is an environment variable with the prefix ``BUILDQ_`` (``BUILDQ_BROKER_URL`` …), read
+by pydantic-settings. :func:`load_settings` builds it once at start (rejecting unknown ``BUILDQ_*``
+variables first); everything else receives it as an argument. An unknown variable or an invalid
+value fails at start with an error that names the variable.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 ENV_PREFIX = "BUILDQ_"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+#: the environment :func:`load_settings` was asked to read (``os.environ`` when None)
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("buildq_environ", default=None)
+
+
+def is_redis_url(url: str) -> bool:
+    """True for a ``redis://``, ``rediss://`` or ``unix://`` URL."""
+    return url.startswith(REDIS_SCHEMES)
 
 
 def _split_csv(value: object) -> object:
@@ -86,6 +103,18 @@ class Settings(BaseSettings):
     log_stream_maxlen: int = Field(default=20000, ge=100)
     log_stream_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Explicit values, then the environment given to :func:`load_settings`; no dotenv, no files."""
+        return init_settings, _MappingEnvSource(settings_cls, _ENVIRON.get())
+
     @field_validator(
         "buildkit_hosts", "insecure_registries", "transient_patterns", "redact_env", mode="before"
     )
@@ -128,9 +157,22 @@ class Settings(BaseSettings):
         """Redis URL for leases, flags and streams."""
         if self.redis_url:
             return self.redis_url
-        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        if is_redis_url(self.broker_url):
             return self.broker_url
         return "redis://127.0.0.1:6379/0"
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source reading a given mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str] | None) -> None:
+        self._environ = os.environ if environ is None else environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
 
 
 class SettingsError(ValueError):
@@ -153,15 +195,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         raise SettingsError(
             "unknown setting(s): " + ", ".join(unknown) + " (see the README's settings table)"
         )
-    values: dict[str, object] = {
-        name: env[ENV_PREFIX + name.upper()]
-        for name in Settings.model_fields
-        if ENV_PREFIX + name.upper() in env
-    }
-    values.update(overrides)
+    token = _ENVIRON.set(env)
     try:
-        # init kwargs only: the environment was read above, so nothing is read twice
-        return Settings.model_validate(values)
+        return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -169,3 +205,5 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
             msg = str(err.get("msg", "")).removeprefix("Value error, ")
             problems.append(f"{_env_name(loc)}: {msg}" if loc else msg)
         raise SettingsError("invalid settings: " + "; ".join(problems)) from exc
+    finally:
+        _ENVIRON.reset(token)

@@ -39,9 +39,3 @@ class InvalidJobError(PermanentBuildError):
     def __init__(self, message: str, *, field: str) -> None:
         super().__init__(message, reason="invalid_job")
         self.field = field
-
-
-class BuildCancelled(BuildError):
-    """The build was cancelled by a user; never retried."""
-
-    kind = "cancelled"

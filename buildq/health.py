@@ -26,8 +26,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from .config import is_redis_url
+from .engine.redact import Redactor
 from .launchers.base import Launcher, LaunchSpec
-from .redact import Redactor
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 #: seconds the caller waits past ``timeout_s`` for a check that should have bounded itself
 GRACE_S = 2.0
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s/]+(?=@)")
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&;]password=)[^&;\s]+", re.IGNORECASE)
@@ -112,7 +112,7 @@ def check_redis(name: str, url: str, timeout_s: float) -> Check:
     from redis.retry import Retry
 
     started = time.monotonic()
-    if not url.startswith(REDIS_SCHEMES):
+    if not is_redis_url(url):
         return Check(name, True, f"not checked: {url.split('://')[0]} is not a Redis URL", 0.0)
     client = None
     try:

@@ -1,20 +1,38 @@
-"""The JSON result record of a build, built from attempt outcomes (pure).
+"""The JSON result record of a build, built here and only here for every outcome (pure).
 
 Shape (see the README): ``job_id``, ``state`` (succeeded | failed | cancelled), ``image``
 (``names``, ``digest``), ``cache`` (``ref``), ``started_at``, ``finished_at``, ``duration_s``,
 ``attempts`` (list), ``error`` (``kind``, ``reason``, ``message``) or null, ``phases``, ``steps``,
-``slowest_steps``.
+``slowest_steps``. :func:`final_record` for a build that was claimed, :func:`rejected_record` for a
+job the worker found invalid, :func:`summary` for what Celery stores as the task result.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from .buildkit.classify import Failure
 from .buildkit.phases import compute_phases, slowest_steps, step_stats
 from .buildkit.progress import ProgressTracker
 from .jobs import BuildJob
-from .runner import AttemptOutcome
+
+
+@dataclass
+class AttemptOutcome:
+    """What one buildctl invocation did. ``outcome`` is succeeded | failed | cancelled | timeout."""
+
+    number: int
+    daemon: str
+    started_at: float
+    exited_at: float
+    outcome: str
+    exit_code: int | None = None
+    failure: Failure | None = None
+    metadata: dict[str, Any] | None = None
+    tracker: ProgressTracker | None = None
+    first_output_at: float | None = None
 
 
 def iso(ts: float | None) -> str | None:
@@ -105,3 +123,56 @@ def final_record(
         record["steps"] = step_stats(last.tracker)
         record["slowest_steps"] = slowest_steps(last.tracker)
     return record
+
+
+def rejected_record(
+    job_id: str,
+    *,
+    message: str,
+    field: str,
+    attempts: list[dict[str, Any]],
+    enqueued_at: float,
+    finished_at: float,
+) -> dict[str, Any]:
+    """The record of a job the worker rejected as invalid (``error.kind: invalid``, the field named)."""
+    return {
+        "job_id": job_id,
+        "state": "failed",
+        "image": None,
+        "cache": None,
+        "enqueued_at": iso(enqueued_at),
+        "started_at": None,
+        "finished_at": iso(finished_at),
+        "duration_s": 0.0,
+        "attempts": attempts,
+        "error": error_record("invalid", "invalid_job", message, field=field),
+        "phases": None,
+        "steps": None,
+        "slowest_steps": [],
+    }
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What Celery stores as the task result (the full record is ``buildq status --json``)."""
+    image = record.get("image") or {}
+    return {
+        "job_id": record["job_id"],
+        "state": record["state"],
+        "digest": image.get("digest"),
+        "names": image.get("names"),
+        "duration_s": record.get("duration_s"),
+    }
+
+
+def outcome_state(outcome: AttemptOutcome) -> tuple[str, dict[str, Any] | None]:
+    """The final ``state`` and ``error`` member for the last attempt's outcome."""
+    if outcome.outcome == "succeeded":
+        return "succeeded", None
+    failure = outcome.failure
+    assert failure is not None
+    if outcome.outcome == "cancelled":
+        return "cancelled", error_record("cancelled", "cancelled", failure.message)
+    if outcome.outcome == "timeout":
+        return "failed", error_record("timeout", "timeout", failure.message)
+    kind = "transient_exhausted" if failure.transient else "permanent"
+    return "failed", error_record(kind, failure.reason, failure.message)

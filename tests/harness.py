@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -27,6 +28,8 @@ from buildq.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("BUILDQ_TEST_REDIS", "redis://127.0.0.1:6379")
+#: the local launcher's pid and metadata files of this test run: never another deployment's
+LOCAL_STATE_DIR = os.path.join(tempfile.gettempdir(), f"buildq-tests-{os.getpid()}")
 
 
 class CountingRedis(redis.Redis):
@@ -108,6 +111,7 @@ def base_env(db: int, queue: str, **extra: str) -> dict[str, str]:
         "BUILDQ_BROKER_URL": f"{REDIS_URL}/{db}",
         "BUILDQ_RESULT_BACKEND": f"{REDIS_URL}/{db + 1}",
         "BUILDQ_LAUNCHER": "local",
+        "BUILDQ_LOCAL_STATE_DIR": LOCAL_STATE_DIR,
         "BUILDQ_QUEUE": queue,
         "BUILDQ_HIGH_PRIORITY_QUEUE": queue + ".high",
         "BUILDQ_BUILDKIT_HOST": "tcp://127.0.0.1:1234",

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from buildq.buildkit.backoff import backoff_ceiling, backoff_delay, should_retry
+from buildq.buildkit.backoff import backoff_ceiling, backoff_delay
 
 
 def one() -> float:
@@ -119,15 +119,3 @@ def test_invalid_arguments_raise(kwargs: dict[str, float]) -> None:
 def test_rand_outside_unit_interval_raises(value: float) -> None:
     with pytest.raises(ValueError):
         backoff_delay(2, base=1.0, cap=60.0, rand=lambda: value)
-
-
-def test_should_retry() -> None:
-    assert [should_retry(n, 5) for n in range(1, 8)] == [True, True, True, True, False, False, False]
-    assert should_retry(1, 1) is False
-    assert should_retry(99, 100) is True
-
-
-@pytest.mark.parametrize(("attempt", "max_attempts"), [(0, 5), (-1, 5), (1, 0), (1, -2)])
-def test_should_retry_rejects_bad_numbers(attempt: int, max_attempts: int) -> None:
-    with pytest.raises(ValueError):
-        should_retry(attempt, max_attempts)

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 import redis
 
-from buildq.capacity import DaemonSlots, rotate, slot_key, wait_for_slot
+from buildq.store.jobs import JobStore
+from buildq.store.keys import slot_key
+from buildq.store.slots import DaemonSlots, rotate, wait_for_slot
 from tests.harness import REDIS_URL, CountingRedis, counting_client
 
 DB_URL = f"{REDIS_URL}/13"
@@ -24,7 +26,27 @@ def client() -> Iterator[CountingRedis]:
 
 @pytest.fixture
 def slots(client: CountingRedis) -> DaemonSlots:
-    return DaemonSlots(client, limit=2)
+    return slots_of(client)
+
+
+def slots_of(client: Any) -> DaemonSlots:
+    return DaemonSlots(JobStore(client, result_ttl_s=60).scripts)
+
+
+def take(slots: DaemonSlots, daemon: str, token: str, ttl_s: float, limit: int) -> bool:
+    """One daemon's slot, as the claim takes it (``acquire_any`` over that daemon alone)."""
+    return slots.acquire_any([daemon], token, ttl_s, limit) == daemon
+
+
+def give_back(client: Any, daemon: str, token: str) -> bool:
+    """Give a slot back as the release and finish scripts do (``ZREM``)."""
+    return bool(client.zrem(slot_key(daemon), token))
+
+
+def live(client: Any, daemons: list[str]) -> dict[str, int]:
+    """Live (unexpired, on Redis' clock) holders per daemon."""
+    now = server_ms(client)
+    return {d: int(client.zcount(slot_key(d), f"({now}", "+inf")) for d in daemons}
 
 
 def server_ms(r: redis.Redis) -> int:
@@ -50,7 +72,7 @@ def test_rotate_dedups_and_starts_at_prefer() -> None:
 
 def test_limit_respected_under_threads(client: CountingRedis) -> None:
     limit, threads, cycles = 3, 8, 50
-    slots = DaemonSlots(client, limit=limit)
+    slots = slots_of(client)
     lock = threading.Lock()
     holders = 0
     peak = 0
@@ -62,7 +84,7 @@ def test_limit_respected_under_threads(client: CountingRedis) -> None:
         try:
             for i in range(cycles):
                 token = f"w{n}-{i}"
-                while not slots.try_acquire(D[0], token, 30, limit):
+                while not take(slots, D[0], token, 30, limit):
                     time.sleep(0.0005)
                 with lock:  # counted only after the grant, uncounted before the release
                     holders += 1
@@ -71,7 +93,7 @@ def test_limit_respected_under_threads(client: CountingRedis) -> None:
                     assert holders <= limit
                 with lock:
                     holders -= 1
-                assert slots.release(D[0], token)
+                assert give_back(client, D[0], token)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
@@ -83,12 +105,12 @@ def test_limit_respected_under_threads(client: CountingRedis) -> None:
     assert not errors
     assert granted == threads * cycles
     assert 1 <= peak <= limit
-    assert slots.usage([D[0]]) == {D[0]: (0, limit)}
+    assert live(client, [D[0]]) == {D[0]: 0}
 
 
 def test_acquire_any_limit_respected_under_threads(client: CountingRedis) -> None:
     limit, threads, cycles = 2, 8, 50
-    slots = DaemonSlots(client, limit=limit)
+    slots = slots_of(client)
     lock = threading.Lock()
     holders = dict.fromkeys(D[:2], 0)
     peak = dict.fromkeys(D[:2], 0)
@@ -106,7 +128,7 @@ def test_acquire_any_limit_respected_under_threads(client: CountingRedis) -> Non
                     peak[daemon] = max(peak[daemon], holders[daemon])
                 with lock:
                     holders[daemon] -= 1
-                assert slots.release(daemon, token)
+                assert give_back(client, daemon, token)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -119,16 +141,16 @@ def test_acquire_any_limit_respected_under_threads(client: CountingRedis) -> Non
     assert all(1 <= p <= limit for p in peak.values()), peak
 
 
-def test_expired_holder_frees_its_slot(slots: DaemonSlots) -> None:
-    assert slots.try_acquire(D[0], "crashed", 0.3, 1)
-    assert not slots.try_acquire(D[0], "other", 30, 1)
-    wait_until(lambda: slots.try_acquire(D[0], "other", 30, 1))
+def test_expired_holder_frees_its_slot(slots: DaemonSlots, client: CountingRedis) -> None:
+    assert take(slots, D[0], "crashed", 0.3, 1)
+    assert not take(slots, D[0], "other", 30, 1)
+    wait_until(lambda: take(slots, D[0], "other", 30, 1))
     assert not slots.renew(D[0], "crashed", 30)  # its slot is gone, renewing cannot revive it
-    assert slots.usage([D[0]], limit=1) == {D[0]: (1, 1)}
+    assert live(client, [D[0]]) == {D[0]: 1}
 
 
 def test_renew_keeps_the_slot(slots: DaemonSlots, client: CountingRedis) -> None:
-    assert slots.try_acquire(D[0], "a", 0.3, 1)
+    assert take(slots, D[0], "a", 0.3, 1)
     first_expiry = client.zscore(slot_key(D[0]), "a")
     assert first_expiry is not None
     assert slots.renew(D[0], "a", 30)
@@ -136,7 +158,7 @@ def test_renew_keeps_the_slot(slots: DaemonSlots, client: CountingRedis) -> None
     assert expiry is not None
     assert 29_000 <= expiry - server_ms(client) <= 30_000
     wait_until(lambda: server_ms(client) > first_expiry + 50)  # past the first lease on Redis' clock
-    assert not slots.try_acquire(D[0], "b", 30, 1)
+    assert not take(slots, D[0], "b", 30, 1)
     assert slots.renew(D[0], "a", 30)
     assert 0 < client.pttl(slot_key(D[0])) <= 31_000  # the key itself goes away after the last lease
 
@@ -145,25 +167,25 @@ def test_renew_of_unknown_token_is_false(slots: DaemonSlots) -> None:
     assert not slots.renew(D[0], "nobody", 30)
 
 
-def test_release_frees_and_reports(slots: DaemonSlots) -> None:
-    assert slots.try_acquire(D[0], "a", 30, 1)
-    assert not slots.try_acquire(D[0], "b", 30, 1)
-    assert slots.release(D[0], "a")
-    assert not slots.release(D[0], "a")
-    assert slots.try_acquire(D[0], "b", 30, 1)
+def test_release_frees_and_reports(slots: DaemonSlots, client: CountingRedis) -> None:
+    assert take(slots, D[0], "a", 30, 1)
+    assert not take(slots, D[0], "b", 30, 1)
+    assert give_back(client, D[0], "a")
+    assert not give_back(client, D[0], "a")
+    assert take(slots, D[0], "b", 30, 1)
 
 
-def test_try_acquire_by_holder_extends(slots: DaemonSlots) -> None:
-    assert slots.try_acquire(D[0], "a", 30, 1)
-    assert slots.try_acquire(D[0], "a", 30, 1)  # already held: granted, still one holder
-    assert slots.usage([D[0]], limit=1) == {D[0]: (1, 1)}
+def test_acquire_by_holder_extends(slots: DaemonSlots, client: CountingRedis) -> None:
+    assert take(slots, D[0], "a", 30, 1)
+    assert take(slots, D[0], "a", 30, 1)  # already held: granted, still one holder
+    assert live(client, [D[0]]) == {D[0]: 1}
 
 
-def test_acquire_any_spreads_then_fills(slots: DaemonSlots) -> None:
+def test_acquire_any_spreads_then_fills(slots: DaemonSlots, client: CountingRedis) -> None:
     got = [slots.acquire_any(D, f"t{i}", 30, 2) for i in range(6)]
     assert got == D + D  # least loaded first, ties in rotation order
     assert slots.acquire_any(D, "t6", 30, 2) is None
-    assert slots.usage(D) == {d: (2, 2) for d in D}
+    assert live(client, D) == {d: 2 for d in D}
 
 
 def test_acquire_any_prefer_rotates_ties(slots: DaemonSlots) -> None:
@@ -172,10 +194,10 @@ def test_acquire_any_prefer_rotates_ties(slots: DaemonSlots) -> None:
     assert slots.acquire_any(D, "c", 30, 2, prefer=1) == D[0]  # D[1], D[2] busier: least loaded wins
 
 
-def test_acquire_any_returns_daemon_already_held(slots: DaemonSlots) -> None:
+def test_acquire_any_returns_daemon_already_held(slots: DaemonSlots, client: CountingRedis) -> None:
     assert slots.acquire_any(D, "a", 30, 1, prefer=2) == D[2]
     assert slots.acquire_any(D, "a", 30, 1, prefer=0) == D[2]
-    assert slots.usage(D, limit=1) == {D[0]: (0, 1), D[1]: (0, 1), D[2]: (1, 1)}
+    assert live(client, D) == {D[0]: 0, D[1]: 0, D[2]: 1}
 
 
 def test_acquire_any_skips_expired_holders(slots: DaemonSlots) -> None:
@@ -193,21 +215,11 @@ def test_acquire_any_is_one_round_trip(slots: DaemonSlots, client: CountingRedis
     assert client.calls == ["EVALSHA"] * 3
 
 
-def test_usage_counts_live_holders_only(slots: DaemonSlots) -> None:
-    assert slots.usage([]) == {}
-    slots.try_acquire(D[0], "a", 30, 2)
-    slots.try_acquire(D[0], "b", 30, 2)
-    slots.try_acquire(D[1], "short", 0.2, 2)
-    assert slots.usage(D) == {D[0]: (2, 2), D[1]: (1, 2), D[2]: (0, 2)}
-    wait_until(lambda: slots.usage(D)[D[1]][0] == 0)
-    assert slots.usage(D, limit=5) == {D[0]: (2, 5), D[1]: (0, 5), D[2]: (0, 5)}
-
-
 def test_bad_arguments_rejected(slots: DaemonSlots) -> None:
     with pytest.raises(ValueError):
-        slots.try_acquire(D[0], "a", 0, 1)
+        take(slots, D[0], "a", 0, 1)
     with pytest.raises(ValueError):
-        slots.try_acquire(D[0], "a", 30, 0)
+        take(slots, D[0], "a", 30, 0)
     assert slots.acquire_any([], "a", 30, 1) is None
 
 
@@ -227,9 +239,9 @@ class FakeTime:
             self.on_sleep()
 
 
-def test_wait_for_slot_gives_up_after_max_wait(slots: DaemonSlots) -> None:
+def test_wait_for_slot_gives_up_after_max_wait(slots: DaemonSlots, client: CountingRedis) -> None:
     for d in D[:2]:
-        assert slots.try_acquire(d, "busy-" + d, 30, 1)
+        assert take(slots, d, "busy-" + d, 30, 1)
     fake = FakeTime()
     jitters = iter([0.0, 0.99, 0.5] * 20)
     got = wait_for_slot(
@@ -248,14 +260,14 @@ def test_wait_for_slot_gives_up_after_max_wait(slots: DaemonSlots) -> None:
     assert fake.now == pytest.approx(102.0)  # the last sleep is cut at the deadline
     assert all(0 < s <= 0.4 * 1.5 for s in fake.sleeps)
     assert fake.sleeps[:3] == pytest.approx([0.2, 0.596, 0.4])
-    assert slots.usage(D[:2], limit=1) == {D[0]: (1, 1), D[1]: (1, 1)}
+    assert live(client, D[:2]) == {D[0]: 1, D[1]: 1}
 
 
-def test_wait_for_slot_returns_freed_daemon(slots: DaemonSlots) -> None:
+def test_wait_for_slot_returns_freed_daemon(slots: DaemonSlots, client: CountingRedis) -> None:
     for d in D[:2]:
-        assert slots.try_acquire(d, "busy-" + d, 30, 1)
+        assert take(slots, d, "busy-" + d, 30, 1)
     fake = FakeTime()
-    fake.on_sleep = lambda: len(fake.sleeps) == 3 and slots.release(D[1], "busy-" + D[1])
+    fake.on_sleep = lambda: len(fake.sleeps) == 3 and give_back(client, D[1], "busy-" + D[1])
     got = wait_for_slot(
         slots,
         D[:2],

@@ -8,10 +8,20 @@ from typing import Any
 
 import pytest
 
-from buildq.capacity import DaemonSlots, slot_key
-from buildq.claim import claim, finish, release
-from buildq.logs import LogStore, log_key
-from buildq.state import QUEUED_INDEX, JobStore, cancel_key, done_channel, job_key, lease_key, result_key
+from buildq.store.claim import claim, finish, release
+from buildq.store.jobs import JobStore
+from buildq.store.keys import (
+    QUEUED_INDEX,
+    cancel_key,
+    done_channel,
+    job_key,
+    lease_key,
+    log_key,
+    result_key,
+    slot_key,
+)
+from buildq.store.logs import LogStore
+from buildq.store.slots import DaemonSlots
 from tests.harness import REDIS_URL, CountingRedis, counting_client
 
 DB_URL = f"{REDIS_URL}/13"
@@ -29,8 +39,8 @@ def store(client: CountingRedis) -> JobStore:
 
 
 @pytest.fixture
-def slots(client: CountingRedis) -> DaemonSlots:
-    return DaemonSlots(client, limit=1)
+def slots(store: JobStore) -> DaemonSlots:
+    return DaemonSlots(store.scripts)
 
 
 def take(store: JobStore, slots: DaemonSlots | None, job_id: str, token: str, **kw: Any) -> Any:

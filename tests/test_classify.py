@@ -7,6 +7,7 @@ import json
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,12 +17,20 @@ from buildq.buildkit.classify import (
     TRANSIENT_REASONS,
     Failure,
     classify_failure,
-    to_exception,
 )
-from buildq.errors import BuildError, PermanentBuildError, TransientBuildError
+from buildq.buildkit.progress import ProgressTracker
 
 FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"
 TAIL_LINES = 20  # what the runner keeps of stderr
+
+
+def classify_stream(exit_code: int, lines: list[str], **options: Any) -> Failure | None:
+    """Classify as the runner does: the stream goes through a ProgressTracker, which hands over
+    the vertex errors; the text lines are passed as they are (progress objects are skipped)."""
+    tracker = ProgressTracker()
+    for line in lines:
+        tracker.feed(line)
+    return classify_failure(exit_code, lines, vertex_errors=tracker.vertex_errors(), **options)
 
 
 def _capture(path: Path) -> tuple[int, list[str]]:
@@ -53,7 +62,7 @@ def test_every_error_capture_is_in_the_table() -> None:
 def test_error_captures(name: str, keep: int | None) -> None:
     rc, lines = _capture(FIXTURES / "errors" / f"{name}.rc")
     tail = lines if keep is None else lines[-keep:]
-    failure = classify_failure(rc, tail)
+    failure = classify_stream(rc, tail)
     expected = ERROR_CAPTURES[name]
     if expected is None:
         assert failure is None
@@ -76,7 +85,7 @@ def test_ocifalse_captures_exist() -> None:
 def test_ocifalse_captures_fail_permanently(path: Path, keep: int | None) -> None:
     rc, lines = _capture(path)
     assert rc == 1
-    failure = classify_failure(rc, lines if keep is None else lines[-keep:])
+    failure = classify_stream(rc, lines if keep is None else lines[-keep:])
     assert failure == Failure(
         False, "invalid_cache_config", "failed to solve: invalid configuration for remote cache"
     )
@@ -99,15 +108,15 @@ def test_successful_captures_include_errors_in_progress() -> None:
 def test_cache_miss_in_progress_is_not_read_as_a_cause(path: Path) -> None:
     """Had such a run failed without an error line, the cache-import miss would not decide the class."""
     _, lines = _capture(path)
-    failure = classify_failure(1, lines)
+    failure = classify_stream(1, lines)
     assert failure is not None and failure.reason == "unknown"
 
 
 @pytest.mark.parametrize("path", SUCCESSES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_exit_zero_is_never_a_failure(path: Path) -> None:
     rc, lines = _capture(path)
-    assert classify_failure(rc, lines) is None
-    assert classify_failure(rc, [*lines, "error: failed to solve: context canceled"]) is None
+    assert classify_stream(rc, lines) is None
+    assert classify_stream(rc, [*lines, "error: failed to solve: context canceled"]) is None
 
 
 from tests.classify_wordings import WORDINGS  # noqa: E402
@@ -123,7 +132,7 @@ def test_wordings_table_is_big_and_covers_every_rule() -> None:
     ("text", "transient", "reason"), WORDINGS, ids=[f"{w[2]}-{i}" for i, w in enumerate(WORDINGS)]
 )
 def test_wordings(text: str, transient: bool, reason: str) -> None:
-    failure = classify_failure(1, ["#1 [internal] load build definition from Dockerfile", f"error: {text}"])
+    failure = classify_stream(1, ["#1 [internal] load build definition from Dockerfile", f"error: {text}"])
     assert failure == Failure(transient, reason, text)
     assert reason in (TRANSIENT_REASONS if transient else PERMANENT_REASONS)
 
@@ -132,10 +141,10 @@ def test_wordings(text: str, transient: bool, reason: str) -> None:
 def test_wordings_in_the_tail_without_an_error_line(text: str, transient: bool, reason: str) -> None:
     """The same texts are recognised as a vertex error (rawjson) or a ``#N ERROR:`` line (plain)."""
     raw = json.dumps({"vertexes": [{"digest": "sha256:1", "name": "exporting to image", "error": text}]})
-    assert classify_failure(1, [raw, '{"statuses":[]}']) == Failure(
+    assert classify_stream(1, [raw, '{"statuses":[]}']) == Failure(
         transient, reason, "buildctl exited with code 1"
     )
-    plain = classify_failure(1, ["#7 exporting to image", f"#7 ERROR: {text}", "------"])
+    plain = classify_stream(1, ["#7 exporting to image", f"#7 ERROR: {text}", "------"])
     assert plain is not None and (plain.transient, plain.reason) == (transient, reason)
 
 
@@ -147,7 +156,7 @@ def test_error_line_wins_over_the_tail() -> None:
         "#9 ERROR: rpc error: code = Unavailable desc = transport is closing",
         'error: failed to solve: process "/bin/sh -c exit 3" did not complete successfully: exit code: 3',
     ]
-    assert classify_failure(1, tail) == Failure(
+    assert classify_stream(1, tail) == Failure(
         False,
         "step_failed",
         'failed to solve: process "/bin/sh -c exit 3" did not complete successfully: exit code: 3',
@@ -159,7 +168,7 @@ def test_unknown_error_line_falls_back_to_the_tail_but_keeps_its_message() -> No
         '{"vertexes":[{"digest":"sha256:2","name":"exporting to image",'
         '"error":"unexpected status: 503 Service Unavailable"}]}'
     )
-    failure = classify_failure(1, [vertex, "error: failed to solve: exporter went away"])
+    failure = classify_stream(1, [vertex, "error: failed to solve: exporter went away"])
     assert failure == Failure(True, "registry_unavailable", "failed to solve: exporter went away")
 
 
@@ -168,7 +177,7 @@ def test_in_the_tail_a_permanent_cause_beats_a_transient_one() -> None:
         '#5 ERROR: failed to push x: failed to do request: Head "https://r/v2/x": connection refused',
         "#6 ERROR: failed to push y: unexpected status: 401 Unauthorized",
     ]
-    failure = classify_failure(1, tail)
+    failure = classify_stream(1, tail)
     assert failure is not None and failure.reason == "registry_auth" and not failure.transient
 
 
@@ -190,7 +199,7 @@ def test_in_the_tail_a_permanent_cause_beats_a_transient_one() -> None:
     ],
 )
 def test_build_output_and_harmless_errors_are_not_read(noise: str) -> None:
-    failure = classify_failure(1, [noise, "error: failed to solve: exporter went away"])
+    failure = classify_stream(1, [noise, "error: failed to solve: exporter went away"])
     assert failure == Failure(False, "unknown", "failed to solve: exporter went away")
 
 
@@ -199,7 +208,7 @@ def test_rawjson_harmless_importer_error_is_not_read() -> None:
     without_final = [
         line for line in lines if not line.startswith("error: ") and "failed to push" not in line
     ]
-    failure = classify_failure(1, without_final)
+    failure = classify_stream(1, without_final)
     assert failure is not None and failure.reason == "unknown"
 
 
@@ -209,27 +218,27 @@ def test_rawjson_harmless_importer_error_is_not_read() -> None:
 @pytest.mark.parametrize("rc", [-9, -15, 137, 143, 130])
 def test_killed_without_error_line_is_transient(rc: int) -> None:
     tail = ["#8 [stage-1 1/1] RUN sleep 30", "#8 0.107 sleeping"]
-    assert classify_failure(rc, tail) == Failure(True, "killed", "#8 0.107 sleeping")
+    assert classify_stream(rc, tail) == Failure(True, "killed", "#8 0.107 sleeping")
 
 
 @pytest.mark.parametrize("rc", [-9, 137, 1])
 def test_killed_by_us_is_permanent(rc: int) -> None:
     tail = ["#8 0.107 sleeping", "error: failed to solve: context canceled"]
-    assert classify_failure(rc, tail, killed_by_us=True) == Failure(
+    assert classify_stream(rc, tail, killed_by_us=True) == Failure(
         False, "killed", "failed to solve: context canceled"
     )
-    assert classify_failure(0, tail, killed_by_us=True) is None
+    assert classify_stream(0, tail, killed_by_us=True) is None
 
 
 def test_signal_exit_with_an_error_line_is_classified_by_text() -> None:
     tail = ['error: failed to solve: process "/bin/sh -c x" did not complete successfully: exit code: 2']
-    failure = classify_failure(137, tail)
+    failure = classify_stream(137, tail)
     assert failure is not None and failure.reason == "step_failed"
 
 
 @pytest.mark.parametrize("rc", [1, 2, 128, 255])
 def test_plain_exit_codes_are_not_signals(rc: int) -> None:
-    failure = classify_failure(rc, ["#8 0.107 sleeping"])
+    failure = classify_stream(rc, ["#8 0.107 sleeping"])
     assert failure == Failure(False, "unknown", "#8 0.107 sleeping")
 
 
@@ -240,17 +249,17 @@ def test_message_is_the_last_error_line_without_prefix() -> None:
         "error: second  ",
         "\tstack",
     ]
-    failure = classify_failure(1, tail)
+    failure = classify_stream(1, tail)
     assert failure is not None and failure.message == "second"
 
 
 def test_message_falls_back_to_last_non_json_line_then_to_exit_code() -> None:
     tail = ["panic: runtime error", '{"vertexes":[]}', "   ", ""]
-    assert classify_failure(2, tail) == Failure(False, "unknown", "panic: runtime error")
-    assert classify_failure(1, ['{"statuses":[]}', ""]) == Failure(
+    assert classify_stream(2, tail) == Failure(False, "unknown", "panic: runtime error")
+    assert classify_stream(1, ['{"statuses":[]}', ""]) == Failure(
         False, "unknown", "buildctl exited with code 1"
     )
-    assert classify_failure(-9, []) == Failure(True, "killed", "buildctl exited with code -9")
+    assert classify_stream(-9, []) == Failure(True, "killed", "buildctl exited with code -9")
 
 
 # --- operator patterns --------------------------------------------------------------------------
@@ -258,9 +267,9 @@ def test_message_falls_back_to_last_non_json_line_then_to_exit_code() -> None:
 
 def test_extra_patterns_make_unknown_text_transient() -> None:
     tail = ["error: failed to solve: frobnicator overheated"]
-    assert classify_failure(1, tail) == Failure(False, "unknown", "failed to solve: frobnicator overheated")
+    assert classify_stream(1, tail) == Failure(False, "unknown", "failed to solve: frobnicator overheated")
     extra = [r"frobnicator (?:overheated|jammed)"]
-    assert classify_failure(1, tail, extra_transient=extra) == Failure(
+    assert classify_stream(1, tail, extra_transient=extra) == Failure(
         True, "custom_transient", "failed to solve: frobnicator overheated"
     )
 
@@ -270,39 +279,29 @@ def test_extra_patterns_come_from_settings() -> None:
 
     settings = load_settings({"BUILDQ_TRANSIENT_PATTERNS": r"overheated, exit code: 137$"})
     tail = ['error: failed to solve: process "/bin/sh -c make" did not complete successfully: exit code: 137']
-    failure = classify_failure(1, tail, extra_transient=settings.transient_patterns)
+    failure = classify_stream(1, tail, extra_transient=settings.transient_patterns)
     assert failure is not None and (failure.transient, failure.reason) == (True, "custom_transient")
     other = ['error: failed to solve: process "/bin/sh -c make" did not complete successfully: exit code: 1']
-    failure = classify_failure(1, other, extra_transient=settings.transient_patterns)
+    failure = classify_stream(1, other, extra_transient=settings.transient_patterns)
     assert failure is not None and failure.reason == "step_failed"
 
 
 def test_extra_patterns_are_compiled_once() -> None:
     patterns = ["once-only-pattern-[0-9]+"]
-    classify_failure(1, ["error: x"], extra_transient=patterns)
+    classify_stream(1, ["error: x"], extra_transient=patterns)
     before = classify._compile_extra.cache_info()
     for _ in range(5):
-        classify_failure(1, ["error: y"], extra_transient=list(patterns))
+        classify_stream(1, ["error: y"], extra_transient=list(patterns))
     after = classify._compile_extra.cache_info()
     assert after.misses == before.misses and after.hits == before.hits + 5
 
 
 def test_invalid_extra_pattern_raises() -> None:
     with pytest.raises(re.error):
-        classify_failure(1, ["error: x"], extra_transient=["(unclosed"])
+        classify_stream(1, ["error: x"], extra_transient=["(unclosed"])
 
 
 # --- exceptions and reason sets -----------------------------------------------------------------
-
-
-def test_to_exception() -> None:
-    exc = to_exception(Failure(True, "goaway", "received prior goaway"))
-    assert (
-        type(exc) is TransientBuildError and exc.reason == "goaway" and exc.message == "received prior goaway"
-    )
-    exc2 = to_exception(Failure(False, "step_failed", "exit code: 1"))
-    assert type(exc2) is PermanentBuildError and exc2.reason == "step_failed" and str(exc2) == "exit code: 1"
-    assert isinstance(exc2, BuildError)
 
 
 def test_failure_is_frozen() -> None:
@@ -383,9 +382,9 @@ def _junk_line(rng: random.Random) -> str:
 def test_huge_lines_are_classified_and_kept_whole_in_the_message() -> None:
     script = "echo " + "x" * 100_000
     text = f'failed to solve: process "/bin/sh -c {script}" did not complete successfully: exit code: 2'
-    assert classify_failure(1, [f"error: {text}"]) == Failure(False, "step_failed", text)
+    assert classify_stream(1, [f"error: {text}"]) == Failure(False, "step_failed", text)
     vertex = '{"vertexes":[{"digest":"d","name":"n","error":"' + "y" * 100_000 + ': connection refused"}]}'
-    failure = classify_failure(1, [vertex])
+    failure = classify_stream(1, [vertex])
     assert failure is not None and failure.reason == "network_error"
 
 
@@ -403,12 +402,12 @@ def test_random_junk_never_raises() -> None:
         tail = [_junk_line(rng) for _ in range(rng.randrange(0, 12))]
         rc = rng.choice([0, 1, 2, -9, 137, 255, 4096, -1])
         extra = rng.choice([(), ("x",), ("[0-9]{3}", "goaway")])
-        failure = classify_failure(rc, tail, extra_transient=extra, killed_by_us=rng.random() < 0.1)
+        failure = classify_stream(rc, tail, extra_transient=extra, killed_by_us=rng.random() < 0.1)
         if rc == 0:
             assert failure is None
             continue
         assert isinstance(failure, Failure)
         assert failure.reason in all_reasons and isinstance(failure.message, str) and failure.message
-        assert classify_failure(rc, tail, extra_transient=extra, killed_by_us=False) == classify_failure(
+        assert classify_stream(rc, tail, extra_transient=extra, killed_by_us=False) == classify_stream(
             rc, list(tail), extra_transient=list(extra)
         )

@@ -6,13 +6,20 @@ import csv
 import io
 import shlex
 from pathlib import Path
+from typing import Any
 
-from buildq.buildkit.command import build_argv, csv_attrs, secret_env
-from buildq.jobs import parse_job
+from buildq.buildkit.command import build_argv, csv_attrs
+from buildq.engine.runner import build_request, secret_env
+from buildq.jobs import BuildJob, parse_job
 from buildq.launchers.base import BuildPaths
 
 FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"
 PATHS = BuildPaths(context_dir="/build/ctx", dockerfile_dir="/build/ctx", metadata_file="/out/m.json")
+
+
+def argv_of(job: BuildJob, paths: BuildPaths, **options: Any) -> list[str]:
+    """The argv the worker runs for ``job``: job -> plain build request -> buildctl flags."""
+    return build_argv(build_request(job, paths), **options)
 
 
 def flags(argv: list[str], name: str) -> list[str]:
@@ -26,7 +33,7 @@ def csv_fields(value: str) -> list[str]:
 def test_matches_the_genuine_capture_command() -> None:
     genuine = shlex.split((FIXTURES / "builds" / "ctx_oci_rawjson_cold.cmd").read_text())
     job = parse_job({"context": "/build/ctx", "tags": ["127.0.0.1:5000/demo/app:1"]})
-    argv = build_argv(job, PATHS)
+    argv = argv_of(job, PATHS)
     # the genuine line has --addr (we pass BUILDKIT_HOST) and no filename/ignore-error
     assert genuine[3:6] == argv[0:3]
     assert flags(argv, "--local") == flags(genuine, "--local")
@@ -54,7 +61,7 @@ def test_every_flag_is_a_buildctl_build_flag() -> None:
             "cache_mode": "min",
         }
     )
-    argv = build_argv(job, PATHS)
+    argv = argv_of(job, PATHS)
     used = {a.split("=")[0] for a in argv if a.startswith("--")}
     assert used <= known
     opts = flags(argv, "--opt")
@@ -81,19 +88,19 @@ def test_every_flag_is_a_buildctl_build_flag() -> None:
 
 def test_insecure_registries_only_for_listed_hosts() -> None:
     job = parse_job({"context": "/srv/ctx", "tags": ["reg:5000/a:1"], "cache_ref": "other.io/a:cache"})
-    argv = build_argv(job, PATHS, insecure_registries=["reg:5000"])
+    argv = argv_of(job, PATHS, insecure_registries=["reg:5000"])
     assert csv_fields(flags(argv, "--output")[0])[-1] == "registry.insecure=true"
     assert "registry.insecure=true" not in flags(argv, "--export-cache")[0]
     assert not any("insecure=" in f and "registry.insecure" not in f for f in argv)
     job2 = parse_job({"context": "/srv/ctx", "tags": ["reg:5000/a:1"]})
-    argv2 = build_argv(job2, PATHS, insecure_registries=["reg"])  # bare host matches any port
+    argv2 = argv_of(job2, PATHS, insecure_registries=["reg"])  # bare host matches any port
     assert csv_fields(flags(argv2, "--export-cache")[0])[-1] == "registry.insecure=true"
     assert csv_fields(flags(argv2, "--import-cache")[0])[-1] == "registry.insecure=true"
 
 
 def test_no_push_exports_no_cache() -> None:
     job = parse_job({"context": "/srv/ctx", "tags": ["reg/a:1"], "push": False})
-    argv = build_argv(job, PATHS)
+    argv = argv_of(job, PATHS)
     assert flags(argv, "--output") == ["type=image,name=reg/a:1,push=false"]
     assert flags(argv, "--export-cache") == []
     assert flags(argv, "--import-cache") == ["type=registry,ref=reg/a:buildcache"]
@@ -101,7 +108,7 @@ def test_no_push_exports_no_cache() -> None:
 
 def test_git_context_uses_opt_context_not_local() -> None:
     job = parse_job({"context": "https://example.com/org/repo.git#main:sub", "tags": ["reg/a:1"]})
-    argv = build_argv(job, BuildPaths(None, None, "/out/m.json"))
+    argv = argv_of(job, BuildPaths(None, None, "/out/m.json"))
     assert flags(argv, "--local") == []
     assert "context=https://example.com/org/repo.git#main:sub" in flags(argv, "--opt")
 
@@ -110,7 +117,7 @@ def test_secret_values_never_in_argv() -> None:
     job = parse_job({"context": "/srv/ctx", "tags": ["reg/a:1"], "secrets": [{"id": "tok", "env": "TOK"}]})
     env = secret_env(job, {"TOK": "s3cr3t-value"})
     assert env == {"TOK": "s3cr3t-value"}
-    assert not any("s3cr3t" in a for a in build_argv(job, PATHS))
+    assert not any("s3cr3t" in a for a in argv_of(job, PATHS))
 
 
 def test_csv_quoting() -> None:

@@ -6,8 +6,8 @@ import time
 
 import redis
 
-from buildq.janitor import UNACKED_KEY, requeue_lost
-from buildq.state import QUEUED_INDEX
+from buildq.store.janitor import requeue_lost
+from buildq.store.keys import QUEUED_INDEX, UNACKED_KEY
 from tests.harness import client_for
 
 
@@ -53,7 +53,8 @@ def test_stalled_delivery_of_a_gone_worker_is_put_back(buildq_env, context_dir) 
     """A message held unacknowledged by a worker that is gone (no lease, no result) goes back."""
     import json
 
-    from buildq.janitor import UNACKED_INDEX_KEY, requeue_stalled
+    from buildq.store.janitor import requeue_stalled
+    from buildq.store.keys import UNACKED_INDEX_KEY
 
     client = client_for(buildq_env)
     queue = buildq_env["BUILDQ_QUEUE"]

@@ -107,7 +107,7 @@ def first_line_then_rest(build: Any) -> tuple[threading.Event, list[str], thread
 def test_success_returns_rc0_progress_and_metadata(docker_settings, docker_job_id, build_context) -> None:
     launcher = DockerLauncher(docker_settings)
     job = docker_job_id()
-    with start(launcher, job, build_context, labels={"buildq.attempt": "1"}) as build:
+    with start(launcher, job, build_context) as build:
         lines = list(build.lines())
         assert build.wait(30) == 0
         metadata = build.read_metadata()
@@ -123,15 +123,13 @@ def test_container_gets_labels_env_and_readonly_binds(
 ):
     launcher = DockerLauncher(docker_settings)
     job = docker_job_id()
-    build = start(launcher, job, build_context, *scenario_opt(hang()), env={"BUILDKIT_HOST": "tcp://x:1"},
-                  labels={"buildq.attempt": "2"})  # fmt: skip
+    build = start(launcher, job, build_context, *scenario_opt(hang()), env={"BUILDKIT_HOST": "tcp://x:1"})
     try:
         seen, _lines, _ = first_line_then_rest(build)
         assert seen.wait(30)
         info = docker_api.inspect_container(build.container_id)
         assert info["Config"]["Labels"]["buildq.job_id"] == job
         assert info["Config"]["Labels"]["buildq.managed"] == "true"
-        assert info["Config"]["Labels"]["buildq.attempt"] == "2"
         assert "BUILDKIT_HOST=tcp://x:1" in info["Config"]["Env"]
         assert info["HostConfig"]["NetworkMode"] == "none"
         binds = {m["Destination"]: m for m in info["Mounts"] if m["Type"] == "bind"}

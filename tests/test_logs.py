@@ -18,18 +18,12 @@ from redis.retry import Retry
 
 from buildq.buildkit.plainlog import PlainLogRenderer
 from buildq.buildkit.solvestatus import parse_line
-from buildq.logs import (
-    AttemptLog,
-    LogEntry,
-    LogStore,
-    RawRedactor,
-    final_state,
-    format_entry,
-    log_key,
-    show_attempts,
-)
-from buildq.redact import Redactor
+from buildq.engine.attemptlog import AttemptLog, RawRedactor
+from buildq.engine.redact import Redactor
+from buildq.store.keys import log_key
+from buildq.store.logs import LogEntry, LogStore, final_state, format_entry, show_attempts
 from tests.harness import free_port
+from tests.test_plainlog import feed_line
 
 FIX = Path(__file__).parent / "fixtures" / "buildkit"
 CTX = FIX / "builds" / "ctx_oci_rawjson_cold.stderr"
@@ -62,7 +56,7 @@ def lines_of(path: Path) -> list[str]:
 
 def render(lines: list[str], redactor: Redactor | None = None) -> list[str]:
     renderer = PlainLogRenderer(redact=redactor.redact if redactor else None)
-    return [out for line in lines for out in renderer.feed_line(line)] + renderer.finish()
+    return [out for line in lines for out in feed_line(renderer, line)] + renderer.finish()
 
 
 def texts(entries: list[LogEntry], kind: str) -> list[str]:
@@ -152,7 +146,7 @@ def test_lines_are_readable_before_close(store: LogStore, r: redis.Redis) -> Non
     lines = lines_of(TRACE)
     half = lines[: len(lines) // 2]
     renderer = PlainLogRenderer()  # what the renderer gives before finish()
-    expected = [out for line in half for out in renderer.feed_line(line)]
+    expected = [out for line in half for out in feed_line(renderer, line)]
     assert len(expected) > 10
     log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.02)
     for line in half:

@@ -205,7 +205,9 @@ def test_each_attempt_gets_its_own_phases() -> None:
     results = []
     for path, t in attempts:
         clock = iter([t + 0.3] * 1000).__next__
-        tracker = ProgressTracker(clock=clock).feed_all(lines_of(path))
+        tracker = ProgressTracker(clock=clock)
+        for line in lines_of(path):
+            tracker.feed(line)
         exited = t + 0.3 + stream_span(lines_of(path))
         phases = compute_phases(
             tracker, enqueued_at=0.0, started_at=t, first_output_at=None, exited_at=exited, stored_at=exited

@@ -13,18 +13,24 @@ from typing import Any
 
 import pytest
 
+from buildq.buildkit.intervals import union
 from buildq.buildkit.plainlog import (
     MAX_PARTIAL_BYTES,
     TAIL_LINES,
     PlainLogRenderer,
     format_bytes,
-    merge_intervals,
-    tail_of_failing_step,
 )
 from buildq.buildkit.solvestatus import parse_line
-from buildq.redact import Redactor
+from buildq.engine.redact import Redactor
 
 FIX = Path(__file__).parent / "fixtures" / "buildkit"
+
+
+def feed_line(renderer: PlainLogRenderer, line: str) -> list[str]:
+    """Feed one stderr line as the worker does: parsed first; a text line gives nothing."""
+    status = parse_line(line)
+    return [] if status is None else renderer.feed(status)
+
 CTX_PAIRS = [
     (f"builds/ctx_{cache}_rawjson_{phase}.stderr", f"builds/ctx_{cache}_plain_{phase}.stderr")
     for cache in ("oci", "default", "ociindex", "dockerlist", "ocifalse")
@@ -89,7 +95,7 @@ def render(path: Path) -> list[str]:
     r = PlainLogRenderer()
     out: list[str] = []
     for line in path.read_text().splitlines():
-        out += r.feed_line(line)
+        out += feed_line(r, line)
     return out + r.finish()
 
 
@@ -152,11 +158,11 @@ def test_warm_trace_same_blocks_though_buildctl_numbers_ties_randomly() -> None:
 def test_lines_are_emitted_before_the_stream_ends() -> None:
     lines = (FIX / TRACE_COLD[0]).read_text().splitlines()
     r = PlainLogRenderer()
-    first_half = [out for line in lines[: len(lines) // 2] for out in r.feed_line(line)]
+    first_half = [out for line in lines[: len(lines) // 2] for out in feed_line(r, line)]
     assert "#1 DONE 0.0s" in first_half and "#4 DONE 0.9s" in first_half
     assert '#7 [base 3/3] RUN ["/bin/busybox", "--install", "-s", "/bin"]' in first_half
     assert first_half[-1] == "#7 DONE 0.1s"
-    per_feed = [r.feed_line(line) for line in lines[len(lines) // 2 :]]
+    per_feed = [feed_line(r, line) for line in lines[len(lines) // 2 :]]
     output_feed = next(out for out in per_feed if "#11 0.080 total 1036" in out)
     assert not any("#11 DONE" in line for line in output_feed)  # output before the step ends
     done_feed = next(out for out in per_feed if "#11 DONE 0.1s" in out)
@@ -198,7 +204,7 @@ def log(digest: str, at: float, data: bytes, stream: int = 1) -> str:
 
 
 def feed(r: PlainLogRenderer, *lines: str) -> list[str]:
-    return [out for line in lines for out in r.feed_line(line)]
+    return [out for line in lines for out in feed_line(r, line)]
 
 
 STEP: dict[str, Any] = {"inputs": ["sha256:base"]}
@@ -237,16 +243,16 @@ def test_memory_is_bounded_per_vertex() -> None:
     r = PlainLogRenderer()
     feed(r, vtx("a", "a", 0.0, **STEP), vtx("b", "b", 0.0, **STEP))
     for i in range(2000):
-        r.feed_line(log("a" if i % 2 else "b", 0.001 * i, b"line %d\n" % i))
-        r.feed_line(
+        feed_line(r, log("a" if i % 2 else "b", 0.001 * i, b"line %d\n" % i))
+        feed_line(r,
             json.dumps(
                 {"statuses": [{"id": f"layer {i}", "vertex": "a", "started": ts(i), "timestamp": ts(i)}]}
             )
         )
-    assert r.retained_lines() == 2 * TAIL_LINES
+    assert sum(len(v.tail) + len(v.lines) for v in r._vtx.values()) == 2 * TAIL_LINES
     assert len(r._last_status) <= 1024
     assert len(r._vtx["a"].statuses) == 256  # open statuses are capped, done ones are dropped
-    r.feed_line(
+    feed_line(r,
         json.dumps({"statuses": [{"id": "layer 1999", "vertex": "a", "started": ts(7), "completed": ts(8)}]})
     )
     assert "layer 1999" not in r._vtx["a"].statuses
@@ -307,12 +313,14 @@ def test_status_lines_sizes_times_and_warnings() -> None:
     assert feed(r, json.dumps({"warnings": [warning]})) == ["#1 WARN: careful"]
 
 
-def test_format_bytes_and_merge_intervals() -> None:
+def test_format_bytes_and_interval_union() -> None:
     assert [format_bytes(n) for n in (2, 121, 999, 1000, 1230, 8_591_061, 1_982_653)] == [
         "2B", "121B", "999B", "1.00kB", "1.23kB", "8.59MB", "1.98MB",
     ]  # fmt: skip
-    assert merge_intervals([(3.0, 4.0), (0.0, 1.0), (0.5, 2.0)]) == [(0.0, 2.0), (3.0, 4.0)]
-    assert merge_intervals([(0.0, 1.0), (0.5, None), (5.0, 6.0)]) == [(0.0, None)]
+    assert union([(3.0, 4.0), (0.0, 1.0), (0.5, 2.0)]) == [(0.0, 2.0), (3.0, 4.0)]
+    assert union([(0.0, 1.0), (0.5, None), (5.0, 6.0)]) == [(0.0, None)]
+    assert union([(1.0, 1.0), (2.0, 3.0)], drop_empty=True) == [(2.0, 3.0)]
+    assert union([(1.0, 1.0), (2.0, 3.0)]) == [(1.0, 1.0), (2.0, 3.0)]
 
 
 def failing_build(r: PlainLogRenderer, lines: int = 60) -> list[str]:
@@ -339,8 +347,8 @@ def test_tail_of_failing_step() -> None:
     r = PlainLogRenderer()
     failing_build(r)
     feed(r, vtx("z", "later", 2.0, **STEP), log("z", 2.1, b"unrelated\n"))
-    assert tail_of_failing_step(r, n=3) == ["out 57", "out 58", "out 59"]
-    assert len(tail_of_failing_step(r, n=500)) == TAIL_LINES
+    assert r.failing_tail(3) == ["out 57", "out 58", "out 59"]
+    assert len(r.failing_tail(500)) == TAIL_LINES
     r = PlainLogRenderer()
     feed(
         r,
@@ -349,8 +357,8 @@ def test_tail_of_failing_step() -> None:
         vtx("b", "B", 0.2, **STEP),
         log("b", 0.3, b"two\npar"),
     )
-    assert tail_of_failing_step(r) == ["two", "par"]  # nothing failed: last step with output
-    assert tail_of_failing_step(PlainLogRenderer()) == []
+    assert r.failing_tail() == ["two", "par"]  # nothing failed: last step with output
+    assert PlainLogRenderer().failing_tail() == []
 
 
 def test_secret_in_step_output_is_redacted_after_decoding() -> None:
@@ -363,7 +371,7 @@ def test_secret_in_step_output_is_redacted_after_decoding() -> None:
     b64 = base64.b64encode(secret.encode()).decode()
     out += feed(r, log("a", 0.3, f"basic {b64}\n".encode()))
     assert out == ["#1 [1/1] RUN echo ***", "#1 0.100 token=*** ok", "#1 0.300 basic ***"]
-    assert tail_of_failing_step(r) == ["token=*** ok", "basic ***"]
+    assert r.failing_tail() == ["token=*** ok", "basic ***"]
 
 
 def test_statuses_of_one_update_print_in_start_order_like_buildkit() -> None:

@@ -187,7 +187,8 @@ def test_first_output_at_from_injected_clock() -> None:
     tracker = ProgressTracker(clock=lambda: next(ticks))
     assert tracker.first_output_at is None
     replay_lines = (FIXTURES / "builds" / "ctx_oci_rawjson_warm.stderr").read_text().splitlines()
-    tracker.feed_all(replay_lines)
+    for line in replay_lines:
+        tracker.feed(line)
     assert tracker.first_output_at == 100.0
     assert tracker.last_output_at == 100.0 + 0.5 * (len(replay_lines) - 1)
 

@@ -9,7 +9,7 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-from buildq.redact import MASK, MIN_SECRET_LENGTH, Redactor, secret_forms, trie_pattern
+from buildq.engine.redact import MASK, MIN_SECRET_LENGTH, Redactor, secret_forms, trie_pattern
 
 SECRET = "s3cr3t/pa ss+word=é"
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from buildq.state import JobStore
+from buildq.store.jobs import JobStore
 from tests.harness import REDIS_URL
 
 

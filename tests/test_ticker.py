@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from buildq.sidechannel import SideChannel
-from buildq.ticker import Ticker
+from buildq.engine.sidechannel import SideChannel
+from buildq.engine.ticker import Ticker
 
 
 def wait_for(predicate, timeout: float = 5.0) -> None:
@@ -84,9 +84,10 @@ def test_interval_must_be_positive() -> None:
 
 
 def test_idle_side_channel_drain_returns_without_starting_a_thread() -> None:
-    side = SideChannel()
+    before = {t.name for t in threading.enumerate()}
+    side = SideChannel(name="idle-side")
     assert side.drain()
-    assert side._thread is None
+    assert {t.name for t in threading.enumerate()} - before == set()
 
 
 def test_drain_waits_for_everything_submitted_before_it() -> None:

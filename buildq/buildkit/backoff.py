@@ -1,7 +1,7 @@
-"""Retry timing: exponential backoff with full jitter, and whether another attempt is allowed.
+"""Retry timing: exponential backoff with full jitter.
 
 Attempts are numbered from 1. After attempt ``n`` failed transiently, the build waits
-``backoff_delay(n, ...)`` seconds before attempt ``n + 1``, if ``should_retry(n, max_attempts)``.
+``backoff_delay(n, ...)`` seconds before attempt ``n + 1``.
 """
 
 from __future__ import annotations
@@ -50,15 +50,3 @@ def backoff_delay(
     if not 0.0 <= r <= 1.0:
         raise ValueError(f"rand() must return a number in [0, 1], got {r!r}")
     return r * ceiling
-
-
-def should_retry(attempt: int, max_attempts: int) -> bool:
-    """True when failed attempt ``attempt`` (from 1) may be followed by another: ``attempt < max_attempts``.
-
-    Raises ValueError for ``attempt < 1`` or ``max_attempts < 1``.
-    """
-    if attempt < 1:
-        raise ValueError(f"attempt numbers start at 1, got {attempt}")
-    if max_attempts < 1:
-        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-    return attempt < max_attempts

@@ -2,8 +2,9 @@
 
 buildctl exits 1 for every failure and prints ``error: <message>`` last, so failures are told
 apart by text only. :func:`classify_failure` reads the final ``error:`` line first; only when
-that line is absent or matches nothing does it read the rest of the stderr tail: the ``error``
-of each vertex in ``--progress=rawjson`` lines and the ``#N ERROR: ...`` lines of plain progress.
+that line is absent or matches nothing does it read the rest: the ``error`` of each vertex of the
+``--progress=rawjson`` stream (``ProgressTracker.vertex_errors``) and the ``#N ERROR: ...`` lines of
+plain progress in the stderr tail.
 Text that comes from the build itself (RUN step output, Dockerfile excerpts, vertex names that
 quote the user's commands) and the harmless ``failed to configure registry cache importer`` of
 a cold cache are never read.
@@ -31,12 +32,10 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from buildq.errors import PermanentBuildError, TransientBuildError
-
-ERROR_PREFIX = "error: "
+from .solvestatus import ERROR_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,16 +201,6 @@ def _json_object(line: str) -> dict[str, object] | None:
     return value if isinstance(value, dict) else None
 
 
-def _vertex_errors(obj: dict[str, object]) -> Iterable[str]:
-    vertexes = obj.get("vertexes")
-    if isinstance(vertexes, list):
-        for vertex in vertexes:
-            if isinstance(vertex, dict):
-                error = vertex.get("error")
-                if isinstance(error, str) and error:
-                    yield error
-
-
 def _bounded(text: str) -> str:
     """``text`` cut to its start and its end (Go error chains put the root cause last)."""
     if len(text) <= _HEAD_CHARS + _TAIL_CHARS:
@@ -239,10 +228,12 @@ def classify_failure(
     exit_code: int,
     stderr_tail: Sequence[str],
     *,
+    vertex_errors: Sequence[str] = (),
     extra_transient: Sequence[str] = (),
     killed_by_us: bool = False,
 ) -> Failure | None:
-    """Classify one finished buildctl run from its exit code and the last lines of its stderr.
+    """Classify one finished buildctl run from its exit code, the last lines of its stderr and the
+    errors its progress stream reported on vertices (``vertex_errors``).
 
     Returns None when ``exit_code`` is 0, whatever the progress says (a cold build shows an
     ``ERROR`` for the missing cache and succeeds). Otherwise returns a :class:`Failure` whose
@@ -284,29 +275,15 @@ def classify_failure(
         if found is not None:
             return Failure(*found, message)
 
-    rest: list[str] = []
+    texts = list(vertex_errors)
     for index, line in enumerate(lines):
-        if index == error_index:
-            continue
         stripped = line.strip()
-        if not stripped:
-            continue
-        if stripped.startswith("{"):
-            obj = _json_object(stripped) if '"error"' in stripped else None
-            texts: Iterable[str] = _vertex_errors(obj) if obj is not None else ()
-        elif _IGNORED_LINE.match(line):
-            continue
-        else:
-            texts = (_PLAIN_ERROR_PREFIX.sub("", stripped),)
-        rest.extend(_bounded(t).replace("\n", " ") for t in texts if not _HARMLESS.search(t))
+        if index == error_index or not stripped or stripped.startswith("{") or _IGNORED_LINE.match(line):
+            continue  # the error line (read above), progress objects, build output
+        texts.append(_PLAIN_ERROR_PREFIX.sub("", stripped))
+    rest = [_bounded(t).replace("\n", " ") for t in texts if not _HARMLESS.search(t)]
     if rest:
         found = _scan("\n".join(rest), extra)
         if found is not None:
             return Failure(*found, message)
     return Failure(False, "unknown", message)
-
-
-def to_exception(failure: Failure) -> TransientBuildError | PermanentBuildError:
-    """The exception of ``buildq.errors`` for ``failure`` (same message and reason)."""
-    cls = TransientBuildError if failure.transient else PermanentBuildError
-    return cls(failure.message, reason=failure.reason)

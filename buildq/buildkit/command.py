@@ -8,10 +8,34 @@ names an environment variable the launcher sets.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from ..jobs import BuildJob
-from ..launchers.base import BuildPaths
 from ..reference import parse_reference, registry_host
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """One ``buildctl build`` as plain values; paths are those buildctl sees (a container's mounts).
+
+    A remote context (git URL) has ``remote_context`` and ``filename`` relative to it; a local one
+    has ``context_dir`` and ``dockerfile_dir`` and the Dockerfile's bare ``filename``.
+    """
+
+    tags: Sequence[str]
+    cache_ref: str
+    metadata_file: str
+    filename: str = "Dockerfile"
+    remote_context: str | None = None
+    context_dir: str | None = None
+    dockerfile_dir: str | None = None
+    target: str | None = None
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    platforms: Sequence[str] = ()
+    #: (id, environment variable) pairs
+    secrets: Sequence[tuple[str, str]] = ()
+    push: bool = True
+    cache_mode: str = "max"
 
 
 def csv_field(field: str) -> str:
@@ -33,74 +57,50 @@ def is_insecure(reference: str, insecure_registries: Sequence[str]) -> bool:
     return host in insecure_registries or bare in insecure_registries
 
 
-def build_argv(job: BuildJob, paths: BuildPaths, *, insecure_registries: Sequence[str] = ()) -> list[str]:
-    """Return ``buildctl`` arguments (without the program name) that build and export ``job``."""
+def build_argv(req: BuildRequest, *, insecure_registries: Sequence[str] = ()) -> list[str]:
+    """Return ``buildctl`` arguments (without the program name) that build and export ``req``."""
     argv = ["build", "--frontend", "dockerfile.v0"]
-    dockerfile_dir, filename = _split_dockerfile(job.dockerfile)
-    if job.is_git:
-        argv += ["--opt", f"context={job.context}"]
-        argv += ["--opt", f"filename={job.dockerfile}"]
+    if req.remote_context is not None:
+        argv += ["--opt", f"context={req.remote_context}"]
     else:
-        if paths.context_dir is None or paths.dockerfile_dir is None:
+        if req.context_dir is None or req.dockerfile_dir is None:
             raise ValueError("a local context needs context and dockerfile paths from the launcher")
-        argv += ["--local", f"context={paths.context_dir}", "--local", f"dockerfile={paths.dockerfile_dir}"]
-        argv += ["--opt", f"filename={filename}"]
-    if job.target:
-        argv += ["--opt", f"target={job.target}"]
-    for key, value in job.build_args.items():
+        argv += ["--local", f"context={req.context_dir}", "--local", f"dockerfile={req.dockerfile_dir}"]
+    argv += ["--opt", f"filename={req.filename}"]
+    if req.target:
+        argv += ["--opt", f"target={req.target}"]
+    for key, value in req.build_args.items():
         argv += ["--opt", f"build-arg:{key}={value}"]
-    for key, value in job.labels.items():
+    for key, value in req.labels.items():
         argv += ["--opt", f"label:{key}={value}"]
-    if job.platforms:
-        argv += ["--opt", "platform=" + ",".join(job.platforms)]
-    for secret in job.secrets:
-        argv += ["--secret", csv_attrs([f"id={secret.id}", f"env={secret.env}"])]
+    if req.platforms:
+        argv += ["--opt", "platform=" + ",".join(req.platforms)]
+    for secret_id, env in req.secrets:
+        argv += ["--secret", csv_attrs([f"id={secret_id}", f"env={env}"])]
 
-    output = ["type=image", "name=" + ",".join(job.tags), f"push={'true' if job.push else 'false'}"]
-    if job.push and any(is_insecure(tag, insecure_registries) for tag in job.tags):
+    output = ["type=image", "name=" + ",".join(req.tags), f"push={'true' if req.push else 'false'}"]
+    if req.push and any(is_insecure(tag, insecure_registries) for tag in req.tags):
         output.append("registry.insecure=true")
     argv += ["--output", csv_attrs(output)]
 
-    cache_ref = job.cache_ref
-    assert cache_ref is not None  # filled in by BuildJob
-    cache_insecure = ["registry.insecure=true"] if is_insecure(cache_ref, insecure_registries) else []
-    if job.push:
+    cache_insecure = ["registry.insecure=true"] if is_insecure(req.cache_ref, insecure_registries) else []
+    if req.push:
         export = [
             "type=registry",
-            f"ref={cache_ref}",
-            f"mode={job.cache_mode}",
+            f"ref={req.cache_ref}",
+            f"mode={req.cache_mode}",
             "oci-mediatypes=true",
             "image-manifest=true",
             "ignore-error=true",
             *cache_insecure,
         ]
         argv += ["--export-cache", csv_attrs(export)]
-    argv += ["--import-cache", csv_attrs(["type=registry", f"ref={cache_ref}", *cache_insecure])]
-    argv += ["--progress=rawjson", "--metadata-file", paths.metadata_file]
+    argv += ["--import-cache", csv_attrs(["type=registry", f"ref={req.cache_ref}", *cache_insecure])]
+    argv += ["--progress=rawjson", "--metadata-file", req.metadata_file]
     return argv
 
 
-def _split_dockerfile(dockerfile: str) -> tuple[str, str]:
+def split_dockerfile(dockerfile: str) -> tuple[str, str]:
+    """``("dir/sub", "Dockerfile.x")`` for ``"dir/sub/Dockerfile.x"`` (``""`` for no folder)."""
     head, _, tail = dockerfile.rpartition("/")
     return head, tail
-
-
-def dockerfile_dir(job: BuildJob) -> str | None:
-    """Worker-side directory holding the Dockerfile (None for a git context)."""
-    if job.is_git:
-        return None
-    head, _ = _split_dockerfile(job.dockerfile)
-    return f"{job.context}/{head}" if head else job.context
-
-
-def secret_env(job: BuildJob, environ: Mapping[str, str]) -> dict[str, str]:
-    """The worker environment variables buildctl needs for the job's secrets.
-
-    Raises KeyError naming the first variable that is not set on the worker.
-    """
-    out: dict[str, str] = {}
-    for secret in job.secrets:
-        if secret.env not in environ:
-            raise KeyError(secret.env)
-        out[secret.env] = environ[secret.env]
-    return out

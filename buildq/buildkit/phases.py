@@ -44,7 +44,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple, TypedDict
 
-from buildq.buildkit.progress import ProgressTracker, Run, VertexState
+from .intervals import union
+from .progress import ProgressTracker, Run, VertexState
 
 Table = Mapping[str, VertexState]
 Interval = tuple[float, float]
@@ -106,17 +107,6 @@ def _anchor(source: ProgressTracker | Table) -> float | None:
     return min(starts) if starts else None
 
 
-def union(intervals: Iterable[Interval]) -> list[Interval]:
-    """Sorted, disjoint union of closed intervals (empty ones dropped)."""
-    out: list[Interval] = []
-    for a, b in sorted(i for i in intervals if i[1] > i[0]):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
 def subtract(base: list[Interval], cut: list[Interval]) -> list[Interval]:
     """``base`` minus ``cut``; both sorted and disjoint."""
     out: list[Interval] = []
@@ -153,7 +143,7 @@ def phase_intervals(
     raw: dict[str, list[Interval]] = {p: [] for p in STREAM_PHASES}
     for v in _table(source).values():
         phase = classify(v.name)
-        runs = union(_closed(v.runs, open_end))
+        runs = union(_closed(v.runs, open_end), drop_empty=True)
         raw[phase].extend(runs)
         if phase != "export_image":
             continue
@@ -165,7 +155,7 @@ def phase_intervals(
             end = open_end if st.completed is None else st.completed
             pushes.extend((max(a, start), min(b, end)) for a, b in runs)
         raw["push"].extend(pushes)
-    out = {p: union(iv) for p, iv in raw.items()}
+    out = {p: union(iv, drop_empty=True) for p, iv in raw.items()}
     out["export_image"] = subtract(out["export_image"], out["push"])
     return out
 
@@ -184,10 +174,11 @@ def stream_phases(
     phases = dict(zero)
     for name in PRIORITY:
         # Offsets from the anchor, clipped to the window [0, window_len].
-        clipped = union((max(a - anchor, 0.0), min(b - anchor, window_len)) for a, b in per_phase[name])
+        pieces = ((max(a - anchor, 0.0), min(b - anchor, window_len)) for a, b in per_phase[name])
+        clipped = union(pieces, drop_empty=True)
         own = subtract(clipped, claimed)
         phases[name] = length(own)
-        claimed = union([*claimed, *own])
+        claimed = union([*claimed, *own], drop_empty=True)
     return StreamPhases(phases, length(claimed))
 
 
@@ -259,7 +250,7 @@ def slowest_steps(source: ProgressTracker | Table, n: int = 5) -> list[StepRow]:
     last = source.last_timestamp if isinstance(source, ProgressTracker) else None
     open_end = last if last is not None else _latest(table)
     rows = sorted(
-        (-round(length(union(_closed(v.runs, open_end))), 3), v.name, v.cached)
+        (-round(length(union(_closed(v.runs, open_end), drop_empty=True)), 3), v.name, v.cached)
         for v in table.values()
         if is_step(v.name) and v.runs
     )

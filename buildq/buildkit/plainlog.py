@@ -24,13 +24,13 @@ Memory is bounded per vertex: open statuses, a 50-line tail of output, and a par
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from buildq.buildkit.solvestatus import SolveStatus, Vertex, VertexStatus, parse_line
+from .intervals import Open as Interval
+from .intervals import union
+from .solvestatus import SolveStatus, Vertex, VertexStatus, b64decode_lenient
 
 MAX_PARTIAL_BYTES = 16 * 1024
 TAIL_LINES = 50
@@ -44,8 +44,6 @@ _MAX_OPEN_STATUSES = 256
 _CANCELED = "context canceled"
 _UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB")
 
-Interval = tuple[float, float | None]
-
 
 def format_bytes(n: int) -> str:
     """Size as BuildKit prints it (``units.Bytes`` with ``%.2f``): ``121B``, ``8.59MB``."""
@@ -53,21 +51,6 @@ def format_bytes(n: int) -> str:
     while i < len(_UNITS) - 1 and abs(n) >= base * 1000:
         i, base = i + 1, base * 1000
     return f"{n}B" if i == 0 else f"{n / base:.2f}{_UNITS[i]}"
-
-
-def merge_intervals(intervals: list[Interval]) -> list[Interval]:
-    """Overlapping (start, stop) intervals merged, sorted; an open stop (None) swallows later ones."""
-    merged: list[Interval] = []
-    for start, stop in sorted(intervals, key=lambda iv: iv[0]):
-        if merged:
-            cur_start, cur_stop = merged[-1]
-            if cur_stop is None:
-                break
-            if start <= cur_stop:
-                merged[-1] = (cur_start, None if stop is None else max(cur_stop, stop))
-                continue
-        merged.append((start, stop))
-    return merged
 
 
 def status_line(index: int, s: VertexStatus) -> str:
@@ -122,7 +105,7 @@ class _Vtx:
     last_output: int = 0
 
     def merged(self) -> list[Interval]:
-        return merge_intervals(list(self.intervals.items()))
+        return union(self.intervals.items())
 
     def recent(self) -> Interval | None:
         merged = self.merged()
@@ -141,8 +124,8 @@ class _Vtx:
         return self.folded + sum((now if b is None else b) - a for a, b in self.merged())
 
 
-class PlainLogRenderer:
-    """Feed SolveStatus updates in stream order; each call returns the plain lines printable now."""
+class _VertexBook:
+    """The stream's vertices as the printer needs them: merged updates, output lines, statuses."""
 
     def __init__(self, redact: Callable[[str], str] | None = None) -> None:
         self._redact = redact or (lambda text: text)
@@ -154,55 +137,6 @@ class PlainLogRenderer:
         self._not_first = False
         self._now = 0.0  # stream clock: latest timestamp seen
         self._last_status: dict[str, tuple[float, int]] = {}
-
-    # -- input ---------------------------------------------------------------------------------
-    def feed_line(self, line: str) -> list[str]:
-        """:meth:`feed` for one raw stderr line; non-JSON lines (``error: ...``) give nothing."""
-        status = parse_line(line)
-        return [] if status is None else self.feed(status)
-
-    def feed(self, status: SolveStatus) -> list[str]:
-        """Apply one update; return the lines it makes printable (never held for the end)."""
-        updated: dict[_Vtx, None] = {}
-        for vertex in status.vertexes:
-            self._apply_vertex(vertex, updated)
-        for st in status.statuses:
-            self._apply_status(st, updated)
-        for warning in status.warnings:
-            vx = self._vtx.get(warning.vertex)
-            if vx is not None:
-                vx.warnings.append(_b64(warning.short_b64).decode("utf-8", errors="replace"))
-                updated[vx] = None
-        for log in status.logs:
-            vx = self._vtx.get(log.vertex)
-            if vx is not None:
-                self._tick(log.timestamp)
-                self._apply_log(vx, _b64(log.data_b64), log.timestamp)
-                updated[vx] = None
-        for vx in self._vtx.values():
-            if vx.tentative and self._now >= vx.stop() + PROBE_WINDOW_SECONDS:
-                vx.tentative = False
-                updated[vx] = None
-        out: list[str] = []
-        self._print(updated, out, activate=True)
-        return out
-
-    def finish(self) -> list[str]:
-        """Flush what is pending (tentative completions, partial lines), then the error summary. Once."""
-        updated: dict[_Vtx, None] = {}
-        for vx in self._vtx.values():
-            if vx.tentative or vx.partial:
-                vx.tentative = False
-                self._flush_partial(vx)
-                updated[vx] = None
-        out: list[str] = []
-        self._print(updated, out, activate=False)
-        for vx in sorted((v for v in self._vtx.values() if v.start_seq), key=lambda v: v.start_seq):
-            if vx.error and not vx.error.endswith(_CANCELED):
-                out += ["------", self._redact(f" > {vx.name}:")]
-                out += [f"{ts} {text}" for ts, text in list(vx.tail)[-SUMMARY_LINES:]]
-                out.append("------")
-        return out
 
     def _tick(self, *times: float | None) -> None:
         for t in times:
@@ -282,6 +216,67 @@ class PlainLogRenderer:
         vx.tail.append((vx.partial_ts, text))
         self._output_seq += 1
         vx.last_output = self._output_seq
+
+    # -- inspection ----------------------------------------------------------------------------
+    def failing_tail(self, n: int = 30) -> list[str]:
+        """Last n (at most 50) output lines of the errored vertex, else of the last vertex with output."""
+        with_output = [v for v in self._vtx.values() if v.tail or v.partial]
+        failed = [v for v in with_output if v.error and not v.error.endswith(_CANCELED)]
+        pool = failed or with_output
+        if not pool or n <= 0:
+            return []
+        vx = max(pool, key=lambda v: v.last_output)
+        lines = [text for _, text in vx.tail]
+        if vx.partial:
+            lines.append(self._redact(vx.partial.decode("utf-8", errors="replace")))
+        return lines[-n:]
+
+
+class PlainLogRenderer(_VertexBook):
+    """Feed SolveStatus updates in stream order; each call returns the plain lines printable now."""
+
+    def feed(self, status: SolveStatus) -> list[str]:
+        """Apply one update; return the lines it makes printable (never held for the end)."""
+        updated: dict[_Vtx, None] = {}
+        for vertex in status.vertexes:
+            self._apply_vertex(vertex, updated)
+        for st in status.statuses:
+            self._apply_status(st, updated)
+        for warning in status.warnings:
+            vx = self._vtx.get(warning.vertex)
+            if vx is not None:
+                vx.warnings.append(b64decode_lenient(warning.short_b64).decode("utf-8", errors="replace"))
+                updated[vx] = None
+        for log in status.logs:
+            vx = self._vtx.get(log.vertex)
+            if vx is not None:
+                self._tick(log.timestamp)
+                self._apply_log(vx, b64decode_lenient(log.data_b64), log.timestamp)
+                updated[vx] = None
+        for vx in self._vtx.values():
+            if vx.tentative and self._now >= vx.stop() + PROBE_WINDOW_SECONDS:
+                vx.tentative = False
+                updated[vx] = None
+        out: list[str] = []
+        self._print(updated, out, activate=True)
+        return out
+
+    def finish(self) -> list[str]:
+        """Flush what is pending (tentative completions, partial lines), then the error summary. Once."""
+        updated: dict[_Vtx, None] = {}
+        for vx in self._vtx.values():
+            if vx.tentative or vx.partial:
+                vx.tentative = False
+                self._flush_partial(vx)
+                updated[vx] = None
+        out: list[str] = []
+        self._print(updated, out, activate=False)
+        for vx in sorted((v for v in self._vtx.values() if v.start_seq), key=lambda v: v.start_seq):
+            if vx.error and not vx.error.endswith(_CANCELED):
+                out += ["------", self._redact(f" > {vx.name}:")]
+                out += [f"{ts} {text}" for ts, text in list(vx.tail)[-SUMMARY_LINES:]]
+                out.append("------")
+        return out
 
     # -- output --------------------------------------------------------------------------------
     def _print(self, updated: dict[_Vtx, None], out: list[str], activate: bool) -> None:
@@ -372,33 +367,3 @@ class PlainLogRenderer:
             self._last_status = {k: v for k, v in self._last_status.items() if v[0] >= cutoff}
             while len(self._last_status) > _LAST_STATUS_CAP:
                 del self._last_status[next(iter(self._last_status))]
-
-    # -- inspection ----------------------------------------------------------------------------
-    def failing_tail(self, n: int = 30) -> list[str]:
-        """Last n (at most 50) output lines of the errored vertex, else of the last vertex with output."""
-        with_output = [v for v in self._vtx.values() if v.tail or v.partial]
-        failed = [v for v in with_output if v.error and not v.error.endswith(_CANCELED)]
-        pool = failed or with_output
-        if not pool or n <= 0:
-            return []
-        vx = max(pool, key=lambda v: v.last_output)
-        lines = [text for _, text in vx.tail]
-        if vx.partial:
-            lines.append(self._redact(vx.partial.decode("utf-8", errors="replace")))
-        return lines[-n:]
-
-    def retained_lines(self) -> int:
-        """Output lines held in memory across all vertices (tails and unprinted lines)."""
-        return sum(len(v.tail) + len(v.lines) for v in self._vtx.values())
-
-
-def tail_of_failing_step(renderer: PlainLogRenderer, n: int = 30) -> list[str]:
-    """The last n output lines (text only) of the step that errored, or of the last step with output."""
-    return renderer.failing_tail(n)
-
-
-def _b64(data: str) -> bytes:
-    try:
-        return base64.b64decode(data)
-    except (binascii.Error, ValueError):
-        return data.encode("utf-8", errors="replace")

@@ -24,11 +24,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from buildq.buildkit.solvestatus import SolveStatus, Vertex, VertexStatus, parse_line
+from .solvestatus import ERROR_PREFIX, SolveStatus, Vertex, VertexStatus, parse_line
 
 MAX_RUNS = 8
 TEXT_LINES_KEPT = 20
-ERROR_PREFIX = "error: "
 
 # A run of a vertex: (started, completed); completed is None while it is still running.
 Run = tuple[float, float | None]
@@ -171,11 +170,9 @@ class ProgressTracker:
         self._apply(status)
         return status
 
-    def feed_all(self, lines: Iterable[str]) -> ProgressTracker:
-        """Feed every line of ``lines``; returns self."""
-        for line in lines:
-            self.feed(line)
-        return self
+    def vertex_errors(self) -> list[str]:
+        """The errors the stream reported on vertices, in the order the vertices appeared."""
+        return [v.error for v in self.vertices.values() if v.error]
 
     def _vertex(self, digest: str) -> VertexState:
         state = self.vertices.get(digest)

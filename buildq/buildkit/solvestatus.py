@@ -12,10 +12,23 @@ is base64 and stays encoded here (decode where it is used).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+#: buildctl's last line on failure is ``error: <message>`` (plain text after the JSON lines)
+ERROR_PREFIX = "error: "
+
+
+def b64decode_lenient(data: str) -> bytes:
+    """Decode a base64 payload (log data, warnings); text that is not base64 comes back as UTF-8."""
+    try:
+        return base64.b64decode(data)
+    except (binascii.Error, ValueError):
+        return data.encode("utf-8", errors="replace")
 
 
 def parse_time(value: Any) -> float | None:
@@ -75,6 +88,13 @@ class SolveStatus:
     warnings: tuple[VertexWarning, ...] = ()
 
 
+def _text(value: Any) -> str | None:
+    """A string field: None when absent or empty, any other JSON value as its text."""
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _vertex(d: dict[str, Any]) -> Vertex:
     return Vertex(
         digest=str(d.get("digest", "")),
@@ -83,7 +103,7 @@ def _vertex(d: dict[str, Any]) -> Vertex:
         started=parse_time(d.get("started")),
         completed=parse_time(d.get("completed")),
         cached=bool(d.get("cached", False)),
-        error=d.get("error") or None,
+        error=_text(d.get("error")),
     )
 
 
@@ -125,7 +145,7 @@ def parse_line(line: str) -> SolveStatus | None:
         return None
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return None
     if not isinstance(obj, dict):
         return None

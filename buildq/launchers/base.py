@@ -24,8 +24,6 @@ class BuildPaths:
     context_dir: str | None
     dockerfile_dir: str | None
     metadata_file: str
-    #: worker-side scratch directory owned by this build (removed by ``RunningBuild.close``)
-    workdir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,6 @@ class LaunchSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     context_dir: str | None = None
     dockerfile_dir: str | None = None
-    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 class RunningBuild(abc.ABC):
@@ -83,10 +80,7 @@ class Launcher(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, job_id: str, context_dir: str | None, dockerfile_dir: str | None) -> BuildPaths:
-        """Return the paths buildctl will see for these worker-side directories.
-
-        May create a scratch directory (``BuildPaths.workdir``); ``start`` takes ownership of it.
-        """
+        """Return the paths buildctl will see for these worker-side directories."""
 
     @abc.abstractmethod
     def start(self, spec: LaunchSpec, paths: BuildPaths) -> RunningBuild:

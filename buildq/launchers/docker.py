@@ -83,6 +83,29 @@ def _is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, docker.errors.DockerException) and not isinstance(exc, docker.errors.APIError)
 
 
+def unreachable(exc: BaseException, where: str) -> TransientBuildError:
+    """The engine at ``where`` did not answer: transient."""
+    return TransientBuildError(f"Docker engine unreachable at {where}: {exc}", reason="docker_unavailable")
+
+
+def start_error(exc: Exception, image: str, where: str) -> Exception:
+    """The BuildError for an engine error while creating or starting the buildctl container."""
+    import docker.errors
+
+    if isinstance(exc, TransientBuildError | PermanentBuildError):
+        return exc
+    if _is_unreachable(exc):
+        return unreachable(exc, where)
+    if isinstance(exc, docker.errors.APIError) and exc.is_client_error():
+        return PermanentBuildError(
+            f"Docker engine refused the buildctl container ({image}): {exc.explanation or exc}",
+            reason="docker_rejected",
+        )
+    return TransientBuildError(
+        f"Docker engine error starting buildctl ({image}): {exc}", reason="docker_error"
+    )
+
+
 class DockerBuild(RunningBuild):
     """A started buildctl container; ``close()`` removes it with its volume."""
 
@@ -246,7 +269,7 @@ class DockerLauncher(Launcher):
                 command=list(spec.argv),
                 entrypoint=["buildctl"],
                 environment=dict(spec.env),
-                labels={JOB_LABEL: spec.job_id, MANAGED_LABEL: "true", **spec.labels},
+                labels={JOB_LABEL: spec.job_id, MANAGED_LABEL: "true"},
                 volumes=[OUT_DIR],
                 host_config=host_config,
                 name=container_name(spec.job_id),
@@ -288,26 +311,10 @@ class DockerLauncher(Launcher):
             ) from exc
 
     def _start_error(self, exc: Exception, image: str) -> Exception:
-        import docker.errors
-
-        if isinstance(exc, TransientBuildError | PermanentBuildError):
-            return exc
-        if _is_unreachable(exc):
-            return self._unreachable(exc)
-        if isinstance(exc, docker.errors.APIError) and exc.is_client_error():
-            return PermanentBuildError(
-                f"Docker engine refused the buildctl container ({image}): {exc.explanation or exc}",
-                reason="docker_rejected",
-            )
-        return TransientBuildError(
-            f"Docker engine error starting buildctl ({image}): {exc}", reason="docker_error"
-        )
+        return start_error(exc, image, self.settings.docker_url or "DOCKER_HOST")
 
     def _unreachable(self, exc: BaseException) -> TransientBuildError:
-        where = self.settings.docker_url or "DOCKER_HOST"
-        return TransientBuildError(
-            f"Docker engine unreachable at {where}: {exc}", reason="docker_unavailable"
-        )
+        return unreachable(exc, self.settings.docker_url or "DOCKER_HOST")
 
     # -- orphans ---------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ import contextlib
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -83,11 +82,8 @@ class LocalBuild(RunningBuild):
             self._proc.stderr.close()
         if self._pidfile is not None:
             self._pidfile.unlink(missing_ok=True)
-        if self._paths.workdir:
-            shutil.rmtree(self._paths.workdir, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(self._paths.metadata_file)
+        with contextlib.suppress(OSError):
+            os.unlink(self._paths.metadata_file)
 
 
 class LocalLauncher(Launcher):
@@ -132,8 +128,6 @@ class LocalLauncher(Launcher):
                 close_fds=True,
             )
         except OSError as exc:
-            if paths.workdir:
-                shutil.rmtree(paths.workdir, ignore_errors=True)
             raise PermanentBuildError(
                 f"cannot run buildctl at {self.buildctl_path!r} (BUILDQ_BUILDCTL_PATH): "
                 f"{exc.strerror or exc}",

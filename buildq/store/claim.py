@@ -1,7 +1,7 @@
 """Taking a job before its build starts, in one Redis round trip, and holding it while it runs.
 
-:func:`claim` runs one Lua script (atomic, one round trip): a stored result ends it there (a
-duplicate delivery returns the record, touching nothing); otherwise it takes the job's lease
+:func:`claim` runs one Lua script (``lua/claim.lua``, atomic, one round trip): a stored result
+ends it there (a duplicate delivery returns the record, touching nothing); otherwise it takes the job's lease
 (``SET NX PX``), counts the claim (a non-zero earlier count means a dead worker may have left a
 buildctl behind), drops the janitor's copy of the message, reads the cancel flag and takes a daemon
 slot (the least loaded daemon under its cap). The rare paths (lease held elsewhere, every daemon
@@ -20,47 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .capacity import ACQUIRE_ANY_LUA, PRELUDE_LUA, DaemonSlots, rotate
-from .logs import Entry, LogStore, log_key
-from .state import QUEUED_INDEX, JobStore, cancel_key, done_channel, job_key, lease_key, result_key
+from .jobs import JobStore
+from .keys import QUEUED_INDEX, cancel_key, done_channel, job_key, lease_key, log_key, result_key
+from .logs import Entry, LogStore
+from .slots import DaemonSlots, rotate
 
 Clock = Callable[[], float]
-
-# KEYS result, lease, job hash, queued index, cancel flag, slot sets (preference order, maybe none)
-# ARGV job id, token, lease ttl ms, slot limit
-# -> {0, record} finished | {1} lease held elsewhere | {2, earlier claims, cancelled, slot position}
-_CLAIM = (
-    PRELUDE_LUA
-    + ACQUIRE_ANY_LUA
-    + """
-local existing = redis.call('GET', KEYS[1])
-if existing then return {0, existing} end
-if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return {1} end
-local earlier = redis.call('HINCRBY', KEYS[3], 'claims', 1) - 1
-redis.call('HDEL', KEYS[3], 'msg')
-redis.call('ZREM', KEYS[4], ARGV[1])
-if redis.call('EXISTS', KEYS[5]) == 1 then return {2, earlier, 1, 0} end
-return {2, earlier, 0, acquire_any(6, ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))}
-"""
-)
-
-
-# KEYS result, job hash, log stream, lease, slot set
-# ARGV record, state, result ttl, done channel, token, give back the slot (1|0), log maxlen, log ttl,
-#      then the log's last entries as (attempt, kind, line) triples
-_FINISH = """
-for i = 9, #ARGV, 3 do
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'a', ARGV[i], 'k', ARGV[i + 1], 'l', ARGV[i + 2])
-end
-if #ARGV >= 9 then redis.call('EXPIRE', KEYS[3], ARGV[8]) end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('HSET', KEYS[2], 'state', ARGV[2], 'phase', 'done')
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-if ARGV[6] == '1' then redis.call('ZREM', KEYS[5], ARGV[5]) end
-if redis.call('GET', KEYS[4]) == ARGV[5] then redis.call('DEL', KEYS[4]) end
-redis.call('PUBLISH', ARGV[4], ARGV[2])
-return 1
-"""
 
 
 @dataclass
@@ -101,7 +66,7 @@ def claim(
     keys = [result_key(job_id), lease_key(job_id), job_key(job_id), QUEUED_INDEX, cancel_key(job_id)]
     keys += [slots.key(d) for d in order] if slots is not None else []
     args = [job_id, token, max(1, int(ttl_s * 1000)), limit]
-    script = store.script(_CLAIM)
+    script = store.scripts("claim")
     while True:
         reply = script(keys=keys, args=args)
         if reply[0] == 0:
@@ -161,7 +126,7 @@ def finish(
     if logs is not None:
         for attempt, kind, line in log_entries:
             args += [attempt, kind, line.encode("utf-8", errors="replace")]
-    store.script(_FINISH)(keys=keys, args=args)
+    store.scripts("finish")(keys=keys, args=args)
 
 
 class Holder:

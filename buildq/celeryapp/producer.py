@@ -16,7 +16,7 @@ import socket
 import uuid
 from typing import Any
 
-from .app import TASK_NAME
+from ..names import TASK_NAME
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
@@ -65,7 +65,3 @@ def build_message(
         },
     }
     return json.dumps(message, separators=(",", ":")).encode()
-
-
-def is_redis_url(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "unix://"))

@@ -1,180 +1,31 @@
-"""Per-job build logs in a capped Redis Stream: written live by the worker, read or followed by clients.
+"""The log of one running attempt: rendered, redacted and written to the job's stream as it happens.
 
-One stream per job, key ``buildq:log:<job_id>``; each entry has fields ``a`` (attempt number),
-``k`` (kind) and ``l`` (the line). Kinds: ``plain`` (``--progress=plain``-like text rendered by
-:class:`~buildq.buildkit.plainlog.PlainLogRenderer`, plus buildctl's non-JSON stderr lines),
-``raw`` (the rawjson stderr line, redacted) and ``mark`` (attempt started / failed / retrying, and
-``final: <state>`` as the last entry of a finished job). Attempts of a retried job share the stream.
-
-:class:`LogStore` writes a batch in one pipelined round trip (``XADD MAXLEN ~`` each, then
-``EXPIRE``). :class:`AttemptLog` is what the worker feeds from the stderr reader thread: ``feed`` only
-renders and buffers; a daemon flusher thread writes the buffer at most ``flush_interval_s`` after
-a line arrived (sooner when ``max_batch`` entries are waiting) and counts, never raises, Redis errors.
+:class:`AttemptLog` is what the worker feeds from the stderr reader thread: ``feed`` only renders
+and buffers; a daemon flusher thread writes the buffer (:class:`~buildq.store.logs.LogStore`) at
+most ``flush_interval_s`` after a line arrived (sooner when ``max_batch`` entries are waiting) and
+counts, never raises, Redis errors. :class:`RawRedactor` masks secrets in the rawjson lines.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from buildq.buildkit.plainlog import MAX_PARTIAL_BYTES, PlainLogRenderer
-from buildq.buildkit.solvestatus import SolveStatus, parse_line
-from buildq.redact import Redactor
+from ..buildkit.plainlog import MAX_PARTIAL_BYTES, PlainLogRenderer
+from ..buildkit.solvestatus import SolveStatus, b64decode_lenient, parse_line
+from ..store.logs import FINAL_PREFIX, Entry, LogStore
+from .redact import Redactor
 
-KEY_PREFIX = "buildq:log:"
-FINAL_PREFIX = "final:"
 CLOSE_TIMEOUT_S = 30.0  # longest close() waits for the flusher's last write
-_PAGE = 1000
-
-Entry = tuple[int, str, str]  # (attempt, kind, line)
-
-
-def log_key(job_id: str) -> str:
-    """The Redis key of a job's log stream."""
-    return KEY_PREFIX + job_id
-
-
-@dataclass(frozen=True, slots=True)
-class LogEntry:
-    id: str
-    attempt: int
-    kind: str
-    line: str
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _entry(entry_id: Any, fields: dict[Any, Any]) -> LogEntry:
-    got = {_text(k): _text(v) for k, v in fields.items()}
-    a = got.get("a", "")
-    return LogEntry(_text(entry_id), int(a) if a.isdigit() else 0, got.get("k", ""), got.get("l", ""))
-
-
-class LogStore:
-    """Job logs as capped, expiring Redis Streams. Methods raise the client's Redis errors."""
-
-    def __init__(self, redis_client: Any, *, maxlen: int, ttl_s: int) -> None:
-        self.redis = redis_client
-        self.maxlen = maxlen
-        self.ttl_s = ttl_s
-
-    def append(self, job_id: str, entries: Iterable[Entry]) -> None:
-        """Add entries in order, trimming to about ``maxlen``, and refresh the TTL: one round trip
-        (nothing is sent when there are no entries). The end of a build's log is written by
-        :func:`buildq.claim.finish` instead, with the result."""
-        key, pipe = log_key(job_id), None
-        for attempt, kind, line in entries:
-            if pipe is None:
-                pipe = self.redis.pipeline(transaction=False)
-            fields = {"a": attempt, "k": kind, "l": line.encode("utf-8", errors="replace")}
-            pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
-        if pipe is not None:
-            pipe.expire(key, self.ttl_s)
-            pipe.execute()
-
-    def mark(self, job_id: str, attempt: int, text: str) -> None:
-        """Append one ``mark`` line (attempt started / failed / retrying, ``final: <state>``)."""
-        self.append(job_id, [(attempt, "mark", text)])
-
-    def read(
-        self,
-        job_id: str,
-        *,
-        kinds: Iterable[str] = ("plain", "mark"),
-        after: str = "0-0",
-        count: int | None = None,
-    ) -> list[LogEntry]:
-        """Stored entries of the given kinds with ids after ``after``, oldest first (at most ``count``)."""
-        wanted = frozenset(kinds)
-        out: list[LogEntry] = []
-        start = f"({after}"
-        while True:
-            page = self.redis.xrange(log_key(job_id), min=start, max="+", count=_PAGE)
-            for entry_id, fields in page:
-                entry = _entry(entry_id, fields)
-                if entry.kind in wanted:
-                    out.append(entry)
-                    if count is not None and len(out) >= count:
-                        return out
-            if len(page) < _PAGE:
-                return out
-            start = f"({_text(page[-1][0])}"
-
-    def follow(
-        self,
-        job_id: str,
-        *,
-        kinds: Iterable[str] = ("plain", "mark"),
-        is_finished: Callable[[], bool],
-        block_ms: int = 500,
-        after: str = "0-0",
-    ) -> Iterator[LogEntry]:
-        """Yield entries as they arrive (``XREAD BLOCK``), across attempts.
-
-        Ends after the ``final: <state>`` mark (yielded when ``mark`` is among ``kinds``), or when a
-        block period passes with no new entry while ``is_finished()`` is true (a worker that died
-        before writing the final mark). The client's socket timeout must exceed ``block_ms``.
-        """
-        wanted, key, last = frozenset(kinds), log_key(job_id), after
-        while True:
-            reply = self.redis.xread({key: last}, count=_PAGE, block=block_ms)
-            if isinstance(reply, dict):  # RESP3: {key: [[(id, fields), ...]]}
-                batches = [batch for value in reply.values() for batch in value]
-            else:  # RESP2: [[key, [(id, fields), ...]]]
-                batches = [batch for _, batch in reply or ()]
-            entries = [_entry(i, f) for batch in batches for i, f in batch]
-            if not entries:
-                if is_finished():
-                    return
-                continue
-            for entry in entries:
-                last = entry.id
-                if entry.kind in wanted:
-                    yield entry
-                if entry.kind == "mark" and entry.line.startswith(FINAL_PREFIX):
-                    return
-
-
-def final_state(entries: Iterable[LogEntry]) -> str | None:
-    """The state named by the last ``final: <state>`` mark, or None when there is none."""
-    state = None
-    for entry in entries:
-        if entry.kind == "mark" and entry.line.startswith(FINAL_PREFIX):
-            state = entry.line[len(FINAL_PREFIX) :].strip()
-    return state
-
-
-def format_entry(entry: LogEntry, *, show_attempt: bool) -> str:
-    """One entry as printed: marks as ``--- attempt 2: text ---``, lines prefixed ``[attempt 2] ``."""
-    if entry.kind == "mark":
-        return f"--- attempt {entry.attempt}: {entry.line} ---" if show_attempt else f"--- {entry.line} ---"
-    return f"[attempt {entry.attempt}] {entry.line}" if show_attempt else entry.line
-
-
-def show_attempts(entries: Iterable[LogEntry]) -> bool:
-    """Whether the entries span more than one attempt (then :func:`format_entry` should say which)."""
-    return len({e.attempt for e in entries}) > 1
-
 
 # -- raw lines ---------------------------------------------------------------------------------
 _KEEP = frozenset({"digest", "vertex", "inputs", "started", "completed", "timestamp"})  # ids and times
 _B64 = frozenset({"data", "short", "detail"})  # base64 payloads: redacted decoded
-
-
-def _b64decode(data: str) -> bytes:
-    try:
-        return base64.b64decode(data)
-    except (binascii.Error, ValueError):
-        return data.encode("utf-8", errors="replace")  # as PlainLogRenderer reads it
 
 
 class RawRedactor:
@@ -231,7 +82,7 @@ class RawRedactor:
         return value
 
     def _redact_b64(self, data: str) -> str:
-        text = _b64decode(data).decode("utf-8", errors="surrogateescape")
+        text = b64decode_lenient(data).decode("utf-8", errors="surrogateescape")
         masked = self._redact(text)
         return data if masked == text else _b64encode(masked)
 
@@ -247,7 +98,7 @@ class RawRedactor:
             return [entry]
         entry = {k: (v if k == "data" else self._walk(v, k)) for k, v in entry.items()}
         key = (str(entry.get("vertex", "")), entry.get("stream"))
-        data = _b64decode(str(entry.get("data") or ""))
+        data = b64decode_lenient(str(entry.get("data") or ""))
         held = self._held.pop(key, None)
         first, buf = held if held else (entry, bytearray())
         buf += data
@@ -281,6 +132,34 @@ def _dumps(obj: Any) -> str:
 _PARSE: Any = object()
 
 
+class _Lines:
+    """One attempt's stderr lines as log entries: plain text, redacted raw lines, marks."""
+
+    def __init__(self, attempt: int, redactor: Redactor | None) -> None:
+        self.attempt = attempt
+        self.redact: Callable[[str], str] = redactor.redact if redactor is not None else (lambda text: text)
+        self.renderer = PlainLogRenderer(redact=redactor.redact if redactor is not None else None)
+        self.raw = RawRedactor(redactor.redact) if redactor is not None else None
+
+    def entries(self, line: str, status: SolveStatus | None) -> list[Entry]:
+        a = self.attempt
+        if status is None:  # buildctl's own text (error line, Dockerfile excerpt): both plain and raw
+            text = self.redact(line)
+            return [(a, "raw", text), (a, "plain", text)]
+        raw = self.raw.line(line) if self.raw is not None else [line]
+        return [(a, "raw", r) for r in raw] + [(a, "plain", p) for p in self.renderer.feed(status)]
+
+    def finish(self) -> list[Entry]:
+        """What the end of the stream still prints (held output, error summary)."""
+        raw = self.raw.finish() if self.raw is not None else []
+        return [(self.attempt, "raw", r) for r in raw] + [
+            (self.attempt, "plain", p) for p in self.renderer.finish()
+        ]
+
+    def mark(self, text: str) -> Entry:
+        return (self.attempt, "mark", self.redact(text))
+
+
 class AttemptLog:
     """The log of one attempt: ``feed`` every stderr line (cheap, no I/O), ``close`` at the end.
 
@@ -304,9 +183,7 @@ class AttemptLog:
         max_buffered: int | None = None,
     ) -> None:
         self.store, self.job_id, self.attempt = store, job_id, attempt
-        self._redact: Callable[[str], str] = redactor.redact if redactor is not None else (lambda text: text)
-        self._renderer = PlainLogRenderer(redact=redactor.redact if redactor is not None else None)
-        self._raw = RawRedactor(redactor.redact) if redactor is not None else None
+        self._lines = _Lines(attempt, redactor)
         self._clock = clock
         self._interval = flush_interval_s
         self._max_batch = max(1, max_batch)
@@ -317,11 +194,8 @@ class AttemptLog:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._final_written = False
-        self.lines_fed = 0
-        self.flushes = 0  # batches written (one Redis round trip each)
-        self.failed_flushes = 0
-        self.dropped = 0  # entries lost to Redis errors or a full buffer
-        self.feed_errors = 0
+        # flushes: batches written (one round trip each); dropped: lost to Redis errors or a full buffer
+        self.lines_fed = self.flushes = self.failed_flushes = self.dropped = self.feed_errors = 0
 
     def feed(self, line: str, status: SolveStatus | None = _PARSE) -> None:
         """Render, redact and buffer one stderr line; pass ``status`` when already parsed (None: text)."""
@@ -330,7 +204,7 @@ class AttemptLog:
                 return
             self.lines_fed += 1
             try:
-                entries = self._entries(line, parse_line(line) if status is _PARSE else status)
+                entries = self._lines.entries(line, parse_line(line) if status is _PARSE else status)
             except Exception:  # a malformed line must not break the build
                 self.feed_errors += 1
                 return
@@ -342,14 +216,6 @@ class AttemptLog:
                 self._thread.start()
             if was_empty or len(self._buffer) >= self._max_batch:
                 self._cond.notify()
-
-    def _entries(self, line: str, status: SolveStatus | None) -> list[Entry]:
-        a = self.attempt
-        if status is None:  # buildctl's own text (error line, Dockerfile excerpt): both plain and raw
-            text = self._redact(line)
-            return [(a, "raw", text), (a, "plain", text)]
-        raw = self._raw.line(line) if self._raw is not None else [line]
-        return [(a, "raw", r) for r in raw] + [(a, "plain", p) for p in self._renderer.feed(status)]
 
     def close(self, final_state: str | None = None) -> None:
         """Render the end (pending lines, error summary), write everything, stop the flusher.
@@ -378,27 +244,22 @@ class AttemptLog:
         if not self._closed:
             self._closed = True
             try:
-                raw = self._raw.finish() if self._raw is not None else []
-                tail = [(self.attempt, "raw", r) for r in raw]
-                tail += [(self.attempt, "plain", p) for p in self._renderer.finish()]
+                tail = self._lines.finish()
             except Exception:
                 self.feed_errors += 1
         if final_state is not None and not self._final_written:
             self._final_written = True
-            tail.append((self.attempt, "mark", f"{FINAL_PREFIX} {self._redact(final_state)}"))
+            tail.append(self._lines.mark(f"{FINAL_PREFIX} {final_state}"))
         return tail
 
     def mark(self, text: str) -> None:
         """Buffer a ``mark`` line (attempt started, retrying); written in order with the lines."""
         with self._cond:
-            self._buffer_all([(self.attempt, "mark", self._redact(text))])
+            self._buffer_all([self._lines.mark(text)])
 
     def drain(self, final_state: str | None = None) -> list[Entry]:
-        """Close like :meth:`close`, but return the unwritten entries (and the ``final:`` mark)
-        instead of writing them, so the end of the log is stored in the same round trip as the
-        build's result. Everything the flusher had taken is written before this returns, so the
-        returned entries come after everything already in the stream.
-        """
+        """Close like :meth:`close`, but return the unwritten entries (and the ``final:`` mark), to be
+        stored with the result; what the flusher had taken is written first, so they come last."""
         with self._cond:
             tail = self._closing_entries(final_state)
             pending = [*self._buffer, *tail]
@@ -412,7 +273,7 @@ class AttemptLog:
     def failing_tail(self, n: int = 30) -> list[str]:
         """The last ``n`` output lines (redacted) of the failed step, else of the last step with output."""
         with self._cond:
-            return self._renderer.failing_tail(n)
+            return self._lines.renderer.failing_tail(n)
 
     def _run(self) -> None:
         cond = self._cond

@@ -1,11 +1,7 @@
-"""Job state in Redis: records, leases and cancellation flags.
+"""Job state in Redis: the job hash, the result record, leases and cancellation flags.
 
-Keys (all under ``buildq:``):
-- ``job:<id>``     hash: ``state`` (queued | running | succeeded | failed | cancelled), ``enqueued_at``,
-                   ``phase``, ``attempt``, ``worker``
-- ``result:<id>``  the final JSON result record (written once; its presence means "done")
-- ``lease:<id>``   the token of the worker process running the build; expires unless renewed
-- ``cancel:<id>``  set by ``buildq cancel``; a queued job never starts, a running one is killed
+Key names are in :mod:`buildq.store.keys`; taking and finishing a job are in
+:mod:`buildq.store.claim`.
 """
 
 from __future__ import annotations
@@ -19,44 +15,10 @@ from typing import Any
 
 import redis
 
-PREFIX = "buildq:"
-#: sorted set of submitted, not yet claimed jobs (score: enqueued_at), for the lost-message janitor
-QUEUED_INDEX = f"{PREFIX}queued"
+from .keys import QUEUED_INDEX, cancel_key, done_channel, job_key, lease_key, result_key
+from .scripts import Scripts, source
+
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
-
-
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
-
-
-def result_key(job_id: str) -> str:
-    return f"{PREFIX}result:{job_id}"
-
-
-def lease_key(job_id: str) -> str:
-    return f"{PREFIX}lease:{job_id}"
-
-
-def done_channel(job_id: str) -> str:
-    """Pub/sub channel told when the job's result is stored."""
-    return f"{PREFIX}done:{job_id}"
-
-
-def cancel_key(job_id: str) -> str:
-    return f"{PREFIX}cancel:{job_id}"
 
 
 class JobStore:
@@ -65,7 +27,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, *, result_ttl_s: int) -> None:
         self.redis = client
         self.result_ttl_s = result_ttl_s
-        self._scripts: dict[str, Any] = {}
+        self.scripts = Scripts(client)
         self._local = threading.local()
 
     @classmethod
@@ -106,7 +68,7 @@ class JobStore:
 
     def store_result(self, job_id: str, record: dict[str, Any]) -> None:
         """Store the final record and the job's final state in one round trip (a job that was never
-        claimed; a claimed one ends with :func:`buildq.claim.finish`)."""
+        claimed; a claimed one ends with :func:`buildq.store.claim.finish`)."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(result_key(job_id), json.dumps(record, separators=(",", ":")), ex=self.result_ttl_s)
         pipe.hset(job_key(job_id), mapping={"state": record["state"], "phase": "done"})
@@ -167,20 +129,14 @@ class JobStore:
 
     def renew_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
         """Extend our lease; False if it expired and was lost."""
-        return bool(self.script(_RENEW)(keys=[lease_key(job_id)], args=[token, max(1, int(ttl_s * 1000))]))
+        ttl_ms = max(1, int(ttl_s * 1000))
+        return bool(self.scripts("renew_lease")(keys=[lease_key(job_id)], args=[token, ttl_ms]))
 
     def queue_release_lease(self, pipe: Any, job_id: str, token: str) -> None:
         """Queue on ``pipe`` deleting the job's lease if it is still ``token``'s (as EVAL: a
         registered script would make the pipeline check the script cache first, one more round
-        trip). Taking the lease is part of :func:`buildq.claim.claim`."""
-        pipe.eval(_RELEASE, 1, lease_key(job_id), token)
-
-    def script(self, body: str) -> Any:
-        """``body`` registered once per store (run with EVALSHA, loaded again if Redis lost it)."""
-        registered = self._scripts.get(body)
-        if registered is None:
-            registered = self._scripts[body] = self.redis.register_script(body)
-        return registered
+        trip). Taking the lease is part of :func:`buildq.store.claim.claim`."""
+        pipe.eval(source("release_lease"), 1, lease_key(job_id), token)
 
     def lease_holder(self, job_id: str) -> str | None:
         raw = self.redis.get(lease_key(job_id))

@@ -1,12 +1,15 @@
-"""The Celery application, made from the settings by :func:`create_app` (nothing at import time)."""
+"""The Celery application, made from the settings by :func:`create_app` (nothing at import time).
+
+Producers and workers share it; the worker registers the ``buildq.build`` task on it
+(:func:`buildq.celeryapp.worker.create_worker_app`), so building the app in a producer imports
+no worker code.
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from .config import Settings
-
-TASK_NAME = "buildq.build"
+from ..config import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -40,11 +43,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 
 def create_app(settings: Settings) -> Celery:
-    """A Celery app configured from ``settings``, with buildq's tasks registered."""
+    """A Celery app configured from ``settings`` (tasks are sent by name; none is registered)."""
     app = Celery("buildq", set_as_current=False)
     app.conf.update(celery_config(settings))
     app.buildq_settings = settings
-    from . import tasks
-
-    tasks.register(app)
     return app

@@ -1,4 +1,10 @@
-"""Celery tasks: a thin shell around :class:`buildq.service.BuildService`."""
+"""The ``buildq.build`` Celery task: a thin shell around :class:`buildq.engine.service.BuildService`.
+
+It turns the message into a :class:`~buildq.engine.interface.Delivery`, runs it on this process's
+service (found through the app: ``app.buildq_runtime``) and carries out the engine's decisions:
+a retry or a wait for a daemon goes back to the queue, a lost lease drops the delivery, a Redis
+outage hands the message back.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +15,12 @@ import redis.exceptions
 from celery import Celery, Task
 from celery.exceptions import Reject
 
-from .app import TASK_NAME
-from .events import phase_events
-from .service import LeaseLost, Reporter, RetryLater, WaitForDaemon
-from .workers import service_for
+from ..engine.interface import Delivery, LeaseLost, Reporter, RetryLater, WaitForDaemon
+from ..names import BUILDING, TASK_NAME
+from ..records import summary
+from .events import PhaseEvents
 
 log = logging.getLogger("buildq.tasks")
-
-#: custom Celery state while buildctl runs; ``info`` holds ``{"job_id", "attempt", "phase"}``
-BUILDING = "BUILDING"
 
 
 class BuildFailed(Exception):
@@ -27,17 +30,16 @@ class BuildFailed(Exception):
 class TaskReporter(Reporter):
     """Live progress through Celery: the task state shows the current phase, an event per ended phase.
 
-    Phase events are buffered and published in batches (:mod:`buildq.events`). State writes go
-    through the side channel (another thread), so they never delay buildctl's start or the stored
-    result; ``handle`` drains it before the task returns.
+    Phase events are buffered and published in batches (:mod:`buildq.celeryapp.events`). State
+    writes go through the side channel (another thread), so they never delay buildctl's start or
+    the stored result; ``handle`` drains it before the task returns.
     """
 
-    def __init__(self, task: Task, service: Any) -> None:
+    def __init__(self, task: Task, service: Any, events: PhaseEvents) -> None:
         super().__init__()
-        self.app, self.backend, self.service = task.app, task.backend, service
+        self.backend, self.service, self.events = task.backend, service, events
         self.task_id: str = task.request.id
         self.hostname: str = task.request.hostname or "buildq"
-        self.events = phase_events(task.app, service.ticker)
 
     def phase_started(self, job_id: str, attempt: int, phase: str) -> None:
         self.service.side.submit(self._state, job_id, attempt, phase)
@@ -64,34 +66,18 @@ class TaskReporter(Reporter):
         self.service.store.update(job_id, phase=phase)
 
 
-def summary(record: dict[str, Any]) -> dict[str, Any]:
-    """What Celery stores as the task result (the full record is ``buildq status --json``)."""
-    image = record.get("image") or {}
-    return {
-        "job_id": record["job_id"],
-        "state": record["state"],
-        "digest": image.get("digest"),
-        "names": image.get("names"),
-        "duration_s": record.get("duration_s"),
-    }
-
-
 def register(app: Celery) -> None:
-    """Register ``buildq.build`` on ``app``."""
+    """Register ``buildq.build`` on ``app`` (late acks and reject-on-lost come from the app config)."""
 
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+    @app.task(name=TASK_NAME, bind=True, max_retries=None)
     def build(
         self: Task, job: Any, enqueued_at: float | None = None, attempts: list[dict[str, Any]] | None = None
     ) -> dict[str, Any]:
-        service = service_for(self.app)
+        runtime = self.app.buildq_runtime
+        service = runtime.service()
+        delivery = Delivery(job, enqueued_at, list(attempts or []), self.request.id)
         try:
-            record = service.handle(
-                job,
-                enqueued_at=enqueued_at,
-                attempts=attempts,
-                task_id=self.request.id,
-                reporter=TaskReporter(self, service),
-            )
+            record = service.handle(delivery, TaskReporter(self, service, runtime.events()))
         except RetryLater as later:
             raise self.retry(
                 kwargs={"job": job, "enqueued_at": enqueued_at, "attempts": later.attempts},

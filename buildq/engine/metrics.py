@@ -15,9 +15,11 @@ Metrics:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 PHASE_BUCKETS = (
@@ -73,16 +75,23 @@ class BuildMetrics:
             "buildq_builds_in_progress", "Build attempts running", multiprocess_mode="livesum", **kwargs
         )
 
-    def attempt_started(self) -> None:
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """``buildq_builds_in_progress`` is one higher inside, whatever way the block is left."""
         self.in_progress.inc()
+        try:
+            yield
+        finally:
+            self.in_progress.dec()
 
     def attempt_finished(self, attempt: dict[str, Any]) -> None:
-        self.in_progress.dec()
+        """Count one attempt that reached a daemon, by outcome and the classifier's reason."""
         self.attempts.labels(
             outcome=attempt.get("outcome") or "unknown", reason=attempt.get("reason") or "none"
         ).inc()
 
     def build_finished(self, record: dict[str, Any]) -> None:
+        """Count a finished build and observe its phases and steps."""
         self.builds.labels(outcome=record.get("state") or "unknown").inc()
         for phase, seconds in (record.get("phases") or {}).items():
             self.phase_seconds.labels(phase=phase).observe(seconds)
@@ -91,6 +100,20 @@ class BuildMetrics:
             self.steps.labels(kind="cached").inc(steps["cached"])
         if steps.get("executed"):
             self.steps.labels(kind="executed").inc(steps["executed"])
+
+
+class NoMetrics:
+    """What a worker without ``BUILDQ_METRICS_PORT`` records: nothing."""
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        yield
+
+    def attempt_finished(self, attempt: dict[str, Any]) -> None:
+        pass
+
+    def build_finished(self, record: dict[str, Any]) -> None:
+        pass
 
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> Any:

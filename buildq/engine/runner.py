@@ -8,72 +8,59 @@ build failure: the outcome is data (:class:`AttemptOutcome`). The clock is injec
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
-from .buildkit.classify import Failure, classify_failure
-from .buildkit.command import build_argv, dockerfile_dir, secret_env
-from .buildkit.progress import ProgressTracker
-from .buildkit.solvestatus import SolveStatus
-from .errors import BuildError, InvalidJobError, PermanentBuildError
-from .jobs import BuildJob
-from .launchers.base import Launcher, LaunchSpec
+from ..buildkit.classify import Failure, classify_failure
+from ..buildkit.command import BuildRequest, build_argv, split_dockerfile
+from ..buildkit.progress import ProgressTracker
+from ..buildkit.solvestatus import SolveStatus
+from ..errors import BuildError, PermanentBuildError
+from ..jobs import BuildJob
+from ..launchers.base import BuildPaths, Launcher, LaunchSpec
+from ..records import AttemptOutcome
 from .ticker import Ticker
 
 Clock = Callable[[], float]
 
 #: how often a build's watcher checks ``should_stop`` (cancellation must act within 2 s); the
-#: interval of the process's :class:`~buildq.ticker.Ticker`
+#: interval of the process's :class:`~buildq.engine.ticker.Ticker`
 WATCH_INTERVAL_S = 0.25
 
 
-@dataclass
-class AttemptOutcome:
-    """What one buildctl invocation did. ``outcome`` is succeeded | failed | cancelled | timeout."""
-
-    number: int
-    daemon: str
-    started_at: float
-    exited_at: float
-    outcome: str
-    exit_code: int | None = None
-    failure: Failure | None = None
-    metadata: dict[str, Any] | None = None
-    tracker: ProgressTracker | None = None
-    first_output_at: float | None = None
+def dockerfile_dir(job: BuildJob) -> str | None:
+    """Worker-side directory holding the Dockerfile (None for a git context)."""
+    if job.is_git:
+        return None
+    head, _ = split_dockerfile(job.dockerfile)
+    return f"{job.context}/{head}" if head else job.context
 
 
-def check_job_on_worker(job: BuildJob, *, environ: Mapping[str, str], max_timeout_s: int) -> None:
-    """Checks only the worker can make; raise InvalidJobError naming the field."""
-    if not job.is_git:
-        if not os.path.isdir(job.context):
-            raise InvalidJobError(
-                f"context: {job.context!r} is not a directory on the worker", field="context"
-            )
-        if not os.access(job.context, os.R_OK | os.X_OK):
-            raise InvalidJobError(f"context: {job.context!r} is not readable by the worker", field="context")
-        dockerfile = os.path.join(job.context, job.dockerfile)
-        if not os.path.isfile(dockerfile):
-            raise InvalidJobError(
-                f"dockerfile: {job.dockerfile!r} not found in the context", field="dockerfile"
-            )
-        real_context = os.path.realpath(job.context)
-        if os.path.commonpath([real_context, os.path.realpath(dockerfile)]) != real_context:
-            raise InvalidJobError("dockerfile: resolves outside the context", field="dockerfile")
-    if job.timeout_s is not None and job.timeout_s > max_timeout_s:
-        raise InvalidJobError(
-            f"timeout_s: {job.timeout_s} exceeds the worker's maximum {max_timeout_s} (BUILDQ_MAX_TIMEOUT_S)",
-            field="timeout_s",
-        )
-    for index, secret in enumerate(job.secrets):
-        if secret.env not in environ:
-            raise InvalidJobError(
-                f"secrets[{index}].env: environment variable {secret.env!r} is not set on the worker",
-                field=f"secrets[{index}].env",
-            )
+def build_request(job: BuildJob, paths: BuildPaths) -> BuildRequest:
+    """The buildctl build of ``job`` with the paths buildctl sees (``paths`` from the launcher)."""
+    cache_ref = job.cache_ref
+    assert cache_ref is not None  # filled in by BuildJob
+    return BuildRequest(
+        tags=job.tags,
+        cache_ref=cache_ref,
+        metadata_file=paths.metadata_file,
+        filename=job.dockerfile if job.is_git else split_dockerfile(job.dockerfile)[1],
+        remote_context=job.context if job.is_git else None,
+        context_dir=paths.context_dir,
+        dockerfile_dir=paths.dockerfile_dir,
+        target=job.target,
+        build_args=job.build_args,
+        labels=job.labels,
+        platforms=job.platforms,
+        secrets=[(s.id, s.env) for s in job.secrets],
+        push=job.push,
+        cache_mode=job.cache_mode,
+    )
+
+
+def secret_env(job: BuildJob, environ: Mapping[str, str]) -> dict[str, str]:
+    """The worker environment variables buildctl needs for the job's secrets (checked beforehand)."""
+    return {s.env: environ[s.env] for s in job.secrets}
 
 
 def run_attempt(
@@ -104,7 +91,7 @@ def run_attempt(
     context = None if job.is_git else job.context
     dockerfile = dockerfile_dir(job)
     paths = launcher.prepare(job.job_id, context, dockerfile)
-    argv = build_argv(job, paths, insecure_registries=insecure_registries)
+    argv = build_argv(build_request(job, paths), insecure_registries=insecure_registries)
     env = {"BUILDKIT_HOST": daemon, **secret_env(job, environ)}
     spec = LaunchSpec(job_id=job.job_id, argv=argv, env=env, context_dir=context, dockerfile_dir=dockerfile)
     try:
@@ -171,5 +158,7 @@ def run_attempt(
         outcome.outcome = "succeeded"
         outcome.metadata = metadata
         return outcome
-    outcome.failure = classify_failure(exit_code, list(tracker.text_lines), extra_transient=extra_transient)
+    outcome.failure = classify_failure(
+        exit_code, tracker.text_lines, vertex_errors=tracker.vertex_errors(), extra_transient=extra_transient
+    )
     return outcome

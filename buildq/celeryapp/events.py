@@ -2,7 +2,7 @@
 
 :meth:`PhaseEvents.send` only buffers (no I/O). A flush publishes everything buffered as one
 ``task.multi`` message (Celery's own event batching, which Flower and other event receivers
-unpack). It runs on the process's :class:`~buildq.ticker.Ticker` one interval (250 ms) after the
+unpack). It runs on the process's :class:`~buildq.engine.ticker.Ticker` one interval (250 ms) after the
 first event buffered since the last flush, at once when 50 are waiting, and when the worker
 process stops. Under load one message carries the events of many builds, instead of one
 message per build; the price is that an event is seen up to 250 ms after its phase ended.
@@ -11,13 +11,12 @@ message per build; the price is that an event is seen up to 250 ms after its pha
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any
 
 from celery import Celery
 
-from .ticker import Ticker
+from ..engine.ticker import Ticker
 
 log = logging.getLogger("buildq.events")
 
@@ -28,7 +27,8 @@ BUFFER_LIMIT = 50
 
 
 class PhaseEvents:
-    """This process's buffered phase events (one instance per process and app). Thread-safe."""
+    """This process's buffered phase events (one instance per process and app, made by the
+    worker's runtime). Thread-safe."""
 
     def __init__(self, app: Celery, ticker: Ticker) -> None:
         self.app, self.ticker = app, ticker
@@ -71,25 +71,3 @@ class PhaseEvents:
             )
             self._dispatchers[hostname] = dispatcher
         return dispatcher
-
-
-_instances: dict[tuple[int, int], PhaseEvents] = {}
-_instances_lock = threading.Lock()
-
-
-def phase_events(app: Celery, ticker: Ticker) -> PhaseEvents:
-    """This process's :class:`PhaseEvents` for ``app`` (made on first use after a fork)."""
-    key = (os.getpid(), id(app))
-    with _instances_lock:
-        events = _instances.get(key)
-        if events is None:
-            events = _instances[key] = PhaseEvents(app, ticker)
-        return events
-
-
-def flush_all() -> None:
-    """Publish every buffered event of this process (the worker process is stopping)."""
-    with _instances_lock:
-        mine = [events for (pid, _), events in _instances.items() if pid == os.getpid()]
-    for events in mine:
-        events.flush()

@@ -23,50 +23,16 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from .app import TASK_NAME
-from .state import QUEUED_INDEX, JobStore, job_key, lease_key, result_key
+from ..names import TASK_NAME
+from .jobs import JobStore
+from .keys import QUEUED_INDEX, UNACKED_INDEX_KEY, UNACKED_KEY, job_key, lease_key, result_key
 
 log = logging.getLogger("buildq.janitor")
-
-#: kombu's Redis transport keeps delivered, unacknowledged messages in this hash, and their
-#: delivery times in this sorted set
-UNACKED_KEY = "unacked"
-UNACKED_INDEX_KEY = "unacked_index"
-
-# KEYS: unacked hash, unacked index, lease, result, job; ARGV: tag, queue -> 1 when put back.
-# A job waiting for its retry has handed over to a new message: its old one is being acked.
-_RESTORE_STALLED = """
-local payload = redis.call('HGET', KEYS[1], ARGV[1])
-if not payload then return 0 end
-if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
-if redis.call('HGET', KEYS[5], 'phase') == 'retry_wait' then return 0 end
-local entry = cjson.decode(payload)
-redis.call('RPUSH', ARGV[2], cjson.encode(entry[1]))
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
-"""
-_REQUEUE = """
-local h = redis.call('HMGET', KEYS[1], 'state', 'claims', 'msg', 'queue', 'tag')
-if (not h[3]) or h[2] or h[1] ~= 'queued' then
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  return 0
-end
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  return 0
-end
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-if h[5] and redis.call('HEXISTS', KEYS[5], h[5]) == 1 then return 0 end
-if redis.call('LPOS', h[4], h[3]) then return 0 end
-redis.call('RPUSH', h[4], h[3])
-return 1
-"""
 
 
 def requeue_lost(store: JobStore, *, after_s: float, now: float | None = None, batch: int = 200) -> list[str]:
     """Push back the messages of jobs lost before pickup; return their job ids."""
-    script = store.script(_REQUEUE)
+    script = store.scripts("requeue_lost")
     cutoff = (time.time() if now is None else now) - after_s
     requeued = []
     for raw in store.redis.zrangebyscore(QUEUED_INDEX, "-inf", cutoff, start=0, num=batch):
@@ -89,7 +55,7 @@ def requeue_stalled(
     when Celery tried to hand it back). Celery's own restore waits for the visibility timeout
     (hours); the job lease is a better heartbeat. Retry messages waiting for their ETA are left alone.
     """
-    script = store.script(_RESTORE_STALLED)
+    script = store.scripts("restore_stalled")
     clock = time.time() if now is None else now
     requeued = []
     for raw_tag in store.redis.zrangebyscore(UNACKED_INDEX_KEY, "-inf", clock - after_s, start=0, num=batch):

@@ -1,0 +1,217 @@
+"""One claimed attempt of a build: run buildctl, then store the final record or ask for a retry.
+
+:class:`Attempt` is the context of the attempt (job, number, lease token, daemon slot, its time
+window, the attempts before it, where progress goes). :class:`AttemptRun` runs it: buildctl through
+the launcher with the build's watcher on the process's ticker (cancel flag, deadline, lease and
+slot renewal), then either ``RetryLater`` (transient failure, attempts left) or the final record,
+stored with the log's end and the claim given back in one round trip
+(:func:`~buildq.store.claim.finish`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..buildkit.backoff import backoff_delay
+from ..buildkit.classify import Failure
+from ..buildkit.livephase import LivePhases
+from ..buildkit.solvestatus import SolveStatus
+from ..jobs import BuildJob
+from ..records import AttemptOutcome, attempt_record, final_record, outcome_state
+from ..store.claim import Holder, finish
+from .attemptlog import AttemptLog
+from .interface import LeaseLost, Reporter, RetryLater
+from .redact import Redactor
+from .runner import run_attempt
+
+if TYPE_CHECKING:
+    from .service import BuildService
+
+
+@dataclass
+class Attempt:
+    """A claimed attempt. ``window_start`` is the enqueue, or the end of the previous attempt (so a
+    retry's backoff counts as queued time); ``released`` turns true once the result transaction
+    gave the lease and the slot back."""
+
+    job: BuildJob
+    number: int
+    token: str
+    daemon: str | None
+    enqueued_at: float
+    window_start: float
+    earlier: list[dict[str, Any]]
+    reporter: Reporter
+    released: bool = False
+
+
+class AttemptRun:
+    """Runs one :class:`Attempt` with the process's runtime (``service``)."""
+
+    def __init__(self, service: BuildService, attempt: Attempt) -> None:
+        self.service, self.attempt = service, attempt
+
+    def run(self) -> dict[str, Any]:
+        """buildctl once; the final record, or RetryLater / LeaseLost."""
+        s, a = self.service, self.attempt
+        job_id, number, reporter = a.job.job_id, a.number, a.reporter
+        assert a.daemon is not None
+        live = LivePhases(s.clock, s.clock())
+        log = self._attempt_log()
+        current = _CurrentPhase(self)
+        holder = Holder(s.store, job_id, a.token, s.settings.lease_ttl_s, s.clock, s.slots, a.daemon)
+
+        def on_start() -> None:  # buildctl is running: events go out off the critical path
+            reporter.phase_ended(job_id, number, "queued", max(0.0, live.since - a.window_start))
+
+        def on_line(line: str, status: SolveStatus | None) -> None:
+            if log is not None:
+                log.feed(line, status)
+            ended = live.on_output(status)
+            if ended:
+                for phase, seconds in ended:
+                    reporter.phase_ended(job_id, number, phase, seconds)
+                current.set(live.current)
+
+        def should_stop() -> str | None:  # on the ticker thread, every 250 ms from the start
+            current.go_live()
+            return holder()
+
+        with s.metrics.running():
+            try:
+                outcome = run_attempt(
+                    a.job,
+                    number=number,
+                    launcher=s.launcher,
+                    daemon=a.daemon,
+                    insecure_registries=s.settings.insecure_registries,
+                    environ=s.environ,
+                    timeout_s=float(a.job.timeout_s or s.settings.default_timeout_s),
+                    ticker=s.ticker,
+                    clock=s.clock,
+                    on_start=on_start,
+                    on_line=on_line,
+                    should_stop=should_stop,
+                    extra_transient=s.settings.transient_patterns,
+                )
+            except BaseException:
+                if log is not None:
+                    log.close()
+                raise
+            for phase, seconds in live.finish():
+                reporter.phase_ended(job_id, number, phase, seconds)
+            if outcome.outcome == "lease_lost":
+                if log is not None:
+                    log.close()
+                raise LeaseLost(f"lost the lease of job {job_id} while building")
+            return self.conclude(outcome, log)
+
+    def cancelled_before_start(self) -> dict[str, Any]:
+        """The job was cancelled while queued: a cancelled record, buildctl never launched."""
+        s, a = self.service, self.attempt
+        now = s.clock()
+        message = "build cancelled before it started"
+        failure = Failure(transient=False, reason="cancelled", message=message)
+        outcome = AttemptOutcome(a.number, "", now, now, "cancelled", failure=failure)
+        if s.logs is not None:
+            s.logs.mark(a.job.job_id, a.number, "final: cancelled (before it started)")
+        return self.conclude(outcome)
+
+    def conclude(self, outcome: AttemptOutcome, log: AttemptLog | None = None) -> dict[str, Any]:
+        """Store the final record (one round trip), or raise RetryLater for a transient failure."""
+        s, a = self.service, self.attempt
+        job_id = a.job.job_id
+        failure = outcome.failure
+        retry = (
+            failure is not None
+            and failure.transient
+            and outcome.outcome == "failed"
+            and outcome.number < s.settings.retry_max_attempts
+            and not s.store.cancel_requested(job_id)
+        )
+        now = s.clock()
+        record = attempt_record(outcome, window_start=a.window_start, window_end=now)
+        attempts = [*a.earlier, record]
+        reached_daemon = bool(outcome.daemon)  # attempts are counted once they reached the launcher
+        if retry:
+            assert failure is not None
+            if reached_daemon:
+                s.metrics.attempt_finished(record)
+            delay = backoff_delay(
+                outcome.number,
+                base=s.settings.retry_backoff_base_s,
+                cap=s.settings.retry_backoff_cap_s,
+                **({"rand": s.rand} if s.rand is not None else {}),
+            )
+            if log is not None:
+                log.mark(f"attempt {outcome.number} failed ({failure.reason}); retrying in {delay:.2f}s")
+                log.close()
+            s.store.update(job_id, {"state": "queued", "phase": "retry_wait"})
+            raise RetryLater(countdown=delay, attempts=attempts, reason=failure.reason)
+        state, error = outcome_state(outcome)
+        if error is not None and log is not None:
+            tail = log.failing_tail(30)
+            if tail:
+                error["log_tail"] = tail
+        final = final_record(
+            a.job, state=state, attempts=attempts, last=outcome, enqueued_at=a.enqueued_at, finished_at=now,
+            error=error,
+        )  # fmt: skip
+        # one round trip: the log's end, the result, the final state, the lease and slot given back
+        entries = log.drain(state) if log is not None else ()
+        finish(s.store, s.slots, job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries)
+        a.released = True
+        a.reporter.done = True
+        a.reporter.phase_ended(job_id, outcome.number, "finalize", max(0.0, s.clock() - outcome.exited_at))
+        if reached_daemon:
+            s.metrics.attempt_finished(record)
+        s.metrics.build_finished(final)
+        return final
+
+    def mark_running(self) -> None:
+        """The job hash says ``running`` on this worker (unless the result is already stored)."""
+        a = self.attempt
+        if not a.reporter.done:
+            self.service.store.update(
+                a.job.job_id, {"state": "running", "attempt": a.number, "worker": self.service.worker_id}
+            )
+
+    def _attempt_log(self) -> AttemptLog | None:
+        s, a = self.service, self.attempt
+        if s.logs is None:
+            return None
+        secrets = [s.environ[x.env] for x in a.job.secrets if x.env in s.environ]
+        secrets += [s.environ[name] for name in s.settings.redact_env if name in s.environ]
+        log = AttemptLog(s.logs, a.job.job_id, a.number, redactor=Redactor(secrets) if secrets else None)
+        log.mark(f"attempt {a.number} started on {s.worker_id}")
+        return log
+
+
+class _CurrentPhase:
+    """The running build's current phase (task state ``BUILDING``, job hash), published from the
+    watcher's first tick on: a build that ends within 250 ms never shows a stale running state,
+    and costs no progress writes."""
+
+    def __init__(self, run: AttemptRun) -> None:
+        self.run = run
+        self.phase = "launch"
+        self.live = False
+        self.lock = threading.Lock()
+
+    def set(self, phase: str) -> None:
+        with self.lock:
+            self.phase = phase
+            if self.live:
+                a = self.run.attempt
+                a.reporter.phase_started(a.job.job_id, a.number, phase)
+
+    def go_live(self) -> None:
+        if self.live:
+            return
+        with self.lock:
+            self.live = True
+            a = self.run.attempt
+            self.run.service.side.submit(self.run.mark_running)
+            a.reporter.phase_started(a.job.job_id, a.number, self.phase)

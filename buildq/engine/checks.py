@@ -1,0 +1,43 @@
+"""Checks of a job that only the worker can make (its filesystem, its limits, its environment).
+
+They run before anything is claimed or launched; a failing check raises
+:class:`~buildq.errors.InvalidJobError` naming the field, and the job is rejected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from ..errors import InvalidJobError
+from ..jobs import BuildJob
+
+
+def check_job_on_worker(job: BuildJob, *, environ: Mapping[str, str], max_timeout_s: int) -> None:
+    """Checks only the worker can make; raise InvalidJobError naming the field."""
+    if not job.is_git:
+        if not os.path.isdir(job.context):
+            raise InvalidJobError(
+                f"context: {job.context!r} is not a directory on the worker", field="context"
+            )
+        if not os.access(job.context, os.R_OK | os.X_OK):
+            raise InvalidJobError(f"context: {job.context!r} is not readable by the worker", field="context")
+        dockerfile = os.path.join(job.context, job.dockerfile)
+        if not os.path.isfile(dockerfile):
+            raise InvalidJobError(
+                f"dockerfile: {job.dockerfile!r} not found in the context", field="dockerfile"
+            )
+        real_context = os.path.realpath(job.context)
+        if os.path.commonpath([real_context, os.path.realpath(dockerfile)]) != real_context:
+            raise InvalidJobError("dockerfile: resolves outside the context", field="dockerfile")
+    if job.timeout_s is not None and job.timeout_s > max_timeout_s:
+        raise InvalidJobError(
+            f"timeout_s: {job.timeout_s} exceeds the worker's maximum {max_timeout_s} (BUILDQ_MAX_TIMEOUT_S)",
+            field="timeout_s",
+        )
+    for index, secret in enumerate(job.secrets):
+        if secret.env not in environ:
+            raise InvalidJobError(
+                f"secrets[{index}].env: environment variable {secret.env!r} is not set on the worker",
+                field=f"secrets[{index}].env",
+            )

@@ -1,0 +1,56 @@
+"""Every Redis key and channel name buildq uses, in one place (all under ``buildq:``).
+
+- ``job:<id>``      hash: ``state`` (queued | running | succeeded | failed | cancelled), ``enqueued_at``,
+                    ``queue``, ``phase``, ``attempt``, ``worker``, ``claims``; until claimed also
+                    ``msg``/``tag`` (the message, for the lost-message janitor)
+- ``result:<id>``   the final JSON record (written once; its presence means "done")
+- ``lease:<id>``    the token of the worker process running the build; expires unless renewed
+- ``cancel:<id>``   set by ``buildq cancel``: a queued job never starts, a running one is killed
+- ``done:<id>``     pub/sub channel told the final state when the result is stored
+- ``log:<id>``      the build log stream (see :mod:`buildq.store.logs`)
+- ``slots:<daemon>`` sorted set of the daemon's build slots (see :mod:`buildq.store.slots`)
+- ``queued``        sorted set of submitted, not yet claimed jobs (score: enqueued_at)
+
+Kombu's Redis transport keeps delivered, unacknowledged messages in ``unacked`` (hash) and their
+delivery times in ``unacked_index`` (sorted set); the janitor reads them.
+"""
+
+from __future__ import annotations
+
+PREFIX = "buildq:"
+QUEUED_INDEX = f"{PREFIX}queued"
+SLOTS_PREFIX = f"{PREFIX}slots:"
+LOG_PREFIX = f"{PREFIX}log:"
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def result_key(job_id: str) -> str:
+    return f"{PREFIX}result:{job_id}"
+
+
+def lease_key(job_id: str) -> str:
+    return f"{PREFIX}lease:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{PREFIX}cancel:{job_id}"
+
+
+def done_channel(job_id: str) -> str:
+    """Pub/sub channel told when the job's result is stored."""
+    return f"{PREFIX}done:{job_id}"
+
+
+def log_key(job_id: str) -> str:
+    """The job's log stream."""
+    return LOG_PREFIX + job_id
+
+
+def slot_key(daemon: str) -> str:
+    """The sorted set holding ``daemon``'s build slots."""
+    return SLOTS_PREFIX + daemon
