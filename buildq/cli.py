@@ -227,7 +227,10 @@ def health(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             {"name": c.name, "ok": c.ok, "detail": c.detail, "seconds": round(c.seconds, 3)}
             for c in report.checks
         ]
-        typer.echo(json.dumps({"ok": report.ok, "checks": checks}, indent=2))
+        daemons = [
+            {"daemon": d.daemon, "up": d.up, "since": d.since, "error": d.error} for d in report.daemons
+        ]
+        typer.echo(json.dumps({"ok": report.ok, "checks": checks, "daemons": daemons}, indent=2))
     else:
         from rich.console import Console
 

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     log_stream_maxlen: int = Field(default=20000, ge=100)
     log_stream_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
 
+    #: how long a job waits for a BuildKit daemon to come back when every daemon is down
+    daemon_wait_s: float = Field(default=600.0, gt=0)
+
     @classmethod
     def settings_customise_sources(
         cls,

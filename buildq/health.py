@@ -27,16 +27,16 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from .config import is_redis_url
+from .engine.probe import GRACE_S, one_line, probe_daemon
 from .engine.redact import Redactor
-from .launchers.base import Launcher, LaunchSpec
+from .launchers.base import Launcher
+from .store.daemons import DaemonHealth, DaemonState
 
 if TYPE_CHECKING:
     from rich.table import Table
 
     from .config import Settings
 
-#: seconds the caller waits past ``timeout_s`` for a check that should have bounded itself
-GRACE_S = 2.0
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s/]+(?=@)")
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&;]password=)[^&;\s]+", re.IGNORECASE)
@@ -55,6 +55,8 @@ class Check:
 @dataclass(frozen=True)
 class HealthReport:
     checks: tuple[Check, ...]
+    #: each daemon's circuit breaker as the deployment sees it (empty when Redis did not answer)
+    daemons: tuple[DaemonState, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -93,13 +95,8 @@ def _masker(settings: Settings) -> Callable[[str], str]:
     return lambda text: redactor(mask_url_passwords(text))
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _error_text(exc: BaseException) -> str:
-    return _one_line(f"{type(exc).__name__}: {exc}")
+    return one_line(f"{type(exc).__name__}: {exc}")
 
 
 # -- individual checks -----------------------------------------------------------------------
@@ -130,51 +127,9 @@ def check_redis(name: str, url: str, timeout_s: float) -> Check:
 
 
 def check_daemon(n: int, daemon: str, launcher: Launcher, timeout_s: float) -> Check:
-    """Run ``buildctl debug workers`` against ``daemon``; ok when it exits 0 within ``timeout_s``."""
-    name = f"buildkit {daemon}"
-    job_id = f"health-{n}"
-    started = time.monotonic()
-    deadline = started + timeout_s
-    try:
-        paths = launcher.prepare(job_id, None, None)
-        spec = LaunchSpec(job_id=job_id, argv=["debug", "workers"], env={"BUILDKIT_HOST": daemon})
-        run = launcher.start(spec, paths)
-    except Exception as exc:
-        return Check(name, False, f"cannot start buildctl: {_error_text(exc)}", time.monotonic() - started)
-    lines: list[str] = []
-
-    def read() -> None:
-        try:
-            lines.extend(run.lines())
-        except Exception:  # the stream was closed under us after a kill: keep what was read
-            pass
-
-    reader = threading.Thread(target=read, daemon=True, name=f"{job_id}-stderr")
-    try:
-        reader.start()
-        try:
-            rc: int | None = run.wait(max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            rc = None
-            run.kill()
-        reader.join(timeout=max(0.5, min(GRACE_S, deadline - time.monotonic())))
-    finally:
-        run.close()
-    seconds = time.monotonic() - started
-    if rc is None:
-        return Check(name, False, f"no answer within {timeout_s:g}s (buildctl killed)", seconds)
-    if rc == 0:
-        return Check(name, True, "buildctl debug workers: exit 0", seconds)
-    return Check(name, False, f"exit {rc}: {_failure_text(lines)}", seconds)
-
-
-def _failure_text(lines: list[str]) -> str:
-    """The last ``error:`` line of buildctl's stderr (without the prefix), else its last line."""
-    for line in reversed(lines):
-        if line.startswith("error: "):
-            return _one_line(line[len("error: ") :])
-    rest = [line for line in lines if line.strip()]
-    return _one_line(rest[-1]) if rest else "no error text on stderr"
+    """``buildctl debug workers`` against ``daemon`` (:func:`buildq.engine.probe.probe_daemon`)."""
+    result = probe_daemon(launcher, daemon, timeout_s, probe_id=f"health-{n}")
+    return Check(f"buildkit {daemon}", result.ok, result.detail, result.seconds)
 
 
 def default_docker_client(settings: Settings, timeout_s: float) -> Any:
@@ -300,7 +255,30 @@ def check_health(
             ]
     else:
         checks = _run_concurrently(tasks + daemon_tasks, timeout_s)
-    return HealthReport(tuple(Check(mask(c.name), c.ok, mask(c.detail), c.seconds) for c in checks))
+    masked = tuple(Check(mask(c.name), c.ok, mask(c.detail), c.seconds) for c in checks)
+    return HealthReport(masked, tuple(daemon_states(settings, timeout_s)))
+
+
+def daemon_states(settings: Settings, timeout_s: float) -> list[DaemonState]:
+    """Every daemon's breaker (up or down, since when, last error) from the deployment's Redis."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.state_redis_url, socket_timeout=timeout_s)
+        try:
+            return DaemonHealth(client).states(settings.daemons)
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - the Redis checks report why
+        return []
+
+
+def breaker_text(state: DaemonState, now: float) -> str:
+    """``up`` / ``up since 12:00:03`` / ``DOWN for 42s since 12:00:03: connection refused``."""
+    since = time.strftime("%H:%M:%S", time.localtime(state.since)) if state.since else None
+    if state.up:
+        return f"up since {since}" if since else "up"
+    return f"DOWN for {now - (state.since or now):.0f}s since {since}: {state.error or 'no answer'}"
 
 
 def render_health(report: HealthReport) -> Table:
@@ -317,4 +295,8 @@ def render_health(report: HealthReport) -> Table:
     for check in report.checks:
         status = Text("ok", style="green") if check.ok else Text("FAIL", style="bold red")
         table.add_row(Text(check.name), status, Text(check.detail), f"{check.seconds * 1000:.0f} ms")
+    now = time.time()
+    for state in report.daemons:
+        mark = Text("up", style="green") if state.up else Text("DOWN", style="bold red")
+        table.add_row(Text(f"breaker {state.daemon}"), mark, Text(breaker_text(state, now)), "")
     return table

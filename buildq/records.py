@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .buildkit.classify import Failure
+from .buildkit.classify import NEVER_REACHED_REASON, Failure
 from .buildkit.phases import compute_phases, slowest_steps, step_stats
 from .buildkit.progress import ProgressTracker
 from .jobs import BuildJob
@@ -33,6 +33,8 @@ class AttemptOutcome:
     metadata: dict[str, Any] | None = None
     tracker: ProgressTracker | None = None
     first_output_at: float | None = None
+    #: buildctl talked to the daemon (False: it could not dial it, or never ran)
+    reached_daemon: bool = True
 
 
 def iso(ts: float | None) -> str | None:
@@ -59,6 +61,7 @@ def attempt_record(attempt: AttemptOutcome, *, window_start: float, window_end: 
         "exit_code": attempt.exit_code,
         "reason": failure.reason if failure else None,
         "error": failure.message if failure else None,
+        "reached_daemon": attempt.reached_daemon,
         "window_end": window_end,
         "phases": compute_phases(
             attempt.tracker if attempt.tracker is not None else ProgressTracker(),
@@ -70,6 +73,23 @@ def attempt_record(attempt: AttemptOutcome, *, window_start: float, window_end: 
         ),
     }
     return record
+
+
+def counts_as_attempt(attempt: dict[str, Any]) -> bool:
+    """Whether an attempt record counts against ``BUILDQ_RETRY_MAX_ATTEMPTS``: every attempt but
+    one that never reached its daemon (dialing failed: nothing was built)."""
+    return bool(attempt.get("reached_daemon", True)) or attempt.get("reason") != NEVER_REACHED_REASON
+
+
+def unreached_since(attempts: list[dict[str, Any]]) -> float | None:
+    """When the trailing run of attempts that never reached a daemon began (epoch), else None."""
+    since = None
+    for attempt in reversed(attempts):
+        if counts_as_attempt(attempt):
+            break
+        if attempt.get("started_at"):
+            since = datetime.fromisoformat(attempt["started_at"]).timestamp()
+    return since
 
 
 def sum_phases(attempts: list[dict[str, Any]]) -> dict[str, float] | None:

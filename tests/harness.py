@@ -218,10 +218,16 @@ class StandinLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def ends(self) -> list[dict[str, Any]]:
-        return [e for e in self.events() if e.get("event") == "end"]
+        """Finished ``buildctl build`` runs (probes, ``debug workers``, are not builds)."""
+        return [e for e in self.events() if e.get("event") == "end" and _is_build(e)]
 
     def starts(self) -> list[dict[str, Any]]:
-        return [e for e in self.events() if e.get("event") == "start"]
+        """Started ``buildctl build`` runs."""
+        return [e for e in self.events() if e.get("event") == "start" and _is_build(e)]
+
+
+def _is_build(event: dict[str, Any]) -> bool:
+    return "debug" not in (event.get("argv") or [])
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:

@@ -169,6 +169,11 @@ _WEAK_PERMANENT = (
 
 _RULES = _STRONG_PERMANENT + _TRANSIENT + _WEAK_PERMANENT
 
+#: Reasons that mean the build lost its daemon (a retry prefers another daemon).
+DAEMON_LOST_REASONS = frozenset({"goaway", "daemon_unreachable", "daemon_unavailable"})
+#: The reason of a run that never reached the daemon (dialing failed: nothing was built).
+NEVER_REACHED_REASON = "daemon_unreachable"
+
 #: Every reason label :func:`classify_failure` can return, by class (bounded: safe as a metric label).
 TRANSIENT_REASONS = frozenset({r.reason for r in _TRANSIENT} | {"custom_transient", "killed"})
 PERMANENT_REASONS = frozenset({r.reason for r in _STRONG_PERMANENT + _WEAK_PERMANENT} | {"unknown", "killed"})

@@ -22,6 +22,9 @@ log = logging.getLogger("buildq.events")
 
 #: custom event type sent as each phase ends (``job_id``, ``attempt``, ``phase``, ``seconds``)
 PHASE_EVENT = "task-phase"
+#: sent when a worker opens (``…-down``) or closes (``…-up``) a daemon's circuit breaker
+DAEMON_DOWN_EVENT = "buildq-daemon-down"
+DAEMON_UP_EVENT = "buildq-daemon-up"
 #: buffered events that make a flush happen at once
 BUFFER_LIMIT = 50
 
@@ -43,6 +46,11 @@ class PhaseEvents:
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.ticker.every(self._flush_due)
+
+    def send_now(self, hostname: str, event_type: str, **fields: Any) -> None:
+        """Publish one event of another type at once (not buffered: daemon up/down)."""
+        with self._lock:
+            self._dispatcher(hostname).send(event_type, **fields)
 
     def flush(self) -> None:
         """Publish everything buffered now (errors are logged: events are best effort)."""

@@ -18,7 +18,7 @@ from celery.exceptions import Reject
 from ..engine.interface import Delivery, LeaseLost, Reporter, RetryLater, WaitForDaemon
 from ..names import BUILDING, TASK_NAME
 from ..records import summary
-from .events import PhaseEvents
+from .events import DAEMON_DOWN_EVENT, PhaseEvents
 
 log = logging.getLogger("buildq.tasks")
 
@@ -57,6 +57,12 @@ class TaskReporter(Reporter):
         except Exception as exc:  # noqa: BLE001 - progress is best effort; the build goes on
             log.warning("phase event not sent: %s", exc)
 
+    def daemon_down(self, daemon: str, error: str) -> None:
+        try:
+            self.events.send_now(self.hostname, DAEMON_DOWN_EVENT, daemon=daemon, error=error)
+        except Exception as exc:  # noqa: BLE001 - best effort
+            log.warning("daemon event not sent: %s", exc)
+
     def _state(self, job_id: str, attempt: int, phase: str) -> None:
         if self.done:  # the result is stored: a late progress state must not cover it
             return
@@ -71,11 +77,15 @@ def register(app: Celery) -> None:
 
     @app.task(name=TASK_NAME, bind=True, max_retries=None)
     def build(
-        self: Task, job: Any, enqueued_at: float | None = None, attempts: list[dict[str, Any]] | None = None
+        self: Task,
+        job: Any,
+        enqueued_at: float | None = None,
+        attempts: list[dict[str, Any]] | None = None,
+        waiting_since: float | None = None,
     ) -> dict[str, Any]:
         runtime = self.app.buildq_runtime
         service = runtime.service()
-        delivery = Delivery(job, enqueued_at, list(attempts or []), self.request.id)
+        delivery = Delivery(job, enqueued_at, list(attempts or []), self.request.id, waiting_since)
         try:
             record = service.handle(delivery, TaskReporter(self, service, runtime.events()))
         except RetryLater as later:
@@ -86,8 +96,11 @@ def register(app: Celery) -> None:
             ) from None
         except WaitForDaemon as busy:
             # not an attempt: the same attempts go back to the queue; the wait counts as queued time
+            kwargs = {"job": job, "enqueued_at": enqueued_at, "attempts": attempts}
+            if busy.waiting_since is not None:  # every daemon is down: the wait has a limit
+                kwargs["waiting_since"] = busy.waiting_since
             raise self.retry(
-                kwargs={"job": job, "enqueued_at": enqueued_at, "attempts": attempts},
+                kwargs=kwargs,
                 countdown=busy.countdown,
                 max_retries=None,
             ) from None

@@ -21,12 +21,13 @@ from celery import Celery
 from celery.signals import worker_process_shutdown, worker_ready, worker_shutting_down
 
 from ..config import Settings
-from ..engine.metrics import mark_process_dead, prepare_multiprocess_dir, serve_metrics
+from ..engine.daemonwatch import DaemonWatch
+from ..engine.metrics import DaemonUpCollector, mark_process_dead, prepare_multiprocess_dir, serve_metrics
 from ..engine.runtime import make_service
 from ..engine.service import BuildService
 from ..store.janitor import start_janitor
 from .app import create_app
-from .events import PhaseEvents
+from .events import DAEMON_UP_EVENT, PhaseEvents
 from .task import register
 
 log = logging.getLogger("buildq.worker")
@@ -107,15 +108,27 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
     runtime: WorkerRuntime = app.buildq_runtime
 
     def on_ready(sender: object = None, **_: object) -> None:
-        if getattr(sender, "app", None) is not app:
+        if id(getattr(sender, "app", None)) != id(app):  # another app of this process
             return
-        if settings.metrics_port is not None:
-            serve_metrics(settings.metrics_port)
-            log.info("serving Prometheus metrics on :%d/metrics", settings.metrics_port)
         service = runtime.service()
+        assert service.daemons is not None
+        if settings.metrics_port is not None:
+            serve_metrics(settings.metrics_port, DaemonUpCollector(service.daemons, settings.daemons))
+            log.info("serving Prometheus metrics on :%d/metrics", settings.metrics_port)
         reap_orphans(service)
         after = settings.requeue_lost_after_s
         start_janitor(service.store, after_s=after, every_s=max(0.5, after / 2))
+        hostname = getattr(sender, "hostname", None) or "buildq"
+        events = app.events
+
+        def announce(daemon: str, seconds_down: float) -> None:
+            try:
+                with events.default_dispatcher(hostname=hostname) as dispatcher:
+                    dispatcher.send(DAEMON_UP_EVENT, daemon=daemon, seconds_down=round(seconds_down, 3))
+            except Exception as exc:  # noqa: BLE001 - best effort
+                log.warning("daemon event not sent: %s", exc)
+
+        DaemonWatch(service.daemons, service.launcher, settings.daemons, announce=announce).start()
 
     def on_process_shutdown(pid: int | None = None, **_: object) -> None:
         runtime.flush_events()  # phase events still buffered

@@ -3,9 +3,7 @@
 :class:`Attempt` is the context of the attempt (job, number, lease token, daemon slot, its time
 window, the attempts before it, where progress goes). :class:`AttemptRun` runs it: buildctl through
 the launcher with the build's watcher on the process's ticker (cancel flag, deadline, lease and
-slot renewal), then either ``RetryLater`` (transient failure, attempts left) or the final record,
-stored with the log's end and the claim given back in one round trip
-(:func:`~buildq.store.claim.finish`).
+slot renewal), then hands the outcome to :class:`~buildq.engine.ending.AttemptEnd`.
 """
 
 from __future__ import annotations
@@ -14,15 +12,13 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..buildkit.backoff import backoff_delay
-from ..buildkit.classify import Failure
 from ..buildkit.livephase import LivePhases
 from ..buildkit.solvestatus import SolveStatus
 from ..jobs import BuildJob
-from ..records import AttemptOutcome, attempt_record, final_record, outcome_state
-from ..store.claim import Holder, finish
+from ..store.claim import Holder
 from .attemptlog import AttemptLog
-from .interface import LeaseLost, Reporter, RetryLater
+from .ending import AttemptEnd
+from .interface import LeaseLost, Reporter
 from .redact import Redactor
 from .runner import run_attempt
 
@@ -52,6 +48,11 @@ class AttemptRun:
 
     def __init__(self, service: BuildService, attempt: Attempt) -> None:
         self.service, self.attempt = service, attempt
+        environ, settings = service.environ, service.settings
+        secrets = [environ[x.env] for x in attempt.job.secrets if x.env in environ]
+        secrets += [environ[name] for name in settings.redact_env if name in environ]
+        self.redactor = Redactor(secrets) if secrets else None
+        self.end = AttemptEnd(service, attempt, self.redactor)
 
     def run(self) -> dict[str, Any]:
         """buildctl once; the final record, or RetryLater / LeaseLost."""
@@ -106,69 +107,7 @@ class AttemptRun:
                 if log is not None:
                     log.close()
                 raise LeaseLost(f"lost the lease of job {job_id} while building")
-            return self.conclude(outcome, log)
-
-    def cancelled_before_start(self) -> dict[str, Any]:
-        """The job was cancelled while queued: a cancelled record, buildctl never launched."""
-        s, a = self.service, self.attempt
-        now = s.clock()
-        message = "build cancelled before it started"
-        failure = Failure(transient=False, reason="cancelled", message=message)
-        outcome = AttemptOutcome(a.number, "", now, now, "cancelled", failure=failure)
-        if s.logs is not None:
-            s.logs.mark(a.job.job_id, a.number, "final: cancelled (before it started)")
-        return self.conclude(outcome)
-
-    def conclude(self, outcome: AttemptOutcome, log: AttemptLog | None = None) -> dict[str, Any]:
-        """Store the final record (one round trip), or raise RetryLater for a transient failure."""
-        s, a = self.service, self.attempt
-        job_id = a.job.job_id
-        failure = outcome.failure
-        retry = (
-            failure is not None
-            and failure.transient
-            and outcome.outcome == "failed"
-            and outcome.number < s.settings.retry_max_attempts
-            and not s.store.cancel_requested(job_id)
-        )
-        now = s.clock()
-        record = attempt_record(outcome, window_start=a.window_start, window_end=now)
-        attempts = [*a.earlier, record]
-        reached_daemon = bool(outcome.daemon)  # attempts are counted once they reached the launcher
-        if retry:
-            assert failure is not None
-            if reached_daemon:
-                s.metrics.attempt_finished(record)
-            delay = backoff_delay(
-                outcome.number,
-                base=s.settings.retry_backoff_base_s,
-                cap=s.settings.retry_backoff_cap_s,
-                **({"rand": s.rand} if s.rand is not None else {}),
-            )
-            if log is not None:
-                log.mark(f"attempt {outcome.number} failed ({failure.reason}); retrying in {delay:.2f}s")
-                log.close()
-            s.store.update(job_id, {"state": "queued", "phase": "retry_wait"})
-            raise RetryLater(countdown=delay, attempts=attempts, reason=failure.reason)
-        state, error = outcome_state(outcome)
-        if error is not None and log is not None:
-            tail = log.failing_tail(30)
-            if tail:
-                error["log_tail"] = tail
-        final = final_record(
-            a.job, state=state, attempts=attempts, last=outcome, enqueued_at=a.enqueued_at, finished_at=now,
-            error=error,
-        )  # fmt: skip
-        # one round trip: the log's end, the result, the final state, the lease and slot given back
-        entries = log.drain(state) if log is not None else ()
-        finish(s.store, s.slots, job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries)
-        a.released = True
-        a.reporter.done = True
-        a.reporter.phase_ended(job_id, outcome.number, "finalize", max(0.0, s.clock() - outcome.exited_at))
-        if reached_daemon:
-            s.metrics.attempt_finished(record)
-        s.metrics.build_finished(final)
-        return final
+            return self.end.conclude(outcome, log)
 
     def mark_running(self) -> None:
         """The job hash says ``running`` on this worker (unless the result is already stored)."""
@@ -182,9 +121,7 @@ class AttemptRun:
         s, a = self.service, self.attempt
         if s.logs is None:
             return None
-        secrets = [s.environ[x.env] for x in a.job.secrets if x.env in s.environ]
-        secrets += [s.environ[name] for name in s.settings.redact_env if name in s.environ]
-        log = AttemptLog(s.logs, a.job.job_id, a.number, redactor=Redactor(secrets) if secrets else None)
+        log = AttemptLog(s.logs, a.job.job_id, a.number, redactor=self.redactor)
         log.mark(f"attempt {a.number} started on {s.worker_id}")
         return log
 

@@ -20,6 +20,8 @@ class Delivery:
     enqueued_at: float | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
     task_id: str | None = None
+    #: since when this job has been waiting for a BuildKit daemon to come back (all were down)
+    waiting_since: float | None = None
 
 
 @dataclass
@@ -32,11 +34,17 @@ class RetryLater(Exception):
 
 
 class WaitForDaemon(Exception):
-    """Every daemon is at its cap: re-queue this delivery (no attempt used) in ``countdown`` seconds."""
+    """No daemon can take the build: re-queue this delivery (no attempt used) in ``countdown`` seconds.
 
-    def __init__(self, countdown: float) -> None:
-        super().__init__(f"all BuildKit daemons are busy; re-queued for {countdown:.1f}s")
+    ``waiting_since`` is set when every daemon is down (the wait that ``BUILDQ_DAEMON_WAIT_S``
+    bounds); None when they are up but at their cap.
+    """
+
+    def __init__(self, countdown: float, waiting_since: float | None = None) -> None:
+        why = "down" if waiting_since is not None else "busy"
+        super().__init__(f"all BuildKit daemons are {why}; re-queued for {countdown:.1f}s")
         self.countdown = countdown
+        self.waiting_since = waiting_since
 
 
 class LeaseLost(Exception):
@@ -58,3 +66,6 @@ class Reporter:
 
     def phase_ended(self, job_id: str, attempt: int, phase: str, seconds: float) -> None:
         """``phase`` ended after ``seconds`` (a ``task-phase`` event)."""
+
+    def daemon_down(self, daemon: str, error: str) -> None:
+        """This build found ``daemon`` gone and opened its circuit breaker (once per outage)."""

@@ -11,6 +11,7 @@ Metrics:
 - ``buildq_build_attempts_total{outcome,reason}``: every attempt, with the classifier's reason
 - ``buildq_build_steps_total{kind}``: cached | executed Dockerfile steps
 - ``buildq_builds_in_progress``: attempts running now (summed over live processes)
+- ``buildq_daemon_up{daemon}``: 1 while the daemon answers, 0 while its circuit breaker is open
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from ..store.daemons import DaemonHealth
 
 PHASE_BUCKETS = (
     0.05,
@@ -116,13 +119,33 @@ class NoMetrics:
         pass
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0") -> Any:
-    """Serve the aggregated samples of all pool processes on ``port`` (main process)."""
+class DaemonUpCollector:
+    """``buildq_daemon_up{daemon}``: 1 while the daemon's circuit breaker is closed, read from Redis
+    at each scrape (the deployment's view, the same on every worker)."""
+
+    def __init__(self, health: DaemonHealth, daemons: Sequence[str]) -> None:
+        self.health, self.daemons = health, list(daemons)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        gauge = GaugeMetricFamily(
+            "buildq_daemon_up", "BuildKit daemon answering (1) or down (0)", labels=["daemon"]
+        )
+        for state in self.health.states(self.daemons):
+            gauge.add_metric([state.daemon], 1.0 if state.up else 0.0)
+        yield gauge
+
+
+def serve_metrics(port: int, *collectors: Any, addr: str = "0.0.0.0") -> Any:
+    """Serve the aggregated samples of all pool processes (and ``collectors``) on ``port`` (main process)."""
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
+    for collector in collectors:
+        registry.register(collector)
     return start_http_server(port, addr=addr, registry=registry)
 
 

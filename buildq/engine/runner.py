@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from ..buildkit.classify import Failure, classify_failure
+from ..buildkit.classify import NEVER_REACHED_REASON, Failure, classify_failure
 from ..buildkit.command import BuildRequest, build_argv, split_dockerfile
 from ..buildkit.progress import ProgressTracker
 from ..buildkit.solvestatus import SolveStatus
@@ -100,7 +100,9 @@ def run_attempt(
         failure = Failure(
             transient=not isinstance(exc, PermanentBuildError), reason=exc.reason, message=exc.message
         )
-        return AttemptOutcome(number, daemon, started, clock(), "failed", failure=failure, tracker=tracker)
+        return AttemptOutcome(
+            number, daemon, started, clock(), "failed", failure=failure, tracker=tracker, reached_daemon=False
+        )
     if on_start is not None:
         on_start()
 
@@ -158,7 +160,12 @@ def run_attempt(
         outcome.outcome = "succeeded"
         outcome.metadata = metadata
         return outcome
-    outcome.failure = classify_failure(
+    classified = classify_failure(
         exit_code, tracker.text_lines, vertex_errors=tracker.vertex_errors(), extra_transient=extra_transient
+    )
+    outcome.failure = classified
+    # a dial failure with no progress at all: the daemon never saw this build
+    outcome.reached_daemon = not (
+        classified is not None and classified.reason == NEVER_REACHED_REASON and tracker.json_lines == 0
     )
     return outcome

@@ -6,6 +6,7 @@ import redis
 
 from ..config import Settings
 from ..launchers import make_launcher
+from ..store.daemons import DaemonHealth
 from ..store.jobs import JobStore
 from ..store.logs import LogStore
 from ..store.slots import DaemonSlots
@@ -22,6 +23,7 @@ def make_service(settings: Settings) -> BuildService:
         launcher=make_launcher(settings),
         store=store,
         slots=DaemonSlots(store.scripts),
+        daemons=DaemonHealth(client),
         logs=LogStore(client, maxlen=settings.log_stream_maxlen, ttl_s=settings.log_stream_ttl_s),
         metrics=BuildMetrics() if settings.metrics_port is not None else NoMetrics(),
     )

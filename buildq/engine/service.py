@@ -19,12 +19,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..buildkit.classify import DAEMON_LOST_REASONS
 from ..config import Settings
 from ..errors import InvalidJobError
 from ..jobs import BuildJob, parse_job
 from ..launchers.base import Launcher
 from ..records import rejected_record
 from ..store.claim import claim, release
+from ..store.daemons import DaemonHealth
 from ..store.jobs import JobStore
 from ..store.logs import LogStore
 from ..store.slots import DaemonSlots, wait_for_slot
@@ -35,6 +37,7 @@ from .metrics import BuildMetrics, NoMetrics
 from .runner import WATCH_INTERVAL_S
 from .sidechannel import SideChannel
 from .ticker import Ticker
+from .unavailable import unavailable_message
 
 Clock = Callable[[], float]
 
@@ -52,6 +55,7 @@ class BuildService:
     metrics: BuildMetrics | NoMetrics = field(default_factory=NoMetrics)
     logs: LogStore | None = None
     slots: DaemonSlots | None = None
+    daemons: DaemonHealth | None = None
     side: SideChannel = field(default_factory=SideChannel)
     ticker: Ticker = field(default_factory=lambda: Ticker(WATCH_INTERVAL_S))
     #: how long a delivery polls for a daemon slot before it re-queues itself
@@ -82,6 +86,7 @@ class BuildService:
         number = len(earlier) + 1
         token = self.store.new_token()
         prefer = zlib.crc32(job.job_id.encode()) + number - 1  # spread jobs; move on at a retry
+        avoid = _lost_daemon(earlier)  # a retry after a GOAWAY prefers another daemon
         try:
             got = claim(
                 self.store,
@@ -94,6 +99,7 @@ class BuildService:
                 prefer=prefer,
                 give_up_after_s=self.settings.max_timeout_s + self.settings.lease_ttl_s,
                 poll_s=self.duplicate_poll_s,
+                avoid=avoid,
                 clock=self.clock,
             )
         except TimeoutError as exc:
@@ -108,16 +114,39 @@ class BuildService:
                 # a retry, or an earlier delivery that died mid-build: its buildctl may still run
                 self._kill_orphan(job.job_id)
             if got.cancelled:
-                return run.cancelled_before_start()
+                return run.end.cancelled_before_start()
             if attempt.daemon is None:
-                attempt.daemon = self._wait_for_daemon(job, token, prefer)
+                waited = self._all_down_since(delivery)
+                if waited is not None and self.clock() - waited >= self.settings.daemon_wait_s:
+                    assert self.daemons is not None
+                    states = self.daemons.states(self.settings.daemons)
+                    message = unavailable_message(states, self.settings.daemon_wait_s, self.clock())
+                    return run.end.give_up("daemon_unavailable", message)
+                attempt.daemon = self._wait_for_daemon(job, token, prefer, avoid, waited)
             return run.run()
         finally:
             if not attempt.released:  # a retry or an error: the result transaction did not release it
                 release(self.store, self.slots, job.job_id, token, attempt.daemon)
 
-    def _wait_for_daemon(self, job: BuildJob, token: str, prefer: int) -> str:
+    def _all_down_since(self, delivery: Delivery) -> float | None:
+        """When every daemon is down: since when this job has waited for one (else None)."""
+        if self.daemons is None:
+            return None
+        down = self.daemons.down()
+        if not all(d in down for d in self.settings.daemons):
+            return None
+        return delivery.waiting_since if delivery.waiting_since is not None else self.clock()
+
+    def _wait_for_daemon(
+        self, job: BuildJob, token: str, prefer: int, avoid: str | None, waiting_since: float | None
+    ) -> str:
+        """A daemon slot; WaitForDaemon when all daemons stay full, or at once when all are down."""
         assert self.slots is not None
+        jitter = (self.rand or random.random)()
+        if waiting_since is not None:  # every daemon is down: wait off the pool, no attempt used
+            self.store.update(job.job_id, state="queued", phase="waiting_for_daemon")
+            left = self.settings.daemon_wait_s - (self.clock() - waiting_since)
+            raise WaitForDaemon(countdown=max(0.1, min(1.0 + jitter, left)), waiting_since=waiting_since)
         daemon = wait_for_slot(
             self.slots,
             self.settings.daemons,
@@ -125,11 +154,12 @@ class BuildService:
             self.settings.lease_ttl_s,
             self.settings.buildkit_max_builds,
             prefer=prefer,
+            avoid=avoid,
             max_wait_s=self.slot_wait_s,
         )
         if daemon is None:
             self.store.update(job.job_id, state="queued", phase="waiting_for_daemon")
-            raise WaitForDaemon(countdown=1.0 + (self.rand or random.random)() * 2.0)
+            raise WaitForDaemon(countdown=1.0 + jitter * 2.0)
         return daemon
 
     def _kill_orphan(self, job_id: str) -> None:
@@ -154,3 +184,11 @@ class BuildService:
             self.store.store_result(job_id, record)
         self.metrics.build_finished(record)
         return record
+
+
+def _lost_daemon(earlier: list[dict[str, Any]]) -> str | None:
+    """The daemon the previous attempt lost (GOAWAY, connection gone), to be avoided now."""
+    if earlier and earlier[-1].get("reason") in DAEMON_LOST_REASONS:
+        daemon = earlier[-1].get("daemon")
+        return str(daemon) if daemon else None
+    return None

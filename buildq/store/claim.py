@@ -21,7 +21,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from .jobs import JobStore
-from .keys import QUEUED_INDEX, cancel_key, done_channel, job_key, lease_key, log_key, result_key
+from .keys import (
+    DAEMONS_DOWN,
+    QUEUED_INDEX,
+    SLOTS_PREFIX,
+    cancel_key,
+    done_channel,
+    job_key,
+    lease_key,
+    log_key,
+    result_key,
+)
 from .logs import Entry, LogStore
 from .slots import DaemonSlots, rotate
 
@@ -51,21 +61,23 @@ def claim(
     prefer: int,
     give_up_after_s: float,
     poll_s: float = 0.5,
+    avoid: str | None = None,
     clock: Clock = time.time,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Claim:
     """Take ``job_id``'s lease for ``token`` (waiting while another live delivery holds it).
 
     Returns the stored record of a finished job, or a Claim whose lease is held (the
-    caller releases it); ``daemon`` is None when no daemon had a free slot in that round trip (or
-    the job is cancelled). Without ``slots`` the daemon is ``daemons[prefer % len(daemons)]``.
+    caller releases it); ``daemon`` is None when no daemon that is up had a free slot in that round
+    trip (or the job is cancelled); ``avoid`` is taken only when no other daemon has room. Without
+    ``slots`` the daemon is ``daemons[prefer % len(daemons)]``.
     Raises TimeoutError when another delivery holds the lease for ``give_up_after_s``.
     """
     deadline = clock() + give_up_after_s
     order = rotate(daemons, prefer) if slots is not None else []
     keys = [result_key(job_id), lease_key(job_id), job_key(job_id), QUEUED_INDEX, cancel_key(job_id)]
-    keys += [slots.key(d) for d in order] if slots is not None else []
-    args = [job_id, token, max(1, int(ttl_s * 1000)), limit]
+    keys += [DAEMONS_DOWN, *(slots.key(d) for d in order)] if slots is not None else [DAEMONS_DOWN]
+    args = [job_id, token, max(1, int(ttl_s * 1000)), limit, len(SLOTS_PREFIX), avoid or ""]
     script = store.scripts("claim")
     while True:
         reply = script(keys=keys, args=args)

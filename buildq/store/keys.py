@@ -10,6 +10,9 @@
 - ``log:<id>``      the build log stream (see :mod:`buildq.store.logs`)
 - ``slots:<daemon>`` sorted set of the daemon's build slots (see :mod:`buildq.store.slots`)
 - ``queued``        sorted set of submitted, not yet claimed jobs (score: enqueued_at)
+- ``daemons:down``  hash daemon -> epoch seconds it went down (the open circuit breakers)
+- ``daemons:up``    hash daemon -> epoch seconds it came back; ``daemons:error`` daemon -> last error
+- ``daemons:probe:<daemon>`` the lock of the one probe of a down daemon (expires)
 
 Kombu's Redis transport keeps delivered, unacknowledged messages in ``unacked`` (hash) and their
 delivery times in ``unacked_index`` (sorted set); the janitor reads them.
@@ -21,6 +24,9 @@ PREFIX = "buildq:"
 QUEUED_INDEX = f"{PREFIX}queued"
 SLOTS_PREFIX = f"{PREFIX}slots:"
 LOG_PREFIX = f"{PREFIX}log:"
+DAEMONS_DOWN = f"{PREFIX}daemons:down"
+DAEMONS_UP = f"{PREFIX}daemons:up"
+DAEMONS_ERROR = f"{PREFIX}daemons:error"
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 
@@ -54,3 +60,8 @@ def log_key(job_id: str) -> str:
 def slot_key(daemon: str) -> str:
     """The sorted set holding ``daemon``'s build slots."""
     return SLOTS_PREFIX + daemon
+
+
+def daemon_probe_key(daemon: str) -> str:
+    """The lock held while one worker probes a down daemon."""
+    return f"{PREFIX}daemons:probe:{daemon}"

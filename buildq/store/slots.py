@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from .keys import slot_key
+from .keys import DAEMONS_DOWN, SLOTS_PREFIX, slot_key
 from .scripts import Scripts
 
 
@@ -61,19 +61,29 @@ class DaemonSlots:
         return bool(self._scripts("renew_slot")(keys=[self.key(daemon)], args=[token, _ttl_ms(ttl_s)]))
 
     def acquire_any(
-        self, daemons: Sequence[str], token: str, ttl_s: float, limit: int, *, prefer: int = 0
+        self,
+        daemons: Sequence[str],
+        token: str,
+        ttl_s: float,
+        limit: int,
+        *,
+        prefer: int = 0,
+        avoid: str | None = None,
     ) -> str | None:
-        """Take a slot on the least loaded daemon with room, in one round trip; None if all are full.
+        """Take a slot on the least loaded daemon that is up and has room, in one round trip; None if
+        there is none (all full, or down: :class:`~buildq.store.daemons.DaemonHealth`).
 
         Among equally loaded daemons the first in the rotation starting at ``daemons[prefer % n]``
         wins, so callers passing different ``prefer`` values (attempt number, job hash) spread out.
-        If ``token`` already holds a slot on one of them, that daemon is returned (lease extended).
+        ``avoid`` is taken only when no other daemon has room. If ``token`` already holds a slot on
+        one of them, that daemon is returned (lease extended).
         """
         order = rotate(daemons, prefer)
         if not order:
             return None
-        args: list[str | int] = [token, _ttl_ms(ttl_s), _check_limit(limit)]
-        index = int(self._scripts("acquire_any")(keys=[self.key(d) for d in order], args=args))
+        args: list[str | int] = [token, _ttl_ms(ttl_s), _check_limit(limit), len(SLOTS_PREFIX), avoid or ""]
+        keys = [DAEMONS_DOWN, *(self.key(d) for d in order)]
+        index = int(self._scripts("acquire_any")(keys=keys, args=args))
         return order[index - 1] if index > 0 else None
 
 
@@ -87,6 +97,7 @@ def wait_for_slot(
     max_wait_s: float = 5.0,
     poll_s: float = 0.2,
     prefer: int = 0,
+    avoid: str | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     jitter: Callable[[], float] = random.random,
@@ -100,7 +111,7 @@ def wait_for_slot(
     """
     deadline = clock() + max_wait_s
     while True:
-        daemon = slots.acquire_any(daemons, token, ttl_s, limit, prefer=prefer)
+        daemon = slots.acquire_any(daemons, token, ttl_s, limit, prefer=prefer, avoid=avoid)
         if daemon is not None:
             return daemon
         left = deadline - clock()

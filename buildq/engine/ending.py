@@ -1,0 +1,150 @@
+"""The end of a claimed attempt: store the final record, or ask for a retry.
+
+:meth:`AttemptEnd.conclude` decides from the attempt's outcome: a transient failure with attempts
+left raises ``RetryLater`` (at once when the daemon was never reached, else after the backoff); any
+other outcome becomes the final record, stored with the log's end and the claim given back in one
+round trip (:func:`~buildq.store.claim.finish`). A daemon that could not be dialled has its
+circuit breaker opened here. :meth:`AttemptEnd.give_up` and
+:meth:`AttemptEnd.cancelled_before_start` end a job that never ran.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..buildkit.backoff import backoff_delay
+from ..buildkit.classify import Failure
+from ..records import (
+    AttemptOutcome,
+    attempt_record,
+    counts_as_attempt,
+    error_record,
+    final_record,
+    outcome_state,
+    unreached_since,
+)
+from ..store.claim import finish
+from .attemptlog import AttemptLog
+from .interface import RetryLater
+from .redact import Redactor
+from .unavailable import unavailable_message
+
+if TYPE_CHECKING:
+    from .attempt import Attempt
+    from .service import BuildService
+
+log = logging.getLogger("buildq.daemons")
+
+
+class AttemptEnd:
+    """Ends one :class:`~buildq.engine.attempt.Attempt` with the process's runtime (``service``)."""
+
+    def __init__(self, service: BuildService, attempt: Attempt, redactor: Redactor | None) -> None:
+        self.service, self.attempt, self.redactor = service, attempt, redactor
+
+    def cancelled_before_start(self) -> dict[str, Any]:
+        """The job was cancelled while queued: a cancelled record, buildctl never launched."""
+        s, a = self.service, self.attempt
+        now = s.clock()
+        message = "build cancelled before it started"
+        failure = Failure(transient=False, reason="cancelled", message=message)
+        outcome = AttemptOutcome(a.number, "", now, now, "cancelled", failure=failure)
+        if s.logs is not None:
+            s.logs.mark(a.job.job_id, a.number, "final: cancelled (before it started)")
+        return self.conclude(outcome)
+
+    def conclude(self, outcome: AttemptOutcome, log: AttemptLog | None = None) -> dict[str, Any]:
+        """Store the final record (one round trip), or raise RetryLater for a transient failure."""
+        s, a = self.service, self.attempt
+        job_id = a.job.job_id
+        failure = outcome.failure
+        now = s.clock()
+        record = attempt_record(outcome, window_start=a.window_start, window_end=now)
+        attempts = [*a.earlier, record]
+        counted = sum(1 for r in attempts if counts_as_attempt(r))
+        uncounted = not counts_as_attempt(record)  # never reached its daemon: try another one at once
+        if uncounted and outcome.daemon:  # the daemon does not answer: open its circuit breaker
+            assert failure is not None
+            self._daemon_down(outcome.daemon, failure.message)
+        if uncounted and now - (unreached_since(attempts) or now) >= s.settings.daemon_wait_s:
+            # no daemon could be dialled for BUILDQ_DAEMON_WAIT_S: give up, naming them
+            states = s.daemons.states(s.settings.daemons) if s.daemons is not None else []
+            message = unavailable_message(states, s.settings.daemon_wait_s, now)
+            if log is not None:
+                log.close()
+            return self.give_up("daemon_unavailable", message, attempts)
+        retry = (
+            failure is not None
+            and failure.transient
+            and outcome.outcome == "failed"
+            and (uncounted or counted < s.settings.retry_max_attempts)
+            and not s.store.cancel_requested(job_id)
+        )
+        launched = bool(outcome.daemon)  # metrics count attempts that reached the launcher
+        if retry:
+            assert failure is not None
+            if launched:
+                s.metrics.attempt_finished(record)
+            delay = 0.0
+            if not uncounted:
+                delay = backoff_delay(
+                    counted,
+                    base=s.settings.retry_backoff_base_s,
+                    cap=s.settings.retry_backoff_cap_s,
+                    **({"rand": s.rand} if s.rand is not None else {}),
+                )
+            if log is not None:
+                log.mark(f"attempt {outcome.number} failed ({failure.reason}); retrying in {delay:.2f}s")
+                log.close()
+            s.store.update(job_id, {"state": "queued", "phase": "retry_wait"})
+            raise RetryLater(countdown=delay, attempts=attempts, reason=failure.reason)
+        state, error = outcome_state(outcome)
+        if error is not None and log is not None:
+            tail = log.failing_tail(30)
+            if tail:
+                error["log_tail"] = tail
+        final = final_record(
+            a.job, state=state, attempts=attempts, last=outcome, enqueued_at=a.enqueued_at, finished_at=now,
+            error=error,
+        )  # fmt: skip
+        self._store(final, log)
+        a.reporter.phase_ended(job_id, outcome.number, "finalize", max(0.0, s.clock() - outcome.exited_at))
+        if launched:
+            s.metrics.attempt_finished(record)
+        s.metrics.build_finished(final)
+        return final
+
+    def give_up(
+        self, kind: str, message: str, attempts: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """Fail the job without another attempt (e.g. no daemon came back): a failed record."""
+        s, a = self.service, self.attempt
+        error = error_record(kind, kind, message)
+        final = final_record(
+            a.job, state="failed", attempts=a.earlier if attempts is None else attempts, last=None,
+            enqueued_at=a.enqueued_at,
+            finished_at=s.clock(), error=error,
+        )  # fmt: skip
+        if s.logs is not None:
+            s.logs.mark(a.job.job_id, a.number, f"{kind}: {message}")
+        self._store(final, None)
+        s.metrics.build_finished(final)
+        return final
+
+    def _store(self, final: dict[str, Any], log: AttemptLog | None) -> None:
+        """One round trip: the log's end, the result, the final state, the lease and slot given back."""
+        s, a = self.service, self.attempt
+        entries = log.drain(final["state"]) if log is not None else ()
+        finish(s.store, s.slots, a.job.job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries)
+        a.released = True
+        a.reporter.done = True
+
+    def _daemon_down(self, daemon: str, error: str) -> None:
+        """Open the daemon's circuit breaker; the worker that opened it says so (once per outage)."""
+        s = self.service
+        if self.redactor is not None:
+            error = self.redactor(error)
+        if s.daemons is not None and s.daemons.mark_down(daemon, error, s.clock()):
+            log.warning("BuildKit daemon %s is down: %s", daemon, error)
+            self.attempt.reporter.daemon_down(daemon, error)
