@@ -9,6 +9,7 @@ value fails at start with an error that names the variable.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Annotated, Literal
@@ -23,8 +24,11 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
+from .grants import validate_repository_pattern
+
 ENV_PREFIX = "BUILDQ_"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_ENV_PATTERN = re.compile(r"^[A-Za-z0-9_*?\[\]!]+$")
 
 #: the environment :func:`load_settings` was asked to read (``os.environ`` when None)
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("buildq_environ", default=None)
@@ -103,6 +107,13 @@ class Settings(BaseSettings):
     log_stream_maxlen: int = Field(default=20000, ge=100)
     log_stream_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
 
+    #: worker variables a job may name as secrets (shell-style patterns); unset: no secrets
+    secret_env: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: absolute directories local contexts must lie under (symlinks resolved); unset: anywhere
+    context_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: repository patterns every tag and cache_ref must match; unset: any repository
+    allowed_repositories: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -125,14 +136,38 @@ class Settings(BaseSettings):
     @field_validator("transient_patterns")
     @classmethod
     def _compile(cls, patterns: list[str]) -> list[str]:
-        import re
-
         for pattern in patterns:
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
         return patterns
+
+    @field_validator("secret_env", "context_roots", "allowed_repositories", mode="before")
+    @classmethod
+    def _grants_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("secret_env")
+    @classmethod
+    def _env_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not _ENV_PATTERN.match(pattern):
+                raise ValueError(f"{pattern!r} is not a variable name pattern (letters, digits, _, * ? [ ])")
+        return patterns
+
+    @field_validator("context_roots")
+    @classmethod
+    def _absolute_dirs(cls, roots: list[str]) -> list[str]:
+        for root in roots:
+            if not os.path.isabs(root):
+                raise ValueError(f"{root!r} is not an absolute directory")
+        return [os.path.normpath(root) for root in roots]
+
+    @field_validator("allowed_repositories")
+    @classmethod
+    def _repository_patterns(cls, patterns: list[str]) -> list[str]:
+        return [validate_repository_pattern(pattern) for pattern in patterns]
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:

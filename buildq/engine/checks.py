@@ -1,4 +1,5 @@
-"""Checks of a job that only the worker can make (its filesystem, its limits, its environment).
+"""Checks of a job that only the worker can make (its filesystem, its limits, its environment,
+what its operator granted).
 
 They run before anything is claimed or launched; a failing check raises
 :class:`~buildq.errors.InvalidJobError` naming the field, and the job is rejected.
@@ -7,15 +8,30 @@ They run before anything is claimed or launched; a failing check raises
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ..errors import InvalidJobError
+from ..grants import check_context_roots, check_repositories, check_secrets
 from ..jobs import BuildJob
 
 
-def check_job_on_worker(job: BuildJob, *, environ: Mapping[str, str], max_timeout_s: int) -> None:
-    """Checks only the worker can make; raise InvalidJobError naming the field."""
+def check_job_on_worker(
+    job: BuildJob,
+    *,
+    environ: Mapping[str, str],
+    max_timeout_s: int,
+    secret_env: Sequence[str],
+    context_roots: Sequence[str],
+    allowed_repositories: Sequence[str],
+) -> None:
+    """Checks only the worker can make; raise InvalidJobError naming the field.
+
+    The grants come first, so a refused job learns nothing of the worker's files or variables.
+    """
+    check_secrets(job, secret_env)
+    check_repositories(job, allowed_repositories)
     if not job.is_git:
+        check_context_roots(job.context, context_roots)
         if not os.path.isdir(job.context):
             raise InvalidJobError(
                 f"context: {job.context!r} is not a directory on the worker", field="context"

@@ -75,7 +75,14 @@ class BuildService:
         earlier = list(delivery.attempts)
         try:
             job = parse_job(delivery.message)
-            check_job_on_worker(job, environ=self.environ, max_timeout_s=self.settings.max_timeout_s)
+            check_job_on_worker(
+                job,
+                environ=self.environ,
+                max_timeout_s=self.settings.max_timeout_s,
+                secret_env=self.settings.secret_env,
+                context_roots=self.settings.context_roots,
+                allowed_repositories=self.settings.allowed_repositories,
+            )
         except InvalidJobError as exc:
             return self._reject(delivery, exc, enqueued, earlier)
 
