@@ -3,6 +3,7 @@ anything is launched, whoever sends the job; what was granted builds; granted va
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import redis
 
 from buildq.errors import InvalidJobError
+from tests.conftest import scenario
 from tests.harness import client_for
 from tests.harness import run_cli as cli
 from tests.test_producers import raw_celery_message
@@ -84,6 +86,26 @@ def test_without_a_grant_no_job_may_use_secrets(buildq_env, start_worker, contex
     assert_refused(record, "secrets[0].env")
     assert "BUILDQ_SECRET_ENV" in record["error"]["message"]
     assert standin_log.events() == []
+
+
+def test_granted_values_are_masked_in_records_and_logs(buildq_env, start_worker, context_dir) -> None:
+    """buildctl's error line quoting a granted value (the job's own, and one it did not name)."""
+    env = {**buildq_env, "BUILDQ_SECRET_ENV": "BUILD_SECRET_*"}
+    start_worker({**env, "BUILD_SECRET_NPM": SECRET, "BUILD_SECRET_OTHER": OTHER_SECRET})
+    error = f"failed to solve: registry rejected token {SECRET} (also tried {OTHER_SECRET})"
+    job = {
+        "context": str(context_dir),
+        "tags": ["reg/app:1"],
+        "secrets": [{"id": "npm", "env": "BUILD_SECRET_NPM"}],
+        "build_args": {"STANDIN_SCENARIO": scenario(kind="fail", error=error, after_lines=4)},
+    }
+    record = client_for(env).submit(job).wait(timeout=60)
+    assert record["state"] == "failed" and record["error"]["kind"] == "permanent"
+    assert record["error"]["message"] == "failed to solve: registry rejected token *** (also tried ***)"
+    assert record["attempts"][0]["error"] == record["error"]["message"]
+    everything = json.dumps(record) + cli(env, "logs", record["job_id"]).stdout
+    everything += cli(env, "logs", record["job_id"], "--raw").stdout
+    assert SECRET not in everything and OTHER_SECRET not in everything
 
 
 @pytest.fixture

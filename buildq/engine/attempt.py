@@ -11,7 +11,7 @@ stored with the log's end and the claim given back in one round trip
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ..buildkit.backoff import backoff_delay
@@ -23,7 +23,6 @@ from ..records import AttemptOutcome, attempt_record, final_record, outcome_stat
 from ..store.claim import Holder, finish
 from .attemptlog import AttemptLog
 from .interface import LeaseLost, Reporter, RetryLater
-from .redact import Redactor
 from .runner import run_attempt
 
 if TYPE_CHECKING:
@@ -124,6 +123,8 @@ class AttemptRun:
         s, a = self.service, self.attempt
         job_id = a.job.job_id
         failure = outcome.failure
+        if failure is not None and s.redactor is not None:  # buildctl's words may quote a secret
+            failure = outcome.failure = replace(failure, message=s.redactor(failure.message))
         retry = (
             failure is not None
             and failure.transient
@@ -182,9 +183,7 @@ class AttemptRun:
         s, a = self.service, self.attempt
         if s.logs is None:
             return None
-        secrets = [s.environ[x.env] for x in a.job.secrets if x.env in s.environ]
-        secrets += [s.environ[name] for name in s.settings.redact_env if name in s.environ]
-        log = AttemptLog(s.logs, a.job.job_id, a.number, redactor=Redactor(secrets) if secrets else None)
+        log = AttemptLog(s.logs, a.job.job_id, a.number, redactor=s.redactor)
         log.mark(f"attempt {a.number} started on {s.worker_id}")
         return log
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import InvalidJobError
+from ..grants import granted_values
 from ..jobs import BuildJob, parse_job
 from ..launchers.base import Launcher
 from ..records import rejected_record
@@ -32,6 +33,7 @@ from .attempt import Attempt, AttemptRun
 from .checks import check_job_on_worker
 from .interface import Delivery, LeaseLost, Reporter, WaitForDaemon
 from .metrics import BuildMetrics, NoMetrics
+from .redact import Redactor
 from .runner import WATCH_INTERVAL_S
 from .sidechannel import SideChannel
 from .ticker import Ticker
@@ -61,6 +63,10 @@ class BuildService:
 
     def __post_init__(self) -> None:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        # every variable a job may name as a secret, and BUILDQ_REDACT_ENV's: masked in logs and records
+        values = granted_values(self.environ, self.settings.secret_env)
+        values += [self.environ[name] for name in self.settings.redact_env if name in self.environ]
+        self.redactor: Redactor | None = Redactor(values) if values else None
 
     def handle(self, delivery: Delivery, reporter: Reporter | None = None) -> dict[str, Any]:
         """Process one delivery; return the final record or raise RetryLater / WaitForDaemon / LeaseLost."""
