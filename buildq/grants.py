@@ -20,7 +20,6 @@ settings' values and the job, nothing else (the context check takes the resolved
 from __future__ import annotations
 
 import os
-import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
@@ -128,12 +127,24 @@ def repository_matches(repository: str, pattern: str) -> bool:
     return _pattern_regex(pattern).match(normalize_repository(repository)) is not None
 
 
+def repository_of(reference: str) -> str:
+    """The repository of a validated, digest-free image reference (its tag dropped)."""
+    name, sep, tag = reference.rpartition(":")
+    return name if sep and "/" not in tag else reference
+
+
+@lru_cache(maxsize=1024)
+def repository_allowed(repository: str, patterns: tuple[str, ...]) -> bool:
+    """True when ``repository`` matches one of ``patterns`` (cached: the same names come back)."""
+    return any(repository_matches(repository, pattern) for pattern in patterns)
+
+
 def check_repository(reference: str, patterns: Sequence[str], field: str) -> None:
     """The repository of image reference ``reference`` must match one of ``patterns`` (if any)."""
     if not patterns:
         return
-    repository = parse_reference(reference).repository
-    if any(repository_matches(repository, pattern) for pattern in patterns):
+    repository = repository_of(reference)
+    if repository_allowed(repository, tuple(patterns)):
         return
     raise InvalidJobError(
         f"{field}: repository {repository!r} is not one this deployment may push to "
@@ -157,7 +168,7 @@ def check_repositories(job: BuildJob, patterns: Sequence[str]) -> None:
 
 def is_under(path: str, roots: Iterable[str]) -> bool:
     """True when the absolute, normalised ``path`` is one of ``roots`` or lies below one."""
-    return any(posixpath.commonpath([root, path]) == root for root in roots)
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
 def context_outside_roots(

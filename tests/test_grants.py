@@ -19,10 +19,12 @@ from buildq.grants import (
     granted_values,
     normalize_repository,
     repository_matches,
+    repository_of,
     secret_granted,
     validate_repository_pattern,
 )
 from buildq.jobs import parse_job
+from buildq.reference import parse_reference
 
 
 def job(**fields):
@@ -121,6 +123,15 @@ def test_repository_patterns(repository, pattern, matches) -> None:
 
 
 @pytest.mark.parametrize(
+    "reference",
+    ["alpine", "alpine:3", "team/app:1", "registry:5000/team/app", "registry:5000/team/app:v1.2",
+     "localhost:5000/a", "[::1]:5000/a/b:latest", "index.docker.io/x/y:z"],
+)  # fmt: skip
+def test_repository_of_drops_the_tag_as_the_reference_grammar_does(reference) -> None:
+    assert repository_of(reference) == parse_reference(reference).repository
+
+
+@pytest.mark.parametrize(
     "pattern",
     ["", "registry:5000/team-a/app:1", "registry:5000/Team/*", "reg/a b", "reg/app@sha256:" + "a" * 64],
 )
@@ -212,6 +223,7 @@ def test_a_symlink_escaping_the_root_on_disk(tmp_path: Path) -> None:
 
 def worker_check(j, **grants) -> None:
     kwargs = {"secret_env": [], "context_roots": [], "allowed_repositories": [], **grants}
+    kwargs["real_context_roots"] = [os.path.realpath(root) for root in kwargs["context_roots"]]
     check_job_on_worker(j, environ={"SET": "value"}, max_timeout_s=600, **kwargs)
 
 

@@ -67,6 +67,7 @@ class BuildService:
         values = granted_values(self.environ, self.settings.secret_env)
         values += [self.environ[name] for name in self.settings.redact_env if name in self.environ]
         self.redactor: Redactor | None = Redactor(values) if values else None
+        self.real_context_roots = [os.path.realpath(root) for root in self.settings.context_roots]
 
     def handle(self, delivery: Delivery, reporter: Reporter | None = None) -> dict[str, Any]:
         """Process one delivery; return the final record or raise RetryLater / WaitForDaemon / LeaseLost."""
@@ -87,6 +88,7 @@ class BuildService:
                 max_timeout_s=self.settings.max_timeout_s,
                 secret_env=self.settings.secret_env,
                 context_roots=self.settings.context_roots,
+                real_context_roots=self.real_context_roots,
                 allowed_repositories=self.settings.allowed_repositories,
             )
         except InvalidJobError as exc:
