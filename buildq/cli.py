@@ -15,6 +15,7 @@ import typer
 
 from .config import Settings, SettingsError, load_settings
 from .errors import InvalidJobError
+from .grants import check_context_roots
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="buildq: container-image builds through a Celery queue."
@@ -105,10 +106,15 @@ def submit(
     """Validate and enqueue a build; print its job id (with --wait, its result)."""
     from .client import BuildqClient
 
+    settings = _settings()
     if "://" not in context and not context.startswith("git@"):
         context = os.path.abspath(context)
         if not os.path.isdir(context):
             _die(f"context: {context!r} is not a directory", EXIT_INVALID)
+        try:  # the CLI builds from a directory it can see: check it against the roots here too
+            check_context_roots(context, settings.context_roots)
+        except InvalidJobError as exc:
+            _die(f"invalid job: {exc.message}", EXIT_INVALID)
     job: dict[str, Any] = {"context": context, "tags": list(tag), "push": not no_push}
     optional = {
         "job_id": job_id,
@@ -129,7 +135,7 @@ def submit(
     if secret:
         job["secrets"] = [_secret(s) for s in secret]
 
-    client = BuildqClient(_settings())
+    client = BuildqClient(settings)
     try:
         handle = client.submit(job)
     except InvalidJobError as exc:

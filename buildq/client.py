@@ -6,7 +6,8 @@
     record = handle.wait(timeout=600)            # the JSON result record
 
 A job is validated here first (:class:`~buildq.errors.InvalidJobError` names the field), so an
-invalid job never reaches the queue.
+invalid job never reaches the queue; with the workers' ``BUILDQ_SECRET_ENV`` /
+``BUILDQ_ALLOWED_REPOSITORIES`` in its settings, so is one the workers would refuse.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from celery import Celery
 from .celeryapp.app import create_app
 from .celeryapp.producer import build_message
 from .config import Settings, is_redis_url, load_settings
+from .grants import check_producer_grants
 from .jobs import BuildJob, parse_job
 from .names import TASK_NAME
 from .store.jobs import JobStore
@@ -57,6 +59,11 @@ class BuildqClient:
     def submit(self, job: BuildJob | dict[str, Any] | str) -> BuildHandle:
         """Validate and enqueue ``job``; the returned handle's ``job_id`` is also the Celery task id."""
         parsed = parse_job(job)
+        check_producer_grants(
+            parsed,
+            secret_env=self.settings.secret_env,
+            allowed_repositories=self.settings.allowed_repositories,
+        )
         enqueued_at = time.time()
         queue = self.queue_for(parsed)
         kwargs = {"job": parsed.to_message(), "enqueued_at": enqueued_at}

@@ -9,11 +9,12 @@ value fails at start with an error that names the variable.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -23,8 +24,11 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
+from .grants import validate_repository_pattern
+
 ENV_PREFIX = "BUILDQ_"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_ENV_PATTERN = re.compile(r"^[A-Za-z0-9_*?\[\]!]+$")
 
 #: the environment :func:`load_settings` was asked to read (``os.environ`` when None)
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("buildq_environ", default=None)
@@ -41,6 +45,37 @@ def _split_csv(value: object) -> object:
     return value
 
 
+def _compiled(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
+    return patterns
+
+
+def _env_patterns(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        if not _ENV_PATTERN.match(pattern):
+            raise ValueError(f"{pattern!r} is not a variable name pattern (letters, digits, _, * ? [ ])")
+    return patterns
+
+
+def _absolute_dirs(roots: list[str]) -> list[str]:
+    for root in roots:
+        if not os.path.isabs(root):
+            raise ValueError(f"{root!r} is not an absolute directory")
+    return [os.path.normpath(root) for root in roots]
+
+
+def _repository_patterns(patterns: list[str]) -> list[str]:
+    return [validate_repository_pattern(pattern) for pattern in patterns]
+
+
+#: a comma separated list in one variable (``NoDecode``: not JSON)
+Csv = Annotated[list[str], NoDecode, BeforeValidator(_split_csv)]
+
+
 class Settings(BaseSettings):
     """Validated configuration; see the README's settings table for each field."""
 
@@ -55,7 +90,7 @@ class Settings(BaseSettings):
     launcher: Literal["docker", "local"] = "docker"
     buildkit_host: str = "tcp://127.0.0.1:1234"
     #: several daemons, comma separated; when set it replaces ``buildkit_host``
-    buildkit_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    buildkit_hosts: Csv = Field(default_factory=list)
     #: concurrent builds allowed per daemon (a Redis lease semaphore)
     buildkit_max_builds: int = Field(default=4, ge=1, le=1000)
     buildctl_image: str = "moby/buildkit:v0.21.0"
@@ -63,7 +98,7 @@ class Settings(BaseSettings):
     #: local launcher: where pid files and metadata files go (default: /dev/shm/buildq-local
     #: when /dev/shm is writable, else <tmp>/buildq-local); all workers of a host must agree
     local_state_dir: str | None = None
-    insecure_registries: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    insecure_registries: Csv = Field(default_factory=list)
 
     #: docker launcher: engine URL (default: the SDK's DOCKER_HOST / local socket)
     docker_url: str | None = None
@@ -81,7 +116,7 @@ class Settings(BaseSettings):
     retry_backoff_base_s: float = Field(default=1.0, ge=0)
     retry_backoff_cap_s: float = Field(default=60.0, ge=0)
     #: extra regular expressions whose match in buildctl's error text means "transient"
-    transient_patterns: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    transient_patterns: Annotated[Csv, AfterValidator(_compiled)] = Field(default_factory=list)
 
     #: seconds a job lease lives without renewal (renewed every third of it while building)
     lease_ttl_s: float = Field(default=30.0, gt=0)
@@ -98,13 +133,20 @@ class Settings(BaseSettings):
 
     #: names of worker environment variables whose values are masked in logs and records
     #: (registry passwords and the like; ``--secret`` values are always masked)
-    redact_env: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redact_env: Csv = Field(default_factory=list)
 
     log_stream_maxlen: int = Field(default=20000, ge=100)
     log_stream_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
 
     #: how long a job waits for a BuildKit daemon to come back when every daemon is down
     daemon_wait_s: float = Field(default=600.0, gt=0)
+
+    #: worker variables a job may name as secrets (shell-style patterns); unset: no secrets
+    secret_env: Annotated[Csv, AfterValidator(_env_patterns)] = Field(default_factory=list)
+    #: absolute directories local contexts must lie under (symlinks resolved); unset: anywhere
+    context_roots: Annotated[Csv, AfterValidator(_absolute_dirs)] = Field(default_factory=list)
+    #: repository patterns every tag and cache_ref must match; unset: any repository
+    allowed_repositories: Annotated[Csv, AfterValidator(_repository_patterns)] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(
@@ -117,25 +159,6 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Explicit values, then the environment given to :func:`load_settings`; no dotenv, no files."""
         return init_settings, _MappingEnvSource(settings_cls, _ENVIRON.get())
-
-    @field_validator(
-        "buildkit_hosts", "insecure_registries", "transient_patterns", "redact_env", mode="before"
-    )
-    @classmethod
-    def _csv(cls, value: object) -> object:
-        return _split_csv(value)
-
-    @field_validator("transient_patterns")
-    @classmethod
-    def _compile(cls, patterns: list[str]) -> list[str]:
-        import re
-
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
-        return patterns
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:

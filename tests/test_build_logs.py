@@ -150,7 +150,7 @@ def planted_capture(tmp_path: Path) -> Path:
 def test_failed_build_carries_the_step_output_tail_and_secrets_are_redacted(
     buildq_env, start_worker, context_dir, tmp_path
 ):
-    env = {**buildq_env, "NPM_TOKEN": SECRET}
+    env = {**buildq_env, "NPM_TOKEN": SECRET, "BUILDQ_SECRET_ENV": "NPM_TOKEN"}
     start_worker(env)
     capture = planted_capture(tmp_path)
     error = (

@@ -19,7 +19,6 @@ from ..store.claim import Holder
 from .attemptlog import AttemptLog
 from .ending import AttemptEnd
 from .interface import LeaseLost, Reporter
-from .redact import Redactor
 from .runner import run_attempt
 
 if TYPE_CHECKING:
@@ -48,10 +47,7 @@ class AttemptRun:
 
     def __init__(self, service: BuildService, attempt: Attempt) -> None:
         self.service, self.attempt = service, attempt
-        environ, settings = service.environ, service.settings
-        secrets = [environ[x.env] for x in attempt.job.secrets if x.env in environ]
-        secrets += [environ[name] for name in settings.redact_env if name in environ]
-        self.redactor = Redactor(secrets) if secrets else None
+        self.redactor = service.redactor  # every granted secret and BUILDQ_REDACT_ENV value
         self.end = AttemptEnd(service, attempt, self.redactor)
 
     def run(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Checks of a job that only the worker can make (its filesystem, its limits, its environment).
+"""Checks of a job that only the worker can make (its filesystem, its limits, its environment,
+what its operator granted).
 
 They run before anything is claimed or launched; a failing check raises
 :class:`~buildq.errors.InvalidJobError` naming the field, and the job is rejected.
@@ -7,15 +8,35 @@ They run before anything is claimed or launched; a failing check raises
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ..errors import InvalidJobError
+from ..grants import check_repositories, check_secrets, context_outside_roots
 from ..jobs import BuildJob
 
 
-def check_job_on_worker(job: BuildJob, *, environ: Mapping[str, str], max_timeout_s: int) -> None:
-    """Checks only the worker can make; raise InvalidJobError naming the field."""
+def check_job_on_worker(
+    job: BuildJob,
+    *,
+    environ: Mapping[str, str],
+    max_timeout_s: int,
+    secret_env: Sequence[str],
+    context_roots: Sequence[str],
+    real_context_roots: Sequence[str],
+    allowed_repositories: Sequence[str],
+) -> None:
+    """Checks only the worker can make; raise InvalidJobError naming the field.
+
+    The grants come first, so a refused job learns nothing of the worker's files or variables.
+    ``real_context_roots`` are ``context_roots`` with symlinks resolved (once, at the worker's start).
+    """
+    check_secrets(job, secret_env)
+    check_repositories(job, allowed_repositories)
     if not job.is_git:
+        real_context = os.path.realpath(job.context)
+        refused = context_outside_roots(job.context, real_context, context_roots, real_context_roots)
+        if refused is not None:
+            raise InvalidJobError(refused, field="context")
         if not os.path.isdir(job.context):
             raise InvalidJobError(
                 f"context: {job.context!r} is not a directory on the worker", field="context"
@@ -27,7 +48,6 @@ def check_job_on_worker(job: BuildJob, *, environ: Mapping[str, str], max_timeou
             raise InvalidJobError(
                 f"dockerfile: {job.dockerfile!r} not found in the context", field="dockerfile"
             )
-        real_context = os.path.realpath(job.context)
         if os.path.commonpath([real_context, os.path.realpath(dockerfile)]) != real_context:
             raise InvalidJobError("dockerfile: resolves outside the context", field="dockerfile")
     if job.timeout_s is not None and job.timeout_s > max_timeout_s:

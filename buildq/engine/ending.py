@@ -11,6 +11,7 @@ circuit breaker opened here. :meth:`AttemptEnd.give_up` and
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..buildkit.backoff import backoff_delay
@@ -59,6 +60,8 @@ class AttemptEnd:
         s, a = self.service, self.attempt
         job_id = a.job.job_id
         failure = outcome.failure
+        if failure is not None and self.redactor is not None:  # buildctl's words may quote a secret
+            failure = outcome.failure = replace(failure, message=self.redactor(failure.message))
         now = s.clock()
         record = attempt_record(outcome, window_start=a.window_start, window_end=now)
         attempts = [*a.earlier, record]

@@ -22,6 +22,7 @@ from typing import Any
 from ..buildkit.classify import DAEMON_LOST_REASONS
 from ..config import Settings
 from ..errors import InvalidJobError
+from ..grants import granted_values
 from ..jobs import BuildJob, parse_job
 from ..launchers.base import Launcher
 from ..records import rejected_record
@@ -34,6 +35,7 @@ from .attempt import Attempt, AttemptRun
 from .checks import check_job_on_worker
 from .interface import Delivery, LeaseLost, Reporter, WaitForDaemon
 from .metrics import BuildMetrics, NoMetrics
+from .redact import Redactor
 from .runner import WATCH_INTERVAL_S
 from .sidechannel import SideChannel
 from .ticker import Ticker
@@ -65,6 +67,11 @@ class BuildService:
 
     def __post_init__(self) -> None:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        # every variable a job may name as a secret, and BUILDQ_REDACT_ENV's: masked in logs and records
+        values = granted_values(self.environ, self.settings.secret_env)
+        values += [self.environ[name] for name in self.settings.redact_env if name in self.environ]
+        self.redactor: Redactor | None = Redactor(values) if values else None
+        self.real_context_roots = [os.path.realpath(root) for root in self.settings.context_roots]
 
     def handle(self, delivery: Delivery, reporter: Reporter | None = None) -> dict[str, Any]:
         """Process one delivery; return the final record or raise RetryLater / WaitForDaemon / LeaseLost."""
@@ -79,7 +86,15 @@ class BuildService:
         earlier = list(delivery.attempts)
         try:
             job = parse_job(delivery.message)
-            check_job_on_worker(job, environ=self.environ, max_timeout_s=self.settings.max_timeout_s)
+            check_job_on_worker(
+                job,
+                environ=self.environ,
+                max_timeout_s=self.settings.max_timeout_s,
+                secret_env=self.settings.secret_env,
+                context_roots=self.settings.context_roots,
+                real_context_roots=self.real_context_roots,
+                allowed_repositories=self.settings.allowed_repositories,
+            )
         except InvalidJobError as exc:
             return self._reject(delivery, exc, enqueued, earlier)
 
