@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from ..config import Settings
 from ..errors import InvalidJobError
 from ..grants import check_repositories, check_secrets, context_outside_roots
 from ..jobs import BuildJob
@@ -61,3 +62,22 @@ def check_job_on_worker(
                 f"secrets[{index}].env: environment variable {secret.env!r} is not set on the worker",
                 field=f"secrets[{index}].env",
             )
+
+
+class WorkerChecks:
+    """:func:`check_job_on_worker` with this worker's settings (context roots resolved once)."""
+
+    def __init__(self, settings: Settings, environ: Mapping[str, str]) -> None:
+        self.settings, self.environ = settings, environ
+        self.real_context_roots = [os.path.realpath(root) for root in settings.context_roots]
+
+    def __call__(self, job: BuildJob) -> None:
+        check_job_on_worker(
+            job,
+            environ=self.environ,
+            max_timeout_s=self.settings.max_timeout_s,
+            secret_env=self.settings.secret_env,
+            context_roots=self.settings.context_roots,
+            real_context_roots=self.real_context_roots,
+            allowed_repositories=self.settings.allowed_repositories,
+        )

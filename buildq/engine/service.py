@@ -32,7 +32,7 @@ from ..store.jobs import JobStore
 from ..store.logs import LogStore
 from ..store.slots import DaemonSlots, wait_for_slot
 from .attempt import Attempt, AttemptRun
-from .checks import check_job_on_worker
+from .checks import WorkerChecks
 from .interface import Delivery, LeaseLost, Reporter, WaitForDaemon
 from .metrics import BuildMetrics, NoMetrics
 from .redact import Redactor
@@ -71,7 +71,7 @@ class BuildService:
         values = granted_values(self.environ, self.settings.secret_env)
         values += [self.environ[name] for name in self.settings.redact_env if name in self.environ]
         self.redactor: Redactor | None = Redactor(values) if values else None
-        self.real_context_roots = [os.path.realpath(root) for root in self.settings.context_roots]
+        self.checks = WorkerChecks(self.settings, self.environ)
 
     def handle(self, delivery: Delivery, reporter: Reporter | None = None) -> dict[str, Any]:
         """Process one delivery; return the final record or raise RetryLater / WaitForDaemon / LeaseLost."""
@@ -86,15 +86,7 @@ class BuildService:
         earlier = list(delivery.attempts)
         try:
             job = parse_job(delivery.message)
-            check_job_on_worker(
-                job,
-                environ=self.environ,
-                max_timeout_s=self.settings.max_timeout_s,
-                secret_env=self.settings.secret_env,
-                context_roots=self.settings.context_roots,
-                real_context_roots=self.real_context_roots,
-                allowed_repositories=self.settings.allowed_repositories,
-            )
+            self.checks(job)
         except InvalidJobError as exc:
             return self._reject(delivery, exc, enqueued, earlier)
 
