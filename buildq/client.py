@@ -22,7 +22,7 @@ from typing import Any
 from celery import Celery
 
 from .celeryapp.app import create_app
-from .celeryapp.producer import build_message
+from .celeryapp.producer import build_message, short_kwargsrepr
 from .config import Settings, is_redis_url, load_settings
 from .grants import check_producer_grants
 from .jobs import BuildJob, parse_job
@@ -68,7 +68,7 @@ class BuildqClient:
         queue = self.queue_for(parsed)
         kwargs = {"job": parsed.to_message(), "enqueued_at": enqueued_at}
         # what Flower shows as the arguments; also spares Celery a repr() of the whole job
-        kwargsrepr = f"{{'job': {parsed.job_id!r}, 'tags': {list(parsed.tags)!r}}}"
+        kwargsrepr = short_kwargsrepr(kwargs["job"])
         if self._same_redis:
             # message and "queued" record in one round trip (Celery protocol v2, see celeryapp/producer.py)
             tag = uuid.uuid4().hex

@@ -8,11 +8,13 @@ value fails at start with an error that names the variable.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -32,6 +34,13 @@ _ENV_PATTERN = re.compile(r"^[A-Za-z0-9_*?\[\]!]+$")
 
 #: the environment :func:`load_settings` was asked to read (``os.environ`` when None)
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("buildq_environ", default=None)
+
+
+def derived_deployment(redis_url: str) -> str:
+    """``r-<12 hex>`` from the Redis a deployment keeps its state in (scheme, host, port, DB, path)."""
+    parts = urlsplit(redis_url)
+    where = f"{parts.scheme}://{parts.hostname or ''}:{parts.port or ''}{parts.path}?{parts.query}"
+    return "r-" + hashlib.sha256(where.encode()).hexdigest()[:12]
 
 
 def is_redis_url(url: str) -> bool:
@@ -140,6 +149,9 @@ class Settings(BaseSettings):
 
     #: how long a job waits for a BuildKit daemon to come back when every daemon is down
     daemon_wait_s: float = Field(default=600.0, gt=0)
+    #: the name of this deployment: a worker reaps only its own deployment's leftover buildctl runs
+    #: (default: derived from the state Redis address and DB)
+    deployment: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
     #: worker variables a job may name as secrets (shell-style patterns); unset: no secrets
     secret_env: Annotated[Csv, AfterValidator(_env_patterns)] = Field(default_factory=list)
@@ -186,6 +198,11 @@ class Settings(BaseSettings):
         if is_redis_url(self.broker_url):
             return self.broker_url
         return "redis://127.0.0.1:6379/0"
+
+    @property
+    def deployment_id(self) -> str:
+        """``BUILDQ_DEPLOYMENT``, else a name derived from the state Redis (host, port, DB; no password)."""
+        return self.deployment or derived_deployment(self.state_redis_url)
 
 
 class _MappingEnvSource(EnvSettingsSource):

@@ -127,6 +127,7 @@ def test_project_name_and_network(rendered: dict[str, Any]) -> None:
 def test_images(rendered: dict[str, Any]) -> None:
     services = rendered["services"]
     assert services["redis"]["image"] == "redis:7-alpine"
+    assert services["redis"]["command"][1:5] == ["--appendonly", "yes", "--appendfsync", "everysec"]
     assert services["registry"]["image"] == "registry:2"
     assert services["buildkitd"]["image"] == "moby/buildkit:v0.21.0"
     for name in ("worker", "flower", "submit"):

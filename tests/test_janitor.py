@@ -37,14 +37,17 @@ def test_messages_in_the_queue_unacked_or_claimed_are_left_alone(buildq_env, con
     tag = r.hget(f"buildq:job:{unacked.job_id}", "tag")
     r.lrem(queue, 0, r.hget(f"buildq:job:{unacked.job_id}", "msg"))
     r.hset(UNACKED_KEY, tag, b"held")
-    # claimed-1: a worker took it (its claim drops the janitor's copy and index entry)
+    # claimed-1: a worker took it and builds it (its lease is live; the copy stays until the finish)
     r.lrem(queue, 0, r.hget(f"buildq:job:{claimed.job_id}", "msg"))
     r.hincrby(f"buildq:job:{claimed.job_id}", "claims", 1)
+    r.set(f"buildq:lease:{claimed.job_id}", "token", px=60_000)
     try:
         assert requeue_lost(client.store, after_s=0, now=time.time() + 1) == []
         assert r.llen(queue) == 1  # only waiting-1, still where it was
         assert r.zscore(QUEUED_INDEX, waiting.job_id) is not None
-        assert r.zscore(QUEUED_INDEX, claimed.job_id) is None  # no longer tracked
+        assert r.zscore(QUEUED_INDEX, claimed.job_id) is not None  # tracked until it finishes
+        r.delete(f"buildq:lease:{claimed.job_id}")  # its worker died and the delivery is gone too
+        assert requeue_lost(client.store, after_s=0, now=time.time() + 1) == [claimed.job_id]
     finally:
         r.hdel(UNACKED_KEY, tag)
 

@@ -26,7 +26,7 @@ def connections_made(r: redis.Redis) -> int:
 
 
 def test_wait_returns_a_result_stored_later(store: JobStore) -> None:
-    timer = threading.Timer(0.05, store.store_result, args=("w1", {"job_id": "w1", "state": "succeeded"}))
+    timer = threading.Timer(0.05, store.store_rejected, args=("w1", {"job_id": "w1", "state": "succeeded"}))
     timer.start()
     assert store.wait_result("w1", timeout=10) == {"job_id": "w1", "state": "succeeded"}
     timer.join()
@@ -38,9 +38,9 @@ def test_wait_times_out_with_none(store: JobStore) -> None:
 
 def test_waits_share_one_subscriber_connection(store: JobStore) -> None:
     def wait_for_one(i: int) -> None:
-        store.store_result(f"other-{i}", {"job_id": f"other-{i}", "state": "failed"})  # another channel
+        store.store_rejected(f"other-{i}", {"job_id": f"other-{i}", "state": "failed"})  # another channel
         record = {"job_id": f"j{i}", "state": "succeeded"}
-        timer = threading.Timer(0.01, store.store_result, args=(f"j{i}", record))
+        timer = threading.Timer(0.01, store.store_rejected, args=(f"j{i}", record))
         timer.start()
         assert store.wait_result(f"j{i}", timeout=10) == record
         timer.join()

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from ..names import TASK_NAME
@@ -29,8 +30,11 @@ def build_message(
     *,
     kwargsrepr: str = "{}",
     delivery_tag: str | None = None,
+    eta: float | None = None,
+    retries: int = 0,
 ) -> bytes:
-    """The Redis-transport message of one ``buildq.build`` task (protocol v2, JSON body)."""
+    """The Redis-transport message of one ``buildq.build`` task (protocol v2, JSON body); ``eta``
+    (epoch seconds) makes the worker that receives it hold it until then (a retry's countdown)."""
     body = json.dumps([[], kwargs, _EMBED], separators=(",", ":")).encode()
     message = {
         "body": base64.b64encode(body).decode(),
@@ -41,11 +45,11 @@ def build_message(
             "task": TASK_NAME,
             "id": job_id,
             "shadow": None,
-            "eta": None,
+            "eta": datetime.fromtimestamp(eta, UTC).isoformat() if eta is not None else None,
             "expires": None,
             "group": None,
             "group_index": None,
-            "retries": 0,
+            "retries": retries,
             "timelimit": [None, None],
             "root_id": job_id,
             "parent_id": None,
@@ -65,3 +69,10 @@ def build_message(
         },
     }
     return json.dumps(message, separators=(",", ":")).encode()
+
+
+def short_kwargsrepr(job: Any) -> str:
+    """What Flower shows as a build's arguments: the job id and tags, never the whole job."""
+    if isinstance(job, dict):
+        return f"{{'job': {job.get('job_id')!r}, 'tags': {list(job.get('tags') or [])!r}}}"
+    return "{'job': ...}"

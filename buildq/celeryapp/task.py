@@ -19,6 +19,7 @@ from ..engine.interface import Delivery, LeaseLost, Reporter, RetryLater, WaitFo
 from ..names import BUILDING, TASK_NAME
 from ..records import summary
 from .events import DAEMON_DOWN_EVENT, PhaseEvents
+from .handback import hand_back
 
 log = logging.getLogger("buildq.tasks")
 
@@ -89,21 +90,15 @@ def register(app: Celery) -> None:
         try:
             record = service.handle(delivery, TaskReporter(self, service, runtime.events()))
         except RetryLater as later:
-            raise self.retry(
-                kwargs={"job": job, "enqueued_at": enqueued_at, "attempts": later.attempts},
-                countdown=later.countdown,
-                max_retries=None,
-            ) from None
+            hand_back(
+                self, service, later, {"job": job, "enqueued_at": enqueued_at, "attempts": later.attempts}
+            )
         except WaitForDaemon as busy:
             # not an attempt: the same attempts go back to the queue; the wait counts as queued time
             kwargs = {"job": job, "enqueued_at": enqueued_at, "attempts": attempts}
             if busy.waiting_since is not None:  # every daemon is down: the wait has a limit
                 kwargs["waiting_since"] = busy.waiting_since
-            raise self.retry(
-                kwargs=kwargs,
-                countdown=busy.countdown,
-                max_retries=None,
-            ) from None
+            hand_back(self, service, busy, kwargs)
         except LeaseLost as lost:
             # another delivery owns the job: drop this one without storing anything
             raise Reject(str(lost), requeue=False) from None

@@ -71,6 +71,12 @@ class WorkerRuntime:
     def events(self) -> PhaseEvents:
         return self._events.get()
 
+    def close(self) -> None:
+        """This process is stopping: the launcher gives back what it holds (its scratch space)."""
+        service = self._service.made_here()
+        if service is not None:
+            service.launcher.close()
+
     def flush_events(self) -> None:
         """Publish the phase events this process still buffers (it is stopping)."""
         events = self._events.made_here()
@@ -100,6 +106,10 @@ def reap_orphans(service: BuildService) -> list[str]:
             reaped.append(job_id)
     if reaped:
         log.warning("removed %d leftover buildctl run(s): %s", len(reaped), ", ".join(reaped))
+    try:
+        service.launcher.reap_scratch()
+    except OSError as exc:
+        log.warning("could not remove leftover scratch directories: %s", exc)
     return reaped
 
 
@@ -132,6 +142,7 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
 
     def on_process_shutdown(pid: int | None = None, **_: object) -> None:
         runtime.flush_events()  # phase events still buffered
+        runtime.close()
         mark_process_dead(pid or os.getpid())
 
     def on_shutting_down(sig: str = "", how: str = "", exitcode: int = 0, **_: object) -> None:

@@ -27,7 +27,7 @@ from ..records import (
 )
 from ..store.claim import finish
 from .attemptlog import AttemptLog
-from .interface import RetryLater
+from .interface import LeaseLost, RetryLater
 from .redact import Redactor
 from .unavailable import unavailable_message
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .attempt import Attempt
     from .service import BuildService
 
-log = logging.getLogger("buildq.daemons")
+logger = logging.getLogger("buildq.engine")
 
 
 class AttemptEnd:
@@ -139,9 +139,14 @@ class AttemptEnd:
         """One round trip: the log's end, the result, the final state, the lease and slot given back."""
         s, a = self.service, self.attempt
         entries = log.drain(final["state"]) if log is not None else ()
-        finish(s.store, s.slots, a.job.job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries)
+        stored = finish(
+            s.store, s.slots, a.job.job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries
+        )
         a.released = True
         a.reporter.done = True
+        if not stored:  # a stale holder: another delivery owns the job, its record stands
+            logger.warning("job %s: result of a delivery that lost its lease dropped", a.job.job_id)
+            raise LeaseLost(f"lost the lease of job {a.job.job_id}; result dropped")
 
     def _daemon_down(self, daemon: str, error: str) -> None:
         """Open the daemon's circuit breaker; the worker that opened it says so (once per outage)."""
@@ -149,5 +154,5 @@ class AttemptEnd:
         if self.redactor is not None:
             error = self.redactor(error)
         if s.daemons is not None and s.daemons.mark_down(daemon, error, s.clock()):
-            log.warning("BuildKit daemon %s is down: %s", daemon, error)
+            logger.warning("BuildKit daemon %s is down: %s", daemon, error)
             self.attempt.reporter.daemon_down(daemon, error)

@@ -24,6 +24,16 @@ class Delivery:
     waiting_since: float | None = None
 
 
+@dataclass(frozen=True)
+class Hold:
+    """A claim handed to the caller with RetryLater / WaitForDaemon: the caller publishes the job's
+    next message first and gives the claim back after (``BuildService.requeue`` does both at once)."""
+
+    job_id: str
+    token: str
+    daemon: str | None
+
+
 @dataclass
 class RetryLater(Exception):
     """Run the job again in ``countdown`` seconds, carrying the attempts so far."""
@@ -31,6 +41,7 @@ class RetryLater(Exception):
     countdown: float
     attempts: list[dict[str, Any]]
     reason: str
+    hold: Hold | None = None
 
 
 class WaitForDaemon(Exception):
@@ -45,6 +56,7 @@ class WaitForDaemon(Exception):
         super().__init__(f"all BuildKit daemons are {why}; re-queued for {countdown:.1f}s")
         self.countdown = countdown
         self.waiting_since = waiting_since
+        self.hold: Hold | None = None
 
 
 class LeaseLost(Exception):

@@ -25,7 +25,6 @@ from ..errors import InvalidJobError
 from ..grants import granted_values
 from ..jobs import BuildJob, parse_job
 from ..launchers.base import Launcher
-from ..records import rejected_record
 from ..store.claim import claim, release
 from ..store.daemons import DaemonHealth
 from ..store.jobs import JobStore
@@ -33,9 +32,10 @@ from ..store.logs import LogStore
 from ..store.slots import DaemonSlots, wait_for_slot
 from .attempt import Attempt, AttemptRun
 from .checks import WorkerChecks
-from .interface import Delivery, LeaseLost, Reporter, WaitForDaemon
+from .interface import Delivery, Hold, LeaseLost, Reporter, RetryLater, WaitForDaemon
 from .metrics import BuildMetrics, NoMetrics
 from .redact import Redactor
+from .rejection import kill_orphan, reject
 from .runner import WATCH_INTERVAL_S
 from .sidechannel import SideChannel
 from .ticker import Ticker
@@ -88,7 +88,7 @@ class BuildService:
             job = parse_job(delivery.message)
             self.checks(job)
         except InvalidJobError as exc:
-            return self._reject(delivery, exc, enqueued, earlier)
+            return reject(self, delivery, exc, enqueued, earlier)
 
         number = len(earlier) + 1
         token = self.store.new_token()
@@ -119,7 +119,7 @@ class BuildService:
         try:
             if got.claimed_before:
                 # a retry, or an earlier delivery that died mid-build: its buildctl may still run
-                self._kill_orphan(job.job_id)
+                kill_orphan(self.launcher, job.job_id)
             if got.cancelled:
                 return run.end.cancelled_before_start()
             if attempt.daemon is None:
@@ -131,9 +131,33 @@ class BuildService:
                     return run.end.give_up("daemon_unavailable", message)
                 attempt.daemon = self._wait_for_daemon(job, token, prefer, avoid, waited)
             return run.run()
+        except (RetryLater, WaitForDaemon) as back:
+            # the caller publishes the next message, then gives the claim back (never the reverse)
+            back.hold = Hold(job.job_id, token, attempt.daemon)
+            attempt.released = True
+            raise
         finally:
-            if not attempt.released:  # a retry or an error: the result transaction did not release it
+            if not attempt.released:  # an error: the result transaction did not release it
                 release(self.store, self.slots, job.job_id, token, attempt.daemon)
+
+    def release(self, hold: Hold) -> None:
+        """Give back a claim handed over with RetryLater / WaitForDaemon."""
+        release(self.store, self.slots, hold.job_id, hold.token, hold.daemon)
+
+    def requeue(self, hold: Hold, *, queue: str, message: bytes, tag: str, due: float, phase: str) -> bool:
+        """Publish the job's next message and give the claim back, atomically (same Redis as the
+        broker); False when another delivery owns the job now (nothing published)."""
+        slot = self.slots.key(hold.daemon) if self.slots is not None and hold.daemon is not None else None
+        return self.store.requeue(
+            hold.job_id,
+            hold.token,
+            queue=queue,
+            message=message,
+            tag=tag,
+            due=due,
+            phase=phase,
+            slot_key=slot,
+        )
 
     def _all_down_since(self, delivery: Delivery) -> float | None:
         """When every daemon is down: since when this job has waited for one (else None)."""
@@ -168,29 +192,6 @@ class BuildService:
             self.store.update(job.job_id, state="queued", phase="waiting_for_daemon")
             raise WaitForDaemon(countdown=1.0 + jitter * 2.0)
         return daemon
-
-    def _kill_orphan(self, job_id: str) -> None:
-        try:
-            self.launcher.kill_orphan(job_id)
-        except Exception:  # noqa: BLE001 - best effort, the build goes on
-            pass
-
-    def _reject(
-        self, delivery: Delivery, exc: InvalidJobError, enqueued: float, earlier: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        """An invalid job: a failed record naming the field; buildctl is never launched."""
-        message = delivery.message
-        job_id = message.get("job_id") if isinstance(message, dict) else None
-        if not isinstance(job_id, str) or not job_id:
-            job_id = delivery.task_id or "unknown"
-        record = rejected_record(
-            job_id, message=exc.message, field=exc.field, attempts=earlier, enqueued_at=enqueued,
-            finished_at=self.clock(),
-        )  # fmt: skip
-        if job_id != "unknown":
-            self.store.store_result(job_id, record)
-        self.metrics.build_finished(record)
-        return record
 
 
 def _lost_daemon(earlier: list[dict[str, Any]]) -> str | None:

@@ -21,7 +21,9 @@ def make_launcher(settings: Settings) -> Launcher:
     if settings.launcher == "local":
         from .local import LocalLauncher
 
-        return LocalLauncher(settings.buildctl_path, state_dir=settings.local_state_dir)
+        return LocalLauncher(
+            settings.buildctl_path, state_dir=settings.local_state_dir, deployment=settings.deployment_id
+        )
     from .docker import DockerLauncher
 
     return DockerLauncher(settings)

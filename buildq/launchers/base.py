@@ -87,8 +87,15 @@ class Launcher(abc.ABC):
         """Start buildctl for ``spec``; raise a BuildError subclass if it cannot start."""
 
     def find_orphans(self) -> list[str]:
-        """Return job ids of buildctl processes/containers this launcher left running."""
+        """Return job ids of buildctl processes/containers this deployment's launchers left running."""
         return []
 
     def kill_orphan(self, job_id: str) -> None:  # noqa: B027 - optional hook
         """Kill and remove the leftover buildctl for ``job_id`` (no-op by default)."""
+
+    def reap_scratch(self) -> list[str]:
+        """Remove scratch space left by processes that are gone; what was removed (none by default)."""
+        return []
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """The worker process is stopping: release what the launcher holds (no-op by default)."""

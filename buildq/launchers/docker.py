@@ -42,6 +42,7 @@ OUT_DIR = "/buildq/out"
 METADATA_FILE = OUT_DIR + "/metadata.json"
 MANAGED_LABEL = "buildq.managed"
 JOB_LABEL = "buildq.job_id"
+DEPLOYMENT_LABEL = "buildq.deployment"
 CONTROL_TIMEOUT_S = 60
 
 
@@ -205,6 +206,7 @@ class DockerLauncher(Launcher):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.deployment = settings.deployment_id
         self._client_lock = threading.Lock()
         self._api: Any = None
         self._stream_api: Any = None
@@ -269,7 +271,7 @@ class DockerLauncher(Launcher):
                 command=list(spec.argv),
                 entrypoint=["buildctl"],
                 environment=dict(spec.env),
-                labels={JOB_LABEL: spec.job_id, MANAGED_LABEL: "true"},
+                labels={JOB_LABEL: spec.job_id, MANAGED_LABEL: "true", DEPLOYMENT_LABEL: self.deployment},
                 volumes=[OUT_DIR],
                 host_config=host_config,
                 name=container_name(spec.job_id),
@@ -319,11 +321,12 @@ class DockerLauncher(Launcher):
     # -- orphans ---------------------------------------------------------------------------
 
     def _managed(self, job_id: str | None = None) -> list[dict[str, Any]]:
-        labels = [f"{MANAGED_LABEL}=true"] + ([f"{JOB_LABEL}={job_id}"] if job_id is not None else [])
+        labels = [f"{MANAGED_LABEL}=true", f"{DEPLOYMENT_LABEL}={self.deployment}"]
+        labels += [f"{JOB_LABEL}={job_id}"] if job_id is not None else []
         return list(self.api().containers(all=True, filters={"label": labels}))
 
     def find_orphans(self) -> list[str]:
-        """Job ids of every container labelled ``buildq.managed=true`` on the engine (any state)."""
+        """Job ids of this deployment's buildctl containers on the engine (any state)."""
         jobs: list[str] = []
         for c in self._managed():
             job = (c.get("Labels") or {}).get(JOB_LABEL)

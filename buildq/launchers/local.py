@@ -14,6 +14,7 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -91,9 +92,11 @@ class LocalLauncher(Launcher):
 
     name = "local"
 
-    def __init__(self, buildctl_path: str, *, state_dir: str | None = None) -> None:
+    def __init__(self, buildctl_path: str, *, state_dir: str | None = None, deployment: str = "") -> None:
         self.buildctl_path = buildctl_path
         self.state_dir = Path(state_dir or default_state_dir())
+        #: written into every pid file: a worker reaps only its own deployment's leftovers
+        self.deployment = deployment
         self._scratch: str | None = None
         self._scratch_pid = 0
         self._count = 0
@@ -145,7 +148,13 @@ class LocalLauncher(Launcher):
                 self.state_dir.mkdir(parents=True, exist_ok=True)
                 fd = os.open(path, flags, 0o644)
             try:
-                os.write(fd, json.dumps({"job_id": job_id, "pgid": pid, "exe": self.buildctl_path}).encode())
+                info = {
+                    "job_id": job_id,
+                    "pgid": pid,
+                    "exe": self.buildctl_path,
+                    "deployment": self.deployment,
+                }
+                os.write(fd, json.dumps(info).encode())
             finally:
                 os.close(fd)
             return Path(path)
@@ -162,11 +171,13 @@ class LocalLauncher(Launcher):
                 continue
 
     def find_orphans(self) -> list[str]:
-        return sorted({str(info.get("job_id")) for _, info in self._pidfiles()})
+        """Job ids of this deployment's pid files (another deployment's are not ours to judge)."""
+        mine = (info for _, info in self._pidfiles() if info.get("deployment", "") == self.deployment)
+        return sorted({str(info.get("job_id")) for info in mine})
 
     def kill_orphan(self, job_id: str) -> None:
         for path, info in self._pidfiles(job_id):
-            if info.get("job_id") != job_id:
+            if info.get("job_id") != job_id or info.get("deployment", "") != self.deployment:
                 continue
             try:
                 pgid = int(info["pgid"])
@@ -175,6 +186,25 @@ class LocalLauncher(Launcher):
             except (ProcessLookupError, PermissionError, KeyError, ValueError):
                 pass
             path.unlink(missing_ok=True)
+
+    def reap_scratch(self) -> list[str]:
+        """Remove the scratch directories (``run-<pid>-*``) of processes that are gone."""
+        removed = []
+        for path in self.state_dir.glob("run-*-*") if self.state_dir.is_dir() else ():
+            try:
+                pid = int(path.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        return removed
+
+    def close(self) -> None:
+        """This process is stopping: remove its scratch directory."""
+        if self._scratch is not None and self._scratch_pid == os.getpid():
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 def default_state_dir(shm: str = "/dev/shm") -> str:

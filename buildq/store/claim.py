@@ -77,7 +77,15 @@ def claim(
     order = rotate(daemons, prefer) if slots is not None else []
     keys = [result_key(job_id), lease_key(job_id), job_key(job_id), QUEUED_INDEX, cancel_key(job_id)]
     keys += [DAEMONS_DOWN, *(slots.key(d) for d in order)] if slots is not None else [DAEMONS_DOWN]
-    args = [job_id, token, max(1, int(ttl_s * 1000)), limit, len(SLOTS_PREFIX), avoid or ""]
+    args = [
+        job_id,
+        token,
+        max(1, int(ttl_s * 1000)),
+        limit,
+        len(SLOTS_PREFIX),
+        avoid or "",
+        store.result_ttl_s,
+    ]
     script = store.scripts("claim")
     while True:
         reply = script(keys=keys, args=args)
@@ -114,8 +122,9 @@ def finish(
     *,
     logs: LogStore | None = None,
     log_entries: Sequence[Entry] = (),
-) -> None:
-    """Store the final ``record`` and end the claim, atomically, in one round trip.
+) -> bool:
+    """Store the final ``record`` and end the claim, atomically, in one round trip; False (nothing
+    written) when the lease is another delivery's, or expired and the job already has a result.
 
     Appends ``log_entries`` to the job's log stream (capped and expiring as ``logs`` says), stores
     the record and the job's final state, gives back the daemon slot and the lease (only while
@@ -123,7 +132,7 @@ def finish(
     record therefore also sees the whole log and the lease gone.
     """
     slot_key = slots.key(daemon) if slots is not None and daemon is not None else ""
-    keys = [result_key(job_id), job_key(job_id), log_key(job_id), lease_key(job_id), slot_key]
+    keys = [result_key(job_id), job_key(job_id), log_key(job_id), lease_key(job_id), slot_key, QUEUED_INDEX]
     state = record["state"]
     args: list[Any] = [
         json.dumps(record, separators=(",", ":")),
@@ -134,11 +143,12 @@ def finish(
         1 if slot_key else 0,
         logs.maxlen if logs is not None else 0,
         logs.ttl_s if logs is not None else 0,
+        job_id,
     ]
     if logs is not None:
         for attempt, kind, line in log_entries:
             args += [attempt, kind, line.encode("utf-8", errors="replace")]
-    store.scripts("finish")(keys=keys, args=args)
+    return bool(store.scripts("finish")(keys=keys, args=args))
 
 
 class Holder:

@@ -1,13 +1,14 @@
-"""Re-sending submitted builds whose message the broker lost before any worker took it.
+"""Re-sending builds whose message the broker lost.
 
 Celery's Redis transport moves a message from the queue list to its ``unacked`` hash in two
-steps (``BRPOP``, then ``HSET``); a Redis restart between them loses the message. The client
-therefore keeps each message it sends in the job's hash and indexes the job in
-``buildq:queued`` until a worker claims it. :func:`requeue_lost` (run periodically by every worker)
-pushes the message back for a job that is still ``queued`` after ``after_s``, was never claimed,
-has no result, and whose message is neither in its queue nor unacknowledged. One Lua script per
-job makes the check-and-push atomic, so several workers never push the same message twice; and a
-spurious push could only lead to a duplicate delivery, which the job lease turns into a no-op.
+steps (``BRPOP``, then ``HSET``); a Redis restart between them (or writes a restart did not keep)
+loses the message. The client therefore keeps each message it sends in the job's hash and indexes
+the job in ``buildq:queued``; a retry or a wait for a daemon replaces that copy with the message it
+publishes, and only the job's finish drops it. :func:`requeue_lost` (run periodically by every
+worker) pushes the message back for a job older than ``after_s`` that has no result, no live
+lease, and whose message is neither in its queue nor unacknowledged. One Lua script per job makes
+the check-and-push atomic, so several workers never push the same message twice; and a spurious
+push could only lead to a duplicate delivery, which the job lease turns into a no-op.
 
 :func:`requeue_stalled` does the same for messages a worker took and can no longer finish or
 hand back (its process was terminated while Redis was unreachable): still unacknowledged, no
@@ -31,22 +32,31 @@ log = logging.getLogger("buildq.janitor")
 
 
 def requeue_lost(store: JobStore, *, after_s: float, now: float | None = None, batch: int = 200) -> list[str]:
-    """Push back the messages of jobs lost before pickup; return their job ids."""
+    """Push back the messages the broker lost among the ``batch`` oldest jobs; return their ids."""
+    return _requeue_lost(store, after_s, time.time() if now is None else now, batch, 0)[0]
+
+
+def _requeue_lost(
+    store: JobStore, after_s: float, now: float, batch: int, offset: int
+) -> tuple[list[str], int]:
+    """One slice of the index from ``offset``: (job ids pushed back, where the next slice starts)."""
     script = store.scripts("requeue_lost")
-    cutoff = (time.time() if now is None else now) - after_s
-    requeued = []
-    for raw in store.redis.zrangebyscore(QUEUED_INDEX, "-inf", cutoff, start=0, num=batch):
+    requeued, kept = [], 0
+    entries = store.redis.zrangebyscore(QUEUED_INDEX, "-inf", now - after_s, start=offset, num=batch)
+    for raw in entries:
         job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
         keys = [job_key(job_id), result_key(job_id), lease_key(job_id), QUEUED_INDEX, UNACKED_KEY]
         if script(keys=keys, args=[job_id]):
             requeued.append(job_id)
+        if store.redis.zscore(QUEUED_INDEX, job_id) is not None:
+            kept += 1
     if requeued:
         log.warning("re-sent %d build message(s) the broker lost: %s", len(requeued), ", ".join(requeued))
-    return requeued
+    return requeued, (offset + kept if len(entries) == batch else 0)
 
 
 def requeue_stalled(
-    store: JobStore, *, after_s: float, now: float | None = None, batch: int = 200
+    store: JobStore, *, after_s: float, now: float | None = None, batch: int = 200, offset: int = 0
 ) -> list[str]:
     """Put back delivered build messages whose worker is gone; return their job ids.
 
@@ -58,7 +68,9 @@ def requeue_stalled(
     script = store.scripts("restore_stalled")
     clock = time.time() if now is None else now
     requeued = []
-    for raw_tag in store.redis.zrangebyscore(UNACKED_INDEX_KEY, "-inf", clock - after_s, start=0, num=batch):
+    for raw_tag in store.redis.zrangebyscore(
+        UNACKED_INDEX_KEY, "-inf", clock - after_s, start=offset, num=batch
+    ):
         tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
         payload = store.redis.hget(UNACKED_KEY, tag)
         job = _build_message_job(payload, clock)
@@ -90,15 +102,40 @@ def _build_message_job(payload: object, now: float) -> tuple[str, str] | None:
         return None
 
 
+class Janitor:
+    """Runs both checks over the whole backlog, a slice of ``batch`` entries per run, so a big
+    backlog is walked in turn instead of its oldest entries being read again and again."""
+
+    def __init__(self, store: JobStore, *, after_s: float, batch: int = 200) -> None:
+        self.store, self.after_s, self.batch = store, after_s, batch
+        self._lost_offset = 0
+        self._stalled_offset = 0
+
+    def run_once(self, now: float | None = None) -> list[str]:
+        """One slice of each check; the job ids put back."""
+        clock = time.time() if now is None else now
+        lost, self._lost_offset = _requeue_lost(
+            self.store, self.after_s, clock, self.batch, self._lost_offset
+        )
+        tags = self.store.redis.zcount(UNACKED_INDEX_KEY, "-inf", clock - self.after_s)
+        if self._stalled_offset >= tags:
+            self._stalled_offset = 0
+        stalled = requeue_stalled(
+            self.store, after_s=self.after_s, now=clock, batch=self.batch, offset=self._stalled_offset
+        )
+        self._stalled_offset += self.batch
+        return lost + stalled
+
+
 def start_janitor(store: JobStore, *, after_s: float, every_s: float) -> Callable[[], None]:
-    """Run :func:`requeue_lost` every ``every_s`` seconds in a daemon thread; returns ``stop``."""
+    """Run a :class:`Janitor` every ``every_s`` seconds in a daemon thread; returns ``stop``."""
+    janitor = Janitor(store, after_s=after_s)
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(every_s):
             try:
-                requeue_lost(store, after_s=after_s)
-                requeue_stalled(store, after_s=after_s)
+                janitor.run_once()
             except Exception as exc:  # noqa: BLE001 - Redis may be down; try again next round
                 log.info("lost-message check skipped: %s", exc)
 

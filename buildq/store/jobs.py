@@ -58,23 +58,42 @@ class JobStore:
         pipe.execute()
 
     def update(self, job_id: str, fields: dict[str, Any] | None = None, **more: Any) -> None:
-        """Set fields of the job hash (``state``, ``phase``, ``attempt``, ``worker``)."""
+        """Set fields of the job hash (``state``, ``phase``, ``attempt``, ``worker``); it expires."""
         values = {**(fields or {}), **more}
-        self.redis.hset(job_key(job_id), mapping={k: str(v) for k, v in values.items()})
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(job_key(job_id), mapping={k: str(v) for k, v in values.items()})
+        pipe.expire(job_key(job_id), self.result_ttl_s)
+        pipe.execute()
 
     def info(self, job_id: str) -> dict[str, str]:
         raw: dict[bytes, bytes] = self.redis.hgetall(job_key(job_id))  # type: ignore[assignment]
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    def store_result(self, job_id: str, record: dict[str, Any]) -> None:
-        """Store the final record and the job's final state in one round trip (a job that was never
-        claimed; a claimed one ends with :func:`buildq.store.claim.finish`)."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(result_key(job_id), json.dumps(record, separators=(",", ":")), ex=self.result_ttl_s)
-        pipe.hset(job_key(job_id), mapping={"state": record["state"], "phase": "done"})
-        pipe.expire(job_key(job_id), self.result_ttl_s)
-        pipe.publish(done_channel(job_id), record["state"])
-        pipe.execute()
+    def store_rejected(self, job_id: str, record: dict[str, Any]) -> bool:
+        """Store the record of a job this worker rejected, unless the job already has a result or a
+        live delivery (a duplicate on a misconfigured worker never overwrites); True when stored."""
+        keys = [result_key(job_id), job_key(job_id), lease_key(job_id), QUEUED_INDEX]
+        args = [json.dumps(record, separators=(",", ":")), record["state"], self.result_ttl_s]
+        args += [done_channel(job_id), job_id]
+        return bool(self.scripts("store_rejected")(keys=keys, args=args))
+
+    def requeue(
+        self,
+        job_id: str,
+        token: str,
+        *,
+        queue: str,
+        message: bytes,
+        tag: str,
+        due: float,
+        phase: str,
+        slot_key: str | None,
+    ) -> bool:
+        """Publish the job's next message and give back its claim, atomically; False (nothing
+        published) when the lease is another delivery's. The message becomes the janitor's copy."""
+        keys = [queue, job_key(job_id), lease_key(job_id), slot_key or "", QUEUED_INDEX]
+        args = [message, tag, token, job_id, repr(due), phase, self.result_ttl_s, 1 if slot_key else 0]
+        return bool(self.scripts("requeue")(keys=keys, args=args))
 
     def result(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(result_key(job_id))
@@ -128,7 +147,8 @@ class JobStore:
         return uuid.uuid4().hex
 
     def renew_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
-        """Extend our lease; False if it expired and was lost."""
+        """Extend our lease, or take it again when it expired and nobody took it; False when another
+        delivery holds it now."""
         ttl_ms = max(1, int(ttl_s * 1000))
         return bool(self.scripts("renew_lease")(keys=[lease_key(job_id)], args=[token, ttl_ms]))
 

@@ -1,0 +1,337 @@
+"""No build is killed, lost or written twice: not by another delivery, not by another deployment.
+
+Each test below failed before its fix (the issue's list, in order); the chaos test restarts a
+Redis with AOF under 50 builds.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from buildq.launchers.base import LaunchSpec
+from buildq.launchers.local import LocalLauncher
+from buildq.store.claim import claim, finish
+from buildq.store.janitor import Janitor, requeue_lost
+from buildq.store.jobs import JobStore
+from buildq.store.keys import job_key, lease_key, result_key
+from tests.conftest import scenario
+from tests.harness import (
+    REDIS_URL,
+    StandinLog,
+    base_env,
+    client_for,
+    flush_dbs,
+    free_port,
+    start_redis_server,
+    wait_until,
+)
+from tests.test_producers import raw_celery_message
+
+DB_URL = f"{REDIS_URL}/13"
+
+
+@pytest.fixture
+def r() -> Any:
+    client = redis.Redis.from_url(DB_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+# -- 1. another deployment on the same host ---------------------------------------------------
+
+
+def sleeper(tmp_path: Path) -> str:
+    exe = tmp_path / "bin" / "buildctl"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    exe.write_text("#!/bin/sh\nsleep 30\ntrue\n")  # sh stays: its cmdline names the script
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_a_launcher_reaps_only_its_own_deployments_orphans(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    ours = LocalLauncher(sleeper(tmp_path), state_dir=state, deployment="deploy-a")
+    theirs = LocalLauncher(sleeper(tmp_path), state_dir=state, deployment="deploy-b")
+    builds = []
+    for launcher in (ours, theirs):  # the same job id in two deployments
+        spec = LaunchSpec(job_id="same-job", argv=["build"], env={})
+        builds.append(launcher.start(spec, launcher.prepare("same-job", None, None)))
+    try:
+        assert ours.find_orphans() == ["same-job"] and theirs.find_orphans() == ["same-job"]
+        ours.kill_orphan("same-job")
+        wait_until(lambda: builds[0]._proc.poll() is not None, timeout=5)
+        assert builds[1]._proc.poll() is None  # the other deployment's build runs on
+        assert theirs.find_orphans() == ["same-job"] and ours.find_orphans() == []
+    finally:
+        for build in builds:
+            build.close()
+
+
+def deployment(standin: Path, db: int, state_dir: Path, log: Path) -> dict[str, str]:
+    env = base_env(db, f"t{uuid.uuid4().hex[:8]}", BUILDQ_BUILDCTL_PATH=str(standin))
+    env["BUILDQ_LOCAL_STATE_DIR"] = str(state_dir)  # shared by both: one host
+    env["STANDIN_LOG"] = str(log)
+    flush_dbs(env)
+    return env
+
+
+def test_workers_of_another_deployment_never_touch_running_builds(
+    standin, context_dir, tmp_path, start_worker
+) -> None:
+    state = tmp_path / "shared-state"
+    one = deployment(standin, 2, state, tmp_path / "one.jsonl")
+    two = deployment(standin, 4, state, tmp_path / "two.jsonl")
+    start_worker(one, concurrency=1)
+    slow = scenario(kind="succeed", sleep_s=4)
+    handle = client_for(one).submit(
+        {"context": str(context_dir), "tags": ["reg/one:1"], "build_args": {"STANDIN_SCENARIO": slow}}
+    )
+    wait_until(lambda: StandinLog(tmp_path / "one.jsonl").starts(), timeout=30)
+    other = start_worker(two, concurrency=1)  # its start-up reaper reads the same state dir
+    other.stop()
+    start_worker(two, concurrency=1)
+    other_job = client_for(two).submit({"context": str(context_dir), "tags": ["reg/two:1"]})
+    assert other_job.wait(timeout=60)["state"] == "succeeded"
+    record = handle.wait(timeout=60)
+    assert record["state"] == "succeeded" and len(record["attempts"]) == 1
+    assert [e["outcome"] for e in StandinLog(tmp_path / "one.jsonl").ends()] == ["succeeded"]
+
+
+@pytest.mark.docker
+def test_docker_reaper_sees_only_its_own_deployments_containers(
+    docker_url, docker_job_id, build_context
+) -> None:
+    from buildq.launchers.docker import DockerLauncher
+    from tests.conftest_docker import docker_settings_for
+    from tests.standin.scenarios import hang, scenario_opt
+
+    ours = DockerLauncher(docker_settings_for(docker_url, deployment="deploy-a"))
+    theirs = DockerLauncher(docker_settings_for(docker_url, deployment="deploy-b"))
+    job = docker_job_id()
+    paths = theirs.prepare(job, str(build_context), str(build_context))
+    argv = ["build", "--frontend", "dockerfile.v0", "--local", f"context={paths.context_dir}",
+            "--local", f"dockerfile={paths.dockerfile_dir}", "--output", "type=image,name=r/a:1,push=false",
+            "--progress=rawjson", "--metadata-file", paths.metadata_file, *scenario_opt(hang())]  # fmt: skip
+    spec = LaunchSpec(
+        job_id=job, argv=argv, context_dir=str(build_context), dockerfile_dir=str(build_context)
+    )
+    build = theirs.start(spec, paths)
+    try:
+        assert job not in ours.find_orphans()
+        ours.kill_orphan(job)
+        assert job in theirs.find_orphans()
+    finally:
+        build.close()
+
+
+# -- 2. fenced finish, retaken lease, rejected duplicates, janitor, TTLs -----------------------
+
+
+def take(store: JobStore, job_id: str, token: str) -> Any:
+    return claim(
+        store, None, job_id, token, daemons=["tcp://d:1"], limit=1, ttl_s=30, prefer=0, give_up_after_s=1
+    )
+
+
+def test_a_stale_holder_cannot_store_its_result(r) -> None:
+    store = JobStore(r, result_ttl_s=60)
+    take(store, "fenced", "old")
+    r.set(lease_key("fenced"), "new")  # the old lease was lost and another delivery took over
+    assert finish(store, None, "fenced", "old", None, {"job_id": "fenced", "state": "failed"}) is False
+    assert r.get(result_key("fenced")) is None and r.get(lease_key("fenced")) == b"new"
+    assert finish(store, None, "fenced", "new", None, {"job_id": "fenced", "state": "succeeded"}) is True
+    assert json.loads(r.get(result_key("fenced")))["state"] == "succeeded"
+
+
+def test_an_expired_lease_with_no_new_owner_is_taken_again(r) -> None:
+    store = JobStore(r, result_ttl_s=60)
+    take(store, "blip", "mine")
+    r.delete(lease_key("blip"))  # expired during a Redis blip or a stalled ticker
+    assert store.renew_lease("blip", "mine", 30) is True
+    assert r.get(lease_key("blip")) == b"mine"
+    r.set(lease_key("blip"), "someone-else")
+    assert store.renew_lease("blip", "mine", 30) is False
+    r.delete(lease_key("blip"))  # missing again at the end: the result is still ours to store
+    assert finish(store, None, "blip", "mine", None, {"job_id": "blip", "state": "succeeded"}) is True
+
+
+def test_a_worker_that_rejects_a_job_never_overwrites_its_record(
+    buildq_env, start_worker, standin_log
+) -> None:
+    r = redis.Redis.from_url(buildq_env["BUILDQ_BROKER_URL"])
+    done = {"job_id": "dup-1", "state": "succeeded", "image": {"digest": "sha256:" + "a" * 64}}
+    r.set(result_key("dup-1"), json.dumps(done))
+    start_worker(buildq_env)
+    job = {"job_id": "dup-1", "context": "/nonexistent/on/this/worker", "tags": ["reg/dup:1"]}
+    queue = buildq_env["BUILDQ_QUEUE"]
+    r.lpush(queue, raw_celery_message("dup-1", queue, {"job": job}))
+    wait_until(lambda: r.llen(queue) == 0 and r.hlen("unacked") == 0, timeout=30)
+    time.sleep(0.5)
+    assert json.loads(r.get(result_key("dup-1")))["state"] == "succeeded"
+    assert standin_log.events() == []
+
+
+def test_the_janitor_walks_the_whole_backlog_in_slices(r) -> None:
+    store = JobStore(r, result_ttl_s=600)
+    now = time.time()
+    for i in range(450):  # lost between BRPOP and kombu's unacked record: in no queue
+        store.mark_queued(f"lost-{i}", now - 100, "q-lost", message=f"m{i}".encode(), tag=f"t{i}")
+        r.delete("q-lost")
+    janitor = Janitor(store, after_s=60, batch=200)
+    seen = [janitor.run_once(now=now) for _ in range(3)]
+    assert [len(s) for s in seen] == [200, 200, 50]
+    assert r.llen("q-lost") == 450
+    assert requeue_lost(store, after_s=60, now=now) == []  # all back in the queue: nothing twice
+
+
+def test_every_job_key_expires(r, buildq_env) -> None:
+    store = JobStore(r, result_ttl_s=600)
+    take(store, "lpush-only", "tok")  # a producer that only LPUSHes: the claim creates the hash
+    assert 0 < r.ttl(job_key("lpush-only")) <= 600
+    store.update("fresh", phase="waiting_for_daemon")
+    assert 0 < r.ttl(job_key("fresh")) <= 600
+
+
+def test_scratch_directories_of_gone_processes_are_removed(
+    standin, context_dir, tmp_path, start_worker
+) -> None:
+    env = deployment(standin, 6, tmp_path / "state", tmp_path / "log.jsonl")
+    worker = start_worker(env, concurrency=2)
+    client = client_for(env)
+    for i in range(4):
+        assert (
+            client.submit({"context": str(context_dir), "tags": [f"reg/s{i}:1"]}).wait(timeout=60)["state"]
+            == "succeeded"
+        )
+    assert list((tmp_path / "state").glob("run-*"))
+    children = worker.children()
+    worker.stop()
+    left = [p for p in (tmp_path / "state").glob("run-*") if int(p.name.split("-")[1]) in children]
+    assert left == []
+
+
+# -- 3. Redis restarted under load -------------------------------------------------------------
+
+
+def test_chaos_redis_restarted_ten_times_under_fifty_builds(
+    standin, context_dir, tmp_path, start_worker, standin_log
+) -> None:
+    port = free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+
+    def start() -> None:
+        start_redis_server(port, "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec",
+                           "--save", "", "--pidfile", str(data / "redis.pid"))  # fmt: skip
+
+    def restart() -> None:
+        subprocess.run(["redis-cli", "-p", str(port), "shutdown"], capture_output=True)
+        wait_until(
+            lambda: (
+                subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode != 0
+            ),
+            timeout=10,
+        )
+        time.sleep(0.3)
+        start()
+
+    start()
+    try:
+        env = base_env(0, f"chaos{uuid.uuid4().hex[:6]}", BUILDQ_BUILDCTL_PATH=str(standin))
+        env.update({
+            "BUILDQ_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+            "BUILDQ_RESULT_BACKEND": f"redis://127.0.0.1:{port}/1",
+            "BUILDQ_REQUEUE_LOST_AFTER_S": "3",
+            "BUILDQ_LOCAL_STATE_DIR": str(tmp_path / "state"),
+            "STANDIN_LOG": str(standin_log.path),
+        })  # fmt: skip
+        start_worker(env, concurrency=2)
+        start_worker(env, concurrency=2)
+        client = client_for(env)
+        rng = random.Random(13)
+        handles = []
+        restarts = 0
+        for i in range(50):
+            spec = scenario(kind="succeed", sleep_s=round(rng.uniform(0.1, 1.5), 2))
+            job = {"context": str(context_dir), "tags": [f"reg/chaos{i}:1"], "job_id": f"chaos-{i}",
+                   "build_args": {"STANDIN_SCENARIO": spec}}  # fmt: skip
+            handles.append(submit_retrying(client, job))
+            if i % 5 == 4:
+                time.sleep(rng.uniform(0.0, 1.0))
+                restart()
+                restarts += 1
+        records = {h: wait_retrying(client, h, timeout=240) for h in handles}
+        states = collections.Counter(rec["state"] for rec in records.values())
+        starts, ends = standin_log.starts(), standin_log.ends()
+        succeeded = collections.Counter(e["key"] for e in ends if e["outcome"] == "succeeded")
+        overlaps = overlapping_runs(standin_log.events())
+        print(f"\nchaos: builds=50 redis_restarts={restarts} states={dict(states)}"
+              f" buildctl_runs={len(starts)} succeeded_runs={sum(succeeded.values())}"
+              f" concurrent_duplicates={len(overlaps)}")  # fmt: skip
+        assert states == {"succeeded": 50}
+        assert overlaps == []
+    finally:
+        subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
+
+
+def submit_retrying(client: Any, job: dict[str, Any]) -> str:
+    """A producer that retries its submit while Redis restarts (the job id makes it idempotent)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return client.submit(job).job_id
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def wait_retrying(client: Any, job_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.wait(job_id, timeout=max(1.0, deadline - time.monotonic()))
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def overlapping_runs(events: list[dict[str, Any]]) -> list[str]:
+    """Keys that had two buildctl runs at the same time.
+
+    A run that logged its end spans [start, end]. A run with no end was SIGKILLed: by the next
+    delivery of its job before that one started (a dead worker's orphan) or at its close; it must
+    be dead now, and it spans [start, next start of the same job]."""
+    runs: dict[int, dict[str, Any]] = {}
+    for e in events:
+        if "debug" in (e.get("argv") or []):
+            continue
+        run = runs.setdefault(e["pid"], {"key": e.get("key"), "pid": e["pid"]})
+        run[e["event"]] = e.get("started") if e["event"] == "start" else e.get("ended")
+    by_key: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for run in runs.values():
+        if "start" in run:
+            by_key[run["key"]].append(run)
+    bad = []
+    for key, spans in by_key.items():
+        spans.sort(key=lambda run: run["start"])
+        for one, nxt in zip(spans, spans[1:], strict=False):
+            if "end" not in one:
+                alive = os.path.exists(f"/proc/{one['pid']}")
+                assert not alive, f"buildctl {one['pid']} of {key} left running"
+            elif nxt["start"] < one["end"]:
+                bad.append(key)
+    return bad
