@@ -22,6 +22,21 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
+def job_kwargsrepr(job: Any) -> str:
+    """What Flower and the worker log show as a build's arguments: the job id and tags, never the
+    whole job (build args, labels) nor the attempts a retry carries. ``job`` as sent (dict or JSON)."""
+    if isinstance(job, str):
+        try:
+            job = json.loads(job)
+        except ValueError:
+            job = None
+    if not isinstance(job, dict):
+        return "{'job': '?'}"
+    tags = job.get("tags")
+    tags = list(tags) if isinstance(tags, list | tuple) else []
+    return f"{{'job': {job.get('job_id')!r}, 'tags': {tags!r}}}"
+
+
 def build_message(
     job_id: str,
     queue: str,

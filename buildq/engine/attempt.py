@@ -19,11 +19,19 @@ from ..buildkit.classify import Failure
 from ..buildkit.livephase import LivePhases
 from ..buildkit.solvestatus import SolveStatus
 from ..jobs import BuildJob
-from ..records import AttemptOutcome, attempt_record, final_record, outcome_state
+from ..records import (
+    AttemptOutcome,
+    attempt_record,
+    build_cache_evidence,
+    epoch,
+    final_record,
+    outcome_state,
+    redact_strings,
+)
 from ..store.claim import Holder, finish
 from .attemptlog import AttemptLog
 from .interface import LeaseLost, Reporter, RetryLater
-from .redact import Redactor
+from .redact import Redactor, redactor_for
 from .runner import run_attempt
 
 if TYPE_CHECKING:
@@ -33,8 +41,8 @@ if TYPE_CHECKING:
 @dataclass
 class Attempt:
     """A claimed attempt. ``window_start`` is the enqueue, or the end of the previous attempt (so a
-    retry's backoff counts as queued time); ``released`` turns true once the result transaction
-    gave the lease and the slot back."""
+    retry's backoff counts as queued time); ``started_at`` is when its buildctl was started;
+    ``released`` turns true once the result transaction gave the lease and the slot back."""
 
     job: BuildJob
     number: int
@@ -45,6 +53,12 @@ class Attempt:
     earlier: list[dict[str, Any]]
     reporter: Reporter
     released: bool = False
+    started_at: float | None = None
+
+    def build_started_at(self) -> float | None:
+        """When the build started: its first attempt's start (this one's, for a first attempt)."""
+        first = epoch(self.earlier[0].get("started_at")) if self.earlier else None
+        return first or self.started_at
 
 
 class AttemptRun:
@@ -52,6 +66,7 @@ class AttemptRun:
 
     def __init__(self, service: BuildService, attempt: Attempt) -> None:
         self.service, self.attempt = service, attempt
+        self.redactor = job_redactor(service, attempt.job)
 
     def run(self) -> dict[str, Any]:
         """buildctl once; the final record, or RetryLater / LeaseLost."""
@@ -59,6 +74,7 @@ class AttemptRun:
         job_id, number, reporter = a.job.job_id, a.number, a.reporter
         assert a.daemon is not None
         live = LivePhases(s.clock, s.clock())
+        a.started_at = live.since
         log = self._attempt_log()
         current = _CurrentPhase(self)
         holder = Holder(s.store, job_id, a.token, s.settings.lease_ttl_s, s.clock, s.slots, a.daemon)
@@ -132,7 +148,9 @@ class AttemptRun:
             and not s.store.cancel_requested(job_id)
         )
         now = s.clock()
-        record = attempt_record(outcome, window_start=a.window_start, window_end=now)
+        redact = self.redactor.redact if self.redactor is not None else None
+        # secrets are masked wherever a record goes: the result, the retry message, Celery's result
+        record = redact_strings(attempt_record(outcome, window_start=a.window_start, window_end=now), redact)
         attempts = [*a.earlier, record]
         reached_daemon = bool(outcome.daemon)  # attempts are counted once they reached the launcher
         if retry:
@@ -149,16 +167,17 @@ class AttemptRun:
                 log.mark(f"attempt {outcome.number} failed ({failure.reason}); retrying in {delay:.2f}s")
                 log.close()
             s.store.update(job_id, {"state": "queued", "phase": "retry_wait"})
-            raise RetryLater(countdown=delay, attempts=attempts, reason=failure.reason)
+            raise RetryLater(countdown=delay, attempts=attempts, reason=failure.reason, window_end=now)
         state, error = outcome_state(outcome)
         if error is not None and log is not None:
             tail = log.failing_tail(30)
             if tail:
                 error["log_tail"] = tail
-        final = final_record(
+        cache = build_cache_evidence(a.job, outcome, state)
+        final = redact_strings(final_record(
             a.job, state=state, attempts=attempts, last=outcome, enqueued_at=a.enqueued_at, finished_at=now,
-            error=error,
-        )  # fmt: skip
+            error=error, worker=s.worker_id, cache=cache,
+        ), redact)  # fmt: skip
         # one round trip: the log's end, the result, the final state, the lease and slot given back
         entries = log.drain(state) if log is not None else ()
         finish(s.store, s.slots, job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries)
@@ -168,25 +187,32 @@ class AttemptRun:
         if reached_daemon:
             s.metrics.attempt_finished(record)
         s.metrics.build_finished(final)
+        if cache.export_outcome is not None:
+            s.metrics.cache_export(cache.export_outcome)
         return final
 
     def mark_running(self) -> None:
-        """The job hash says ``running`` on this worker (unless the result is already stored)."""
+        """The job hash says ``running`` on this worker and daemon, since the build's start (unless
+        the result is already stored)."""
         a = self.attempt
         if not a.reporter.done:
-            self.service.store.update(
-                a.job.job_id, {"state": "running", "attempt": a.number, "worker": self.service.worker_id}
-            )
+            started = a.build_started_at()
+            running = {"state": "running", "attempt": a.number, "worker": self.service.worker_id}
+            where = {"daemon": a.daemon or "", "started_at": repr(started) if started else ""}
+            self.service.store.update(a.job.job_id, running, **where)
 
     def _attempt_log(self) -> AttemptLog | None:
         s, a = self.service, self.attempt
         if s.logs is None:
             return None
-        secrets = [s.environ[x.env] for x in a.job.secrets if x.env in s.environ]
-        secrets += [s.environ[name] for name in s.settings.redact_env if name in s.environ]
-        log = AttemptLog(s.logs, a.job.job_id, a.number, redactor=Redactor(secrets) if secrets else None)
+        log = AttemptLog(s.logs, a.job.job_id, a.number, redactor=self.redactor)
         log.mark(f"attempt {a.number} started on {s.worker_id}")
         return log
+
+
+def job_redactor(service: BuildService, job: BuildJob) -> Redactor | None:
+    """Masks the job's secrets and the ``BUILDQ_REDACT_ENV`` values (None: nothing to mask)."""
+    return redactor_for([*(x.env for x in job.secrets), *service.settings.redact_env], service.environ)
 
 
 class _CurrentPhase:

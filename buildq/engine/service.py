@@ -23,7 +23,7 @@ from ..config import Settings
 from ..errors import InvalidJobError
 from ..jobs import BuildJob, parse_job
 from ..launchers.base import Launcher
-from ..records import rejected_record
+from ..records import redact_strings, rejected_record, window_start_of
 from ..store.claim import claim, release
 from ..store.jobs import JobStore
 from ..store.logs import LogStore
@@ -32,6 +32,7 @@ from .attempt import Attempt, AttemptRun
 from .checks import check_job_on_worker
 from .interface import Delivery, LeaseLost, Reporter, WaitForDaemon
 from .metrics import BuildMetrics, NoMetrics
+from .redact import redactor_for
 from .runner import WATCH_INTERVAL_S
 from .sidechannel import SideChannel
 from .ticker import Ticker
@@ -100,7 +101,7 @@ class BuildService:
             raise LeaseLost(str(exc)) from None
         if got.record is not None:
             return got.record
-        window_start = earlier[-1]["window_end"] if earlier else enqueued
+        window_start = window_start_of(earlier, delivery.window_start, enqueued)
         attempt = Attempt(job, number, token, got.daemon, enqueued, window_start, earlier, reporter)
         run = AttemptRun(self, attempt)
         try:
@@ -148,8 +149,10 @@ class BuildService:
             job_id = delivery.task_id or "unknown"
         record = rejected_record(
             job_id, message=exc.message, field=exc.field, attempts=earlier, enqueued_at=enqueued,
-            finished_at=self.clock(),
+            finished_at=self.clock(), worker=self.worker_id,
         )  # fmt: skip
+        redactor = redactor_for(self.settings.redact_env, self.environ)  # the job's own are unknown
+        record = redact_strings(record, redactor.redact if redactor is not None else None)
         if job_id != "unknown":
             self.store.store_result(job_id, record)
         self.metrics.build_finished(record)
