@@ -73,8 +73,8 @@ class AttemptRun:
         s, a = self.service, self.attempt
         job_id, number, reporter = a.job.job_id, a.number, a.reporter
         assert a.daemon is not None
-        live = LivePhases(s.clock, s.clock())
-        a.started_at = live.since
+        a.started_at = s.clock()  # the same start in the running job hash and in the record
+        live = LivePhases(s.clock, a.started_at)
         log = self._attempt_log()
         current = _CurrentPhase(self)
         holder = Holder(s.store, job_id, a.token, s.settings.lease_ttl_s, s.clock, s.slots, a.daemon)
@@ -111,6 +111,7 @@ class AttemptRun:
                     on_line=on_line,
                     should_stop=should_stop,
                     extra_transient=s.settings.transient_patterns,
+                    started_at=a.started_at,
                 )
             except BaseException:
                 if log is not None:
