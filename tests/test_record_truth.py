@@ -14,6 +14,7 @@ from celery.result import AsyncResult
 
 from tests.conftest import scenario
 from tests.harness import client_for, free_port, wait_until
+from tests.harness import run_cli as cli
 from tests.standin.scenarios import cache_export_failed, daemons_env, fail, scenario_json
 from tests.test_observability import scrape
 
@@ -49,6 +50,8 @@ def test_cache_export_and_import_are_decided_from_evidence(buildq_env, start_wor
     assert broken["cache"]["error"].startswith("error writing layer blob: failed to do request: Head ")
     assert broken["cache"]["imported"] is False  # cold: the import's "not found" is a miss ...
     assert broken["cache"]["import_error"] is None  # ... not an error
+    human = cli(env, "status", broken["job_id"])
+    assert human.returncode == 0 and "not exported: error writing layer blob" in human.stdout
 
     cold = build("127.0.0.1:5000/demo/app:1")
     assert cold["cache"] == {
