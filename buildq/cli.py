@@ -1,6 +1,7 @@
-"""``buildq`` command line: worker, submit, status, cancel, schema.
+"""``buildq`` command line: worker, submit, status, cancel, logs, health, schema.
 
-Exit codes: 0 success; 1 the build failed or was cancelled; 2 invalid input or settings
+Exit codes: 0 success; 1 the build failed or was cancelled (also a job the worker rejected after
+it was enqueued), or an unknown job; 2 invalid input or settings, before anything is enqueued
 (the reason goes to stderr); 3 timed out waiting.
 """
 
@@ -97,7 +98,12 @@ def submit(
     no_push: Annotated[bool, typer.Option("--no-push", help="build only, push nothing")] = False,
     secret: Annotated[list[str] | None, typer.Option("--secret", help="id=ID,env=VAR (repeatable)")] = None,
     job_id: Annotated[str | None, typer.Option("--job-id")] = None,
-    timeout: Annotated[int | None, typer.Option("--timeout", help="build time limit, seconds")] = None,
+    timeout: Annotated[
+        int | None,
+        typer.Option(
+            "--timeout", help="build time limit, seconds; at most the worker's BUILDQ_MAX_TIMEOUT_S (14400)"
+        ),
+    ] = None,
     priority: Annotated[str | None, typer.Option("--priority", help="normal | high")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="block until the build ends")] = False,
     wait_timeout: Annotated[float | None, typer.Option("--wait-timeout")] = None,
@@ -245,8 +251,15 @@ def health(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 @app.command()
-def schema() -> None:
-    """Print the JSON Schema of a build job (for producers in other languages)."""
+def schema(
+    record: Annotated[bool, typer.Option("--record", help="the job record's schema instead")] = False,
+) -> None:
+    """Print the JSON Schema of a build job (for producers in other languages), or of its record."""
+    if record:
+        from .recordschema import record_schema
+
+        typer.echo(json.dumps(record_schema(), indent=2))
+        return
     from .jobs import job_schema
 
     typer.echo(json.dumps(job_schema(), indent=2))

@@ -22,11 +22,12 @@ from typing import Any
 from celery import Celery
 
 from .celeryapp.app import create_app
-from .celeryapp.producer import build_message, short_kwargsrepr
+from .celeryapp.producer import build_message, job_kwargsrepr
 from .config import Settings, is_redis_url, load_settings
 from .grants import check_producer_grants
 from .jobs import BuildJob, parse_job
 from .names import TASK_NAME
+from .records import job_status, public_record
 from .store.jobs import JobStore
 from .store.logs import LogEntry, LogStore
 
@@ -68,7 +69,7 @@ class BuildqClient:
         queue = self.queue_for(parsed)
         kwargs = {"job": parsed.to_message(), "enqueued_at": enqueued_at}
         # what Flower shows as the arguments; also spares Celery a repr() of the whole job
-        kwargsrepr = short_kwargsrepr(kwargs["job"])
+        kwargsrepr = job_kwargsrepr(kwargs["job"])
         if self._same_redis:
             # message and "queued" record in one round trip (Celery protocol v2, see celeryapp/producer.py)
             tag = uuid.uuid4().hex
@@ -87,22 +88,18 @@ class BuildqClient:
         return BuildHandle(self, parsed.job_id)
 
     def status(self, job_id: str) -> dict[str, Any]:
-        """The final record if there is one, else ``{"job_id", "state", "phase", ...}`` (state ``unknown``
-        when buildq has never seen the id)."""
+        """The job in the documented record shape, whatever its state: the final record once there is
+        one, else ``job_id``, ``state`` (queued | running; ``unknown`` when buildq has never seen the
+        id), ``phase``, ``attempt``, ``worker``, ``daemon``, ``enqueued_at``, ``started_at``."""
         record = self.store.result(job_id)
-        if record is not None:
-            return record
-        info = self.store.info(job_id)
-        if not info:
-            return {"job_id": job_id, "state": "unknown"}
-        return {"job_id": job_id, **info}
+        return job_status(job_id, {} if record is not None else self.store.info(job_id), record)
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the record is stored; TimeoutError after ``timeout`` seconds."""
         record = self.store.wait_result(job_id, timeout)
         if record is None:
             raise TimeoutError(f"job {job_id} has no result after {timeout}s")
-        return record
+        return public_record(record)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask for cancellation: a queued job never starts, a running one is killed within 2 s."""

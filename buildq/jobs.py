@@ -76,7 +76,10 @@ class BuildJob(BaseModel):
     cache_mode: Literal["max", "min"] = "max"
     labels: dict[str, str] = Field(default_factory=dict)
     secrets: list[SecretRef] = Field(default_factory=list)
-    timeout_s: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = None
+    timeout_s: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = Field(
+        default=None,
+        description="seconds; the worker rejects more than its BUILDQ_MAX_TIMEOUT_S (default 14400)",
+    )
     priority: Literal["normal", "high"] = "normal"
 
     @field_validator("context")

@@ -1,18 +1,23 @@
-"""The JSON result record of a build, built here and only here for every outcome (pure).
+"""The JSON record of a build, built here and only here for every outcome and state (pure).
 
-Shape (see the README): ``job_id``, ``state`` (succeeded | failed | cancelled), ``image``
-(``names``, ``digest``), ``cache`` (``ref``), ``started_at``, ``finished_at``, ``duration_s``,
-``attempts`` (list), ``error`` (``kind``, ``reason``, ``message``) or null, ``phases``, ``steps``,
+One documented shape (README "Result record", JSON Schema in :mod:`buildq.recordschema`): every
+state has ``job_id``, ``state``, ``phase``, ``attempt``, ``worker``, ``daemon``, ``enqueued_at``,
+``started_at``; a finished one (succeeded | failed | cancelled) also ``finished_at``,
+``duration_s``, ``image``, ``cache``, ``attempts``, ``error``, ``phases``, ``steps``,
 ``slowest_steps``. :func:`final_record` for a build that was claimed, :func:`rejected_record` for a
-job the worker found invalid, :func:`summary` for what Celery stores as the task result.
+job the worker found invalid, :func:`job_status` for what a reader gets in any state (from the job
+hash or the stored record), :func:`summary` for what Celery stores as the task result.
+Nothing internal is in a record; :func:`redact_strings` masks secrets in one before it is written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from .buildkit.cacheevidence import CacheEvidence, cache_evidence
 from .buildkit.classify import NEVER_REACHED_REASON, Failure
 from .buildkit.phases import compute_phases, slowest_steps, step_stats
 from .buildkit.progress import ProgressTracker
@@ -44,16 +49,38 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def epoch(text: str | None) -> float | None:
+    """RFC 3339 (as :func:`iso` writes it) → epoch seconds."""
+    return datetime.fromisoformat(text).timestamp() if text else None
+
+
+Redact = Callable[[str], str]
+
+
+def redact_strings(value: Any, redact: Redact | None) -> Any:
+    """``value`` with ``redact`` applied to every string in it (dict keys kept); as is without one."""
+    if redact is None:
+        return value
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_strings(v, redact) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_strings(v, redact) for v in value]
+    return value
+
+
 def attempt_record(attempt: AttemptOutcome, *, window_start: float, window_end: float) -> dict[str, Any]:
     """One entry of ``attempts``: number, times, outcome, reason, error line and its own phases.
 
     The attempt's phases tile ``[window_start, window_end]``: from the enqueue (or the end of the
     previous attempt, so a retry's backoff counts as ``queued``) to its result or retry decision.
+    ``window_end`` itself is not part of the record: a retry carries it beside the attempts.
     """
     failure = attempt.failure
-    record: dict[str, Any] = {
+    return {
         "number": attempt.number,
-        "daemon": attempt.daemon,
+        "daemon": attempt.daemon or None,
         "started_at": iso(attempt.started_at),
         "finished_at": iso(attempt.exited_at),
         "duration_s": round(attempt.exited_at - attempt.started_at, 3),
@@ -62,7 +89,6 @@ def attempt_record(attempt: AttemptOutcome, *, window_start: float, window_end: 
         "reason": failure.reason if failure else None,
         "error": failure.message if failure else None,
         "reached_daemon": attempt.reached_daemon,
-        "window_end": window_end,
         "phases": compute_phases(
             attempt.tracker if attempt.tracker is not None else ProgressTracker(),
             enqueued_at=window_start,
@@ -72,7 +98,20 @@ def attempt_record(attempt: AttemptOutcome, *, window_start: float, window_end: 
             stored_at=window_end,
         ),
     }
-    return record
+
+
+def window_start_of(earlier: list[dict[str, Any]], carried: float | None, enqueued_at: float) -> float:
+    """Where the next attempt's time window starts: the end of the previous attempt's window (carried
+    by the retry), the enqueue for a first attempt. Messages of older workers kept ``window_end`` in
+    the attempt itself; without either, the previous attempt's ``finished_at``."""
+    if not earlier:
+        return enqueued_at
+    if carried is not None:
+        return float(carried)
+    last = earlier[-1]
+    if isinstance(last.get("window_end"), int | float):
+        return float(last["window_end"])
+    return epoch(last.get("finished_at")) or enqueued_at
 
 
 def counts_as_attempt(attempt: dict[str, Any]) -> bool:
@@ -106,6 +145,17 @@ def error_record(kind: str, reason: str, message: str, **extra: Any) -> dict[str
     return {"kind": kind, "reason": reason, "message": message, **extra}
 
 
+def build_cache_evidence(job: BuildJob, last: AttemptOutcome | None, state: str) -> CacheEvidence:
+    """The cache evidence of the last attempt (its vertices and metadata file)."""
+    tracker = last.tracker if last is not None else None
+    return cache_evidence(
+        tracker.vertices.values() if tracker is not None else (),
+        last.metadata if last is not None else None,
+        export_requested=job.push,
+        succeeded=state == "succeeded",
+    )
+
+
 def final_record(
     job: BuildJob,
     *,
@@ -115,24 +165,33 @@ def final_record(
     enqueued_at: float,
     finished_at: float,
     error: dict[str, Any] | None,
+    worker: str | None = None,
+    cache: CacheEvidence | None = None,
 ) -> dict[str, Any]:
-    """The whole record; ``phases`` is the sum of the attempts' phases (enqueue → result stored)."""
+    """The whole record; ``phases`` is the sum of the attempts' phases (enqueue → result stored).
+    ``cache`` defaults to :func:`build_cache_evidence` of the last attempt."""
     metadata = (last.metadata if last else None) or {}
     first_started = min((a["started_at"] for a in attempts if a.get("started_at")), default=None)
-    started_ts = datetime.fromisoformat(first_started).timestamp() if first_started else finished_at
+    started_ts = epoch(first_started) or finished_at
+    ev = cache if cache is not None else build_cache_evidence(job, last, state)
     record: dict[str, Any] = {
-        "job_id": job.job_id,
-        "state": state,
+        **_common(job.job_id, state, "done", len(attempts) or None, worker, last.daemon if last else None),
+        "enqueued_at": iso(enqueued_at),
+        "started_at": first_started,
+        "finished_at": iso(finished_at),
+        "duration_s": round(max(0.0, finished_at - started_ts), 3),
         "image": {
             "names": list(job.tags),
             "digest": metadata.get("containerimage.digest"),
             "pushed": job.push and state == "succeeded",
         },
-        "cache": {"ref": job.cache_ref, "exported": job.push},
-        "enqueued_at": iso(enqueued_at),
-        "started_at": first_started,
-        "finished_at": iso(finished_at),
-        "duration_s": round(max(0.0, finished_at - started_ts), 3),
+        "cache": {
+            "ref": job.cache_ref,
+            "imported": ev.imported,
+            "import_error": ev.import_error,
+            "exported": ev.exported,
+            "error": ev.error,
+        },
         "attempts": attempts,
         "error": error,
         "phases": sum_phases(attempts),
@@ -153,17 +212,17 @@ def rejected_record(
     attempts: list[dict[str, Any]],
     enqueued_at: float,
     finished_at: float,
+    worker: str | None = None,
 ) -> dict[str, Any]:
     """The record of a job the worker rejected as invalid (``error.kind: invalid``, the field named)."""
     return {
-        "job_id": job_id,
-        "state": "failed",
-        "image": None,
-        "cache": None,
+        **_common(job_id, "failed", "done", len(attempts) or None, worker, None),
         "enqueued_at": iso(enqueued_at),
         "started_at": None,
         "finished_at": iso(finished_at),
         "duration_s": 0.0,
+        "image": None,
+        "cache": None,
         "attempts": attempts,
         "error": error_record("invalid", "invalid_job", message, field=field),
         "phases": None,
@@ -172,15 +231,88 @@ def rejected_record(
     }
 
 
-def summary(record: dict[str, Any]) -> dict[str, Any]:
-    """What Celery stores as the task result (the full record is ``buildq status --json``)."""
+def _common(
+    job_id: str, state: str, phase: str | None, attempt: int | None, worker: str | None, daemon: str | None
+) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "state": state,
+        "phase": phase,
+        "attempt": attempt,
+        "worker": worker or None,
+        "daemon": daemon or None,
+    }
+
+
+#: fields of a stored attempt that only older workers wrote (internal; never shown)
+_INTERNAL_ATTEMPT_FIELDS = ("window_end",)
+
+
+def public_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored final record in the documented shape (records of older workers brought up to it)."""
+    attempts = [
+        {k: v for k, v in a.items() if k not in _INTERNAL_ATTEMPT_FIELDS}
+        for a in record.get("attempts") or []
+    ]
+    last = attempts[-1] if attempts else {}
+    common = _common(
+        str(record["job_id"]),
+        str(record["state"]),
+        "done",
+        len(attempts) or None,
+        record.get("worker"),
+        record.get("daemon", last.get("daemon")),
+    )
+    return {**common, **{k: v for k, v in record.items() if k not in common}, "attempts": attempts}
+
+
+_PENDING_STATES = ("queued", "running")
+
+
+def job_status(job_id: str, info: Mapping[str, str], record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a reader gets for ``job_id`` in any state: the stored record once finished, else the job
+    hash (``buildq:job:<id>``, all strings) in the same shape: ``attempt`` a number, times ISO
+    strings, and none of the hash's internal fields (message, delivery tag, claim count, queue)."""
+    if record is not None:
+        return public_record(record)
+    state = info.get("state")
+    if state not in _PENDING_STATES:  # never seen (or its hash expired)
+        return {**_common(job_id, "unknown", None, None, None, None), "enqueued_at": None, "started_at": None}
+    attempt = info.get("attempt")
+    phase = info.get("phase") or ("queued" if state == "queued" else None)
+    return {
+        **_common(
+            job_id, state, phase, int(attempt) if attempt else None, info.get("worker"), info.get("daemon")
+        ),
+        "enqueued_at": iso(_float(info.get("enqueued_at"))),
+        "started_at": iso(_float(info.get("started_at"))),
+    }
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What Celery stores as the task result (Flower shows it): the outcome, the phases and the step
+    counts; the full record is ``buildq status --json``."""
     image = record.get("image") or {}
+    cache = record.get("cache") or {}
+    error = record.get("error") or {}
     return {
         "job_id": record["job_id"],
         "state": record["state"],
+        "error": error.get("kind"),
         "digest": image.get("digest"),
         "names": image.get("names"),
+        "cache_exported": cache.get("exported"),
+        "attempts": len(record.get("attempts") or []),
         "duration_s": record.get("duration_s"),
+        "phases": record.get("phases"),
+        "steps": record.get("steps"),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 #: timeline order of the phases in the waterfall
@@ -59,6 +60,9 @@ def render_record(record: dict[str, Any], console: Console | None = None) -> Non
         summary.add_row("image", ", ".join(image["names"]))
     if image.get("digest"):
         summary.add_row("digest", image["digest"])
+    cache = record.get("cache") or {}
+    if cache.get("error"):  # the image may be pushed while its cache export failed (buildctl exit 0)
+        summary.add_row("cache", f"[yellow]not exported[/]: {escape(cache['error'])}")
     if record.get("duration_s") is not None:
         summary.add_row("duration", f"{record['duration_s']:.3f}s")
     attempts = record.get("attempts") or []

@@ -21,7 +21,7 @@ from celery.exceptions import Reject, Retry
 from ..config import is_redis_url
 from ..engine.interface import RetryLater, WaitForDaemon
 from ..engine.service import BuildService
-from .producer import build_message, short_kwargsrepr
+from .producer import build_message, job_kwargsrepr
 
 
 def same_redis(task: Task) -> bool:
@@ -42,7 +42,7 @@ def hand_back(
         queue = (task.request.delivery_info or {}).get("routing_key") or task.app.buildq_settings.queue
         tag = uuid.uuid4().hex
         message = build_message(
-            hold.job_id, queue, kwargs, kwargsrepr=short_kwargsrepr(kwargs.get("job")), delivery_tag=tag,
+            hold.job_id, queue, kwargs, kwargsrepr=job_kwargsrepr(kwargs.get("job")), delivery_tag=tag,
             eta=due, retries=task.request.retries + 1,
         )  # fmt: skip
         try:
@@ -53,7 +53,10 @@ def hand_back(
             raise Reject(f"job {hold.job_id} is owned by another delivery", requeue=False)
         raise Retry(when=back.countdown)
     try:
-        retry = task.retry(kwargs=kwargs, countdown=back.countdown, max_retries=None, throw=False)
+        retry = task.retry(
+            kwargs=kwargs, countdown=back.countdown, max_retries=None, throw=False,
+            argsrepr="()", kwargsrepr=job_kwargsrepr(kwargs.get("job")),
+        )  # fmt: skip
     except Reject as failed:  # the retry was not published: the delivered message must not go
         raise Reject(failed.reason, requeue=True) from None
     service.release(hold)

@@ -23,6 +23,21 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
+def job_kwargsrepr(job: Any) -> str:
+    """What Flower and the worker log show as a build's arguments: the job id and tags, never the
+    whole job (build args, labels) nor the attempts a retry carries. ``job`` as sent (dict or JSON)."""
+    if isinstance(job, str):
+        try:
+            job = json.loads(job)
+        except ValueError:
+            job = None
+    if not isinstance(job, dict):
+        return "{'job': '?'}"
+    tags = job.get("tags")
+    tags = list(tags) if isinstance(tags, list | tuple) else []
+    return f"{{'job': {job.get('job_id')!r}, 'tags': {tags!r}}}"
+
+
 def build_message(
     job_id: str,
     queue: str,
@@ -69,10 +84,3 @@ def build_message(
         },
     }
     return json.dumps(message, separators=(",", ":")).encode()
-
-
-def short_kwargsrepr(job: Any) -> str:
-    """What Flower shows as a build's arguments: the job id and tags, never the whole job."""
-    if isinstance(job, dict):
-        return f"{{'job': {job.get('job_id')!r}, 'tags': {list(job.get('tags') or [])!r}}}"
-    return "{'job': ...}"

@@ -4,6 +4,11 @@ It turns the message into a :class:`~buildq.engine.interface.Delivery`, runs it 
 service (found through the app: ``app.buildq_runtime``) and carries out the engine's decisions:
 a retry or a wait for a daemon goes back to the queue, a lost lease drops the delivery, a Redis
 outage hands the message back.
+
+A build that ends failed or cancelled raises :class:`BuildFailed` (an expected exception of the
+task: Celery stores FAILURE, Flower shows it with the summary); the worker log gets one WARNING
+line for it instead of Celery's line per failure (:class:`ExpectedFailureFilter`), while any
+other exception still logs an ERROR with its traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +30,29 @@ log = logging.getLogger("buildq.tasks")
 
 
 class BuildFailed(Exception):
-    """Raised after the failed record is stored, so Celery/Flower show the task as FAILURE."""
+    """Raised after the failed (or cancelled) record is stored, so Celery and Flower show the task
+    as FAILURE: ``args`` are the one-line reason (redacted, like the record) and the summary."""
+
+    def __init__(self, text: str, summary: dict[str, Any]) -> None:
+        super().__init__(text, summary)
+
+
+def failure_text(record: dict[str, Any]) -> str:
+    """``<state>: <error kind>: <message>`` on one line (the record is already redacted)."""
+    error = record.get("error") or {}
+    text = f"{record['state']}: {error.get('kind')}: {error.get('message')}"
+    return " ".join(text.split())
+
+
+class ExpectedFailureFilter(logging.Filter):
+    """Drops Celery's own log line of an expected ``BuildFailed`` (the task logs its WARNING)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        data = getattr(record, "data", None)
+        return not (isinstance(data, dict) and str(data.get("exc", "")).startswith("BuildFailed("))
+
+
+EXPECTED_FAILURE_FILTER = ExpectedFailureFilter()
 
 
 class TaskReporter(Reporter):
@@ -76,26 +103,35 @@ class TaskReporter(Reporter):
 def register(app: Celery) -> None:
     """Register ``buildq.build`` on ``app`` (late acks and reject-on-lost come from the app config)."""
 
-    @app.task(name=TASK_NAME, bind=True, max_retries=None)
+    # Celery logs an expected exception (``throws``) at INFO without traceback; that line goes,
+    # the task's WARNING says it once (celery.app.trace is the logger of task outcomes)
+    logging.getLogger("celery.app.trace").addFilter(EXPECTED_FAILURE_FILTER)
+
+    @app.task(name=TASK_NAME, bind=True, max_retries=None, throws=(BuildFailed,))
     def build(
         self: Task,
         job: Any,
         enqueued_at: float | None = None,
         attempts: list[dict[str, Any]] | None = None,
         waiting_since: float | None = None,
+        window_start: float | None = None,
     ) -> dict[str, Any]:
         runtime = self.app.buildq_runtime
         service = runtime.service()
-        delivery = Delivery(job, enqueued_at, list(attempts or []), self.request.id, waiting_since)
+        delivery = Delivery(
+            job, enqueued_at, list(attempts or []), self.request.id,
+            waiting_since=waiting_since, window_start=window_start,
+        )  # fmt: skip
+        # a retried message keeps the short arguments (Flower, logs), not the job and its attempts
+        again = {"job": job, "enqueued_at": enqueued_at}
         try:
             record = service.handle(delivery, TaskReporter(self, service, runtime.events()))
         except RetryLater as later:
-            hand_back(
-                self, service, later, {"job": job, "enqueued_at": enqueued_at, "attempts": later.attempts}
-            )
+            kwargs = {**again, "attempts": later.attempts, "window_start": later.window_end}
+            hand_back(self, service, later, kwargs)
         except WaitForDaemon as busy:
             # not an attempt: the same attempts go back to the queue; the wait counts as queued time
-            kwargs = {"job": job, "enqueued_at": enqueued_at, "attempts": attempts}
+            kwargs = {**again, "attempts": attempts, "window_start": window_start}
             if busy.waiting_since is not None:  # every daemon is down: the wait has a limit
                 kwargs["waiting_since"] = busy.waiting_since
             hand_back(self, service, busy, kwargs)
@@ -108,5 +144,7 @@ def register(app: Celery) -> None:
             raise Reject(f"redis unavailable: {lost_redis}", requeue=True) from None
         if record["state"] != "succeeded":
             error = record.get("error") or {}
-            raise BuildFailed(f"{record['state']}: {error.get('kind')}: {error.get('message')}")
+            message = " ".join(str(error.get("message")).split())
+            log.warning("build %s %s (%s): %s", record["job_id"], record["state"], error.get("kind"), message)
+            raise BuildFailed(failure_text(record), summary(record))
         return summary(record)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..buildkit.livephase import LivePhases
 from ..buildkit.solvestatus import SolveStatus
 from ..jobs import BuildJob
+from ..records import epoch
 from ..store.claim import Holder
 from .attemptlog import AttemptLog
 from .ending import AttemptEnd
@@ -28,8 +29,8 @@ if TYPE_CHECKING:
 @dataclass
 class Attempt:
     """A claimed attempt. ``window_start`` is the enqueue, or the end of the previous attempt (so a
-    retry's backoff counts as queued time); ``released`` turns true once the result transaction
-    gave the lease and the slot back."""
+    retry's backoff counts as queued time); ``started_at`` is when its buildctl was started;
+    ``released`` turns true once the result transaction gave the lease and the slot back."""
 
     job: BuildJob
     number: int
@@ -40,6 +41,12 @@ class Attempt:
     earlier: list[dict[str, Any]]
     reporter: Reporter
     released: bool = False
+    started_at: float | None = None
+
+    def build_started_at(self) -> float | None:
+        """When the build started: its first attempt's start (this one's, for a first attempt)."""
+        first = epoch(self.earlier[0].get("started_at")) if self.earlier else None
+        return first or self.started_at
 
 
 class AttemptRun:
@@ -55,7 +62,8 @@ class AttemptRun:
         s, a = self.service, self.attempt
         job_id, number, reporter = a.job.job_id, a.number, a.reporter
         assert a.daemon is not None
-        live = LivePhases(s.clock, s.clock())
+        a.started_at = s.clock()  # the same start in the running job hash and in the record
+        live = LivePhases(s.clock, a.started_at)
         log = self._attempt_log()
         current = _CurrentPhase(self)
         holder = Holder(s.store, job_id, a.token, s.settings.lease_ttl_s, s.clock, s.slots, a.daemon)
@@ -92,6 +100,7 @@ class AttemptRun:
                     on_line=on_line,
                     should_stop=should_stop,
                     extra_transient=s.settings.transient_patterns,
+                    started_at=a.started_at,
                 )
             except BaseException:
                 if log is not None:
@@ -106,12 +115,14 @@ class AttemptRun:
             return self.end.conclude(outcome, log)
 
     def mark_running(self) -> None:
-        """The job hash says ``running`` on this worker (unless the result is already stored)."""
+        """The job hash says ``running`` on this worker and daemon, since the build's start (unless
+        the result is already stored)."""
         a = self.attempt
         if not a.reporter.done:
-            self.service.store.update(
-                a.job.job_id, {"state": "running", "attempt": a.number, "worker": self.service.worker_id}
-            )
+            started = a.build_started_at()
+            running = {"state": "running", "attempt": a.number, "worker": self.service.worker_id}
+            where = {"daemon": a.daemon or "", "started_at": repr(started) if started else ""}
+            self.service.store.update(a.job.job_id, running, **where)
 
     def _attempt_log(self) -> AttemptLog | None:
         s, a = self.service, self.attempt

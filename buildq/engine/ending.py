@@ -19,10 +19,12 @@ from ..buildkit.classify import Failure
 from ..records import (
     AttemptOutcome,
     attempt_record,
+    build_cache_evidence,
     counts_as_attempt,
     error_record,
     final_record,
     outcome_state,
+    redact_strings,
     unreached_since,
 )
 from ..store.claim import finish
@@ -63,7 +65,8 @@ class AttemptEnd:
         if failure is not None and self.redactor is not None:  # buildctl's words may quote a secret
             failure = outcome.failure = replace(failure, message=self.redactor(failure.message))
         now = s.clock()
-        record = attempt_record(outcome, window_start=a.window_start, window_end=now)
+        # secrets are masked wherever a record goes: the result, the retry message, Celery's result
+        record = self._redact(attempt_record(outcome, window_start=a.window_start, window_end=now))
         attempts = [*a.earlier, record]
         counted = sum(1 for r in attempts if counts_as_attempt(r))
         uncounted = not counts_as_attempt(record)  # never reached its daemon: try another one at once
@@ -101,21 +104,24 @@ class AttemptEnd:
                 log.mark(f"attempt {outcome.number} failed ({failure.reason}); retrying in {delay:.2f}s")
                 log.close()
             s.store.update(job_id, {"state": "queued", "phase": "retry_wait"})
-            raise RetryLater(countdown=delay, attempts=attempts, reason=failure.reason)
+            raise RetryLater(countdown=delay, attempts=attempts, reason=failure.reason, window_end=now)
         state, error = outcome_state(outcome)
         if error is not None and log is not None:
             tail = log.failing_tail(30)
             if tail:
                 error["log_tail"] = tail
-        final = final_record(
+        cache = build_cache_evidence(a.job, outcome, state)
+        final = self._redact(final_record(
             a.job, state=state, attempts=attempts, last=outcome, enqueued_at=a.enqueued_at, finished_at=now,
-            error=error,
-        )  # fmt: skip
+            error=error, worker=s.worker_id, cache=cache,
+        ))  # fmt: skip
         self._store(final, log)
         a.reporter.phase_ended(job_id, outcome.number, "finalize", max(0.0, s.clock() - outcome.exited_at))
         if launched:
             s.metrics.attempt_finished(record)
         s.metrics.build_finished(final)
+        if cache.export_outcome is not None:
+            s.metrics.cache_export(cache.export_outcome)
         return final
 
     def give_up(
@@ -124,16 +130,18 @@ class AttemptEnd:
         """Fail the job without another attempt (e.g. no daemon came back): a failed record."""
         s, a = self.service, self.attempt
         error = error_record(kind, kind, message)
-        final = final_record(
+        final = self._redact(final_record(
             a.job, state="failed", attempts=a.earlier if attempts is None else attempts, last=None,
-            enqueued_at=a.enqueued_at,
-            finished_at=s.clock(), error=error,
-        )  # fmt: skip
+            enqueued_at=a.enqueued_at, finished_at=s.clock(), error=error, worker=s.worker_id,
+        ))  # fmt: skip
         if s.logs is not None:
             s.logs.mark(a.job.job_id, a.number, f"{kind}: {message}")
         self._store(final, None)
         s.metrics.build_finished(final)
         return final
+
+    def _redact(self, record: dict[str, Any]) -> dict[str, Any]:
+        return redact_strings(record, self.redactor.redact if self.redactor is not None else None)
 
     def _store(self, final: dict[str, Any], log: AttemptLog | None) -> None:
         """One round trip: the log's end, the result, the final state, the lease and slot given back."""

@@ -14,7 +14,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Delivery:
-    """One delivered build message: the job as sent, when it was first enqueued, the attempts so far."""
+    """One delivered build message: the job as sent, when it was first enqueued, the attempts so far
+    and, for a retry, where its time window starts (the end of the previous attempt's window)."""
 
     message: Any
     enqueued_at: float | None = None
@@ -22,6 +23,7 @@ class Delivery:
     task_id: str | None = None
     #: since when this job has been waiting for a BuildKit daemon to come back (all were down)
     waiting_since: float | None = None
+    window_start: float | None = None
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,14 @@ class Hold:
 
 @dataclass
 class RetryLater(Exception):
-    """Run the job again in ``countdown`` seconds, carrying the attempts so far."""
+    """Run the job again in ``countdown`` seconds, carrying the attempts so far (redacted) and the end
+    of this attempt's time window (where the next one's starts)."""
 
     countdown: float
     attempts: list[dict[str, Any]]
     reason: str
     hold: Hold | None = None
+    window_end: float | None = None
 
 
 class WaitForDaemon(Exception):

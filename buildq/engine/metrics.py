@@ -10,6 +10,8 @@ Metrics:
 - ``buildq_builds_total{outcome}``: succeeded | failed | cancelled
 - ``buildq_build_attempts_total{outcome,reason}``: every attempt, with the classifier's reason
 - ``buildq_build_steps_total{kind}``: cached | executed Dockerfile steps
+- ``buildq_cache_exports_total{outcome}``: builds that asked for a registry cache export, by what
+  the evidence says: exported | failed (buildctl may still exit 0) | skipped (ended before it)
 - ``buildq_builds_in_progress``: attempts running now (summed over live processes)
 - ``buildq_daemon_up{daemon}``: 1 while the daemon answers, 0 while its circuit breaker is open
 """
@@ -74,6 +76,9 @@ class BuildMetrics:
             "buildq_build_attempts_total", "Build attempts", ["outcome", "reason"], **kwargs
         )
         self.steps = Counter("buildq_build_steps_total", "Dockerfile steps", ["kind"], **kwargs)
+        self.cache_exports = Counter(
+            "buildq_cache_exports_total", "Registry cache exports asked for", ["outcome"], **kwargs
+        )
         self.in_progress = Gauge(
             "buildq_builds_in_progress", "Build attempts running", multiprocess_mode="livesum", **kwargs
         )
@@ -104,6 +109,10 @@ class BuildMetrics:
         if steps.get("executed"):
             self.steps.labels(kind="executed").inc(steps["executed"])
 
+    def cache_export(self, outcome: str) -> None:
+        """Count one build's cache export: exported | failed | skipped."""
+        self.cache_exports.labels(outcome=outcome).inc()
+
 
 class NoMetrics:
     """What a worker without ``BUILDQ_METRICS_PORT`` records: nothing."""
@@ -116,6 +125,9 @@ class NoMetrics:
         pass
 
     def build_finished(self, record: dict[str, Any]) -> None:
+        pass
+
+    def cache_export(self, outcome: str) -> None:
         pass
 
 

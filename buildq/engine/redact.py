@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
 MIN_SECRET_LENGTH = 4
@@ -91,3 +91,15 @@ class Redactor:
         return self._pattern.sub(MASK, text)
 
     __call__ = redact
+
+
+def secret_values(env_names: Iterable[str], environ: Mapping[str, str]) -> list[str]:
+    """The values of the worker environment variables ``env_names`` (a job's secrets, the
+    ``BUILDQ_REDACT_ENV`` names) that are set."""
+    return [environ[name] for name in env_names if name in environ]
+
+
+def redactor_for(env_names: Iterable[str], environ: Mapping[str, str]) -> Redactor | None:
+    """A :class:`Redactor` for those variables' values, None when none is set (nothing to mask)."""
+    secrets = secret_values(env_names, environ)
+    return Redactor(secrets) if secrets else None

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidJobError
 from ..launchers.base import Launcher
-from ..records import rejected_record
+from ..records import redact_strings, rejected_record
 from .interface import Delivery, LeaseLost
 
 if TYPE_CHECKING:
@@ -32,8 +32,9 @@ def reject(
         job_id = delivery.task_id or "unknown"
     record = rejected_record(
         job_id, message=exc.message, field=exc.field, attempts=earlier, enqueued_at=enqueued,
-        finished_at=service.clock(),
+        finished_at=service.clock(), worker=service.worker_id,
     )  # fmt: skip
+    record = redact_strings(record, service.redactor.redact if service.redactor is not None else None)
     if job_id != "unknown" and not service.store.store_rejected(job_id, record):
         existing = service.store.result(job_id)
         if existing is not None:

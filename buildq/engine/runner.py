@@ -78,6 +78,7 @@ def run_attempt(
     on_start: Callable[[], None] | None = None,
     should_stop: Callable[[], str | None] | None = None,
     extra_transient: Sequence[str] = (),
+    started_at: float | None = None,
 ) -> AttemptOutcome:
     """Run buildctl once for ``job`` against ``daemon``; return what happened.
 
@@ -85,8 +86,9 @@ def run_attempt(
     (``"cancelled"``) kills buildctl and becomes the outcome. Passing ``timeout_s`` kills it too
     (outcome ``timeout``). ``on_start`` is called once buildctl has been started; ``on_line``
     gets every stderr line with its parsed SolveStatus (None for a text line) as it arrives.
+    ``started_at`` is the attempt's start as the caller published it (default: now).
     """
-    started = clock()
+    started = started_at if started_at is not None else clock()
     tracker = ProgressTracker(clock=clock)
     context = None if job.is_git else job.context
     dockerfile = dockerfile_dir(job)

@@ -25,6 +25,7 @@ from ..errors import InvalidJobError
 from ..grants import granted_values
 from ..jobs import BuildJob, parse_job
 from ..launchers.base import Launcher
+from ..records import window_start_of
 from ..store.claim import claim, release
 from ..store.daemons import DaemonHealth
 from ..store.jobs import JobStore
@@ -113,7 +114,7 @@ class BuildService:
             raise LeaseLost(str(exc)) from None
         if got.record is not None:
             return got.record
-        window_start = earlier[-1]["window_end"] if earlier else enqueued
+        window_start = window_start_of(earlier, delivery.window_start, enqueued)
         attempt = Attempt(job, number, token, got.daemon, enqueued, window_start, earlier, reporter)
         run = AttemptRun(self, attempt)
         try:

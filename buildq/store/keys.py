@@ -1,8 +1,10 @@
 """Every Redis key and channel name buildq uses, in one place (all under ``buildq:``).
 
 - ``job:<id>``      hash: ``state`` (queued | running | succeeded | failed | cancelled), ``enqueued_at``,
-                    ``queue``, ``phase``, ``attempt``, ``worker``, ``claims``; until claimed also
-                    ``msg``/``tag`` (the message, for the lost-message janitor)
+                    ``queue``, ``phase``, ``attempt``, ``worker``, ``daemon``, ``started_at`` (epoch),
+                    ``claims``; until claimed also ``msg``/``tag`` (the message, for the lost-message
+                    janitor). Readers get it through :func:`buildq.records.job_status`, which shows
+                    none of the internal fields.
 - ``result:<id>``   the final JSON record (written once; its presence means "done")
 - ``lease:<id>``    the token of the worker process running the build; expires unless renewed
 - ``cancel:<id>``   set by ``buildq cancel``: a queued job never starts, a running one is killed
