@@ -30,6 +30,8 @@ _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PLATFORM = re.compile(r"^[a-z0-9_]+/[a-z0-9_]+(?:/[a-z0-9_.]+)?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: an http(s) URL of a tar / tar.gz context archive (BuildKit downloads it); no fragment, no spaces
+URL_CONTEXT = re.compile(r"^https?://[A-Za-z0-9._~%-]+(?::[0-9]{1,5})?(?:/[^\s#?]*)?(?:\?[^\s#]*)?$")
 
 
 def new_job_id() -> str:
@@ -40,6 +42,38 @@ def new_job_id() -> str:
 def is_git_context(context: str) -> bool:
     """True when ``context`` is a git URL that BuildKit fetches itself."""
     return bool(GIT_CONTEXT.match(context))
+
+
+def is_url_context(context: str) -> bool:
+    """True when ``context`` is an http(s) URL of a tar / tar.gz archive (not a git URL)."""
+    return bool(URL_CONTEXT.match(context)) and not is_git_context(context)
+
+
+def is_remote_context(context: str) -> bool:
+    """True when BuildKit fetches ``context`` itself (a git URL or an archive URL)."""
+    return is_git_context(context) or is_url_context(context)
+
+
+def url_query_values(url: str) -> list[str]:
+    """The secret parts of a URL context: each query parameter's value (a presigned URL's token; a
+    bare parameter whole); masked as ``***`` in logs and records. Empty for other contexts."""
+    if not is_url_context(url) or "?" not in url:
+        return []
+    values = []
+    for part in url.split("?", 1)[1].split("&"):
+        name, sep, value = part.partition("=")
+        if value or not sep and name:
+            values.append(value if sep else name)
+    return values
+
+
+def mask_url(url: str) -> str:
+    """``url`` with each query parameter's value replaced by ``***`` (``?X-Amz-Signature=***``)."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    parts = [f"{p.partition('=')[0]}=***" if "=" in p else p for p in query.split("&")]
+    return f"{base}?{'&'.join(parts)}"
 
 
 def _no_control(value: str, what: str) -> str:
@@ -64,7 +98,8 @@ class BuildJob(BaseModel):
 
     job_id: Annotated[str, Field(pattern=JOB_ID_PATTERN)] = Field(default_factory=new_job_id)
     context: Annotated[str, Field(min_length=1, max_length=4096)] = Field(
-        description="absolute directory readable by the worker, or https://host/repo.git#ref:subdir"
+        description="absolute directory readable by the worker, https://host/repo.git#ref:subdir, "
+        "or an http(s) URL of a tar / tar.gz archive"
     )
     dockerfile: Annotated[str, Field(min_length=1, max_length=1024)] = "Dockerfile"
     target: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] | None = None
@@ -87,9 +122,10 @@ class BuildJob(BaseModel):
     def _context(cls, value: str) -> str:
         _no_control(value, "context")
         if "://" in value or value.startswith("git@"):
-            if not is_git_context(value):
+            if not is_remote_context(value):
                 raise ValueError(
-                    "a remote context must be a git URL like https://host/org/repo.git#ref:subdir"
+                    "a remote context must be a git URL like https://host/org/repo.git#ref:subdir "
+                    "or an http(s) URL of a tar / tar.gz archive (no '#', no spaces)"
                 )
             return value
         if not os.path.isabs(value):
@@ -179,6 +215,11 @@ class BuildJob(BaseModel):
     @property
     def is_git(self) -> bool:
         return is_git_context(self.context)
+
+    @property
+    def is_remote(self) -> bool:
+        """A git or archive URL: BuildKit fetches it, the worker reads no directory."""
+        return is_remote_context(self.context)
 
     def to_message(self) -> dict[str, Any]:
         """The JSON-able body put on the queue (defaults filled in, so every worker agrees)."""

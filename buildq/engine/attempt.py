@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..buildkit.livephase import LivePhases
 from ..buildkit.solvestatus import SolveStatus
-from ..jobs import BuildJob
+from ..jobs import BuildJob, url_query_values
 from ..records import epoch
 from ..store.claim import Holder
 from .attemptlog import AttemptLog
 from .ending import AttemptEnd
 from .interface import LeaseLost, Reporter
+from .redact import Redactor
 from .runner import run_attempt
 
 if TYPE_CHECKING:
@@ -49,12 +50,20 @@ class Attempt:
         return first or self.started_at
 
 
+def job_redactor(values: list[str], redactor: Redactor | None, job: BuildJob) -> Redactor | None:
+    """The process's ``redactor`` (of ``values``), plus the query string of the job's URL context
+    (a presigned URL's token) when it has one."""
+    extra = url_query_values(job.context)
+    return Redactor([*values, *extra]) if extra else redactor
+
+
 class AttemptRun:
     """Runs one :class:`Attempt` with the process's runtime (``service``)."""
 
     def __init__(self, service: BuildService, attempt: Attempt) -> None:
         self.service, self.attempt = service, attempt
-        self.redactor = service.redactor  # every granted secret and BUILDQ_REDACT_ENV value
+        # every granted secret and BUILDQ_REDACT_ENV value, and a URL context's query string
+        self.redactor = job_redactor(service.redact_values, service.redactor, attempt.job)
         self.end = AttemptEnd(service, attempt, self.redactor)
 
     def run(self) -> dict[str, Any]:

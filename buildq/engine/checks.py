@@ -33,7 +33,7 @@ def check_job_on_worker(
     """
     check_secrets(job, secret_env)
     check_repositories(job, allowed_repositories)
-    if not job.is_git:
+    if not job.is_remote:  # BuildKit fetches a git or archive URL itself; context roots are for directories
         real_context = os.path.realpath(job.context)
         refused = context_outside_roots(job.context, real_context, context_roots, real_context_roots)
         if refused is not None:

@@ -29,8 +29,8 @@ WATCH_INTERVAL_S = 0.25
 
 
 def dockerfile_dir(job: BuildJob) -> str | None:
-    """Worker-side directory holding the Dockerfile (None for a git context)."""
-    if job.is_git:
+    """Worker-side directory holding the Dockerfile (None for a remote context)."""
+    if job.is_remote:
         return None
     head, _ = split_dockerfile(job.dockerfile)
     return f"{job.context}/{head}" if head else job.context
@@ -44,8 +44,8 @@ def build_request(job: BuildJob, paths: BuildPaths) -> BuildRequest:
         tags=job.tags,
         cache_ref=cache_ref,
         metadata_file=paths.metadata_file,
-        filename=job.dockerfile if job.is_git else split_dockerfile(job.dockerfile)[1],
-        remote_context=job.context if job.is_git else None,
+        filename=job.dockerfile if job.is_remote else split_dockerfile(job.dockerfile)[1],
+        remote_context=job.context if job.is_remote else None,
         context_dir=paths.context_dir,
         dockerfile_dir=paths.dockerfile_dir,
         target=job.target,
@@ -90,7 +90,7 @@ def run_attempt(
     """
     started = started_at if started_at is not None else clock()
     tracker = ProgressTracker(clock=clock)
-    context = None if job.is_git else job.context
+    context = None if job.is_remote else job.context
     dockerfile = dockerfile_dir(job)
     paths = launcher.prepare(job.job_id, context, dockerfile)
     argv = build_argv(build_request(job, paths), insecure_registries=insecure_registries)

@@ -71,6 +71,7 @@ class BuildService:
         # every variable a job may name as a secret, and BUILDQ_REDACT_ENV's: masked in logs and records
         values = granted_values(self.environ, self.settings.secret_env)
         values += [self.environ[name] for name in self.settings.redact_env if name in self.environ]
+        self.redact_values = values
         self.redactor: Redactor | None = Redactor(values) if values else None
         self.checks = WorkerChecks(self.settings, self.environ)
 
