@@ -8,7 +8,6 @@ it was enqueued), or an unknown job; 2 invalid input or settings, before anythin
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Annotated, Any
 
@@ -16,13 +15,14 @@ import typer
 
 from .config import Settings, SettingsError, load_settings
 from .errors import InvalidJobError
-from .grants import check_context_roots
+from .upload import UploadError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="buildq: container-image builds through a Celery queue."
 )
 
 EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 1, 2, 3
+_CONTEXT_HELP = "directory (on the worker, or sent with --upload), git URL or archive URL"
 
 
 def _die(message: str, code: int) -> None:
@@ -36,23 +36,6 @@ def _settings() -> Settings:
     except SettingsError as exc:
         _die(str(exc), EXIT_INVALID)
         raise  # unreachable
-
-
-def _pairs(values: list[str], option: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            _die(f"{option} expects KEY=VALUE, got {item!r}", EXIT_INVALID)
-        out[key] = value
-    return out
-
-
-def _secret(item: str) -> dict[str, str]:
-    fields = dict(part.partition("=")[::2] for part in item.split(","))
-    if set(fields) != {"id", "env"}:
-        _die(f"--secret expects id=ID,env=VAR, got {item!r}", EXIT_INVALID)
-    return fields
 
 
 def _state_exit(record: dict[str, Any]) -> int:
@@ -86,18 +69,25 @@ def worker(
 
 @app.command()
 def submit(
-    context: Annotated[str, typer.Option("--context", help="directory on the worker, or a git URL")],
-    tag: Annotated[list[str], typer.Option("--tag", "-t", help="image reference (repeatable)")],
-    dockerfile: Annotated[str | None, typer.Option("--dockerfile", "-f")] = None,
-    target: Annotated[str | None, typer.Option("--target")] = None,
+    context: Annotated[
+        str | None,
+        typer.Option("--context", help=_CONTEXT_HELP),
+    ] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="image reference (repeatable)")] = None,
+    dockerfile: Annotated[
+        str | None, typer.Option("--dockerfile", "-f", help="path inside the context (default Dockerfile)")
+    ] = None,
+    target: Annotated[str | None, typer.Option("--target", help="build stage")] = None,
     build_arg: Annotated[list[str] | None, typer.Option("--build-arg", help="KEY=VALUE (repeatable)")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", help="KEY=VALUE (repeatable)")] = None,
     platform: Annotated[list[str] | None, typer.Option("--platform", help="os/arch (repeatable)")] = None,
-    cache_ref: Annotated[str | None, typer.Option("--cache-ref")] = None,
+    cache_ref: Annotated[
+        str | None, typer.Option("--cache-ref", help="registry cache ref (default <repo>:buildcache)")
+    ] = None,
     cache_mode: Annotated[str | None, typer.Option("--cache-mode", help="max | min")] = None,
     no_push: Annotated[bool, typer.Option("--no-push", help="build only, push nothing")] = False,
     secret: Annotated[list[str] | None, typer.Option("--secret", help="id=ID,env=VAR (repeatable)")] = None,
-    job_id: Annotated[str | None, typer.Option("--job-id")] = None,
+    job_id: Annotated[str | None, typer.Option("--job-id", help="job id (default: random)")] = None,
     timeout: Annotated[
         int | None,
         typer.Option(
@@ -105,60 +95,74 @@ def submit(
         ),
     ] = None,
     priority: Annotated[str | None, typer.Option("--priority", help="normal | high")] = None,
+    job_file: Annotated[
+        str | None, typer.Option("--job-file", help="JSON job ('-': stdin); flags override it")
+    ] = None,
+    upload: Annotated[
+        bool, typer.Option("--upload", help="upload the context dir to BUILDQ_CONTEXT_REPOSITORY")
+    ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="block until the build ends")] = False,
-    wait_timeout: Annotated[float | None, typer.Option("--wait-timeout")] = None,
+    wait_timeout: Annotated[
+        float | None, typer.Option("--wait-timeout", help="seconds --wait waits (exit 3 after)")
+    ] = None,
+    progress: Annotated[
+        str, typer.Option("--progress", help="--wait: auto (live on a tty) | plain (log) | quiet")
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON record")] = False,
 ) -> None:
     """Validate and enqueue a build; print its job id (with --wait, its result)."""
+    from .cli_submit import local_context, merge_job, pairs, read_job_file, secrets_of
     from .client import BuildqClient
 
     settings = _settings()
-    if "://" not in context and not context.startswith("git@"):
-        context = os.path.abspath(context)
-        if not os.path.isdir(context):
-            _die(f"context: {context!r} is not a directory", EXIT_INVALID)
-        try:  # the CLI builds from a directory it can see: check it against the roots here too
-            check_context_roots(context, settings.context_roots)
-        except InvalidJobError as exc:
-            _die(f"invalid job: {exc.message}", EXIT_INVALID)
-    job: dict[str, Any] = {"context": context, "tags": list(tag), "push": not no_push}
-    optional = {
-        "job_id": job_id,
-        "dockerfile": dockerfile,
-        "target": target,
-        "cache_ref": cache_ref,
-        "cache_mode": cache_mode,
-        "timeout_s": timeout,
-        "priority": priority,
-    }
-    job.update({k: v for k, v in optional.items() if v is not None})
-    if build_arg:
-        job["build_args"] = _pairs(build_arg, "--build-arg")
-    if label:
-        job["labels"] = _pairs(label, "--label")
-    if platform:
-        job["platforms"] = list(platform)
-    if secret:
-        job["secrets"] = [_secret(s) for s in secret]
-
-    client = BuildqClient(settings)
+    if progress not in ("auto", "plain", "quiet"):
+        _die(f"--progress: expected auto, plain or quiet, got {progress!r}", EXIT_INVALID)
     try:
-        handle = client.submit(job)
+        base = read_job_file(job_file) if job_file else {}
+        flags = {
+            "context": context,
+            "tags": list(tag) if tag else None,
+            "push": False if no_push else None,
+            "job_id": job_id,
+            "dockerfile": dockerfile,
+            "target": target,
+            "cache_ref": cache_ref,
+            "cache_mode": cache_mode,
+            "timeout_s": timeout,
+            "priority": priority,
+            "build_args": pairs(build_arg, "--build-arg") if build_arg else None,
+            "labels": pairs(label, "--label") if label else None,
+            "platforms": list(platform) if platform else None,
+            "secrets": secrets_of(secret) if secret else None,
+        }
+        job = local_context(merge_job(base, flags), upload=upload, context_roots=settings.context_roots)
+        client = BuildqClient(settings)
+        handle = client.submit(job, upload=upload)
     except InvalidJobError as exc:
         _die(f"invalid job: {exc.message}", EXIT_INVALID)
         return
+    except UploadError as exc:
+        _die(f"upload failed: {exc}", EXIT_FAILED)
+        return
+    if upload and client.last_upload is not None and not as_json:
+        sent = "uploaded" if client.last_upload.sent else "already in the registry"
+        typer.echo(f"context {client.last_upload.digest} ({client.last_upload.size} bytes) {sent}", err=True)
     if not wait:
         typer.echo(json.dumps({"job_id": handle.job_id}) if as_json else handle.job_id)
         return
     if not as_json:
         typer.echo(handle.job_id, err=True)
     try:
-        record = handle.wait(wait_timeout)
+        record = _wait(client, handle.job_id, wait_timeout, "quiet" if as_json else progress)
     except TimeoutError as exc:
         _die(str(exc), EXIT_TIMEOUT)
         return
     _print_record(record, as_json)
     raise typer.Exit(_state_exit(record))
+
+
+def _wait(client: Any, job_id: str, timeout: float | None, progress: str) -> dict[str, Any]:
+    return client.wait(job_id, timeout)
 
 
 def _print_record(record: dict[str, Any], as_json: bool) -> None:

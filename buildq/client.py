@@ -12,18 +12,20 @@ invalid job never reaches the queue; with the workers' ``BUILDQ_SECRET_ENV`` /
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
 from .celeryapp.app import create_app
 from .celeryapp.producer import build_message, job_kwargsrepr
 from .config import Settings, is_redis_url, load_settings
+from .errors import InvalidJobError
 from .grants import check_producer_grants
 from .jobs import BuildJob, parse_job
 from .names import TASK_NAME
@@ -31,12 +33,16 @@ from .records import job_status, public_record
 from .store.jobs import JobStore
 from .store.logs import LogEntry, LogStore
 
+if TYPE_CHECKING:
+    from .upload import Uploaded
+
 
 class BuildqClient:
     """Talks to the broker and Redis; cheap to create, connections made on first use."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings()
+        self.last_upload: Uploaded | None = None  # the context the last ``submit(upload=True)`` sent
 
     @cached_property
     def app(self) -> Celery:
@@ -57,14 +63,16 @@ class BuildqClient:
     def queue_for(self, job: BuildJob) -> str:
         return self.settings.high_priority_queue if job.priority == "high" else self.settings.queue
 
-    def submit(self, job: BuildJob | dict[str, Any] | str) -> BuildHandle:
-        """Validate and enqueue ``job``; the returned handle's ``job_id`` is also the Celery task id."""
+    def submit(self, job: BuildJob | dict[str, Any] | str, *, upload: bool = False) -> BuildHandle:
+        """Validate and enqueue ``job``; the returned handle's ``job_id`` is also the Celery task id.
+
+        ``upload``: ``context`` is a directory on this machine; it is packed (``.dockerignore``
+        honoured) and uploaded to ``BUILDQ_CONTEXT_REPOSITORY`` first, and the job builds from the
+        blob's URL (see :mod:`buildq.upload`)."""
+        if upload:
+            job = self.upload_context(job)
         parsed = parse_job(job)
-        check_producer_grants(
-            parsed,
-            secret_env=self.settings.secret_env,
-            allowed_repositories=self.settings.allowed_repositories,
-        )
+        self._check_grants(parsed)
         enqueued_at = time.time()
         queue = self.queue_for(parsed)
         kwargs = {"job": parsed.to_message(), "enqueued_at": enqueued_at}
@@ -86,6 +94,37 @@ class BuildqClient:
             )
             self.store.mark_queued(parsed.job_id, enqueued_at, queue)
         return BuildHandle(self, parsed.job_id)
+
+    def _check_grants(self, job: BuildJob) -> None:
+        check_producer_grants(
+            job, secret_env=self.settings.secret_env, allowed_repositories=self.settings.allowed_repositories
+        )
+
+    def upload_context(self, job: BuildJob | dict[str, Any] | str) -> BuildJob:
+        """``job`` with its local ``context`` directory uploaded and replaced by the blob's URL.
+        The job is validated (and its grants checked) before anything is packed or sent."""
+        from .upload import upload_context
+
+        data = dict(parse_job(job).to_message() if isinstance(job, BuildJob | str) else job)
+        if isinstance(data.get("context"), str):
+            data["context"] = os.path.abspath(data["context"])
+        local = parse_job(data)
+        if local.is_remote:
+            raise InvalidJobError("context: upload needs a local directory, not a URL", field="context")
+        self._check_grants(local)  # a job the workers would refuse sends nothing
+        if not self.settings.context_repository:
+            raise InvalidJobError(
+                "BUILDQ_CONTEXT_REPOSITORY is not set: the registry repository uploaded contexts go to",
+                field="BUILDQ_CONTEXT_REPOSITORY",
+            )
+        self.last_upload = upload_context(
+            local.context,
+            repository=self.settings.context_repository,
+            insecure_registries=self.settings.insecure_registries,
+            dockerfile=local.dockerfile,
+            max_bytes=self.settings.context_max_bytes,
+        )
+        return parse_job({**local.to_message(), "context": self.last_upload.url})
 
     def status(self, job_id: str) -> dict[str, Any]:
         """The job in the documented record shape, whatever its state: the final record once there is

@@ -159,6 +159,10 @@ class Settings(BaseSettings):
     context_roots: Annotated[Csv, AfterValidator(_absolute_dirs)] = Field(default_factory=list)
     #: repository patterns every tag and cache_ref must match; unset: any repository
     allowed_repositories: Annotated[Csv, AfterValidator(_repository_patterns)] = Field(default_factory=list)
+    #: producers: the registry repository ``submit --upload`` puts contexts in (host[:port]/repo)
+    context_repository: str | None = None
+    #: producers: the largest packed context ``submit --upload`` sends (bytes of the tar.gz)
+    context_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
 
     @classmethod
     def settings_customise_sources(

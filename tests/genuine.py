@@ -38,7 +38,8 @@ def _wait(check: object, what: str, timeout: float = 30.0) -> None:
 class Registry:
     """Debian's ``docker-registry`` (distribution 2.8) on a loopback port, storage under ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra_config: str = "") -> None:
+        self.root = root
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         root.mkdir(parents=True, exist_ok=True)
@@ -46,6 +47,7 @@ class Registry:
         config.write_text(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
             f"    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\nhttp:\n  addr: {self.host}\n"
+            + extra_config
         )
         self.proc = subprocess.Popen(
             ["docker-registry", "serve", str(config)],
@@ -55,11 +57,14 @@ class Registry:
         _wait(self._answers, "docker-registry")
 
     def _answers(self) -> bool:
+        import urllib.error
         import urllib.request
 
         try:
             urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1).read()
             return True
+        except urllib.error.HTTPError:
+            return True  # 401: it answers, and asks for credentials
         except OSError:
             return False
 
