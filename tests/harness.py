@@ -57,13 +57,16 @@ def counting_client(url: str) -> Iterator[CountingRedis]:
     r.close()
 
 
-def run_cli(env: Mapping[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m buildq ARGS`` with exactly the given BUILDQ_* environment."""
+def run_cli(
+    env: Mapping[str, str], *args: str, timeout: float = 120, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m buildq ARGS`` with exactly the given BUILDQ_* environment (``stdin``: its input)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("BUILDQ_")}
     full.update(env)
     return subprocess.run(
         [sys.executable, "-m", "buildq", *args],
         env=full,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
