@@ -12,7 +12,7 @@ invalid job never reaches the queue; with the workers' ``BUILDQ_SECRET_ENV`` /
 
 from __future__ import annotations
 
-import os
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+import redis
 from celery import Celery
 
 from .celeryapp.app import create_app
 from .celeryapp.producer import build_message, job_kwargsrepr
 from .config import Settings, is_redis_url, load_settings
-from .errors import InvalidJobError
 from .grants import check_producer_grants
 from .jobs import BuildJob, parse_job
 from .names import TASK_NAME
@@ -76,13 +76,22 @@ class BuildqClient:
         enqueued_at = time.time()
         queue = self.queue_for(parsed)
         kwargs = {"job": parsed.to_message(), "enqueued_at": enqueued_at}
+        body = json.dumps(kwargs["job"], separators=(",", ":"))  # kept for ``retry``
         # what Flower shows as the arguments; also spares Celery a repr() of the whole job
         kwargsrepr = job_kwargsrepr(kwargs["job"])
         if self._same_redis:
             # message and "queued" record in one round trip (Celery protocol v2, see celeryapp/producer.py)
             tag = uuid.uuid4().hex
             message = build_message(parsed.job_id, queue, kwargs, kwargsrepr=kwargsrepr, delivery_tag=tag)
-            self.store.mark_queued(parsed.job_id, enqueued_at, queue, message=message, tag=tag)
+            self.store.mark_queued(
+                parsed.job_id,
+                enqueued_at,
+                queue,
+                message=message,
+                tag=tag,
+                job=body,
+                retry_of=parsed.retry_of,
+            )
         else:
             self.app.send_task(
                 TASK_NAME,
@@ -92,7 +101,7 @@ class BuildqClient:
                 argsrepr="()",
                 kwargsrepr=kwargsrepr,
             )
-            self.store.mark_queued(parsed.job_id, enqueued_at, queue)
+            self.store.mark_queued(parsed.job_id, enqueued_at, queue, job=body, retry_of=parsed.retry_of)
         return BuildHandle(self, parsed.job_id)
 
     def _check_grants(self, job: BuildJob) -> None:
@@ -103,28 +112,33 @@ class BuildqClient:
     def upload_context(self, job: BuildJob | dict[str, Any] | str) -> BuildJob:
         """``job`` with its local ``context`` directory uploaded and replaced by the blob's URL.
         The job is validated (and its grants checked) before anything is packed or sent."""
-        from .upload import upload_context
+        from .clientops import upload_job
 
-        data = dict(parse_job(job).to_message() if isinstance(job, BuildJob | str) else job)
-        if isinstance(data.get("context"), str):
-            data["context"] = os.path.abspath(data["context"])
-        local = parse_job(data)
-        if local.is_remote:
-            raise InvalidJobError("context: upload needs a local directory, not a URL", field="context")
-        self._check_grants(local)  # a job the workers would refuse sends nothing
-        if not self.settings.context_repository:
-            raise InvalidJobError(
-                "BUILDQ_CONTEXT_REPOSITORY is not set: the registry repository uploaded contexts go to",
-                field="BUILDQ_CONTEXT_REPOSITORY",
-            )
-        self.last_upload = upload_context(
-            local.context,
-            repository=self.settings.context_repository,
-            insecure_registries=self.settings.insecure_registries,
-            dockerfile=local.dockerfile,
-            max_bytes=self.settings.context_max_bytes,
-        )
-        return parse_job({**local.to_message(), "context": self.last_upload.url})
+        parsed, self.last_upload = upload_job(self.settings, job, self._check_grants)
+        return parsed
+
+    def list_jobs(self, *, limit: int = 20, states: list[str] | None = None) -> list[dict[str, Any]]:
+        """Recent jobs submitted through this client library, newest first (see ``buildq list``)."""
+        from .store.listing import recent_jobs
+
+        return recent_jobs(self.store.redis, limit=limit, states=states or ())
+
+    def queue_depths(self) -> dict[str, int]:
+        """Messages waiting in the normal and high-priority queues (Redis broker only, else {})."""
+        if not is_redis_url(self.settings.broker_url):
+            return {}
+        from .store.listing import queue_depths
+
+        broker = self.store.redis if self._same_redis else redis.Redis.from_url(self.settings.broker_url)
+        return queue_depths(broker, [self.settings.queue, self.settings.high_priority_queue])
+
+    def retry(self, job_id: str) -> BuildHandle:
+        """Submit a failed or cancelled job again as a new job (new id, same body, ``retry_of``
+        naming the old one). InvalidJobError (field ``job_id``) when the job is unknown, not
+        finished, succeeded, or was not submitted through this library (its body is not kept)."""
+        from .clientops import retry_body
+
+        return self.submit(retry_body(job_id, self.status(job_id), self.store.info(job_id)))
 
     def status(self, job_id: str) -> dict[str, Any]:
         """The job in the documented record shape, whatever its state: the final record once there is

@@ -116,6 +116,9 @@ class BuildJob(BaseModel):
         description="seconds; the worker rejects more than its BUILDQ_MAX_TIMEOUT_S (default 14400)",
     )
     priority: Literal["normal", "high"] = "normal"
+    retry_of: Annotated[str, Field(pattern=JOB_ID_PATTERN)] | None = Field(
+        default=None, description="the job this one runs again (set by buildq retry); shown in its record"
+    )
 
     @field_validator("context")
     @classmethod

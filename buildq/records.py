@@ -175,7 +175,15 @@ def final_record(
     started_ts = epoch(first_started) or finished_at
     ev = cache if cache is not None else build_cache_evidence(job, last, state)
     record: dict[str, Any] = {
-        **_common(job.job_id, state, "done", len(attempts) or None, worker, last.daemon if last else None),
+        **_common(
+            job.job_id,
+            state,
+            "done",
+            len(attempts) or None,
+            worker,
+            last.daemon if last else None,
+            job.retry_of,
+        ),
         "enqueued_at": iso(enqueued_at),
         "started_at": first_started,
         "finished_at": iso(finished_at),
@@ -213,10 +221,11 @@ def rejected_record(
     enqueued_at: float,
     finished_at: float,
     worker: str | None = None,
+    retry_of: str | None = None,
 ) -> dict[str, Any]:
     """The record of a job the worker rejected as invalid (``error.kind: invalid``, the field named)."""
     return {
-        **_common(job_id, "failed", "done", len(attempts) or None, worker, None),
+        **_common(job_id, "failed", "done", len(attempts) or None, worker, None, retry_of),
         "enqueued_at": iso(enqueued_at),
         "started_at": None,
         "finished_at": iso(finished_at),
@@ -232,10 +241,17 @@ def rejected_record(
 
 
 def _common(
-    job_id: str, state: str, phase: str | None, attempt: int | None, worker: str | None, daemon: str | None
+    job_id: str,
+    state: str,
+    phase: str | None,
+    attempt: int | None,
+    worker: str | None,
+    daemon: str | None,
+    retry_of: str | None = None,
 ) -> dict[str, Any]:
     return {
         "job_id": job_id,
+        "retry_of": retry_of or None,
         "state": state,
         "phase": phase,
         "attempt": attempt,
@@ -262,6 +278,7 @@ def public_record(record: Mapping[str, Any]) -> dict[str, Any]:
         len(attempts) or None,
         record.get("worker"),
         record.get("daemon", last.get("daemon")),
+        record.get("retry_of"),
     )
     return {**common, **{k: v for k, v in record.items() if k not in common}, "attempts": attempts}
 
@@ -282,7 +299,13 @@ def job_status(job_id: str, info: Mapping[str, str], record: Mapping[str, Any] |
     phase = info.get("phase") or ("queued" if state == "queued" else None)
     return {
         **_common(
-            job_id, state, phase, int(attempt) if attempt else None, info.get("worker"), info.get("daemon")
+            job_id,
+            state,
+            phase,
+            int(attempt) if attempt else None,
+            info.get("worker"),
+            info.get("daemon"),
+            info.get("retry_of"),
         ),
         "enqueued_at": iso(_float(info.get("enqueued_at"))),
         "started_at": iso(_float(info.get("started_at"))),

@@ -98,6 +98,7 @@ class SlowStep(_Closed):
 
 class _Common(_Closed):
     job_id: str
+    retry_of: str | None = Field(description="the job this one runs again (buildq retry); null otherwise")
     phase: str | None = Field(
         description="queued, retry_wait, waiting_for_daemon, launch … cache_export (running), done"
     )

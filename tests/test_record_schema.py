@@ -19,7 +19,7 @@ from tests.harness import run_cli as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-COMMON = {"job_id", "state", "phase", "attempt", "worker", "daemon", "enqueued_at", "started_at"}
+COMMON = {"job_id", "retry_of", "state", "phase", "attempt", "worker", "daemon", "enqueued_at", "started_at"}
 FINISHED = {
     "finished_at", "duration_s", "image", "cache", "attempts", "error", "phases", "steps", "slowest_steps",
 }  # fmt: skip
@@ -114,7 +114,7 @@ def test_the_readme_examples_match_the_schema(validator) -> None:
 
 RAW_QUEUED = {
     "state": "queued", "enqueued_at": "1795843348.49", "queue": "builds",
-    "msg": '{"body": "eyJqb2IiOiB7fX0="}', "tag": "5d1c",
+    "msg": '{"body": "eyJqb2IiOiB7fX0="}', "tag": "5d1c", "job": '{"context": "/srv"}',
 }  # fmt: skip
 RAW_RUNNING = {
     "state": "running", "enqueued_at": "1795843348.49", "queue": "builds", "claims": "1",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidJobError
+from ..jobs import JOB_ID_PATTERN
 from ..launchers.base import Launcher
 from ..records import redact_strings, rejected_record
 from .interface import Delivery, LeaseLost
@@ -32,7 +34,7 @@ def reject(
         job_id = delivery.task_id or "unknown"
     record = rejected_record(
         job_id, message=exc.message, field=exc.field, attempts=earlier, enqueued_at=enqueued,
-        finished_at=service.clock(), worker=service.worker_id,
+        finished_at=service.clock(), worker=service.worker_id, retry_of=_retry_of(message),
     )  # fmt: skip
     record = redact_strings(record, service.redactor.redact if service.redactor is not None else None)
     if job_id != "unknown" and not service.store.store_rejected(job_id, record):
@@ -50,3 +52,9 @@ def kill_orphan(launcher: Launcher, job_id: str) -> None:
         launcher.kill_orphan(job_id)
     except Exception:  # noqa: BLE001 - best effort, the build goes on
         pass
+
+
+def _retry_of(message: object) -> str | None:
+    """The ``retry_of`` of an invalid job's message, when it is a job id."""
+    value = message.get("retry_of") if isinstance(message, dict) else None
+    return value if isinstance(value, str) and re.match(JOB_ID_PATTERN, value) else None

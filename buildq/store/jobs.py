@@ -15,13 +15,58 @@ from typing import Any
 
 import redis
 
-from .keys import QUEUED_INDEX, cancel_key, done_channel, job_key, lease_key, result_key
+from .keys import (
+    QUEUED_INDEX,
+    RECENT_INDEX,
+    RECENT_MAX,
+    cancel_key,
+    done_channel,
+    job_key,
+    lease_key,
+    result_key,
+)
 from .scripts import Scripts, source
 
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 
-class JobStore:
+class _LeasesAndCancellation:
+    """The lease and cancellation-flag operations of :class:`JobStore` (kept apart for size)."""
+
+    redis: redis.Redis
+    scripts: Scripts
+    result_ttl_s: int
+
+    # -- leases ------------------------------------------------------------------------------
+    @staticmethod
+    def new_token() -> str:
+        return uuid.uuid4().hex
+
+    def renew_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
+        """Extend our lease, or take it again when it expired and nobody took it; False when another
+        delivery holds it now."""
+        ttl_ms = max(1, int(ttl_s * 1000))
+        return bool(self.scripts("renew_lease")(keys=[lease_key(job_id)], args=[token, ttl_ms]))
+
+    def queue_release_lease(self, pipe: Any, job_id: str, token: str) -> None:
+        """Queue on ``pipe`` deleting the job's lease if it is still ``token``'s (as EVAL: a
+        registered script would make the pipeline check the script cache first, one more round
+        trip). Taking the lease is part of :func:`buildq.store.claim.claim`."""
+        pipe.eval(source("release_lease"), 1, lease_key(job_id), token)
+
+    def lease_holder(self, job_id: str) -> str | None:
+        raw = self.redis.get(lease_key(job_id))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    # -- cancellation ------------------------------------------------------------------------
+    def request_cancel(self, job_id: str) -> None:
+        self.redis.set(cancel_key(job_id), "1", ex=self.result_ttl_s)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(cancel_key(job_id)))
+
+
+class JobStore(_LeasesAndCancellation):
     """Reads and writes job state; one instance per process, sharing one connection pool."""
 
     def __init__(self, client: redis.Redis, *, result_ttl_s: int) -> None:
@@ -38,12 +83,21 @@ class JobStore:
 
     # -- records -----------------------------------------------------------------------------
     def mark_queued(
-        self, job_id: str, enqueued_at: float, queue: str, *, message: bytes | None = None, tag: str = ""
+        self,
+        job_id: str,
+        enqueued_at: float,
+        queue: str,
+        *,
+        message: bytes | None = None,
+        tag: str = "",
+        job: str | None = None,
+        retry_of: str | None = None,
     ) -> None:
         """Record a submitted job, after its message is sent (``HSETNX``: never overwrites a worker's
         ``running``). With ``message`` (Redis broker on this same Redis) it is pushed to ``queue`` in
         the same round trip, and kept (with its delivery ``tag``) until a worker claims the job, so
-        the janitor can send it again if the broker loses it."""
+        the janitor can send it again if the broker loses it. ``job`` (its JSON) is kept for ``buildq
+        retry``; the id goes in the ``recent`` index (trimmed here) for ``buildq list``."""
         pipe = self.redis.pipeline(transaction=False)
         key = job_key(job_id)
         if message is not None:
@@ -53,8 +107,15 @@ class JobStore:
         if message is not None:
             fields[b"msg"], fields[b"tag"] = message, tag
             pipe.zadd(QUEUED_INDEX, {job_id: enqueued_at})
+        if job is not None:
+            fields["job"] = job
+        if retry_of:
+            fields["retry_of"] = retry_of
         pipe.hset(key, mapping=fields)
         pipe.expire(key, self.result_ttl_s)
+        pipe.zadd(RECENT_INDEX, {job_id: enqueued_at})
+        pipe.zremrangebyrank(RECENT_INDEX, 0, -RECENT_MAX - 1)
+        pipe.zremrangebyscore(RECENT_INDEX, "-inf", f"({enqueued_at - self.result_ttl_s!r}")
         pipe.execute()
 
     def update(self, job_id: str, fields: dict[str, Any] | None = None, **more: Any) -> None:
@@ -140,31 +201,3 @@ class JobStore:
             held = (os.getpid(), self.redis.pubsub(ignore_subscribe_messages=True))
             self._local.pubsub = held
         return held[1]
-
-    # -- leases ------------------------------------------------------------------------------
-    @staticmethod
-    def new_token() -> str:
-        return uuid.uuid4().hex
-
-    def renew_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
-        """Extend our lease, or take it again when it expired and nobody took it; False when another
-        delivery holds it now."""
-        ttl_ms = max(1, int(ttl_s * 1000))
-        return bool(self.scripts("renew_lease")(keys=[lease_key(job_id)], args=[token, ttl_ms]))
-
-    def queue_release_lease(self, pipe: Any, job_id: str, token: str) -> None:
-        """Queue on ``pipe`` deleting the job's lease if it is still ``token``'s (as EVAL: a
-        registered script would make the pipeline check the script cache first, one more round
-        trip). Taking the lease is part of :func:`buildq.store.claim.claim`."""
-        pipe.eval(source("release_lease"), 1, lease_key(job_id), token)
-
-    def lease_holder(self, job_id: str) -> str | None:
-        raw = self.redis.get(lease_key(job_id))
-        return raw.decode() if isinstance(raw, bytes) else raw
-
-    # -- cancellation ------------------------------------------------------------------------
-    def request_cancel(self, job_id: str) -> None:
-        self.redis.set(cancel_key(job_id), "1", ex=self.result_ttl_s)
-
-    def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.redis.exists(cancel_key(job_id)))

@@ -3,8 +3,9 @@
 - ``job:<id>``      hash: ``state`` (queued | running | succeeded | failed | cancelled), ``enqueued_at``,
                     ``queue``, ``phase``, ``attempt``, ``worker``, ``daemon``, ``started_at`` (epoch),
                     ``claims``; until claimed also ``msg``/``tag`` (the message, for the lost-message
-                    janitor). Readers get it through :func:`buildq.records.job_status`, which shows
-                    none of the internal fields.
+                    janitor); from the Python client also ``job`` (the job's JSON, for ``buildq
+                    retry``) and ``retry_of``. Readers get it through
+                    :func:`buildq.records.job_status`, which shows none of the internal fields.
 - ``result:<id>``   the final JSON record (written once; its presence means "done")
 - ``lease:<id>``    the token of the worker process running the build; expires unless renewed
 - ``cancel:<id>``   set by ``buildq cancel``: a queued job never starts, a running one is killed
@@ -12,6 +13,9 @@
 - ``log:<id>``      the build log stream (see :mod:`buildq.store.logs`)
 - ``slots:<daemon>`` sorted set of the daemon's build slots (see :mod:`buildq.store.slots`)
 - ``queued``        sorted set of submitted, not yet claimed jobs (score: enqueued_at)
+- ``recent``        sorted set of the job ids the Python client submitted (score: enqueued_at), for
+                    ``buildq list``; trimmed at each submit to :data:`RECENT_MAX` ids and to
+                    ``BUILDQ_RESULT_TTL_S`` (an id whose hash expired is skipped)
 - ``daemons:down``  hash daemon -> epoch seconds it went down (the open circuit breakers)
 - ``daemons:up``    hash daemon -> epoch seconds it came back; ``daemons:error`` daemon -> last error
 - ``daemons:probe:<daemon>`` the lock of the one probe of a down daemon (expires)
@@ -24,6 +28,9 @@ from __future__ import annotations
 
 PREFIX = "buildq:"
 QUEUED_INDEX = f"{PREFIX}queued"
+RECENT_INDEX = f"{PREFIX}recent"
+#: ids kept in :data:`RECENT_INDEX`
+RECENT_MAX = 10000
 SLOTS_PREFIX = f"{PREFIX}slots:"
 LOG_PREFIX = f"{PREFIX}log:"
 DAEMONS_DOWN = f"{PREFIX}daemons:down"
