@@ -44,12 +44,16 @@ def _state_exit(record: dict[str, Any]) -> int:
 
 @app.command()
 def worker(
-    queues: Annotated[str | None, typer.Option("--queues", "-Q", help="comma separated queues")] = None,
-    concurrency: Annotated[int | None, typer.Option("--concurrency", "-c")] = None,
-    autoscale: Annotated[str | None, typer.Option("--autoscale", help="MAX,MIN")] = None,
-    pool: Annotated[str | None, typer.Option("--pool", "-P")] = None,
-    loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
-    hostname: Annotated[str | None, typer.Option("--hostname", "-n")] = None,
+    queues: Annotated[
+        str | None, typer.Option("--queues", "-Q", help="comma separated queues (default: both)")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="builds at once (pool processes)")
+    ] = None,
+    autoscale: Annotated[str | None, typer.Option("--autoscale", help="MAX,MIN pool processes")] = None,
+    pool: Annotated[str | None, typer.Option("--pool", "-P", help="Celery pool (default prefork)")] = None,
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="DEBUG|INFO|WARNING|ERROR")] = "INFO",
+    hostname: Annotated[str | None, typer.Option("--hostname", "-n", help="Celery node name")] = None,
 ) -> None:
     """Start a build worker (Celery, task events on, late acks, prefetch 1)."""
     from .celeryapp.worker import run_worker, worker_argv
@@ -112,6 +116,7 @@ def submit(
 ) -> None:
     """Validate and enqueue a build; print its job id (with --wait, its result)."""
     from .cli_submit import local_context, merge_job, pairs, read_job_file, secrets_of
+    from .cli_wait import wait_for
     from .client import BuildqClient
 
     settings = _settings()
@@ -153,16 +158,12 @@ def submit(
     if not as_json:
         typer.echo(handle.job_id, err=True)
     try:
-        record = _wait(client, handle.job_id, wait_timeout, "quiet" if as_json else progress)
+        record = wait_for(client, handle.job_id, wait_timeout, "quiet" if as_json else progress)
     except TimeoutError as exc:
         _die(str(exc), EXIT_TIMEOUT)
         return
     _print_record(record, as_json)
     raise typer.Exit(_state_exit(record))
-
-
-def _wait(client: Any, job_id: str, timeout: float | None, progress: str) -> dict[str, Any]:
-    return client.wait(job_id, timeout)
 
 
 def _print_record(record: dict[str, Any], as_json: bool) -> None:
@@ -176,8 +177,8 @@ def _print_record(record: dict[str, Any], as_json: bool) -> None:
 
 @app.command()
 def status(
-    job_id: Annotated[str, typer.Argument()],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    job_id: Annotated[str, typer.Argument(help="the job id submit printed")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON record")] = False,
 ) -> None:
     """Show a job's state, result and phase waterfall."""
     from .client import BuildqClient
@@ -193,19 +194,66 @@ def status(
 
 
 @app.command()
-def cancel(job_id: Annotated[str, typer.Argument()]) -> None:
+def cancel(job_id: Annotated[str, typer.Argument(help="the job to cancel")]) -> None:
     """Cancel a job: a queued one never starts, a running one is killed within 2 s."""
     from .client import BuildqClient
 
-    record = BuildqClient(_settings()).cancel(job_id)
-    if record.get("state") == "unknown":
+    client = BuildqClient(_settings())
+    state = client.status(job_id).get("state")
+    if state == "unknown":
         _die(f"unknown job {job_id!r}", EXIT_FAILED)
+    if state in ("succeeded", "failed", "cancelled"):
+        _die(f"job {job_id} already finished ({state}); nothing to cancel", EXIT_FAILED)
+    record = client.cancel(job_id)
     typer.echo(f"cancel requested for {job_id} (state: {record.get('state')})")
+
+
+@app.command(name="list")
+def list_jobs(
+    state: Annotated[
+        list[str] | None,
+        typer.Option("--state", "-s", help="only this state (repeatable): queued, running, failed…"),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10000, help="at most N jobs")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="print {jobs, queues} as JSON")] = False,
+) -> None:
+    """Recent jobs (newest first: state, phase, age, duration, image) and each queue's depth."""
+    import time
+
+    from .client import BuildqClient
+
+    client = BuildqClient(_settings())
+    rows = client.list_jobs(limit=limit, states=list(state or []))
+    depths = client.queue_depths()
+    if as_json:
+        typer.echo(json.dumps({"jobs": rows, "queues": depths}, indent=2))
+        return
+    from rich.console import Console
+
+    from .cli_views import render_list
+
+    render_list(rows, depths, time.time(), Console())
+
+
+@app.command()
+def retry(
+    job_id: Annotated[str, typer.Argument(help="a failed or cancelled job")],
+    as_json: Annotated[bool, typer.Option("--json", help="print {job_id, retry_of}")] = False,
+) -> None:
+    """Submit a failed or cancelled job again as a new job; its record's retry_of names the old one."""
+    from .client import BuildqClient
+
+    try:
+        handle = BuildqClient(_settings()).retry(job_id)
+    except InvalidJobError as exc:
+        _die(exc.message, EXIT_FAILED if exc.field == "job_id" else EXIT_INVALID)
+        return
+    typer.echo(json.dumps({"job_id": handle.job_id, "retry_of": job_id}) if as_json else handle.job_id)
 
 
 @app.command()
 def logs(
-    job_id: Annotated[str, typer.Argument()],
+    job_id: Annotated[str, typer.Argument(help="the job whose log to print")],
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="follow a running build until it ends")
     ] = False,
@@ -233,7 +281,7 @@ def logs(
 
 
 @app.command()
-def health(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def health(as_json: Annotated[bool, typer.Option("--json", help="print the checks as JSON")] = False) -> None:
     """Check the broker, each BuildKit daemon (buildctl debug workers) and the Docker engine."""
     from .health import check_health, render_health
 
@@ -250,7 +298,7 @@ def health(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     else:
         from rich.console import Console
 
-        Console(width=160).print(render_health(report))
+        Console().print(render_health(report))  # the terminal's width (80 when not a terminal)
     raise typer.Exit(0 if report.ok else EXIT_FAILED)
 
 

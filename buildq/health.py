@@ -282,15 +282,17 @@ def breaker_text(state: DaemonState, now: float) -> str:
 
 
 def render_health(report: HealthReport) -> Table:
-    """A rich table: check, status, detail, time (detail shown verbatim, never as markup)."""
+    """A rich table: check, status, detail, time (detail shown verbatim, never as markup); long
+    names and details fold, so it reads in 80 columns."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
     title = "buildq health: " + ("ok" if report.ok else "FAILING")
-    table = Table(title=title, title_justify="left")
-    table.add_column("check", no_wrap=True)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("check", overflow="fold", ratio=2)
     table.add_column("status", no_wrap=True)
-    table.add_column("detail", overflow="fold")
+    table.add_column("detail", overflow="fold", ratio=3)
     table.add_column("time", justify="right", no_wrap=True)
     for check in report.checks:
         status = Text("ok", style="green") if check.ok else Text("FAIL", style="bold red")

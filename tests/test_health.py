@@ -261,3 +261,20 @@ def test_render_health_columns_and_rows() -> None:
     assert "buildq health: FAILING" in out
     assert "[bold]not markup[/bold]" in out and "buildkit [x]" in out
     assert "12 ms" in out and "500 ms" in out and "FAIL" in out
+
+
+def test_render_health_reads_in_80_columns() -> None:
+    detail = (
+        "exit 1: error: listing workers for Build: failed to list workers: Unavailable: connection error: "
+        'desc = "transport: Error while dialing: dial tcp 10.20.30.40:1234: connect: connection refused"'
+    )
+    report = HealthReport(
+        (Check("buildkit tcp://buildkitd-long-hostname.example.internal:1234", False, detail, 0.5),)
+    )
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    console.print(render_health(report))
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "connection refused" in out and "500 ms" in out
+    folded = "".join(line.strip() for line in out.splitlines())
+    assert "buildkitd-long-hostname" in folded
