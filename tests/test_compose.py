@@ -28,7 +28,7 @@ EXPECTED_WORKER_ENV = {
     "BUILDQ_RESULT_BACKEND": "redis://redis:6379/1",
     "BUILDQ_BUILDKIT_HOST": "tcp://buildkitd:1234",
     "BUILDQ_INSECURE_REGISTRIES": "registry:5000",
-    "BUILDQ_DOCKER_NETWORK": "buildq_default",
+    "BUILDQ_DOCKER_NETWORK": "buildq",
     "BUILDQ_METRICS_PORT": "9108",
 }
 
@@ -65,6 +65,21 @@ def run_compose(
         text=True,
         timeout=120,
     )
+
+
+def run_compose_env(extra: dict[str, str], *args: str) -> str:
+    """``run_compose`` with extra environment variables; its stdout (the call must succeed)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent-home",
+        "DOCKER_CONFIG": "/nonexistent-home/.docker", "DOCKER_HOST": "unix:///nonexistent/docker.sock",
+        "PWD": str(ROOT), **extra,
+    }  # fmt: skip
+    proc = subprocess.run(
+        [str(compose_binary()), "-f", str(COMPOSE_FILE), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
@@ -119,7 +134,7 @@ def test_submit_is_only_in_demo_profile() -> None:
 
 def test_project_name_and_network(rendered: dict[str, Any]) -> None:
     assert rendered["name"] == "buildq"
-    assert rendered["networks"]["default"]["name"] == "buildq_default"
+    assert rendered["networks"]["default"]["name"] == "buildq"
     for name, service in rendered["services"].items():
         assert set(service["networks"]) == {"default"}, name
 
@@ -207,20 +222,32 @@ def test_registry_and_flower_ports(rendered: dict[str, Any]) -> None:
 def test_submit_demo_builds_bundled_context(rendered: dict[str, Any]) -> None:
     submit = rendered["services"]["submit"]
     assert submit["profiles"] == ["demo"]
-    context = str(ROOT / "examples" / "hello")
     assert submit["command"] == [
-        "buildq",
-        "submit",
-        "--context",
-        context,
-        "--tag",
-        "registry:5000/demo/hello:1",
-        "--wait",
-    ]
-    assert {k: v for k, v in submit["environment"].items() if k.startswith("BUILDQ_")} == EXPECTED_WORKER_ENV
+        "buildq", "submit", "--context", "/examples/hello", "--upload",
+        "--tag", "registry:5000/demo/hello:1", "--wait",
+    ]  # fmt: skip
+    env = {k: v for k, v in submit["environment"].items() if k.startswith("BUILDQ_")}
+    assert env == {**EXPECTED_WORKER_ENV, "BUILDQ_CONTEXT_REPOSITORY": "registry:5000/buildq/contexts"}
+    load_settings(env)
     binds = {m["target"]: m["source"] for m in submit["volumes"] if m["type"] == "bind"}
-    assert binds[str(ROOT / "examples")] == str(ROOT / "examples")
-    assert (Path(context) / "Dockerfile").is_file()
+    assert binds["/examples"] == str(ROOT / "examples")
+    assert (ROOT / "examples" / "hello" / "Dockerfile").is_file()
+    # `docker compose run submit` must not start (and so re-scale) the workers
+    assert set(submit["depends_on"]) == {"redis", "registry"}
+
+
+def test_network_name_holds_under_another_project_name() -> None:
+    proc = run_compose("-p", "other", "--profile", "demo", "config", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads(proc.stdout)
+    assert config["name"] == "other" and config["networks"]["default"]["name"] == "buildq"
+    assert config["services"]["worker"]["environment"]["BUILDQ_DOCKER_NETWORK"] == "buildq"
+
+
+def test_registry_host_port_is_a_variable() -> None:
+    env_port = run_compose_env({"BUILDQ_REGISTRY_PORT": "5055"}, "config", "--format", "json")
+    (port,) = json.loads(env_port)["services"]["registry"]["ports"]
+    assert (port["target"], port["published"]) == (5000, "5055")
 
 
 def test_broken_compose_file_fails(tmp_path: Path) -> None:
