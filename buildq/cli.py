@@ -1,8 +1,9 @@
-"""``buildq`` command line: worker, submit, status, cancel, logs, health, schema.
+"""``buildq`` command line: worker, submit, status, cancel, list, retry, logs, health, schema.
 
 Exit codes: 0 success; 1 the build failed or was cancelled (also a job the worker rejected after
-it was enqueued), or an unknown job; 2 invalid input or settings, before anything is enqueued
-(the reason goes to stderr); 3 timed out waiting.
+it was enqueued), an unknown job, a job that cannot be cancelled or retried, or a failed upload;
+2 invalid input or settings, before anything is enqueued (the reason goes to stderr); 3 timed
+out waiting.
 """
 
 from __future__ import annotations

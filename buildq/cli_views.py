@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 
 def ago(seconds: float | None) -> str:
@@ -123,4 +124,4 @@ def live_wait(
             record = finished(0.5)
             if record is not None:
                 return record
-            live.update(progress_line(status(), steps(), clock() - start), refresh=True)
+            live.update(Text(progress_line(status(), steps(), clock() - start)), refresh=True)

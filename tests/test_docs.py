@@ -19,7 +19,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_the_cli_docstring_names_every_command() -> None:
     commands = set(get_command(buildq.cli.app).commands)  # type: ignore[attr-defined]
-    assert len(commands) == 7
+    assert len(commands) == 9
     first_line = (buildq.cli.__doc__ or "").splitlines()[0]
     named = set(re.findall(r"[a-z]+", first_line.split(":", 1)[1]))
     assert commands <= named, commands - named
@@ -52,3 +52,9 @@ def test_the_timeout_help_gives_the_workers_limit() -> None:
     out = run_cli({}, "submit", "--help")
     assert "BUILDQ_MAX_TIMEOUT_S" in out.stdout and str(limit) in out.stdout
     assert f"`{limit}`" in README.split("`BUILDQ_DEFAULT_TIMEOUT_S` / `BUILDQ_MAX_TIMEOUT_S`", 1)[1][:40]
+
+
+def test_every_cli_option_and_argument_has_help() -> None:
+    for name, command in get_command(buildq.cli.app).commands.items():  # type: ignore[attr-defined]
+        for param in command.params:
+            assert getattr(param, "help", None), f"buildq {name}: {param.name} has no help"

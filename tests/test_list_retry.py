@@ -112,3 +112,25 @@ def test_submit_wait_progress_plain_streams_the_log(buildq_env, start_worker, co
     assert "#1 [internal] load build definition from Dockerfile" in out.stderr
     assert "attempt 1 started on" in out.stderr and "final: succeeded" in out.stderr
     assert "succeeded" in out.stdout
+
+
+def test_live_wait_draws_progress_until_the_record() -> None:
+    import io
+
+    from rich.console import Console
+
+    from buildq.cli_views import live_wait
+
+    ticks = iter([0.0, 0.0, 1.0, 2.0, 3.0, 4.0])
+    answers = iter([None, {"state": "succeeded"}])
+    console = Console(file=io.StringIO(), force_terminal=True, width=80, color_system=None)
+    record = live_wait(
+        lambda: {"state": "running", "phase": "build", "attempt": 1},
+        lambda: (1, 2, 1),
+        lambda wait_s: next(answers),
+        console,
+        timeout=None,
+        clock=lambda: next(ticks),
+    )
+    assert record == {"state": "succeeded"}
+    assert "running · phase build · step 1/2 (1 cached) · 1s" in console.file.getvalue()  # type: ignore[attr-defined]
