@@ -67,15 +67,6 @@ def url_query_values(url: str) -> list[str]:
     return values
 
 
-def mask_url(url: str) -> str:
-    """``url`` with each query parameter's value replaced by ``***`` (``?X-Amz-Signature=***``)."""
-    base, sep, query = url.partition("?")
-    if not sep:
-        return url
-    parts = [f"{p.partition('=')[0]}=***" if "=" in p else p for p in query.split("&")]
-    return f"{base}?{'&'.join(parts)}"
-
-
 def _no_control(value: str, what: str) -> str:
     if _CONTROL.search(value):
         raise ValueError(f"{what} must not contain newlines or control characters")

@@ -14,7 +14,7 @@ import pytest
 
 from buildq.engine.runner import build_request, dockerfile_dir
 from buildq.errors import InvalidJobError
-from buildq.jobs import is_remote_context, is_url_context, mask_url, parse_job, url_query_values
+from buildq.jobs import is_remote_context, is_url_context, parse_job, url_query_values
 from buildq.launchers.base import BuildPaths
 from tests.harness import client_for, free_port
 
@@ -66,7 +66,6 @@ def test_git_url_stays_git() -> None:
 def test_query_values_and_mask() -> None:
     url = f"https://b.example/ctx.tgz?X-Amz-Signature={TOKEN}&X-Amz-Expires=3600&flag"
     assert url_query_values(url) == [TOKEN, "3600", "flag"]
-    assert mask_url(url) == "https://b.example/ctx.tgz?X-Amz-Signature=***&X-Amz-Expires=***&flag"
     assert url_query_values("https://b.example/ctx.tgz") == []
     assert url_query_values("/srv/app") == []
 
