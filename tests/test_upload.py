@@ -191,3 +191,104 @@ def test_gzip_header_is_deterministic(context_dir: Path) -> None:
     data, _ = _packed(context_dir)
     assert data[4:8] == b"\0\0\0\0"  # gzip MTIME zeroed
     assert gzip.decompress(data)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class _TokenServer:
+    """A token service for the registry's ``auth: token`` (the Bearer flow): checks Basic
+    credentials, answers a JWT signed (RS256, ``openssl dgst``) with a key whose self-signed
+    certificate the registry trusts. Records the scopes asked for."""
+
+    def __init__(self, root: Path, user: str, password: str) -> None:
+        import subprocess
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlparse
+
+        self.key, self.cert = root / "key.pem", root / "cert.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
+             "-out", str(self.cert), "-subj", "/CN=buildq-test-token", "-days", "1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        der = subprocess.run(
+            ["openssl", "x509", "-in", str(self.cert), "-outform", "DER"], check=True, capture_output=True
+        ).stdout
+        self.scopes: list[str] = []
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        server_self = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                query = parse_qs(urlparse(self.path).query)
+                if self.headers.get("Authorization") != expected:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                scope = query.get("scope", [""])[0]
+                server_self.scopes.append(scope)
+                _, name, actions = scope.split(":")
+                body = json.dumps(
+                    {"token": server_self.sign(der, query["service"][0], name, actions)}
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.realm = f"http://127.0.0.1:{self.http.server_address[1]}/token"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def sign(self, der: bytes, service: str, name: str, actions: str) -> str:
+        import subprocess
+        import time as _time
+
+        now = int(_time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
+        claims = {
+            "iss": "buildq-test", "sub": "ci", "aud": service, "exp": now + 300, "nbf": now - 10,
+            "iat": now, "jti": os.urandom(8).hex(),
+            "access": [{"type": "repository", "name": name, "actions": actions.split(",")}],
+        }  # fmt: skip
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        signature = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing_input.encode(), check=True, capture_output=True,
+        ).stdout  # fmt: skip
+        return f"{signing_input}.{_b64url(signature)}"
+
+    def stop(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_bearer_token_flow_with_docker_config(context_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    tokens = _TokenServer(tmp_path, "ci", "s3cret-pass")
+    reg = Registry(
+        tmp_path / "tokenreg",
+        extra_config=(
+            f"auth:\n  token:\n    realm: {tokens.realm}\n    service: buildq-test-registry\n"
+            f"    issuer: buildq-test\n    rootcertbundle: {tokens.cert}\n"
+        ),
+    )
+    try:
+        repo = f"{reg.host}/buildq/contexts"
+        (tmp_path / "dockercfg").mkdir()
+        auth = base64.b64encode(b"ci:s3cret-pass").decode()
+        (tmp_path / "dockercfg" / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "dockercfg"))
+        first = upload_context(str(context_dir), repository=repo, insecure_registries=[reg.host])
+        again = upload_context(str(context_dir), repository=repo, insecure_registries=[reg.host])
+        assert first.sent and not again.sent
+        assert tokens.scopes and set(tokens.scopes) == {"repository:buildq/contexts:pull,push"}
+    finally:
+        reg.stop()
+        tokens.stop()
