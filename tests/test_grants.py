@@ -290,3 +290,14 @@ def test_the_context_check_resolves_the_real_filesystem(tmp_path: Path) -> None:
     os.symlink("/", tmp_path / "r" / "slash")
     with pytest.raises(InvalidJobError):
         check_context_roots(str(tmp_path / "r" / "slash"), [str(tmp_path / "r")])
+
+
+def test_worker_missing_directory_points_a_remote_producer_to_upload(tmp_path: Path) -> None:
+    with pytest.raises(InvalidJobError) as info:
+        worker_check(job(context=str(tmp_path / "missing")))
+    assert info.value.field == "context" and "buildq submit --upload" in info.value.message
+
+
+def test_worker_reads_nothing_for_url_contexts_even_with_roots() -> None:
+    url = "http://registry:5000/v2/buildq/contexts/blobs/sha256:" + "a" * 64
+    worker_check(job(context=url), context_roots=["/srv/builds"])  # no directory, no roots: accepted

@@ -40,7 +40,9 @@ def check_job_on_worker(
             raise InvalidJobError(refused, field="context")
         if not os.path.isdir(job.context):
             raise InvalidJobError(
-                f"context: {job.context!r} is not a directory on the worker", field="context"
+                f"context: {job.context!r} is not a directory on the worker "
+                "(from another machine: buildq submit --upload)",
+                field="context",
             )
         if not os.access(job.context, os.R_OK | os.X_OK):
             raise InvalidJobError(f"context: {job.context!r} is not readable by the worker", field="context")
