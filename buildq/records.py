@@ -3,8 +3,9 @@
 Shape (see the README): ``job_id``, ``state`` (succeeded | failed | cancelled), ``image``
 (``names``, ``digest``), ``cache`` (``ref``), ``started_at``, ``finished_at``, ``duration_s``,
 ``attempts`` (list), ``error`` (``kind``, ``reason``, ``message``) or null, ``phases``, ``steps``,
-``slowest_steps``. :func:`final_record` for a build that was claimed, :func:`rejected_record` for a
-job the worker found invalid, :func:`summary` for what Celery stores as the task result.
+``slowest_steps``, ``daemon`` and ``routing`` (those of the last attempt). :func:`final_record` for
+a build that was claimed, :func:`rejected_record` for a job the worker found invalid,
+:func:`summary` for what Celery stores as the task result.
 """
 
 from __future__ import annotations
@@ -35,6 +36,24 @@ class AttemptOutcome:
     first_output_at: float | None = None
     #: buildctl talked to the daemon (False: it could not dial it, or never ran)
     reached_daemon: bool = True
+    #: why this daemon: affinity | least_loaded | fallback (:func:`routing_reason`; None: no daemon)
+    routing: str | None = None
+
+
+#: the values of ``routing``
+AFFINITY, LEAST_LOADED, FALLBACK = "affinity", "least_loaded", "fallback"
+
+
+def routing_reason(preferred: str | None, chosen: str | None) -> str | None:
+    """Why ``chosen`` ran the build: ``affinity`` when it is the daemon that last built with the
+    job's cache (``preferred``), ``fallback`` when another one was taken instead (the remembered one
+    was down, stayed full past ``BUILDQ_AFFINITY_WAIT_S``, or was avoided after losing the build),
+    ``least_loaded`` when none was remembered (first build, expired, affinity off); None: no daemon."""
+    if chosen is None:
+        return None
+    if preferred is None:
+        return LEAST_LOADED
+    return AFFINITY if chosen == preferred else FALLBACK
 
 
 def iso(ts: float | None) -> str | None:
@@ -62,6 +81,7 @@ def attempt_record(attempt: AttemptOutcome, *, window_start: float, window_end: 
         "reason": failure.reason if failure else None,
         "error": failure.message if failure else None,
         "reached_daemon": attempt.reached_daemon,
+        "routing": attempt.routing,
         "window_end": window_end,
         "phases": compute_phases(
             attempt.tracker if attempt.tracker is not None else ProgressTracker(),
@@ -138,6 +158,8 @@ def final_record(
         "phases": sum_phases(attempts),
         "steps": None,
         "slowest_steps": [],
+        "daemon": (last.daemon or None) if last else None,
+        "routing": last.routing if last else None,
     }
     if last is not None and last.tracker is not None:
         record["steps"] = step_stats(last.tracker)
@@ -169,6 +191,8 @@ def rejected_record(
         "phases": None,
         "steps": None,
         "slowest_steps": [],
+        "daemon": None,
+        "routing": None,
     }
 
 

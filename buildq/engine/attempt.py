@@ -40,6 +40,8 @@ class Attempt:
     earlier: list[dict[str, Any]]
     reporter: Reporter
     released: bool = False
+    #: why ``daemon`` (affinity | least_loaded | fallback, :func:`~buildq.records.routing_reason`)
+    routing: str | None = None
 
 
 class AttemptRun:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..buildkit.backoff import backoff_delay
 from ..buildkit.classify import Failure
+from ..jobs import cache_key
 from ..records import (
     AttemptOutcome,
     attempt_record,
@@ -63,6 +64,8 @@ class AttemptEnd:
         if failure is not None and self.redactor is not None:  # buildctl's words may quote a secret
             failure = outcome.failure = replace(failure, message=self.redactor(failure.message))
         now = s.clock()
+        if outcome.daemon:
+            outcome.routing = a.routing
         record = attempt_record(outcome, window_start=a.window_start, window_end=now)
         attempts = [*a.earlier, record]
         counted = sum(1 for r in attempts if counts_as_attempt(r))
@@ -139,7 +142,11 @@ class AttemptEnd:
         """One round trip: the log's end, the result, the final state, the lease and slot given back."""
         s, a = self.service, self.attempt
         entries = log.drain(final["state"]) if log is not None else ()
-        finish(s.store, s.slots, a.job.job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries)
+        remember = cache_key(a.job) if s.settings.cache_affinity else None  # a success: its daemon
+        finish(
+            s.store, s.slots, a.job.job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries,
+            remember=remember,
+        )  # fmt: skip
         a.released = True
         a.reporter.done = True
 
