@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     #: repository patterns every tag and cache_ref must match; unset: any repository
     allowed_repositories: Annotated[Csv, AfterValidator(_repository_patterns)] = Field(default_factory=list)
 
+    #: route a build to the daemon that last built with its cache (when it is up and has room)
+    cache_affinity: bool = True
+    #: how long a build waits for that daemon when it is full before taking the least loaded one
+    affinity_wait_s: float = Field(default=2.0, ge=0, le=600)
+
     @classmethod
     def settings_customise_sources(
         cls,

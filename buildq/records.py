@@ -7,6 +7,7 @@ state has ``job_id``, ``state``, ``phase``, ``attempt``, ``worker``, ``daemon``,
 ``slowest_steps``. :func:`final_record` for a build that was claimed, :func:`rejected_record` for a
 job the worker found invalid, :func:`job_status` for what a reader gets in any state (from the job
 hash or the stored record), :func:`summary` for what Celery stores as the task result.
+The record's ``daemon`` and ``routing`` are those of the last attempt.
 Nothing internal is in a record; :func:`redact_strings` masks secrets in one before it is written.
 """
 
@@ -40,6 +41,24 @@ class AttemptOutcome:
     first_output_at: float | None = None
     #: buildctl talked to the daemon (False: it could not dial it, or never ran)
     reached_daemon: bool = True
+    #: why this daemon: affinity | least_loaded | fallback (:func:`routing_reason`; None: no daemon)
+    routing: str | None = None
+
+
+#: the values of ``routing``
+AFFINITY, LEAST_LOADED, FALLBACK = "affinity", "least_loaded", "fallback"
+
+
+def routing_reason(preferred: str | None, chosen: str | None) -> str | None:
+    """Why ``chosen`` ran the build: ``affinity`` when it is the daemon that last built with the
+    job's cache (``preferred``), ``fallback`` when another one was taken instead (the remembered one
+    was down, stayed full past ``BUILDQ_AFFINITY_WAIT_S``, or was avoided after losing the build),
+    ``least_loaded`` when none was remembered (first build, expired, affinity off); None: no daemon."""
+    if chosen is None:
+        return None
+    if preferred is None:
+        return LEAST_LOADED
+    return AFFINITY if chosen == preferred else FALLBACK
 
 
 def iso(ts: float | None) -> str | None:
@@ -89,6 +108,7 @@ def attempt_record(attempt: AttemptOutcome, *, window_start: float, window_end: 
         "reason": failure.reason if failure else None,
         "error": failure.message if failure else None,
         "reached_daemon": attempt.reached_daemon,
+        "routing": attempt.routing,
         "phases": compute_phases(
             attempt.tracker if attempt.tracker is not None else ProgressTracker(),
             enqueued_at=window_start,
@@ -175,7 +195,9 @@ def final_record(
     started_ts = epoch(first_started) or finished_at
     ev = cache if cache is not None else build_cache_evidence(job, last, state)
     record: dict[str, Any] = {
-        **_common(job.job_id, state, "done", len(attempts) or None, worker, last.daemon if last else None),
+        **_common(
+            job.job_id, state, "done", len(attempts) or None, worker, (last.daemon or None) if last else None
+        ),
         "enqueued_at": iso(enqueued_at),
         "started_at": first_started,
         "finished_at": iso(finished_at),
@@ -197,6 +219,7 @@ def final_record(
         "phases": sum_phases(attempts),
         "steps": None,
         "slowest_steps": [],
+        "routing": last.routing if last else None,
     }
     if last is not None and last.tracker is not None:
         record["steps"] = step_stats(last.tracker)
@@ -228,6 +251,8 @@ def rejected_record(
         "phases": None,
         "steps": None,
         "slowest_steps": [],
+        "daemon": None,
+        "routing": None,
     }
 
 
@@ -263,7 +288,8 @@ def public_record(record: Mapping[str, Any]) -> dict[str, Any]:
         record.get("worker"),
         record.get("daemon", last.get("daemon")),
     )
-    return {**common, **{k: v for k, v in record.items() if k not in common}, "attempts": attempts}
+    rest = {k: v for k, v in record.items() if k not in common}
+    return {**common, "routing": None, **rest, "attempts": attempts}
 
 
 _PENDING_STATES = ("queued", "running")

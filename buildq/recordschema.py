@@ -23,6 +23,9 @@ PENDING_STATES = ("queued", "running", "unknown")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
 
 
+Routing = Literal["affinity", "least_loaded", "fallback"] | None
+
+
 class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -72,6 +75,7 @@ class Attempt(_Closed):
     reached_daemon: bool = Field(
         default=True, description="false: buildctl could not dial the daemon (not counted as an attempt)"
     )
+    routing: Routing = Field(default=None, description="why this daemon (null: no daemon was chosen)")
     phases: Phases
 
 
@@ -127,6 +131,7 @@ class FinishedRecord(_Common):
     phases: Phases | None
     steps: Steps | None
     slowest_steps: list[SlowStep]
+    routing: Routing = Field(default=None, description="why the last attempt's daemon (cache affinity)")
 
 
 JobRecord = Annotated[PendingRecord | FinishedRecord, Field(discriminator="state")]

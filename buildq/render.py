@@ -65,6 +65,9 @@ def render_record(record: dict[str, Any], console: Console | None = None) -> Non
         summary.add_row("cache", f"[yellow]not exported[/]: {escape(cache['error'])}")
     if record.get("duration_s") is not None:
         summary.add_row("duration", f"{record['duration_s']:.3f}s")
+    if record.get("daemon"):  # which daemon ran it and why (cache affinity, least loaded, fallback)
+        routing = f" ({record['routing']})" if record.get("routing") else ""
+        summary.add_row("daemon", f"{record['daemon']}{routing}")
     attempts = record.get("attempts") or []
     if attempts:
         summary.add_row(

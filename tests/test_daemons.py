@@ -19,7 +19,7 @@ import redis
 from buildq.buildkit.classify import classify_failure
 from buildq.buildkit.progress import ProgressTracker
 from buildq.engine.daemonwatch import DaemonWatch
-from buildq.engine.unavailable import unavailable_message
+from buildq.engine.unavailable import give_up_text
 from buildq.launchers.local import LocalLauncher
 from buildq.records import counts_as_attempt, unreached_since
 from buildq.store.claim import claim
@@ -80,7 +80,7 @@ def test_attempts_that_never_reached_a_daemon_do_not_count() -> None:
 
 def test_the_give_up_message_names_each_down_daemon() -> None:
     states = [DaemonState(A, False, 100.0, "connect: connection refused"), DaemonState(B, True, None, None)]
-    text = unavailable_message(states, 600, 712.0)
+    text = give_up_text(states, 600, 712.0)
     assert text == (
         "no BuildKit daemon answered within BUILDQ_DAEMON_WAIT_S=600s: "
         "tcp://127.0.0.1:1234 down for 612s (connect: connection refused)"

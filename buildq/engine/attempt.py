@@ -48,6 +48,9 @@ class Attempt:
         first = epoch(self.earlier[0].get("started_at")) if self.earlier else None
         return first or self.started_at
 
+    #: why ``daemon`` (affinity | least_loaded | fallback, :func:`~buildq.records.routing_reason`)
+    routing: str | None = None
+
 
 class AttemptRun:
     """Runs one :class:`Attempt` with the process's runtime (``service``)."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..buildkit.backoff import backoff_delay
 from ..buildkit.classify import Failure
+from ..jobs import cache_key
 from ..records import (
     AttemptOutcome,
     attempt_record,
@@ -65,6 +66,8 @@ class AttemptEnd:
         if failure is not None and self.redactor is not None:  # buildctl's words may quote a secret
             failure = outcome.failure = replace(failure, message=self.redactor(failure.message))
         now = s.clock()
+        if outcome.daemon:
+            outcome.routing = a.routing
         # secrets are masked wherever a record goes: the result, the retry message, Celery's result
         record = self._redact(attempt_record(outcome, window_start=a.window_start, window_end=now))
         attempts = [*a.earlier, record]
@@ -75,8 +78,7 @@ class AttemptEnd:
             self._daemon_down(outcome.daemon, failure.message)
         if uncounted and now - (unreached_since(attempts) or now) >= s.settings.daemon_wait_s:
             # no daemon could be dialled for BUILDQ_DAEMON_WAIT_S: give up, naming them
-            states = s.daemons.states(s.settings.daemons) if s.daemons is not None else []
-            message = unavailable_message(states, s.settings.daemon_wait_s, now)
+            message = unavailable_message(s.daemons, s.settings, now)
             if log is not None:
                 log.close()
             return self.give_up("daemon_unavailable", message, attempts)
@@ -147,9 +149,11 @@ class AttemptEnd:
         """One round trip: the log's end, the result, the final state, the lease and slot given back."""
         s, a = self.service, self.attempt
         entries = log.drain(final["state"]) if log is not None else ()
+        remember = cache_key(a.job) if s.settings.cache_affinity else None  # a success: its daemon
         stored = finish(
-            s.store, s.slots, a.job.job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries
-        )
+            s.store, s.slots, a.job.job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries,
+            remember=remember,
+        )  # fmt: skip
         a.released = True
         a.reporter.done = True
         if not stored:  # a stale holder: another delivery owns the job, its record stands

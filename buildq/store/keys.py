@@ -15,6 +15,8 @@
 - ``daemons:down``  hash daemon -> epoch seconds it went down (the open circuit breakers)
 - ``daemons:up``    hash daemon -> epoch seconds it came back; ``daemons:error`` daemon -> last error
 - ``daemons:probe:<daemon>`` the lock of the one probe of a down daemon (expires)
+- ``affinity:<cache key>`` the daemon whose last successful build used this cache
+                    (:func:`buildq.jobs.cache_key`); expires after ``BUILDQ_RESULT_TTL_S``
 
 Kombu's Redis transport keeps delivered, unacknowledged messages in ``unacked`` (hash) and their
 delivery times in ``unacked_index`` (sorted set); the janitor reads them.
@@ -62,6 +64,11 @@ def log_key(job_id: str) -> str:
 def slot_key(daemon: str) -> str:
     """The sorted set holding ``daemon``'s build slots."""
     return SLOTS_PREFIX + daemon
+
+
+def affinity_key(cache_key: str) -> str:
+    """The daemon that last built with this cache (cache-affinity routing)."""
+    return f"{PREFIX}affinity:{cache_key}"
 
 
 def daemon_probe_key(daemon: str) -> str:

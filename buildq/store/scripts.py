@@ -15,7 +15,7 @@ LUA_DIR = Path(__file__).with_name("lua")
 
 #: scripts made of several files, in order
 PARTS: dict[str, tuple[str, ...]] = {
-    "claim": ("prelude", "acquire_any_fn", "claim"),
+    "claim": ("prelude", "acquire_any_fn", "affinity_fn", "claim"),
     "acquire_any": ("prelude", "acquire_any_fn", "acquire_any"),
     "renew_slot": ("prelude", "renew_slot"),
 }
