@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     #: repository patterns every tag and cache_ref must match; unset: any repository
     allowed_repositories: Annotated[Csv, AfterValidator(_repository_patterns)] = Field(default_factory=list)
 
+    #: how many of a repository's last successful builds a build's phases are compared with
+    baseline_n: int = Field(default=50, ge=5, le=1000)
+
     @classmethod
     def settings_customise_sources(
         cls,

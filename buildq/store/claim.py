@@ -7,8 +7,8 @@ buildctl behind), drops the janitor's copy of the message, reads the cancel flag
 slot (the least loaded daemon under its cap). The rare paths (lease held elsewhere, every daemon
 full) fall back to polling. :class:`Holder` renews the lease and the slot and watches the cancel
 flag while buildctl runs. :func:`finish` is the other end, also one script: the log's last
-entries, the result record, the job's final state, the lease and slot given back, and the
-"done" notice, all at once.
+entries, the result record, the job's final state, the lease and slot given back, the build's
+entry in its repository's baseline, and the "done" notice, all at once.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .baseline import BASELINE_TTL_S, BaselineWrite
 from .jobs import JobStore
 from .keys import (
     DAEMONS_DOWN,
@@ -114,16 +115,19 @@ def finish(
     *,
     logs: LogStore | None = None,
     log_entries: Sequence[Entry] = (),
+    baseline: BaselineWrite | None = None,
 ) -> None:
     """Store the final ``record`` and end the claim, atomically, in one round trip.
 
     Appends ``log_entries`` to the job's log stream (capped and expiring as ``logs`` says), stores
     the record and the job's final state, gives back the daemon slot and the lease (only while
-    still ours), and publishes the state on the job's "done" channel. A reader who sees the
-    record therefore also sees the whole log and the lease gone.
+    still ours), adds ``baseline``'s entry to its repository's baseline, and publishes the state
+    on the job's "done" channel. A reader who sees the record therefore also sees the whole log
+    and the lease gone.
     """
     slot_key = slots.key(daemon) if slots is not None and daemon is not None else ""
     keys = [result_key(job_id), job_key(job_id), log_key(job_id), lease_key(job_id), slot_key]
+    keys.append(baseline.key if baseline is not None else "")
     state = record["state"]
     args: list[Any] = [
         json.dumps(record, separators=(",", ":")),
@@ -134,6 +138,9 @@ def finish(
         1 if slot_key else 0,
         logs.maxlen if logs is not None else 0,
         logs.ttl_s if logs is not None else 0,
+        baseline.entry if baseline is not None else "",
+        baseline.n if baseline is not None else 0,
+        BASELINE_TTL_S,
     ]
     if logs is not None:
         for attempt, kind, line in log_entries:

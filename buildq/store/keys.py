@@ -13,6 +13,8 @@
 - ``daemons:down``  hash daemon -> epoch seconds it went down (the open circuit breakers)
 - ``daemons:up``    hash daemon -> epoch seconds it came back; ``daemons:error`` daemon -> last error
 - ``daemons:probe:<daemon>`` the lock of the one probe of a down daemon (expires)
+- ``baseline:<cache key>`` list, newest first: the phases of a repository's last successful
+                    builds (see :mod:`buildq.store.baseline`)
 
 Kombu's Redis transport keeps delivered, unacknowledged messages in ``unacked`` (hash) and their
 delivery times in ``unacked_index`` (sorted set); the janitor reads them.
@@ -65,3 +67,8 @@ def slot_key(daemon: str) -> str:
 def daemon_probe_key(daemon: str) -> str:
     """The lock held while one worker probes a down daemon."""
     return f"{PREFIX}daemons:probe:{daemon}"
+
+
+def baseline_key(cache_key: str) -> str:
+    """The list of the phases of the last successful builds of ``cache_key``'s repository."""
+    return f"{PREFIX}baseline:{cache_key}"
