@@ -182,6 +182,12 @@ class BuildJob(BaseModel):
         return self.model_dump(mode="json")
 
 
+def cache_key(job: BuildJob) -> str:
+    """The job's repository as builds of the same code share it: its ``cache_ref`` (which
+    :class:`BuildJob` fills as ``<repository of the first tag>:buildcache`` when absent)."""
+    return job.cache_ref or f"{parse_reference(job.tags[0]).repository}:buildcache"
+
+
 def _field_name(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
     for item in loc:
