@@ -3,8 +3,9 @@
 Shape (see the README): ``job_id``, ``state`` (succeeded | failed | cancelled), ``image``
 (``names``, ``digest``), ``cache`` (``ref``), ``started_at``, ``finished_at``, ``duration_s``,
 ``attempts`` (list), ``error`` (``kind``, ``reason``, ``message``) or null, ``phases``, ``steps``,
-``slowest_steps``. :func:`final_record` for a build that was claimed, :func:`rejected_record` for a
-job the worker found invalid, :func:`summary` for what Celery stores as the task result.
+``slowest_steps``, ``explain`` (filled in by the engine, see :mod:`buildq.explain`).
+:func:`final_record` for a build that was claimed, :func:`rejected_record` for a job the worker
+found invalid, :func:`summary` for what Celery stores as the task result.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def final_record(
         "phases": sum_phases(attempts),
         "steps": None,
         "slowest_steps": [],
+        "explain": None,
     }
     if last is not None and last.tracker is not None:
         record["steps"] = step_stats(last.tracker)
@@ -169,6 +171,7 @@ def rejected_record(
         "phases": None,
         "steps": None,
         "slowest_steps": [],
+        "explain": None,
     }
 
 

@@ -12,6 +12,7 @@ Metrics:
 - ``buildq_build_steps_total{kind}``: cached | executed Dockerfile steps
 - ``buildq_builds_in_progress``: attempts running now (summed over live processes)
 - ``buildq_daemon_up{daemon}``: 1 while the daemon answers, 0 while its circuit breaker is open
+- ``buildq_slow_phases_total{phase}``: phases the record's ``explain`` flagged (``step`` for a step)
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class BuildMetrics:
             "buildq_build_attempts_total", "Build attempts", ["outcome", "reason"], **kwargs
         )
         self.steps = Counter("buildq_build_steps_total", "Dockerfile steps", ["kind"], **kwargs)
+        self.slow_phases = Counter(
+            "buildq_slow_phases_total", "Phases flagged as unusually slow", ["phase"], **kwargs
+        )
         self.in_progress = Gauge(
             "buildq_builds_in_progress", "Build attempts running", multiprocess_mode="livesum", **kwargs
         )
@@ -103,6 +107,8 @@ class BuildMetrics:
             self.steps.labels(kind="cached").inc(steps["cached"])
         if steps.get("executed"):
             self.steps.labels(kind="executed").inc(steps["executed"])
+        for flag in (record.get("explain") or {}).get("flagged") or ():
+            self.slow_phases.labels(phase=flag["phase"]).inc()
 
 
 class NoMetrics:
