@@ -19,6 +19,8 @@ from .keys import baseline_key
 
 #: a repository not built for this long loses its baseline (renewed by every successful build)
 BASELINE_TTL_S = 30 * 24 * 3600
+#: made once (``json.dumps`` with options makes an encoder per call)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ def baseline_write(cache_key: str, entry: dict[str, Any] | None, n: int) -> Base
     """The write for ``entry`` (None: nothing to add)."""
     if entry is None:
         return None
-    return BaselineWrite(baseline_key(cache_key), json.dumps(entry, separators=(",", ":")).encode(), n)
+    return BaselineWrite(baseline_key(cache_key), _encode(entry).encode(), n)
 
 
 def read_baseline(client: Any, cache_key: str, n: int) -> list[dict[str, Any]]:
