@@ -6,9 +6,8 @@ other outcome becomes the final record, stored with the log's end and the claim 
 round trip (:func:`~buildq.store.claim.finish`). The record's ``explain`` compares its phases with
 the repository's baseline (:mod:`buildq.explain`), read first only when a phase or step took long
 enough to be flagged; a build that succeeded in one attempt joins the baseline in that round trip.
-A daemon that could not be dialled has its
-circuit breaker opened here. :meth:`AttemptEnd.give_up` and
-:meth:`AttemptEnd.cancelled_before_start` end a job that never ran.
+A daemon that could not be dialled has its circuit breaker opened here. :meth:`AttemptEnd.give_up`
+and :meth:`AttemptEnd.cancelled_before_start` end a job that never ran.
 """
 
 from __future__ import annotations
