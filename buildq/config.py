@@ -164,6 +164,8 @@ class Settings(BaseSettings):
     cache_affinity: bool = True
     #: how long a build waits for that daemon when it is full before taking the least loaded one
     affinity_wait_s: float = Field(default=2.0, ge=0, le=600)
+    #: how many of a repository's last successful builds a build's phases are compared with
+    baseline_n: int = Field(default=50, ge=5, le=1000)
 
     @classmethod
     def settings_customise_sources(

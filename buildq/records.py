@@ -7,7 +7,8 @@ state has ``job_id``, ``state``, ``phase``, ``attempt``, ``worker``, ``daemon``,
 ``slowest_steps``. :func:`final_record` for a build that was claimed, :func:`rejected_record` for a
 job the worker found invalid, :func:`job_status` for what a reader gets in any state (from the job
 hash or the stored record), :func:`summary` for what Celery stores as the task result.
-The record's ``daemon`` and ``routing`` are those of the last attempt.
+The record's ``daemon`` and ``routing`` are those of the last attempt; ``explain`` is filled in by
+the engine (:mod:`buildq.explain`).
 Nothing internal is in a record; :func:`redact_strings` masks secrets in one before it is written.
 """
 
@@ -220,6 +221,7 @@ def final_record(
         "steps": None,
         "slowest_steps": [],
         "routing": last.routing if last else None,
+        "explain": None,
     }
     if last is not None and last.tracker is not None:
         record["steps"] = step_stats(last.tracker)
@@ -253,6 +255,7 @@ def rejected_record(
         "slowest_steps": [],
         "daemon": None,
         "routing": None,
+        "explain": None,
     }
 
 
@@ -289,7 +292,7 @@ def public_record(record: Mapping[str, Any]) -> dict[str, Any]:
         record.get("daemon", last.get("daemon")),
     )
     rest = {k: v for k, v in record.items() if k not in common}
-    return {**common, "routing": None, **rest, "attempts": attempts}
+    return {**common, "routing": None, "explain": None, **rest, "attempts": attempts}
 
 
 _PENDING_STATES = ("queued", "running")

@@ -16,6 +16,7 @@ Metrics:
 - ``buildq_daemon_up{daemon}``: 1 while the daemon answers, 0 while its circuit breaker is open
 - ``buildq_routing_total{reason}``: attempts launched on a daemon, by why that daemon
   (affinity | least_loaded | fallback)
+- ``buildq_slow_phases_total{phase}``: phases the record's ``explain`` flagged (``step`` for a step)
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class BuildMetrics:
         self.routing = Counter(
             "buildq_routing", "Attempts launched on a daemon, by why that daemon", ["reason"], **kwargs
         )
+        self.slow_phases = Counter(
+            "buildq_slow_phases_total", "Phases flagged as unusually slow", ["phase"], **kwargs
+        )
         self.in_progress = Gauge(
             "buildq_builds_in_progress", "Build attempts running", multiprocess_mode="livesum", **kwargs
         )
@@ -116,6 +120,8 @@ class BuildMetrics:
             self.steps.labels(kind="cached").inc(steps["cached"])
         if steps.get("executed"):
             self.steps.labels(kind="executed").inc(steps["executed"])
+        for flag in (record.get("explain") or {}).get("flagged") or ():
+            self.slow_phases.labels(phase=flag["phase"]).inc()
 
     def cache_export(self, outcome: str) -> None:
         """Count one build's cache export: exported | failed | skipped."""

@@ -10,8 +10,8 @@ affinity, ``affinity:<cache key>``), else on the least loaded daemon under its c
 :class:`Holder` renews the lease and the slot and watches the cancel flag while buildctl runs.
 :func:`finish` is the other end, also one script: the log's last
 entries, the result record, the job's final state, the lease and slot given back, and the
-"done" notice, all at once, and for a build that succeeded the daemon it ran on, remembered for
-its cache.
+"done" notice, all at once; for a build that succeeded also the daemon it ran on, remembered for
+its cache, and its entry in its repository's baseline.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .baseline import BASELINE_TTL_S, BaselineWrite
 from .jobs import JobStore
 from .keys import (
     DAEMONS_DOWN,
@@ -140,22 +141,25 @@ def finish(
     log_entries: Sequence[Entry] = (),
     remember: str | None = None,
     remember_ttl_s: int | None = None,
+    baseline: BaselineWrite | None = None,
 ) -> bool:
     """Store the final ``record`` and end the claim, atomically, in one round trip; False (nothing
     written) when the lease is another delivery's, or expired and the job already has a result.
 
     Appends ``log_entries`` to the job's log stream (capped and expiring as ``logs`` says), stores
     the record and the job's final state, gives back the daemon slot and the lease (only while
-    still ours), and publishes the state on the job's "done" channel. A reader who sees the
-    record therefore also sees the whole log and the lease gone. With ``remember`` (a cache key)
-    and a record that ``succeeded`` on ``daemon``, that daemon is remembered for the key for
-    ``remember_ttl_s`` (default: the result TTL), so the next build with that cache goes there.
+    still ours), adds ``baseline``'s entry to its repository's baseline, and publishes the state
+    on the job's "done" channel. A reader who sees the record therefore also sees the whole log and
+    the lease gone. With ``remember`` (a cache key) and a record that ``succeeded`` on ``daemon``,
+    that daemon is remembered for the key for ``remember_ttl_s`` (default: the result TTL), so the
+    next build with that cache goes there.
     """
     slot_key = slots.key(daemon) if slots is not None and daemon is not None else ""
     keys = [result_key(job_id), job_key(job_id), log_key(job_id), lease_key(job_id), slot_key, QUEUED_INDEX]
     state = record["state"]
     remembered = daemon if remember is not None and daemon and state == "succeeded" else ""
     keys.append(affinity_key(remember) if remember is not None and remembered else "")
+    keys.append(baseline.key if baseline is not None else "")
     args: list[Any] = [
         json.dumps(record, separators=(",", ":")),
         state,
@@ -168,6 +172,9 @@ def finish(
         job_id,
         remembered,
         remember_ttl_s or store.result_ttl_s,
+        baseline.entry if baseline is not None else "",
+        baseline.n if baseline is not None else 0,
+        BASELINE_TTL_S,
     ]
     if logs is not None:
         for attempt, kind, line in log_entries:
