@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     log_stream_maxlen: int = Field(default=20000, ge=100)
     log_stream_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
 
+    #: absolute directories under which local build contexts live (comma separated); the docker
+    #: launcher's warm container mounts each read-only at the same path
+    context_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: docker launcher: one warm buildctl container per worker process (false: one per build)
+    docker_warm: bool = True
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -116,7 +122,12 @@ class Settings(BaseSettings):
         return init_settings, _MappingEnvSource(settings_cls, _ENVIRON.get())
 
     @field_validator(
-        "buildkit_hosts", "insecure_registries", "transient_patterns", "redact_env", mode="before"
+        "buildkit_hosts",
+        "insecure_registries",
+        "transient_patterns",
+        "redact_env",
+        "context_roots",
+        mode="before",
     )
     @classmethod
     def _csv(cls, value: object) -> object:
@@ -133,6 +144,14 @@ class Settings(BaseSettings):
             except re.error as exc:
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
         return patterns
+
+    @field_validator("context_roots")
+    @classmethod
+    def _absolute(cls, roots: list[str]) -> list[str]:
+        for root in roots:
+            if not root.startswith("/"):
+                raise ValueError(f"{root!r} is not an absolute path")
+        return roots
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:

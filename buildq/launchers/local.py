@@ -18,7 +18,7 @@ import signal
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,9 @@ class LocalLauncher(Launcher):
         self._count = 0
         self._base_env: dict[bytes, bytes] | None = None
 
-    def prepare(self, job_id: str, context_dir: str | None, dockerfile_dir: str | None) -> BuildPaths:
+    def prepare(
+        self, job_id: str, context_dir: str | None, dockerfile_dir: str | None, secret_ids: Sequence[str] = ()
+    ) -> BuildPaths:
         # one private scratch directory per process, made once; one metadata file per build in it
         if self._scratch is None or self._scratch_pid != os.getpid():
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -177,11 +179,11 @@ class LocalLauncher(Launcher):
             path.unlink(missing_ok=True)
 
 
-def default_state_dir(shm: str = "/dev/shm") -> str:
-    """``<shm>/buildq-local`` when ``shm`` is a writable directory, else ``<tmp>/buildq-local``."""
+def default_state_dir(shm: str = "/dev/shm", name: str = "buildq-local") -> str:
+    """``<shm>/<name>`` when ``shm`` is a writable directory, else ``<tmp>/<name>``."""
     if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
-        return os.path.join(shm, "buildq-local")
-    return os.path.join(tempfile.gettempdir(), "buildq-local")
+        return os.path.join(shm, name)
+    return os.path.join(tempfile.gettempdir(), name)
 
 
 def _runs(pid: int, exe: str) -> bool:
