@@ -218,6 +218,7 @@ def _open(engine: Engine, spec: BoxSpec, image_id: str, host_dir: str | None) ->
         try:
             ready = _shared_folder(host_dir, token)
         except OSError as exc:
+            shutil.rmtree(host_dir, ignore_errors=True)
             raise NotShared(f"cannot prepare {host_dir}: {exc}") from exc
         mounts.append(docker.types.Mount(RUN_DIR, host_dir, type="bind"))
     tmpfs = None if host_dir is not None else {RUN_DIR: "mode=0700"}

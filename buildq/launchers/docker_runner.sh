@@ -28,7 +28,7 @@ stop() {
     for d in "$R"/b/$1; do
         [ -d "$d" ] || continue
         : >"$d/killed"
-        [ ! -f "$d/pid" ] || { p=$(cat "$d/pid") && kill -9 -- "-$p" "$p"; } 2>/dev/null
+        [ ! -f "$d/pid" ] || [ -e "$d/rc" ] || { p=$(cat "$d/pid") && kill -9 -- "-$p" "$p"; } 2>/dev/null
     done
     return 0
 }
