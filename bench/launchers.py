@@ -208,12 +208,15 @@ def main() -> None:
         print(f"{what}: {args.rounds} rounds, sides in turn, {args.warmup} warm-up builds each; "
               f"docker side channel: {channel}")  # fmt: skip
         base = statistics.median(times["local"]) if "local" in times else None
-        print(f"{'side':16} {'median s':>9} {'p90 s':>8} {'min s':>8} {'/ local':>8}")
+        print(f"{'side':16} {'median s':>9} {'p90 s':>8} {'min s':>8} {'/ local':>8} {'paired':>8}")
         for side in sides:
             t = sorted(times[side])
             med = statistics.median(t)
             ratio = f"{med / base:8.2f}" if base else ""
-            print(f"{side:16} {med:9.4f} {t[int(0.9 * (len(t) - 1))]:8.4f} {t[0]:8.4f} {ratio}")
+            # the median of this side's time over local's in the same round (same load)
+            pairs = [a / b for a, b in zip(times[side], times["local"], strict=True)] if base else []
+            paired = f"{statistics.median(pairs):8.2f}" if pairs else ""
+            print(f"{side:16} {med:9.4f} {t[int(0.9 * (len(t) - 1))]:8.4f} {t[0]:8.4f} {ratio} {paired}")
     finally:
         for launcher in locals().get("launchers", {}).values():
             if isinstance(launcher, DockerLauncher):

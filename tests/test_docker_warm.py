@@ -221,6 +221,28 @@ def test_an_attempt_whose_container_dies_fails_transient(docker_launcher, docker
     assert "ended during the build" in outcome.failure.message
 
 
+@pytest.mark.docker
+def test_a_time_limit_kills_the_build_not_the_warm_container(docker_launcher, docker_api, context_dir):
+    launcher = docker_launcher()
+    job = parse_job(
+        {"context": str(context_dir), "tags": ["127.0.0.1:5000/demo/app:1"], "timeout_s": 1,
+         "build_args": {"STANDIN_SCENARIO": scenario_json(hang(after_lines=2))}}
+    )  # fmt: skip
+    outcome = run_attempt(
+        job, number=1, launcher=launcher, daemon="tcp://127.0.0.1:1234", insecure_registries=[], environ={},
+        timeout_s=1, ticker=Ticker(0.25),
+    )  # fmt: skip
+    assert outcome.outcome == "timeout" and outcome.exit_code == 137
+    box = launcher.warm.box
+    assert docker_api.inspect_container(box.id)["State"]["Running"] is True
+    plain = parse_job({"context": str(context_dir), "tags": ["127.0.0.1:5000/demo/app:1"]})
+    again = run_attempt(
+        plain, number=1, launcher=launcher, daemon="tcp://127.0.0.1:1234", insecure_registries=[], environ={},
+        timeout_s=60, ticker=Ticker(0.25),
+    )  # fmt: skip
+    assert again.outcome == "succeeded" and launcher.warm.box is box
+
+
 # ---- through a worker -------------------------------------------------------------------------
 
 

@@ -6,8 +6,9 @@
 #                       shared with the worker: the fast channel) it also serves the lines written to
 #                       ctl: "run <run>" starts b/<run>/cmd (which exports the environment and sets
 #                       the arguments) with stderr to the FIFO b/<run>/err and the exit status to
-#                       b/<run>/rc; "kill <run>" kills that build. Readiness: the token file is
-#                       copied into the FIFO ready.
+#                       b/<run>/rc (written before err closes: the worker reads it at end of file);
+#                       "kill <run>" kills that build. Readiness: the token file is copied into the
+#                       FIFO ready.
 #   exec <run> <s> ARGS The exec channel: buildctl ARGS with stderr inherited; s=1: the secret files
 #                       first come as a tar on stdin. Prints "rc <status>" and then the metadata
 #                       file on stdout, and removes b/<run>.
@@ -42,7 +43,7 @@ serve)
                 exec 3<&- 2>"$R/b/$id/err"
                 . "$R/b/$id/cmd"
                 launch "$R/b/$id" "$@"
-                echo $? >"$R/b/$id/rc.tmp" && mv "$R/b/$id/rc.tmp" "$R/b/$id/rc"
+                echo $? >"$R/b/$id/rc"
             ) & ;;
             kill) stop "$id" ;;
             esac
