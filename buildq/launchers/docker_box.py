@@ -155,8 +155,9 @@ class RunnerContainer:
 
     def send(self, line: str) -> None:
         """Write one request line to the ``ctl`` FIFO (ContainerGone when nobody reads it)."""
-        assert self.ctl is not None
         try:
+            if self.ctl is None:
+                raise BrokenPipeError("closed")
             os.write(self.ctl, line.encode())
         except OSError as exc:  # EPIPE: the runner, and so the container, has ended
             self.dead = True
@@ -182,8 +183,9 @@ class RunnerContainer:
         self.closed = True
         if self.attach is not None:
             hangup(self.attach)
-        if self.ctl is not None:
-            os.close(self.ctl)
+        ctl, self.ctl = self.ctl, None
+        if ctl is not None:
+            os.close(ctl)
         try:
             self.engine.api().remove_container(self.id, v=True, force=True)
         except Exception:  # noqa: BLE001 - gone already, or the engine is: the reaper catches leftovers
