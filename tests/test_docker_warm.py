@@ -272,3 +272,6 @@ def test_builds_through_a_worker_share_its_warm_containers(
     worker.stop()
     assert wait_until(lambda: not [c for c in labelled(docker_api, "buildq.warm=true") if c["Id"] in
                                    {w["Id"] for w in warm}], timeout=30)  # fmt: skip
+    # each pool process removed its container and its folder in /dev/shm as it stopped
+    folders = [n for n in os.listdir("/dev/shm/buildq-docker") if any(f"-{pid}-" in n for pid in pool)]
+    assert folders == []

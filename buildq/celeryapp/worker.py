@@ -76,6 +76,12 @@ class WorkerRuntime:
         if events is not None:
             events.flush()
 
+    def close_launcher(self) -> None:
+        """Release this process's launcher (the docker launcher's warm container): it is stopping."""
+        service = self._service.made_here()
+        if service is not None:
+            service.launcher.close()
+
 
 def create_worker_app(settings: Settings) -> Celery:
     """The app with ``buildq.build`` registered and this worker's runtime attached."""
@@ -119,6 +125,7 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
 
     def on_process_shutdown(pid: int | None = None, **_: object) -> None:
         runtime.flush_events()  # phase events still buffered
+        runtime.close_launcher()
         mark_process_dead(pid or os.getpid())
 
     def on_shutting_down(sig: str = "", how: str = "", exitcode: int = 0, **_: object) -> None:

@@ -102,3 +102,6 @@ class Launcher(abc.ABC):
 
     def kill_orphan(self, job_id: str) -> None:  # noqa: B027 - optional hook
         """Kill and remove the leftover buildctl for ``job_id`` (no-op by default)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the launcher keeps between builds (the process is ending; no-op by default)."""
