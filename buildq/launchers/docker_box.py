@@ -21,7 +21,7 @@ import select
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -205,6 +205,8 @@ def open_runner(engine: Engine, spec: BoxSpec, *, channel: str, state_dir: str) 
                 message = f"the fifo channel cannot be used: {exc}"
                 raise PermanentBuildError(message, reason="docker_rejected") from exc
             log.info("docker launcher: exec channel (%s)", exc)
+            # a new name: the engine may still be removing the first container under the old one
+            spec = replace(spec, name=spec.name + "-x")
     return _open(engine, spec, image_id, None)
 
 
