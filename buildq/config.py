@@ -166,6 +166,8 @@ class Settings(BaseSettings):
     affinity_wait_s: float = Field(default=2.0, ge=0, le=600)
     #: how many of a repository's last successful builds a build's phases are compared with
     baseline_n: int = Field(default=50, ge=5, le=1000)
+    #: docker launcher: one warm buildctl container per worker process (false: one per build)
+    docker_warm: bool = True
 
     @classmethod
     def settings_customise_sources(

@@ -30,6 +30,7 @@ EXPECTED_WORKER_ENV = {
     "BUILDQ_INSECURE_REGISTRIES": "registry:5000",
     "BUILDQ_DOCKER_NETWORK": "buildq_default",
     "BUILDQ_METRICS_PORT": "9108",
+    "BUILDQ_CONTEXT_ROOTS": str(ROOT / "examples"),
 }
 
 
@@ -146,6 +147,7 @@ def test_worker_env_is_exact_and_valid_settings(rendered: dict[str, Any]) -> Non
     assert settings.insecure_registries == ["registry:5000"]
     assert settings.docker_network == rendered["networks"]["default"]["name"]
     assert settings.metrics_port == 9108
+    assert settings.context_roots == [str(ROOT / "examples")]
 
 
 def test_worker_is_scalable(rendered: dict[str, Any]) -> None:
@@ -163,7 +165,9 @@ def test_worker_mounts(rendered: dict[str, Any]) -> None:
     examples = binds[str(ROOT / "examples")]
     assert examples["source"] == examples["target"]
     assert examples["read_only"] is True
-    # the metadata file is read back from the buildctl container, not through a shared folder
+    # the warm containers' folders: the same host path in the worker and for the engine
+    shared = binds["/dev/shm/buildq-docker"]
+    assert shared["source"] == shared["target"] and not shared.get("read_only")
     assert "TMPDIR" not in worker["environment"]
 
 
