@@ -285,3 +285,20 @@ def test_hello_context_needs_no_base_image() -> None:
             assert (hello / src).is_file(), src
             assert (hello / src).stat().st_size < 4096
     assert {kw for kw, _ in steps} <= {"FROM", "COPY", "LABEL"}
+
+
+def test_sentinel_profile_adds_a_replica_and_three_sentinels() -> None:
+    proc = run_compose("--profile", "sentinel", "config", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    services = json.loads(proc.stdout)["services"]
+    assert {"redis-replica", "sentinel1", "sentinel2", "sentinel3"} <= set(services)
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", "6379"]
+    for n in (1, 2, 3):
+        script = " ".join(services[f"sentinel{n}"]["command"])
+        assert "sentinel monitor buildq redis 6379 2" in script and "--sentinel" in script
+    default = run_compose("config", "--services")
+    assert not {"redis-replica", "sentinel1"} & set(default.stdout.split())
+    # the settings the workers then use are valid
+    load_settings({"BUILDQ_BROKER_URL": ";".join(f"sentinel://sentinel{n}:26379/0" for n in (1, 2, 3)),
+                   "BUILDQ_SENTINEL_MASTER": "buildq"})  # fmt: skip

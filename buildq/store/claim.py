@@ -96,9 +96,8 @@ def claim(
     keys += [DAEMONS_DOWN, *(slots.key(d) for d in order)] if slots is not None else [DAEMONS_DOWN]
     args = [job_id, token, max(1, int(ttl_s * 1000)), limit, len(SLOTS_PREFIX), avoid or ""]
     args += [1 if affinity_wait else 0, store.result_ttl_s]
-    script = store.scripts("claim")
-    while True:
-        reply = script(keys=keys, args=args)
+    while True:  # the lease reaches the replicas before buildctl starts: a failover keeps it
+        reply = store.scripts.durable("claim", keys=keys, args=args, what=f"claim of job {job_id}")
         if reply[0] == 0:
             return Claim(record=dict(json.loads(reply[1])))
         if reply[0] == 2:
@@ -179,7 +178,7 @@ def finish(
     if logs is not None:
         for attempt, kind, line in log_entries:
             args += [attempt, kind, line.encode("utf-8", errors="replace")]
-    return bool(store.scripts("finish")(keys=keys, args=args))
+    return bool(store.scripts.durable("finish", keys=keys, args=args, what=f"result of job {job_id}"))
 
 
 class Holder:

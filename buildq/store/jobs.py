@@ -15,6 +15,8 @@ from typing import Any
 
 import redis
 
+from ..errors import NotReplicatedError
+from .connect import execute_waiting
 from .keys import QUEUED_INDEX, cancel_key, done_channel, job_key, lease_key, result_key
 from .scripts import Scripts, source
 
@@ -24,10 +26,10 @@ FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 class JobStore:
     """Reads and writes job state; one instance per process, sharing one connection pool."""
 
-    def __init__(self, client: redis.Redis, *, result_ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, *, result_ttl_s: int, replicas: Any = None) -> None:
         self.redis = client
         self.result_ttl_s = result_ttl_s
-        self.scripts = Scripts(client)
+        self.scripts = Scripts(client, replicas)  # replicas: see buildq.store.connect.Replicas
         self._local = threading.local()
 
     @classmethod
@@ -43,7 +45,8 @@ class JobStore:
         """Record a submitted job, after its message is sent (``HSETNX``: never overwrites a worker's
         ``running``). With ``message`` (Redis broker on this same Redis) it is pushed to ``queue`` in
         the same round trip, and kept (with its delivery ``tag``) until a worker claims the job, so
-        the janitor can send it again if the broker loses it."""
+        the janitor can send it again if the broker loses it; ``WAIT`` ends it when replicas are
+        wanted (:class:`~buildq.errors.NotReplicatedError` when too few confirm)."""
         pipe = self.redis.pipeline(transaction=False)
         key = job_key(job_id)
         if message is not None:
@@ -55,7 +58,8 @@ class JobStore:
             pipe.zadd(QUEUED_INDEX, {job_id: enqueued_at})
         pipe.hset(key, mapping=fields)
         pipe.expire(key, self.result_ttl_s)
-        pipe.execute()
+        if (missing := execute_waiting(pipe, self.scripts.replicas)) is not None:
+            raise NotReplicatedError(job_id, *missing)
 
     def update(self, job_id: str, fields: dict[str, Any] | None = None, **more: Any) -> None:
         """Set fields of the job hash (``state``, ``phase``, ``attempt``, ``worker``); it expires."""
@@ -75,7 +79,8 @@ class JobStore:
         keys = [result_key(job_id), job_key(job_id), lease_key(job_id), QUEUED_INDEX]
         args = [json.dumps(record, separators=(",", ":")), record["state"], self.result_ttl_s]
         args += [done_channel(job_id), job_id]
-        return bool(self.scripts("store_rejected")(keys=keys, args=args))
+        what = f"record of job {job_id}"
+        return bool(self.scripts.durable("store_rejected", keys=keys, args=args, what=what))
 
     def requeue(
         self,
@@ -93,7 +98,7 @@ class JobStore:
         published) when the lease is another delivery's. The message becomes the janitor's copy."""
         keys = [queue, job_key(job_id), lease_key(job_id), slot_key or "", QUEUED_INDEX]
         args = [message, tag, token, job_id, repr(due), phase, self.result_ttl_s, 1 if slot_key else 0]
-        return bool(self.scripts("requeue")(keys=keys, args=args))
+        return bool(self.scripts.durable("requeue", keys=keys, args=args, what=f"requeue of job {job_id}"))
 
     def result(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(result_key(job_id))
