@@ -197,11 +197,11 @@ def test_a_restart_of_20s_and_one_of_60s_are_waited_out(standin, context_dir, tm
         daemons = tmp_path / f"daemons-{db}"
         env = deployment(standin, db, daemons, addr, BUILDQ_RETRY_MAX_ATTEMPTS="3")
         start_worker(env, concurrency=2)
-        handle = client_for(env).submit(job(context_dir, f"reg/restart{db}:1", sleep_s=3.0))
+        handle = client_for(env).submit(job(context_dir, f"reg/restart{db}:1", sleep_s=8.0))
         runs.append((daemons, addr, outage, env, handle))
     for _daemons, _addr, _outage, env, handle in runs:  # both builds are in their RUN step
         status = client_for(env).status
-        wait_until(lambda s=status, h=handle: s(h.job_id).get("state") == "running", timeout=30)
+        wait_until(lambda s=status, h=handle: s(h.job_id).get("state") == "running", timeout=90)
     downs = [(daemon_down(daemons, addr, outage), time.time()) for daemons, addr, outage, _e, _h in runs]
     for (daemons, addr, outage, env, handle), (until, since) in zip(runs, downs, strict=True):
         record = handle.wait(timeout=outage + 60)
