@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-import redis
 from celery import Celery
 
 from .celeryapp.app import create_app
@@ -30,6 +29,7 @@ from .grants import check_producer_grants
 from .jobs import BuildJob, parse_job
 from .names import TASK_NAME
 from .records import job_status, public_record
+from .store.connect import redis_client, replicas_for, same_redis_url
 from .store.jobs import JobStore
 from .store.logs import LogEntry, LogStore
 
@@ -50,15 +50,17 @@ class BuildqClient:
 
     @cached_property
     def store(self) -> JobStore:
-        return JobStore.from_url(self.settings.state_redis_url, result_ttl_s=self.settings.result_ttl_s)
+        client = redis_client(self.settings, socket_timeout=10, health_check_interval=30)
+        return JobStore(
+            client, result_ttl_s=self.settings.result_ttl_s, replicas=replicas_for(self.settings, client)
+        )
 
     @cached_property
     def _same_redis(self) -> bool:
-        """True when the broker is Redis and the same Redis DB as the job records."""
-        return (
-            is_redis_url(self.settings.broker_url)
-            and self.settings.state_redis_url == self.settings.broker_url
-        )
+        """True when the broker is Redis and the same Redis DB as the job records (for Sentinel:
+        the same master and DB)."""
+        s = self.settings
+        return is_redis_url(s.broker_url) and same_redis_url(s, s.state_redis_url, s.broker_url)
 
     def queue_for(self, job: BuildJob) -> str:
         return self.settings.high_priority_queue if job.priority == "high" else self.settings.queue
@@ -129,7 +131,8 @@ class BuildqClient:
             return {}
         from .store.listing import queue_depths
 
-        broker = self.store.redis if self._same_redis else redis.Redis.from_url(self.settings.broker_url)
+        s = self.settings
+        broker = self.store.redis if self._same_redis else redis_client(s, s.broker_url)
         return queue_depths(broker, [self.settings.queue, self.settings.high_priority_queue])
 
     def retry(self, job_id: str) -> BuildHandle:

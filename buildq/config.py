@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -29,22 +29,25 @@ from pydantic_settings.sources.utils import parse_env_vars
 from .grants import validate_repository_pattern
 
 ENV_PREFIX = "BUILDQ_"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
 _ENV_PATTERN = re.compile(r"^[A-Za-z0-9_*?\[\]!]+$")
 
 #: the environment :func:`load_settings` was asked to read (``os.environ`` when None)
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("buildq_environ", default=None)
 
 
-def derived_deployment(redis_url: str) -> str:
-    """``r-<12 hex>`` from the Redis a deployment keeps its state in (scheme, host, port, DB, path)."""
-    parts = urlsplit(redis_url)
+def derived_deployment(redis_url: str, sentinel_master: str | None = None) -> str:
+    """``r-<12 hex>`` from the Redis a deployment keeps its state in (scheme, host, port, DB, path;
+    for Sentinel: the master's name and DB, whichever sentinels are listed)."""
+    parts = urlsplit(redis_url.split(";")[0])
     where = f"{parts.scheme}://{parts.hostname or ''}:{parts.port or ''}{parts.path}?{parts.query}"
+    if parts.scheme == "sentinel":
+        where = f"sentinel://{sentinel_master or ''}/{parts.path.strip('/') or '0'}"
     return "r-" + hashlib.sha256(where.encode()).hexdigest()[:12]
 
 
 def is_redis_url(url: str) -> bool:
-    """True for a ``redis://``, ``rediss://`` or ``unix://`` URL."""
+    """True for a ``redis://``, ``rediss://``, ``unix://`` or ``sentinel://`` URL."""
     return url.startswith(REDIS_SCHEMES)
 
 
@@ -164,6 +167,23 @@ class Settings(BaseSettings):
     #: producers: the largest packed context ``submit --upload`` sends (bytes of the tar.gz)
     context_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
 
+    #: route a build to the daemon that last built with its cache (when it is up and has room)
+    cache_affinity: bool = True
+    #: how long a build waits for that daemon when it is full before taking the least loaded one
+    affinity_wait_s: float = Field(default=2.0, ge=0, le=600)
+    #: how many of a repository's last successful builds a build's phases are compared with
+    baseline_n: int = Field(default=50, ge=5, le=1000)
+    #: docker launcher: one warm buildctl container per worker process (false: one per build)
+    docker_warm: bool = True
+    #: Redis Sentinel: the master's name (required with ``sentinel://`` URLs) and the sentinels' password
+    sentinel_master: str | None = None
+    sentinel_password: SecretStr | None = None
+    #: replicas a submission, a claim and a result must reach (``WAIT``) before they count;
+    #: unset: 1 while the master has a replica, else 0
+    submit_replicas: int | None = Field(default=None, ge=0, le=16)
+    #: how long one ``WAIT`` for the replicas may block
+    replica_wait_timeout_s: float = Field(default=2.0, gt=0, le=60)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -189,6 +209,15 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_sentinel(self) -> Settings:
+        urls = {"BROKER_URL": self.broker_url, "RESULT_BACKEND": self.result_backend}
+        urls["REDIS_URL"] = self.redis_url or ""
+        for name, url in urls.items():
+            if url.startswith("sentinel://") and not self.sentinel_master:
+                raise ValueError(f"BUILDQ_SENTINEL_MASTER is required with a sentinel:// BUILDQ_{name}")
+        return self
+
     @property
     def daemons(self) -> list[str]:
         """The BuildKit daemon addresses builds are spread over."""
@@ -206,7 +235,7 @@ class Settings(BaseSettings):
     @property
     def deployment_id(self) -> str:
         """``BUILDQ_DEPLOYMENT``, else a name derived from the state Redis (host, port, DB; no password)."""
-        return self.deployment or derived_deployment(self.state_redis_url)
+        return self.deployment or derived_deployment(self.state_redis_url, self.sentinel_master)
 
 
 class _MappingEnvSource(EnvSettingsSource):

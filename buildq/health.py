@@ -91,7 +91,10 @@ def url_passwords(urls: Iterable[str | None]) -> list[str]:
 
 def _masker(settings: Settings) -> Callable[[str], str]:
     urls = [settings.broker_url, settings.result_backend, settings.redis_url, settings.docker_url]
-    redactor = Redactor(url_passwords([*urls, *settings.daemons]))
+    secrets = url_passwords([*urls, *settings.daemons])
+    if settings.sentinel_password is not None:
+        secrets.append(settings.sentinel_password.get_secret_value())
+    redactor = Redactor(secrets)
     return lambda text: redactor(mask_url_passwords(text))
 
 
@@ -102,19 +105,25 @@ def _error_text(exc: BaseException) -> str:
 # -- individual checks -----------------------------------------------------------------------
 
 
-def check_redis(name: str, url: str, timeout_s: float) -> Check:
-    """``PING`` the Redis at ``url`` (no retries: one connection attempt bounded by ``timeout_s``)."""
-    import redis
+def check_redis(name: str, url: str, timeout_s: float, settings: Settings) -> Check:
+    """``PING`` the Redis at ``url`` (no retries: one connection attempt bounded by ``timeout_s``);
+    for a ``sentinel://`` URL the master the sentinels name."""
     from redis.backoff import NoBackoff
     from redis.retry import Retry
+
+    from .store.connect import redis_client
 
     started = time.monotonic()
     if not is_redis_url(url):
         return Check(name, True, f"not checked: {url.split('://')[0]} is not a Redis URL", 0.0)
     client = None
     try:
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+        client = redis_client(
+            settings,
+            url,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
         )
         client.ping()
         ok, detail = True, f"PING answered by {url}"
@@ -236,7 +245,8 @@ def check_health(
         if url and url not in redis_urls.values():
             redis_urls[name] = url
     tasks: list[_Task] = [
-        ([name], partial(_listed, check_redis, name, url, timeout_s)) for name, url in redis_urls.items()
+        ([name], partial(_listed, check_redis, name, url, timeout_s, settings))
+        for name, url in redis_urls.items()
     ]
     daemon_tasks: list[_Task] = [
         ([f"buildkit {d}"], partial(_listed, check_daemon, n, d, launcher, timeout_s))
@@ -261,10 +271,10 @@ def check_health(
 
 def daemon_states(settings: Settings, timeout_s: float) -> list[DaemonState]:
     """Every daemon's breaker (up or down, since when, last error) from the deployment's Redis."""
-    import redis
+    from .store.connect import redis_client
 
     try:
-        client = redis.Redis.from_url(settings.state_redis_url, socket_timeout=timeout_s)
+        client = redis_client(settings, socket_timeout=timeout_s)
         try:
             return DaemonHealth(client).states(settings.daemons)
         finally:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidJobError
+from .grants import normalize_repository
 from .reference import parse_reference
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -218,6 +219,19 @@ class BuildJob(BaseModel):
     def to_message(self) -> dict[str, Any]:
         """The JSON-able body put on the queue (defaults filled in, so every worker agrees)."""
         return self.model_dump(mode="json")
+
+
+def cache_key(job: BuildJob) -> str:
+    """The build cache a job uses, as one string: its ``cache_ref`` (``<repository of the first
+    tag>:buildcache`` unless the job names one) spelled out, Docker Hub in full and the tag
+    explicit (``app:1`` → ``docker.io/library/app:buildcache``; ``team/app`` → ``docker.io/team/app:latest``).
+
+    Two jobs with the same key read and write the same registry cache, so a daemon that built one
+    holds the other's layers too. Cache-affinity routing remembers the daemon per key.
+    """
+    assert job.cache_ref is not None  # filled in by the validator
+    ref = parse_reference(job.cache_ref)
+    return f"{normalize_repository(ref.repository)}:{ref.tag or 'latest'}"
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:

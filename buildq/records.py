@@ -7,6 +7,8 @@ state has ``job_id``, ``state``, ``phase``, ``attempt``, ``worker``, ``daemon``,
 ``slowest_steps``. :func:`final_record` for a build that was claimed, :func:`rejected_record` for a
 job the worker found invalid, :func:`job_status` for what a reader gets in any state (from the job
 hash or the stored record), :func:`summary` for what Celery stores as the task result.
+The record's ``daemon`` and ``routing`` are those of the last attempt; ``explain`` is filled in by
+the engine (:mod:`buildq.explain`).
 Nothing internal is in a record; :func:`redact_strings` masks secrets in one before it is written.
 """
 
@@ -40,6 +42,24 @@ class AttemptOutcome:
     first_output_at: float | None = None
     #: buildctl talked to the daemon (False: it could not dial it, or never ran)
     reached_daemon: bool = True
+    #: why this daemon: affinity | least_loaded | fallback (:func:`routing_reason`; None: no daemon)
+    routing: str | None = None
+
+
+#: the values of ``routing``
+AFFINITY, LEAST_LOADED, FALLBACK = "affinity", "least_loaded", "fallback"
+
+
+def routing_reason(preferred: str | None, chosen: str | None) -> str | None:
+    """Why ``chosen`` ran the build: ``affinity`` when it is the daemon that last built with the
+    job's cache (``preferred``), ``fallback`` when another one was taken instead (the remembered one
+    was down, stayed full past ``BUILDQ_AFFINITY_WAIT_S``, or was avoided after losing the build),
+    ``least_loaded`` when none was remembered (first build, expired, affinity off); None: no daemon."""
+    if chosen is None:
+        return None
+    if preferred is None:
+        return LEAST_LOADED
+    return AFFINITY if chosen == preferred else FALLBACK
 
 
 def iso(ts: float | None) -> str | None:
@@ -89,6 +109,7 @@ def attempt_record(attempt: AttemptOutcome, *, window_start: float, window_end: 
         "reason": failure.reason if failure else None,
         "error": failure.message if failure else None,
         "reached_daemon": attempt.reached_daemon,
+        "routing": attempt.routing,
         "phases": compute_phases(
             attempt.tracker if attempt.tracker is not None else ProgressTracker(),
             enqueued_at=window_start,
@@ -181,7 +202,7 @@ def final_record(
             "done",
             len(attempts) or None,
             worker,
-            last.daemon if last else None,
+            (last.daemon or None) if last else None,
             job.retry_of,
         ),
         "enqueued_at": iso(enqueued_at),
@@ -205,6 +226,8 @@ def final_record(
         "phases": sum_phases(attempts),
         "steps": None,
         "slowest_steps": [],
+        "routing": last.routing if last else None,
+        "explain": None,
     }
     if last is not None and last.tracker is not None:
         record["steps"] = step_stats(last.tracker)
@@ -237,6 +260,9 @@ def rejected_record(
         "phases": None,
         "steps": None,
         "slowest_steps": [],
+        "daemon": None,
+        "routing": None,
+        "explain": None,
     }
 
 
@@ -280,7 +306,8 @@ def public_record(record: Mapping[str, Any]) -> dict[str, Any]:
         record.get("daemon", last.get("daemon")),
         record.get("retry_of"),
     )
-    return {**common, **{k: v for k, v in record.items() if k not in common}, "attempts": attempts}
+    rest = {k: v for k, v in record.items() if k not in common}
+    return {**common, "routing": None, "explain": None, **rest, "attempts": attempts}
 
 
 _PENDING_STATES = ("queued", "running")

@@ -23,6 +23,9 @@ PENDING_STATES = ("queued", "running", "unknown")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
 
 
+Routing = Literal["affinity", "least_loaded", "fallback"] | None
+
+
 class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -72,6 +75,7 @@ class Attempt(_Closed):
     reached_daemon: bool = Field(
         default=True, description="false: buildctl could not dial the daemon (not counted as an attempt)"
     )
+    routing: Routing = Field(default=None, description="why this daemon (null: no daemon was chosen)")
     phases: Phases
 
 
@@ -94,6 +98,22 @@ class SlowStep(_Closed):
     name: str
     seconds: Seconds
     cached: bool
+
+
+class Flag(_Closed):
+    phase: str = Field(description="the flagged phase, or `step` for a Dockerfile step")
+    step: str | None = Field(default=None, description="the step's name (phase `step`)")
+    seconds: Seconds
+    median: Seconds = Field(description="its median over the baseline builds")
+    ratio: float | None = Field(description="seconds / median (null when the median is 0)")
+    builds: int = Field(description="baseline builds compared with")
+
+
+class Explain(_Closed):
+    key: str = Field(description="the repository's cache key the baseline is kept under")
+    builds: int | None = Field(description="earlier builds in the baseline (null: not read, nothing ≥ 2 s)")
+    flagged: list[Flag]
+    summary: str = Field(description="one sentence per flag, or why nothing was compared")
 
 
 class _Common(_Closed):
@@ -128,6 +148,8 @@ class FinishedRecord(_Common):
     phases: Phases | None
     steps: Steps | None
     slowest_steps: list[SlowStep]
+    routing: Routing = Field(default=None, description="why the last attempt's daemon (cache affinity)")
+    explain: Explain | None = Field(default=None, description="is this build slow for its repository?")
 
 
 JobRecord = Annotated[PendingRecord | FinishedRecord, Field(discriminator="state")]

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .explain import sentence
+
 #: timeline order of the phases in the waterfall
 PHASE_ORDER = (
     "queued",
@@ -42,6 +44,16 @@ def waterfall_rows(phases: dict[str, float], width: int = BAR_WIDTH) -> list[tup
     return rows
 
 
+def explain_lines(explain: dict[str, Any] | None) -> list[str]:
+    """The record's ``explain`` as printed under the waterfall: one line per flagged phase."""
+    if not explain:
+        return []
+    flagged = explain.get("flagged") or []
+    if not flagged:
+        return [f"explain: {explain.get('summary')}"]
+    return [f"unusually slow for {explain.get('key')}:", *(f"  {sentence(f)}" for f in flagged)]
+
+
 def render_record(record: dict[str, Any], console: Console | None = None) -> None:
     if console is None:
         import sys
@@ -65,6 +77,9 @@ def render_record(record: dict[str, Any], console: Console | None = None) -> Non
         summary.add_row("cache", f"[yellow]not exported[/]: {escape(cache['error'])}")
     if record.get("duration_s") is not None:
         summary.add_row("duration", f"{record['duration_s']:.3f}s")
+    if record.get("daemon"):  # which daemon ran it and why (cache affinity, least loaded, fallback)
+        routing = f" ({record['routing']})" if record.get("routing") else ""
+        summary.add_row("daemon", f"{record['daemon']}{routing}")
     attempts = record.get("attempts") or []
     if attempts:
         summary.add_row(
@@ -88,6 +103,8 @@ def render_record(record: dict[str, Any], console: Console | None = None) -> Non
             table.add_row(name, f"{seconds:.3f}", " " * offset + "█" * length)
         table.add_row("total", f"{phases.get('total', 0.0):.3f}", "")
         console.print(table)
+    for line in explain_lines(record.get("explain")):
+        console.print(line, markup=False, highlight=False)
     steps = record.get("steps")
     if steps:
         console.print(

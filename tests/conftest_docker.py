@@ -111,3 +111,24 @@ def build_context(tmp_path: Path) -> Path:
     (ctx / "hello.txt").write_text("hello\n")
     os.chmod(ctx, 0o755)
     return ctx
+
+
+@pytest.fixture
+def docker_launcher(docker_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Makes DockerLaunchers on buildq's engine (stand-in image, network ``none``, context roots
+    ``[tmp_path]``, shared folders under ``tmp_path``); their warm containers go at teardown."""
+    from buildq.launchers.docker import DockerLauncher
+
+    made: list[DockerLauncher] = []
+
+    def make(channel: str = "auto", clock: Callable[[], float] | None = None, **overrides: Any) -> Any:
+        overrides.setdefault("context_roots", [str(tmp_path)])
+        kwargs: dict[str, Any] = {"channel": channel, "state_dir": str(tmp_path / "state")}
+        if clock is not None:
+            kwargs["clock"] = clock
+        made.append(DockerLauncher(docker_settings_for(docker_url, **overrides), **kwargs))
+        return made[-1]
+
+    yield make
+    for launcher in made:
+        launcher.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from buildq.buildkit.command import build_argv, csv_attrs
-from buildq.engine.runner import build_request, secret_env
+from buildq.engine.runner import build_request, secret_env, secret_values
 from buildq.jobs import BuildJob, parse_job
 from buildq.launchers.base import BuildPaths
 
@@ -118,6 +118,17 @@ def test_secret_values_never_in_argv() -> None:
     env = secret_env(job, {"TOK": "s3cr3t-value"})
     assert env == {"TOK": "s3cr3t-value"}
     assert not any("s3cr3t" in a for a in argv_of(job, PATHS))
+
+
+def test_secret_files_when_the_launcher_asks_for_them() -> None:
+    job = parse_job(
+        {"context": "/srv/ctx", "tags": ["reg/a:1"],
+         "secrets": [{"id": "tok", "env": "TOK"}, {"id": "npm", "env": "NPM"}]}
+    )  # fmt: skip
+    files = (("tok", "/run/b/j.1/secret-0"), ("npm", "/run/b/j.1/secret,1"))
+    argv = argv_of(job, BuildPaths("/build/ctx", "/build/ctx", "/out/m.json", files))
+    assert flags(argv, "--secret") == ["id=tok,src=/run/b/j.1/secret-0", 'id=npm,"src=/run/b/j.1/secret,1"']
+    assert secret_values(job, {"TOK": "v1", "NPM": "v2"}) == {"tok": "v1", "npm": "v2"}
 
 
 def test_csv_quoting() -> None:

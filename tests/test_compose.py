@@ -30,6 +30,7 @@ EXPECTED_WORKER_ENV = {
     "BUILDQ_INSECURE_REGISTRIES": "registry:5000",
     "BUILDQ_DOCKER_NETWORK": "buildq",
     "BUILDQ_METRICS_PORT": "9108",
+    "BUILDQ_CONTEXT_ROOTS": str(ROOT / "examples"),
 }
 
 
@@ -161,6 +162,7 @@ def test_worker_env_is_exact_and_valid_settings(rendered: dict[str, Any]) -> Non
     assert settings.insecure_registries == ["registry:5000"]
     assert settings.docker_network == rendered["networks"]["default"]["name"]
     assert settings.metrics_port == 9108
+    assert settings.context_roots == [str(ROOT / "examples")]
 
 
 def test_worker_is_scalable(rendered: dict[str, Any]) -> None:
@@ -178,7 +180,9 @@ def test_worker_mounts(rendered: dict[str, Any]) -> None:
     examples = binds[str(ROOT / "examples")]
     assert examples["source"] == examples["target"]
     assert examples["read_only"] is True
-    # the metadata file is read back from the buildctl container, not through a shared folder
+    # the warm containers' folders: the same host path in the worker and for the engine
+    shared = binds["/dev/shm/buildq-docker"]
+    assert shared["source"] == shared["target"] and not shared.get("read_only")
     assert "TMPDIR" not in worker["environment"]
 
 
@@ -308,3 +312,20 @@ def test_hello_context_needs_no_base_image() -> None:
             assert (hello / src).is_file(), src
             assert (hello / src).stat().st_size < 4096
     assert {kw for kw, _ in steps} <= {"FROM", "COPY", "LABEL"}
+
+
+def test_sentinel_profile_adds_a_replica_and_three_sentinels() -> None:
+    proc = run_compose("--profile", "sentinel", "config", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    services = json.loads(proc.stdout)["services"]
+    assert {"redis-replica", "sentinel1", "sentinel2", "sentinel3"} <= set(services)
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", "6379"]
+    for n in (1, 2, 3):
+        script = " ".join(services[f"sentinel{n}"]["command"])
+        assert "sentinel monitor buildq redis 6379 2" in script and "--sentinel" in script
+    default = run_compose("config", "--services")
+    assert not {"redis-replica", "sentinel1"} & set(default.stdout.split())
+    # the settings the workers then use are valid
+    load_settings({"BUILDQ_BROKER_URL": ";".join(f"sentinel://sentinel{n}:26379/0" for n in (1, 2, 3)),
+                   "BUILDQ_SENTINEL_MASTER": "buildq"})  # fmt: skip

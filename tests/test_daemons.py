@@ -19,7 +19,7 @@ import redis
 from buildq.buildkit.classify import classify_failure
 from buildq.buildkit.progress import ProgressTracker
 from buildq.engine.daemonwatch import DaemonWatch
-from buildq.engine.unavailable import unavailable_message
+from buildq.engine.unavailable import give_up_text
 from buildq.launchers.local import LocalLauncher
 from buildq.records import counts_as_attempt, unreached_since
 from buildq.store.claim import claim
@@ -80,7 +80,7 @@ def test_attempts_that_never_reached_a_daemon_do_not_count() -> None:
 
 def test_the_give_up_message_names_each_down_daemon() -> None:
     states = [DaemonState(A, False, 100.0, "connect: connection refused"), DaemonState(B, True, None, None)]
-    text = unavailable_message(states, 600, 712.0)
+    text = give_up_text(states, 600, 712.0)
     assert text == (
         "no BuildKit daemon answered within BUILDQ_DAEMON_WAIT_S=600s: "
         "tcp://127.0.0.1:1234 down for 612s (connect: connection refused)"
@@ -197,11 +197,11 @@ def test_a_restart_of_20s_and_one_of_60s_are_waited_out(standin, context_dir, tm
         daemons = tmp_path / f"daemons-{db}"
         env = deployment(standin, db, daemons, addr, BUILDQ_RETRY_MAX_ATTEMPTS="3")
         start_worker(env, concurrency=2)
-        handle = client_for(env).submit(job(context_dir, f"reg/restart{db}:1", sleep_s=3.0))
+        handle = client_for(env).submit(job(context_dir, f"reg/restart{db}:1", sleep_s=8.0))
         runs.append((daemons, addr, outage, env, handle))
     for _daemons, _addr, _outage, env, handle in runs:  # both builds are in their RUN step
         status = client_for(env).status
-        wait_until(lambda s=status, h=handle: s(h.job_id).get("state") == "running", timeout=30)
+        wait_until(lambda s=status, h=handle: s(h.job_id).get("state") == "running", timeout=90)
     downs = [(daemon_down(daemons, addr, outage), time.time()) for daemons, addr, outage, _e, _h in runs]
     for (daemons, addr, outage, env, handle), (until, since) in zip(runs, downs, strict=True):
         record = handle.wait(timeout=outage + 60)

@@ -1,13 +1,14 @@
 """The docker launcher against a real engine (.ci/dockerd.sh) and the busybox-sh stand-in image.
 
-Pure helpers (line splitting, tar reading, names, lazy client) are tested without the engine.
+Warm builds run in one runner container per launcher, over both channels (``fifo``: a folder
+shared with the engine; ``exec``: one ``docker exec`` per build); builds whose context lies outside
+``BUILDQ_CONTEXT_ROOTS`` get a one-shot container. Pure helpers are in tests/test_docker_plan.py.
 """
 
 from __future__ import annotations
 
-import io
-import re
-import tarfile
+import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,43 +18,25 @@ import pytest
 from buildq.buildkit.solvestatus import parse_line
 from buildq.errors import PermanentBuildError, TransientBuildError
 from buildq.launchers.base import BuildPaths, LaunchSpec
-from buildq.launchers.docker import DockerLauncher, container_name, file_from_tar, split_lines
+from buildq.launchers.docker import DockerLauncher
 from tests.conftest_docker import docker_settings_for
 from tests.standin.scenarios import fail, hang, scenario_opt, succeed
 
-# ---- pure helpers -------------------------------------------------------------------------
+CHANNELS = ["fifo", "exec"]
 
 
-def test_split_lines_joins_partial_chunks_and_split_utf8() -> None:
-    data = "first\nsecond ünïcode\nthird".encode()
-    chunks = [data[:3], data[3:14], data[14:15], data[15:]]  # cuts inside "ü"
-    assert list(split_lines(iter(chunks))) == ["first", "second ünïcode", "third"]
-
-
-def test_split_lines_ends_without_empty_tail() -> None:
-    assert list(split_lines(iter([b"a\r\n", b"b\n"]))) == ["a", "b"]
-
-
-def test_file_from_tar_returns_the_single_file() -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("metadata.json")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"{}"))
-    assert file_from_tar(buf.getvalue()) == b"{}"
-
-
-def test_container_name_is_valid_and_unique() -> None:
-    a, b = container_name("job/with:odd chars"), container_name("job/with:odd chars")
-    assert a != b
-    assert re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+", a)
-    assert a.startswith("buildq-job-with-odd-chars-")
-
-
-def test_launcher_creation_does_not_touch_the_engine() -> None:
-    launcher = DockerLauncher(docker_settings_for("unix:///nonexistent/docker.sock"))
-    paths = launcher.prepare("j", "/w/ctx", None)
-    assert paths == BuildPaths("/buildq/context", None, "/buildq/out/metadata.json")
+def test_launcher_creation_does_not_touch_the_engine(tmp_path: Path) -> None:
+    (tmp_path / "ctx").mkdir()
+    launcher = DockerLauncher(
+        docker_settings_for("unix:///nonexistent/docker.sock", context_roots=[str(tmp_path)])
+    )
+    paths = launcher.prepare("j", str(tmp_path / "ctx"), str(tmp_path / "ctx"), ["tok"])
+    run = "/buildq/run/b/j.1"
+    assert paths == BuildPaths(
+        str(tmp_path / "ctx"), str(tmp_path / "ctx"), f"{run}/metadata.json", (("tok", f"{run}/secret-0"),)
+    )
+    outside = launcher.prepare("j", "/w/ctx", None)
+    assert outside == BuildPaths("/buildq/context", None, "/buildq/run/b/j.2/metadata.json")
 
 
 def test_unreachable_engine_is_transient() -> None:
@@ -67,30 +50,25 @@ def test_unreachable_engine_is_transient() -> None:
 # ---- against the engine -------------------------------------------------------------------
 
 
-def build_argv(paths: BuildPaths, *extra: str, name: str = "127.0.0.1:5000/demo/app:1") -> list[str]:
-    return [
+def start(
+    launcher: DockerLauncher, job: str, ctx: Path, *extra: str, secrets: dict[str, str] | None = None
+) -> Any:
+    paths = launcher.prepare(job, str(ctx), str(ctx), list(secrets or {}))
+    argv = [
         "--addr", "tcp://127.0.0.1:1234", "build", "--frontend", "dockerfile.v0",
         "--local", f"context={paths.context_dir}", "--local", f"dockerfile={paths.dockerfile_dir}",
-        "--output", f"type=image,name={name},push=true", "--progress=rawjson",
+        "--output", "type=image,name=127.0.0.1:5000/demo/app:1,push=true", "--progress=rawjson",
         "--metadata-file", paths.metadata_file, *extra,
     ]  # fmt: skip
-
-
-def start(launcher: DockerLauncher, job: str, ctx: Path, *extra: str, **spec: Any) -> Any:
-    paths = launcher.prepare(job, str(ctx), str(ctx))
-    return launcher.start(
-        LaunchSpec(
-            job_id=job, argv=build_argv(paths, *extra), context_dir=str(ctx), dockerfile_dir=str(ctx), **spec
-        ),
-        paths,
+    for sid, path in paths.secret_files:
+        argv += ["--secret", f"id={sid},src={path}"]
+    spec = LaunchSpec(
+        job_id=job, argv=argv, context_dir=str(ctx), dockerfile_dir=str(ctx), secrets=secrets or {}
     )
+    return launcher.start(spec, paths)
 
 
-def labelled(api: Any, job: str) -> list[dict[str, Any]]:
-    return list(api.containers(all=True, filters={"label": [f"buildq.job_id={job}"]}))
-
-
-def first_line_then_rest(build: Any) -> tuple[threading.Event, list[str], threading.Thread]:
+def reader(build: Any) -> tuple[threading.Event, list[str], threading.Thread]:
     seen, lines = threading.Event(), []
 
     def read() -> None:
@@ -103,132 +81,202 @@ def first_line_then_rest(build: Any) -> tuple[threading.Event, list[str], thread
     return seen, lines, thread
 
 
-@pytest.mark.docker
-def test_success_returns_rc0_progress_and_metadata(docker_settings, docker_job_id, build_context) -> None:
-    launcher = DockerLauncher(docker_settings)
-    job = docker_job_id()
-    with start(launcher, job, build_context) as build:
-        lines = list(build.lines())
-        assert build.wait(30) == 0
-        metadata = build.read_metadata()
-    assert lines and all(parse_line(line) is not None for line in lines)
-    assert metadata is not None
-    assert metadata["containerimage.digest"].startswith("sha256:")
-    assert metadata["image.name"] == "127.0.0.1:5000/demo/app:1"
-
-
-@pytest.mark.docker
-def test_container_gets_labels_env_and_readonly_binds(
-    docker_settings, docker_job_id, build_context, docker_api
-):
-    launcher = DockerLauncher(docker_settings)
-    job = docker_job_id()
-    build = start(launcher, job, build_context, *scenario_opt(hang()), env={"BUILDKIT_HOST": "tcp://x:1"})
-    try:
-        seen, _lines, _ = first_line_then_rest(build)
-        assert seen.wait(30)
-        info = docker_api.inspect_container(build.container_id)
-        assert info["Config"]["Labels"]["buildq.job_id"] == job
-        assert info["Config"]["Labels"]["buildq.managed"] == "true"
-        assert "BUILDKIT_HOST=tcp://x:1" in info["Config"]["Env"]
-        assert info["HostConfig"]["NetworkMode"] == "none"
-        binds = {m["Destination"]: m for m in info["Mounts"] if m["Type"] == "bind"}
-        assert set(binds) == {"/buildq/context", "/buildq/dockerfile"}
-        assert all(m["RW"] is False for m in binds.values())
-        # The build sees its context through the bind and cannot write to it.
-        listing = exec_in(docker_api, build.container_id, ["ls", "/buildq/context"])
-        assert listing == (0, "Dockerfile\nhello.txt\n")
-        code, out = exec_in(docker_api, build.container_id, ["touch", "/buildq/context/new"])
-        assert code != 0 and "Read-only file system" in out
-        assert not (build_context / "new").exists()
-    finally:
-        build.close()
-
-
 def exec_in(api: Any, container: str, cmd: list[str]) -> tuple[int, str]:
     exec_id = api.exec_create(container, cmd, stdout=True, stderr=True)["Id"]
     out = api.exec_start(exec_id).decode()
     return api.exec_inspect(exec_id)["ExitCode"], out
 
 
+def labelled(api: Any, label: str) -> list[dict[str, Any]]:
+    return list(api.containers(all=True, filters={"label": [label]}))
+
+
 @pytest.mark.docker
-def test_stderr_lines_arrive_while_container_runs(docker_settings, docker_job_id, build_context, docker_api):
-    launcher = DockerLauncher(docker_settings)
-    build = start(launcher, docker_job_id(), build_context, *scenario_opt(succeed(sleep_s=2)))
-    try:
-        seen, lines, reader = first_line_then_rest(build)
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_warm_builds_share_one_container(docker_launcher, docker_job_id, build_context, docker_api, channel):
+    launcher = docker_launcher(channel)
+    results = []
+    for _ in range(2):
+        with start(launcher, docker_job_id(), build_context) as build:
+            lines = list(build.lines())
+            results.append((build.wait(30), build.read_metadata(), lines, build.box.id))
+    (rc1, meta1, lines1, box1), (rc2, meta2, _, box2) = results
+    assert rc1 == rc2 == 0 and box1 == box2 == launcher.warm.box.id
+    assert lines1 and all(parse_line(line) is not None for line in lines1)
+    assert meta1 is not None and meta1["containerimage.digest"].startswith("sha256:")
+    assert meta1["image.name"] == "127.0.0.1:5000/demo/app:1" and meta2 is not None
+    assert launcher.warm.box.channel == channel
+    info = docker_api.inspect_container(box1)
+    labels = info["Config"]["Labels"]
+    assert labels["buildq.managed"] == "true" and labels["buildq.warm"] == "true"
+    assert labels["buildq.worker"].endswith(f":{os.getpid()}") and "buildq.job_id" not in labels
+    binds = {m["Destination"]: m for m in info["Mounts"] if m["Type"] == "bind"}
+    root = str(build_context.parent)
+    assert binds[root]["RW"] is False and binds[root]["Source"] == root
+    assert ("/buildq/run" in binds) is (channel == "fifo")
+    assert info["HostConfig"]["NetworkMode"] == "none" and info["HostConfig"]["AutoRemove"] is True
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_stderr_lines_arrive_while_buildctl_runs(docker_launcher, docker_job_id, build_context, channel):
+    with start(
+        docker_launcher(channel), docker_job_id(), build_context, *scenario_opt(succeed(sleep_s=2))
+    ) as build:
+        seen, lines, thread = reader(build)
         assert seen.wait(30), "no stderr line arrived"
-        assert docker_api.inspect_container(build.container_id)["State"]["Running"] is True
+        with pytest.raises(TimeoutError):
+            build.wait(0.2)  # buildctl sleeps halfway through the capture
         assert parse_line(lines[0]) is not None
         assert build.wait(60) == 0
-        reader.join(10)
+        thread.join(10)
         assert len(lines) == 39  # the whole ctx_oci_rawjson_cold capture
-    finally:
-        build.close()
 
 
 @pytest.mark.docker
-def test_failure_returns_rc1_and_error_line_last(docker_settings, docker_job_id, build_context) -> None:
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_failure_returns_rc1_and_error_line_last(docker_launcher, docker_job_id, build_context, channel):
     text = 'failed to solve: process "/bin/sh -c make" did not complete successfully: exit code: 2'
-    launcher = DockerLauncher(docker_settings)
+    launcher = docker_launcher(channel)
     with start(launcher, docker_job_id(), build_context, *scenario_opt(fail(text, after_lines=3))) as build:
         lines = list(build.lines())
         assert build.wait(30) == 1
         assert build.read_metadata() is None
-    assert lines[-1] == f"error: {text}"
-    assert len(lines) == 4
+    assert lines[-1] == f"error: {text}" and len(lines) == 4
 
 
 @pytest.mark.docker
-def test_kill_stops_a_hanging_container_within_2s(docker_settings, docker_job_id, build_context) -> None:
-    launcher = DockerLauncher(docker_settings)
-    with start(launcher, docker_job_id(), build_context, *scenario_opt(hang(after_lines=2))) as build:
-        seen, _lines, _ = first_line_then_rest(build)
-        assert seen.wait(30)
-        with pytest.raises(TimeoutError):
-            build.wait(timeout=0.5)
-        killers = [threading.Thread(target=build.kill) for _ in range(3)]
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_kill_of_one_build_leaves_the_other_and_the_container(
+    docker_launcher, docker_job_id, build_context, docker_api, channel
+):
+    launcher = docker_launcher(channel)
+    a = start(launcher, docker_job_id(), build_context, *scenario_opt(hang(after_lines=2)))
+    b = start(launcher, docker_job_id(), build_context, *scenario_opt(hang(after_lines=2)))
+    try:
+        assert a.box is b.box
+        (seen_a, _, _), (seen_b, _, _) = reader(a), reader(b)
+        assert seen_a.wait(30) and seen_b.wait(30)
+        killers = [threading.Thread(target=a.kill) for _ in range(3)]
         for k in killers:
             k.start()
         for k in killers:
             k.join()
-        assert build.wait(timeout=2) == 137  # SIGKILL
-        build.kill()  # idempotent after exit
+        assert a.wait(timeout=2) == 137  # SIGKILL
+        a.kill()  # idempotent after exit
+        with pytest.raises(TimeoutError):
+            b.wait(timeout=0.5)  # the other build runs on
+        assert docker_api.inspect_container(a.box.id)["State"]["Running"] is True
+        b.kill()
+        assert b.wait(timeout=2) == 137
+    finally:
+        a.close()
+        b.close()
+    assert not a.box.dead and a.box is launcher.warm.box
 
 
 @pytest.mark.docker
-def test_close_removes_the_container_and_is_idempotent(
-    docker_settings, docker_job_id, build_context, docker_api
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_a_dead_warm_container_fails_its_build_and_is_replaced(
+    docker_launcher, docker_job_id, build_context, docker_api, channel
 ):
-    launcher = DockerLauncher(docker_settings)
-    job = docker_job_id()
-    build = start(launcher, job, build_context, *scenario_opt(hang()))
-    assert len(labelled(docker_api, job)) == 1
-    mounts = docker_api.inspect_container(build.container_id)["Mounts"]
-    (volume,) = [m["Name"] for m in mounts if m["Destination"] == "/buildq/out"]
+    launcher = docker_launcher(channel)
+    build = start(launcher, docker_job_id(), build_context, *scenario_opt(hang(after_lines=2)))
+    first = build.box
+    seen, _, _ = reader(build)
+    assert seen.wait(30)
+    docker_api.kill(first.id)  # the container dies under a running build
+    with pytest.raises(TransientBuildError) as err:
+        build.wait(timeout=30)
+    assert err.value.reason == "docker_error"
     build.close()
-    build.close()
-    assert labelled(docker_api, job) == []
-    assert volume not in [v["Name"] for v in docker_api.volumes()["Volumes"] or []]
+    with start(launcher, docker_job_id(), build_context) as again:
+        assert again.wait(30) == 0
+        second = again.box
+    assert second.id != first.id
+    docker_api.kill(second.id)  # dies while idle: the next build notices at once and starts anew
+    with start(launcher, docker_job_id(), build_context) as third:
+        assert third.wait(30) == 0 and third.box.id not in (first.id, second.id)
 
 
 @pytest.mark.docker
-def test_missing_image_that_cannot_be_pulled_is_permanent(docker_url, docker_job_id, build_context) -> None:
+def test_context_outside_the_roots_gets_a_one_shot_container(
+    docker_launcher, docker_job_id, build_context, docker_api, caplog
+):
+    launcher = docker_launcher(context_roots=["/srv/elsewhere"])
+    job = docker_job_id()
+    with caplog.at_level(logging.INFO, logger="buildq.launchers.docker"):
+        build = start(launcher, job, build_context, *scenario_opt(hang()))
+    try:
+        assert "outside BUILDQ_CONTEXT_ROOTS (/srv/elsewhere)" in caplog.text and job in caplog.text
+        assert launcher.warm.box is None  # no warm container was needed
+        (container,) = labelled(docker_api, f"buildq.job_id={job}")
+        assert container["Id"] == build.box.id
+        info = docker_api.inspect_container(build.box.id)
+        binds = {m["Destination"]: m for m in info["Mounts"] if m["Type"] == "bind"}
+        assert {"/buildq/context", "/buildq/dockerfile"} <= set(binds)
+        assert binds["/buildq/context"]["RW"] is False
+        assert exec_in(docker_api, build.box.id, ["ls", "/buildq/context"]) == (0, "Dockerfile\nhello.txt\n")
+        code, out = exec_in(docker_api, build.box.id, ["touch", "/buildq/context/new"])
+        assert code != 0 and "Read-only file system" in out
+    finally:
+        build.close()
+        build.close()
+    assert labelled(docker_api, f"buildq.job_id={job}") == []
+
+
+@pytest.mark.docker
+def test_warm_off_runs_each_build_in_its_own_container(
+    docker_launcher, docker_job_id, build_context, docker_api
+):
+    launcher = docker_launcher(docker_warm=False)
+    ids = []
+    for _ in range(2):
+        job = docker_job_id()
+        with start(launcher, job, build_context) as build:
+            assert build.wait(30) == 0 and build.read_metadata() is not None
+            ids.append(build.box.id)
+        assert labelled(docker_api, f"buildq.job_id={job}") == []
+    assert ids[0] != ids[1] and launcher.warm.box is None
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(("channel", "roots"), [("fifo", None), ("exec", None), ("auto", ["/srv/elsewhere"])])
+def test_secrets_are_private_files_never_container_environment(
+    docker_launcher, docker_job_id, build_context, docker_api, channel, roots
+):
+    value = "s3cr3t-Value-9f27"
+    launcher = docker_launcher(channel, **({"context_roots": roots} if roots else {}))
+    build = start(launcher, docker_job_id(), build_context, *scenario_opt(hang()), secrets={"npm": value})
+    try:
+        seen, _, _ = reader(build)
+        assert seen.wait(30)
+        (path,) = [a.split("src=")[1] for a in build_args(docker_api, build.box.id) if "src=" in a]
+        assert exec_in(docker_api, build.box.id, ["cat", path]) == (0, value)
+        assert exec_in(docker_api, build.box.id, ["stat", "-c", "%a", path]) == (0, "600\n")
+        seen_by_engine = [docker_api.inspect_container(build.box.id), docker_api.top(build.box.id)]
+        if channel == "exec":
+            seen_by_engine.append(docker_api.exec_inspect(build.exec_id))
+        assert value not in repr(seen_by_engine)
+    finally:
+        build.close()
+    if roots is None:  # the warm container stays: the file went with the build
+        assert exec_in(docker_api, build.box.id, ["ls", path])[0] != 0
+
+
+def build_args(api: Any, container: str) -> list[str]:
+    top = api.top(container)
+    col = [t.upper() for t in top["Titles"]].index("CMD")
+    return next(row[col] for row in top["Processes"] if "/usr/bin/buildctl " in row[col]).split()
+
+
+@pytest.mark.docker
+def test_missing_image_that_cannot_be_pulled_is_permanent(
+    docker_launcher, docker_job_id, build_context
+) -> None:
     image = "buildq/no-such-image:never"
-    launcher = DockerLauncher(docker_settings_for(docker_url, buildctl_image=image, docker_pull_timeout_s=60))
+    launcher = docker_launcher(buildctl_image=image, docker_pull_timeout_s=60)
     with pytest.raises(PermanentBuildError) as err:
         start(launcher, docker_job_id(), build_context)
     assert err.value.reason == "image_pull_failed"
     assert image in err.value.message
-
-
-@pytest.mark.docker
-def test_find_orphans_sees_a_left_behind_container(docker_settings, docker_job_id, build_context, docker_api):
-    job = docker_job_id()
-    start(DockerLauncher(docker_settings), job, build_context, *scenario_opt(hang()))  # never closed
-    fresh = DockerLauncher(docker_settings)  # e.g. the worker after a restart
-    assert job in fresh.find_orphans()
-    fresh.kill_orphan(job)
-    assert labelled(docker_api, job) == []
-    assert job not in fresh.find_orphans()
-    fresh.kill_orphan(job)  # nothing left: no error

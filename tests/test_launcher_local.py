@@ -41,7 +41,8 @@ def test_buildctl_gets_the_worker_environment_plus_the_spec(tmp_path: Path, monk
 
 
 def test_a_running_build_is_an_orphan_candidate_until_closed(tmp_path: Path) -> None:
-    launcher = LocalLauncher(script(tmp_path, "sleep 60\n"), state_dir=str(tmp_path / "state"))
+    # "true" after the sleep: sh stays the process (its cmdline names the script), never execs sleep
+    launcher = LocalLauncher(script(tmp_path, "sleep 60\ntrue\n"), state_dir=str(tmp_path / "state"))
     build = run(launcher, "job-a")
     assert launcher.find_orphans() == ["job-a"]
     launcher.kill_orphan("job-a")  # another process's view: the pid file names the process group

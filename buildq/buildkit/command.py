@@ -2,7 +2,7 @@
 
 The daemon address is not in the argv: launchers pass it as ``BUILDKIT_HOST`` (buildctl's
 ``--addr`` default). Secret values are not in the argv either: ``--secret id=X,env=VAR``
-names an environment variable the launcher sets.
+names an environment variable the launcher sets, ``--secret id=X,src=FILE`` a file it writes.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class BuildRequest:
     platforms: Sequence[str] = ()
     #: (id, environment variable) pairs
     secrets: Sequence[tuple[str, str]] = ()
+    #: (id, file as buildctl sees it) pairs
+    secret_files: Sequence[tuple[str, str]] = ()
     push: bool = True
     cache_mode: str = "max"
 
@@ -77,6 +79,8 @@ def build_argv(req: BuildRequest, *, insecure_registries: Sequence[str] = ()) ->
         argv += ["--opt", "platform=" + ",".join(req.platforms)]
     for secret_id, env in req.secrets:
         argv += ["--secret", csv_attrs([f"id={secret_id}", f"env={env}"])]
+    for secret_id, path in req.secret_files:
+        argv += ["--secret", csv_attrs([f"id={secret_id}", f"src={path}"])]
 
     output = ["type=image", "name=" + ",".join(req.tags), f"push={'true' if req.push else 'false'}"]
     if req.push and any(is_insecure(tag, insecure_registries) for tag in req.tags):

@@ -16,7 +16,11 @@ def celery_config(settings: Settings) -> dict[str, object]:
     """Celery settings that make builds neither lost nor doubled (see the README's reliability section)."""
     # hard limit: the job's own watcher kills buildctl first; this is the backstop
     hard_limit = settings.max_timeout_s + 120
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    transport: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.sentinel_master:  # sentinel:// URLs: kombu and the result backend follow the master
+        transport["master_name"] = settings.sentinel_master
+        if settings.sentinel_password is not None:
+            transport["sentinel_kwargs"] = {"password": settings.sentinel_password.get_secret_value()}
     # a worker consuming "builds.high,builds" drains the high-priority queue first
     broker_transport = {**transport, "queue_order_strategy": "priority"}
     return {

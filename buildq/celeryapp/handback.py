@@ -21,13 +21,16 @@ from celery.exceptions import Reject, Retry
 from ..config import is_redis_url
 from ..engine.interface import RetryLater, WaitForDaemon
 from ..engine.service import BuildService
+from ..store.connect import same_redis_url
 from .producer import build_message, job_kwargsrepr
 
 
 def same_redis(task: Task) -> bool:
     """The broker is Redis and the very Redis (and DB) buildq keeps its state in."""
     settings = task.app.buildq_settings
-    return is_redis_url(settings.broker_url) and settings.state_redis_url == settings.broker_url
+    return is_redis_url(settings.broker_url) and same_redis_url(
+        settings, settings.state_redis_url, settings.broker_url
+    )
 
 
 def hand_back(

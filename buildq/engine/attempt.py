@@ -49,6 +49,9 @@ class Attempt:
         first = epoch(self.earlier[0].get("started_at")) if self.earlier else None
         return first or self.started_at
 
+    #: why ``daemon`` (affinity | least_loaded | fallback, :func:`~buildq.records.routing_reason`)
+    routing: str | None = None
+
 
 def job_redactor(values: list[str], redactor: Redactor | None, job: BuildJob) -> Redactor | None:
     """The process's ``redactor`` (of ``values``), plus the query string of the job's URL context

@@ -3,9 +3,11 @@
 :meth:`AttemptEnd.conclude` decides from the attempt's outcome: a transient failure with attempts
 left raises ``RetryLater`` (at once when the daemon was never reached, else after the backoff); any
 other outcome becomes the final record, stored with the log's end and the claim given back in one
-round trip (:func:`~buildq.store.claim.finish`). A daemon that could not be dialled has its
-circuit breaker opened here. :meth:`AttemptEnd.give_up` and
-:meth:`AttemptEnd.cancelled_before_start` end a job that never ran.
+round trip (:func:`~buildq.store.claim.finish`). The record's ``explain`` compares its phases with
+the repository's baseline (:mod:`buildq.explain`), read first only when a phase or step took long
+enough to be flagged; a build that succeeded in one attempt joins the baseline in that round trip.
+A daemon that could not be dialled has its circuit breaker opened here. :meth:`AttemptEnd.give_up`
+and :meth:`AttemptEnd.cancelled_before_start` end a job that never ran.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..buildkit.backoff import backoff_delay
 from ..buildkit.classify import Failure
+from ..explain import baseline_entry, explain, needs_baseline
+from ..jobs import cache_key
 from ..records import (
     AttemptOutcome,
     attempt_record,
@@ -27,6 +31,7 @@ from ..records import (
     redact_strings,
     unreached_since,
 )
+from ..store.baseline import BaselineWrite, baseline_write, read_baseline
 from ..store.claim import finish
 from .attemptlog import AttemptLog
 from .interface import LeaseLost, RetryLater
@@ -65,6 +70,8 @@ class AttemptEnd:
         if failure is not None and self.redactor is not None:  # buildctl's words may quote a secret
             failure = outcome.failure = replace(failure, message=self.redactor(failure.message))
         now = s.clock()
+        if outcome.daemon:
+            outcome.routing = a.routing
         # secrets are masked wherever a record goes: the result, the retry message, Celery's result
         record = self._redact(attempt_record(outcome, window_start=a.window_start, window_end=now))
         attempts = [*a.earlier, record]
@@ -75,8 +82,7 @@ class AttemptEnd:
             self._daemon_down(outcome.daemon, failure.message)
         if uncounted and now - (unreached_since(attempts) or now) >= s.settings.daemon_wait_s:
             # no daemon could be dialled for BUILDQ_DAEMON_WAIT_S: give up, naming them
-            states = s.daemons.states(s.settings.daemons) if s.daemons is not None else []
-            message = unavailable_message(states, s.settings.daemon_wait_s, now)
+            message = unavailable_message(s.daemons, s.settings, now)
             if log is not None:
                 log.close()
             return self.give_up("daemon_unavailable", message, attempts)
@@ -115,7 +121,7 @@ class AttemptEnd:
             a.job, state=state, attempts=attempts, last=outcome, enqueued_at=a.enqueued_at, finished_at=now,
             error=error, worker=s.worker_id, cache=cache,
         ))  # fmt: skip
-        self._store(final, log)
+        self._store(final, log, self._explain(final))
         a.reporter.phase_ended(job_id, outcome.number, "finalize", max(0.0, s.clock() - outcome.exited_at))
         if launched:
             s.metrics.attempt_finished(record)
@@ -143,13 +149,27 @@ class AttemptEnd:
     def _redact(self, record: dict[str, Any]) -> dict[str, Any]:
         return redact_strings(record, self.redactor.redact if self.redactor is not None else None)
 
-    def _store(self, final: dict[str, Any], log: AttemptLog | None) -> None:
-        """One round trip: the log's end, the result, the final state, the lease and slot given back."""
+    def _explain(self, final: dict[str, Any]) -> BaselineWrite | None:
+        """Fill in ``final["explain"]``; return what the build adds to its repository's baseline."""
+        s = self.service
+        phases, steps, key = final["phases"], final["slowest_steps"], cache_key(self.attempt.job)
+        n = s.settings.baseline_n
+        baseline = read_baseline(s.store.redis, key, n) if phases and needs_baseline(phases, steps) else None
+        final["explain"] = explain(phases, steps, baseline, key=key)
+        return baseline_write(key, baseline_entry(final), n)
+
+    def _store(
+        self, final: dict[str, Any], log: AttemptLog | None, baseline: BaselineWrite | None = None
+    ) -> None:
+        """One round trip: the log's end, the result, the final state, the lease and slot given back
+        (and the build's entry in its repository's baseline, its daemon remembered for its cache)."""
         s, a = self.service, self.attempt
         entries = log.drain(final["state"]) if log is not None else ()
+        remember = cache_key(a.job) if s.settings.cache_affinity else None  # a success: its daemon
         stored = finish(
-            s.store, s.slots, a.job.job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries
-        )
+            s.store, s.slots, a.job.job_id, a.token, a.daemon, final, logs=s.logs, log_entries=entries,
+            remember=remember, baseline=baseline,
+        )  # fmt: skip
         a.released = True
         a.reporter.done = True
         if not stored:  # a stale holder: another delivery owns the job, its record stands

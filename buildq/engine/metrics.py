@@ -14,6 +14,9 @@ Metrics:
   the evidence says: exported | failed (buildctl may still exit 0) | skipped (ended before it)
 - ``buildq_builds_in_progress``: attempts running now (summed over live processes)
 - ``buildq_daemon_up{daemon}``: 1 while the daemon answers, 0 while its circuit breaker is open
+- ``buildq_routing_total{reason}``: attempts launched on a daemon, by why that daemon
+  (affinity | least_loaded | fallback)
+- ``buildq_slow_phases_total{phase}``: phases the record's ``explain`` flagged (``step`` for a step)
 """
 
 from __future__ import annotations
@@ -79,6 +82,12 @@ class BuildMetrics:
         self.cache_exports = Counter(
             "buildq_cache_exports_total", "Registry cache exports asked for", ["outcome"], **kwargs
         )
+        self.routing = Counter(
+            "buildq_routing", "Attempts launched on a daemon, by why that daemon", ["reason"], **kwargs
+        )
+        self.slow_phases = Counter(
+            "buildq_slow_phases_total", "Phases flagged as unusually slow", ["phase"], **kwargs
+        )
         self.in_progress = Gauge(
             "buildq_builds_in_progress", "Build attempts running", multiprocess_mode="livesum", **kwargs
         )
@@ -93,10 +102,13 @@ class BuildMetrics:
             self.in_progress.dec()
 
     def attempt_finished(self, attempt: dict[str, Any]) -> None:
-        """Count one attempt that reached a daemon, by outcome and the classifier's reason."""
+        """Count one attempt launched on a daemon, by outcome and the classifier's reason, and by
+        why that daemon (``routing``)."""
         self.attempts.labels(
             outcome=attempt.get("outcome") or "unknown", reason=attempt.get("reason") or "none"
         ).inc()
+        if attempt.get("routing"):
+            self.routing.labels(reason=attempt["routing"]).inc()
 
     def build_finished(self, record: dict[str, Any]) -> None:
         """Count a finished build and observe its phases and steps."""
@@ -108,6 +120,8 @@ class BuildMetrics:
             self.steps.labels(kind="cached").inc(steps["cached"])
         if steps.get("executed"):
             self.steps.labels(kind="executed").inc(steps["executed"])
+        for flag in (record.get("explain") or {}).get("flagged") or ():
+            self.slow_phases.labels(phase=flag["phase"]).inc()
 
     def cache_export(self, outcome: str) -> None:
         """Count one build's cache export: exported | failed | skipped."""

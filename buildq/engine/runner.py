@@ -52,7 +52,8 @@ def build_request(job: BuildJob, paths: BuildPaths) -> BuildRequest:
         build_args=job.build_args,
         labels=job.labels,
         platforms=job.platforms,
-        secrets=[(s.id, s.env) for s in job.secrets],
+        secrets=[] if paths.secret_files else [(s.id, s.env) for s in job.secrets],
+        secret_files=paths.secret_files,
         push=job.push,
         cache_mode=job.cache_mode,
     )
@@ -61,6 +62,11 @@ def build_request(job: BuildJob, paths: BuildPaths) -> BuildRequest:
 def secret_env(job: BuildJob, environ: Mapping[str, str]) -> dict[str, str]:
     """The worker environment variables buildctl needs for the job's secrets (checked beforehand)."""
     return {s.env: environ[s.env] for s in job.secrets}
+
+
+def secret_values(job: BuildJob, environ: Mapping[str, str]) -> dict[str, str]:
+    """The job's secret values by secret id, for a launcher that writes secret files."""
+    return {s.id: environ[s.env] for s in job.secrets}
 
 
 def run_attempt(
@@ -92,10 +98,14 @@ def run_attempt(
     tracker = ProgressTracker(clock=clock)
     context = None if job.is_remote else job.context
     dockerfile = dockerfile_dir(job)
-    paths = launcher.prepare(job.job_id, context, dockerfile)
+    paths = launcher.prepare(job.job_id, context, dockerfile, [s.id for s in job.secrets])
     argv = build_argv(build_request(job, paths), insecure_registries=insecure_registries)
-    env = {"BUILDKIT_HOST": daemon, **secret_env(job, environ)}
-    spec = LaunchSpec(job_id=job.job_id, argv=argv, env=env, context_dir=context, dockerfile_dir=dockerfile)
+    as_files = bool(paths.secret_files)
+    env = {"BUILDKIT_HOST": daemon, **({} if as_files else secret_env(job, environ))}
+    spec = LaunchSpec(
+        job_id=job.job_id, argv=argv, env=env, context_dir=context, dockerfile_dir=dockerfile,
+        secrets=secret_values(job, environ) if as_files else {},
+    )  # fmt: skip
     try:
         running = launcher.start(spec, paths)
     except BuildError as exc:
@@ -130,6 +140,14 @@ def run_attempt(
         exit_code = running.wait()
         exited = clock()
         metadata = running.read_metadata() if exit_code == 0 else None
+    except BuildError as exc:  # the launcher lost buildctl (its container ended, the engine went away)
+        failure = Failure(
+            transient=not isinstance(exc, PermanentBuildError), reason=exc.reason, message=exc.message
+        )
+        return AttemptOutcome(
+            number, daemon, started, clock(), "failed", failure=failure, tracker=tracker,
+            first_output_at=tracker.first_output_at,
+        )  # fmt: skip
     finally:
         ticket.cancel()  # no watch runs after this
         running.close()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import redis
-
 from ..config import Settings
 from ..launchers import make_launcher
+from ..store.connect import redis_client, replicas_for
 from ..store.daemons import DaemonHealth
 from ..store.jobs import JobStore
 from ..store.logs import LogStore
@@ -16,8 +15,8 @@ from .service import BuildService
 
 def make_service(settings: Settings) -> BuildService:
     """The build runtime for this process (launcher, Redis stores, log store, metrics)."""
-    client = redis.Redis.from_url(settings.state_redis_url, socket_timeout=10, health_check_interval=30)
-    store = JobStore(client, result_ttl_s=settings.result_ttl_s)
+    client = redis_client(settings, socket_timeout=10, health_check_interval=30)
+    store = JobStore(client, result_ttl_s=settings.result_ttl_s, replicas=replicas_for(settings, client))
     return BuildService(
         settings=settings,
         launcher=make_launcher(settings),

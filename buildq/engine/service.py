@@ -23,14 +23,14 @@ from ..buildkit.classify import DAEMON_LOST_REASONS
 from ..config import Settings
 from ..errors import InvalidJobError
 from ..grants import granted_values
-from ..jobs import BuildJob, parse_job
+from ..jobs import BuildJob, cache_key, parse_job
 from ..launchers.base import Launcher
-from ..records import window_start_of
-from ..store.claim import claim, release
+from ..records import routing_reason, window_start_of
+from ..store.claim import Claim, claim, release
 from ..store.daemons import DaemonHealth
 from ..store.jobs import JobStore
 from ..store.logs import LogStore
-from ..store.slots import DaemonSlots, wait_for_slot
+from ..store.slots import DaemonSlots, wait_for_slot_preferring
 from .attempt import Attempt, AttemptRun
 from .checks import WorkerChecks
 from .interface import Delivery, Hold, LeaseLost, Reporter, RetryLater, WaitForDaemon
@@ -109,6 +109,8 @@ class BuildService:
                 give_up_after_s=self.settings.max_timeout_s + self.settings.lease_ttl_s,
                 poll_s=self.duplicate_poll_s,
                 avoid=avoid,
+                cache_key=cache_key(job) if self.settings.cache_affinity else None,
+                affinity_wait=self.settings.affinity_wait_s > 0,
                 clock=self.clock,
             )
         except TimeoutError as exc:
@@ -125,13 +127,12 @@ class BuildService:
             if got.cancelled:
                 return run.end.cancelled_before_start()
             if attempt.daemon is None:
-                waited = self._all_down_since(delivery)
+                waited = all_down_since(self.daemons, self.settings.daemons, delivery, self.clock)
                 if waited is not None and self.clock() - waited >= self.settings.daemon_wait_s:
-                    assert self.daemons is not None
-                    states = self.daemons.states(self.settings.daemons)
-                    message = unavailable_message(states, self.settings.daemon_wait_s, self.clock())
+                    message = unavailable_message(self.daemons, self.settings, self.clock())
                     return run.end.give_up("daemon_unavailable", message)
-                attempt.daemon = self._wait_for_daemon(job, token, prefer, avoid, waited)
+                attempt.daemon = self._wait_for_daemon(job, token, prefer, avoid, waited, got)
+            attempt.routing = routing_reason(got.preferred, attempt.daemon)
             return run.run()
         except (RetryLater, WaitForDaemon) as back:
             # the caller publishes the next message, then gives the claim back (never the reverse)
@@ -161,35 +162,30 @@ class BuildService:
             slot_key=slot,
         )
 
-    def _all_down_since(self, delivery: Delivery) -> float | None:
-        """When every daemon is down: since when this job has waited for one (else None)."""
-        if self.daemons is None:
-            return None
-        down = self.daemons.down()
-        if not all(d in down for d in self.settings.daemons):
-            return None
-        return delivery.waiting_since if delivery.waiting_since is not None else self.clock()
-
     def _wait_for_daemon(
-        self, job: BuildJob, token: str, prefer: int, avoid: str | None, waiting_since: float | None
+        self,
+        job: BuildJob,
+        token: str,
+        prefer: int,
+        avoid: str | None,
+        waiting_since: float | None,
+        got: Claim,
     ) -> str:
-        """A daemon slot; WaitForDaemon when all daemons stay full, or at once when all are down."""
+        """A daemon slot; WaitForDaemon when all daemons stay full, or at once when all are down.
+        When the daemon with the job's cache is full, it is waited for alone first (for at most
+        ``BUILDQ_AFFINITY_WAIT_S``), then any daemon for the rest of ``slot_wait_s``."""
         assert self.slots is not None
         jitter = (self.rand or random.random)()
         if waiting_since is not None:  # every daemon is down: wait off the pool, no attempt used
             self.store.update(job.job_id, state="queued", phase="waiting_for_daemon")
             left = self.settings.daemon_wait_s - (self.clock() - waiting_since)
             raise WaitForDaemon(countdown=max(0.1, min(1.0 + jitter, left)), waiting_since=waiting_since)
-        daemon = wait_for_slot(
-            self.slots,
-            self.settings.daemons,
-            token,
-            self.settings.lease_ttl_s,
-            self.settings.buildkit_max_builds,
-            prefer=prefer,
-            avoid=avoid,
-            max_wait_s=self.slot_wait_s,
-        )
+        s = self.settings
+        daemon = wait_for_slot_preferring(
+            self.slots, s.daemons, token, s.lease_ttl_s, s.buildkit_max_builds,
+            preferred=got.preferred if got.preferred_full else None, affinity_wait_s=s.affinity_wait_s,
+            slot_wait_s=self.slot_wait_s, prefer=prefer, avoid=avoid,
+        )  # fmt: skip
         if daemon is None:
             self.store.update(job.job_id, state="queued", phase="waiting_for_daemon")
             raise WaitForDaemon(countdown=1.0 + jitter * 2.0)
@@ -202,3 +198,15 @@ def _lost_daemon(earlier: list[dict[str, Any]]) -> str | None:
         daemon = earlier[-1].get("daemon")
         return str(daemon) if daemon else None
     return None
+
+
+def all_down_since(
+    health: DaemonHealth | None, daemons: list[str], delivery: Delivery, clock: Clock
+) -> float | None:
+    """When every daemon is down: since when this job has waited for one (else None)."""
+    if health is None:
+        return None
+    down = health.down()
+    if not all(d in down for d in daemons):
+        return None
+    return delivery.waiting_since if delivery.waiting_since is not None else clock()

@@ -1,7 +1,8 @@
 """Launchers: where a buildctl invocation runs. One small interface (``base.Launcher``), one file each.
 
 - ``local``: buildctl as a subprocess of the worker (``BUILDQ_BUILDCTL_PATH``).
-- ``docker``: buildctl in a container from ``BUILDQ_BUILDCTL_IMAGE`` via the Docker engine.
+- ``docker``: buildctl in containers from ``BUILDQ_BUILDCTL_IMAGE`` via the Docker engine: one warm
+  container per worker process (``docker.py`` and its ``docker_*`` modules).
 """
 
 from __future__ import annotations

@@ -6,24 +6,30 @@ file, and always calls ``close()``. ``kill()`` may be called from any thread at 
 
 Paths: the argv is built by the caller from the paths the launcher says buildctl will see
 (:meth:`Launcher.prepare`), because a containerised buildctl sees its bind mounts, not the
-worker's paths.
+worker's paths. The launcher also says how secrets reach buildctl: as environment variables
+(``--secret id=…,env=…``, the default) or as files it writes (``--secret id=…,src=…``).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass(frozen=True)
 class BuildPaths:
-    """Paths as buildctl sees them (``None`` context for a git context)."""
+    """Paths as buildctl sees them (``None`` context for a git context).
+
+    ``secret_files``: (secret id, file) pairs when the launcher wants the secrets as files it
+    writes from :attr:`LaunchSpec.secrets`; empty: as environment variables in :attr:`LaunchSpec.env`.
+    """
 
     context_dir: str | None
     dockerfile_dir: str | None
     metadata_file: str
+    secret_files: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,8 @@ class LaunchSpec:
 
     ``argv`` excludes the program name (it starts with ``build`` or ``debug``).
     ``env`` holds extra environment for buildctl (``BUILDKIT_HOST``, secret values named by
-    ``--secret id=…,env=…``); it is never logged.
+    ``--secret id=…,env=…``); it is never logged. ``secrets`` maps secret ids to values for a
+    launcher that asked for secret files (never logged either).
     ``context_dir`` / ``dockerfile_dir`` are worker-side directories to expose read-only.
     """
 
@@ -41,6 +48,7 @@ class LaunchSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     context_dir: str | None = None
     dockerfile_dir: str | None = None
+    secrets: Mapping[str, str] = field(default_factory=dict)
 
 
 class RunningBuild(abc.ABC):
@@ -79,8 +87,10 @@ class Launcher(abc.ABC):
     name: str = "abstract"
 
     @abc.abstractmethod
-    def prepare(self, job_id: str, context_dir: str | None, dockerfile_dir: str | None) -> BuildPaths:
-        """Return the paths buildctl will see for these worker-side directories."""
+    def prepare(
+        self, job_id: str, context_dir: str | None, dockerfile_dir: str | None, secret_ids: Sequence[str] = ()
+    ) -> BuildPaths:
+        """Return the paths buildctl will see for these worker-side directories (and secrets)."""
 
     @abc.abstractmethod
     def start(self, spec: LaunchSpec, paths: BuildPaths) -> RunningBuild:

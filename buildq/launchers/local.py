@@ -19,7 +19,8 @@ import signal
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,9 @@ class LocalLauncher(Launcher):
         self._count = 0
         self._base_env: dict[bytes, bytes] | None = None
 
-    def prepare(self, job_id: str, context_dir: str | None, dockerfile_dir: str | None) -> BuildPaths:
+    def prepare(
+        self, job_id: str, context_dir: str | None, dockerfile_dir: str | None, secret_ids: Sequence[str] = ()
+    ) -> BuildPaths:
         # one private scratch directory per process, made once; one metadata file per build in it
         if self._scratch is None or self._scratch_pid != os.getpid():
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -207,19 +210,26 @@ class LocalLauncher(Launcher):
             self._scratch = None
 
 
-def default_state_dir(shm: str = "/dev/shm") -> str:
-    """``<shm>/buildq-local`` when ``shm`` is a writable directory, else ``<tmp>/buildq-local``."""
+def default_state_dir(shm: str = "/dev/shm", name: str = "buildq-local") -> str:
+    """``<shm>/<name>`` when ``shm`` is a writable directory, else ``<tmp>/<name>``."""
     if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
-        return os.path.join(shm, "buildq-local")
-    return os.path.join(tempfile.gettempdir(), "buildq-local")
+        return os.path.join(shm, name)
+    return os.path.join(tempfile.gettempdir(), name)
 
 
-def _runs(pid: int, exe: str) -> bool:
+def _runs(pid: int, exe: str, *, settle_s: float = 0.5) -> bool:
     """True when process ``pid`` is alive and was started from ``exe`` (directly, or as the script
-    an interpreter runs: then ``exe`` is among the first arguments)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv = fh.read().split(b"\0")[:3]
-    except OSError:
-        return False
-    return exe.encode() in argv
+    an interpreter runs: then ``exe`` is among the first arguments).
+
+    A process that is still exec'ing (just started) shows an empty command line for a moment: it is
+    read again for up to ``settle_s``."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            return False
+        if raw or time.monotonic() >= deadline:
+            return exe.encode() in raw.split(b"\0")[:3]
+        time.sleep(0.005)

@@ -15,6 +15,8 @@ from typing import Any
 
 import redis
 
+from ..errors import NotReplicatedError
+from .connect import execute_waiting
 from .keys import (
     QUEUED_INDEX,
     RECENT_INDEX,
@@ -69,10 +71,10 @@ class _LeasesAndCancellation:
 class JobStore(_LeasesAndCancellation):
     """Reads and writes job state; one instance per process, sharing one connection pool."""
 
-    def __init__(self, client: redis.Redis, *, result_ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, *, result_ttl_s: int, replicas: Any = None) -> None:
         self.redis = client
         self.result_ttl_s = result_ttl_s
-        self.scripts = Scripts(client)
+        self.scripts = Scripts(client, replicas)  # replicas: see buildq.store.connect.Replicas
         self._local = threading.local()
 
     @classmethod
@@ -96,8 +98,10 @@ class JobStore(_LeasesAndCancellation):
         """Record a submitted job, after its message is sent (``HSETNX``: never overwrites a worker's
         ``running``). With ``message`` (Redis broker on this same Redis) it is pushed to ``queue`` in
         the same round trip, and kept (with its delivery ``tag``) until a worker claims the job, so
-        the janitor can send it again if the broker loses it. ``job`` (its JSON) is kept for ``buildq
-        retry``; the id goes in the ``recent`` index (trimmed here) for ``buildq list``."""
+        the janitor can send it again if the broker loses it; ``WAIT`` ends it when replicas are
+        wanted (:class:`~buildq.errors.NotReplicatedError` when too few confirm). ``job`` (its
+        JSON) is kept for ``buildq retry``; the id goes in the ``recent`` index (trimmed here)
+        for ``buildq list``."""
         pipe = self.redis.pipeline(transaction=False)
         key = job_key(job_id)
         if message is not None:
@@ -116,7 +120,8 @@ class JobStore(_LeasesAndCancellation):
         pipe.zadd(RECENT_INDEX, {job_id: enqueued_at})
         pipe.zremrangebyrank(RECENT_INDEX, 0, -RECENT_MAX - 1)
         pipe.zremrangebyscore(RECENT_INDEX, "-inf", f"({enqueued_at - self.result_ttl_s!r}")
-        pipe.execute()
+        if (missing := execute_waiting(pipe, self.scripts.replicas)) is not None:
+            raise NotReplicatedError(job_id, *missing)
 
     def update(self, job_id: str, fields: dict[str, Any] | None = None, **more: Any) -> None:
         """Set fields of the job hash (``state``, ``phase``, ``attempt``, ``worker``); it expires."""
@@ -136,7 +141,8 @@ class JobStore(_LeasesAndCancellation):
         keys = [result_key(job_id), job_key(job_id), lease_key(job_id), QUEUED_INDEX]
         args = [json.dumps(record, separators=(",", ":")), record["state"], self.result_ttl_s]
         args += [done_channel(job_id), job_id]
-        return bool(self.scripts("store_rejected")(keys=keys, args=args))
+        what = f"record of job {job_id}"
+        return bool(self.scripts.durable("store_rejected", keys=keys, args=args, what=what))
 
     def requeue(
         self,
@@ -154,7 +160,7 @@ class JobStore(_LeasesAndCancellation):
         published) when the lease is another delivery's. The message becomes the janitor's copy."""
         keys = [queue, job_key(job_id), lease_key(job_id), slot_key or "", QUEUED_INDEX]
         args = [message, tag, token, job_id, repr(due), phase, self.result_ttl_s, 1 if slot_key else 0]
-        return bool(self.scripts("requeue")(keys=keys, args=args))
+        return bool(self.scripts.durable("requeue", keys=keys, args=args, what=f"requeue of job {job_id}"))
 
     def result(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(result_key(job_id))

@@ -19,6 +19,10 @@
 - ``daemons:down``  hash daemon -> epoch seconds it went down (the open circuit breakers)
 - ``daemons:up``    hash daemon -> epoch seconds it came back; ``daemons:error`` daemon -> last error
 - ``daemons:probe:<daemon>`` the lock of the one probe of a down daemon (expires)
+- ``affinity:<cache key>`` the daemon whose last successful build used this cache
+                    (:func:`buildq.jobs.cache_key`); expires after ``BUILDQ_RESULT_TTL_S``
+- ``baseline:<cache key>`` list, newest first: the phases of a repository's last successful
+                    builds (see :mod:`buildq.store.baseline`)
 
 Kombu's Redis transport keeps delivered, unacknowledged messages in ``unacked`` (hash) and their
 delivery times in ``unacked_index`` (sorted set); the janitor reads them.
@@ -71,6 +75,16 @@ def slot_key(daemon: str) -> str:
     return SLOTS_PREFIX + daemon
 
 
+def affinity_key(cache_key: str) -> str:
+    """The daemon that last built with this cache (cache-affinity routing)."""
+    return f"{PREFIX}affinity:{cache_key}"
+
+
 def daemon_probe_key(daemon: str) -> str:
     """The lock held while one worker probes a down daemon."""
     return f"{PREFIX}daemons:probe:{daemon}"
+
+
+def baseline_key(cache_key: str) -> str:
+    """The list of the phases of the last successful builds of ``cache_key``'s repository."""
+    return f"{PREFIX}baseline:{cache_key}"

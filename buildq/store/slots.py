@@ -118,3 +118,40 @@ def wait_for_slot(
         if left <= 0:
             return None
         sleep(min(left, poll_s * (0.5 + jitter())))
+
+
+def wait_for_slot_preferring(
+    slots: DaemonSlots,
+    daemons: Sequence[str],
+    token: str,
+    ttl_s: float,
+    limit: int,
+    *,
+    preferred: str | None,
+    affinity_wait_s: float,
+    slot_wait_s: float = 5.0,
+    prefer: int = 0,
+    avoid: str | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    jitter: Callable[[], float] = random.random,
+) -> str | None:
+    """A slot, waiting first for ``preferred`` alone (the daemon that has the job's cache, up but
+    full) for at most ``affinity_wait_s``, then for any daemon (:func:`wait_for_slot`) for what is
+    left of ``slot_wait_s``; None when all stayed full (the caller re-queues the job).
+
+    Without ``preferred`` (or with no affinity wait) it is :func:`wait_for_slot` over ``daemons``.
+    """
+    started = clock()
+    if preferred is not None and affinity_wait_s > 0:
+        daemon = wait_for_slot(
+            slots, [preferred], token, ttl_s, limit,
+            max_wait_s=affinity_wait_s, clock=clock, sleep=sleep, jitter=jitter,
+        )  # fmt: skip
+        if daemon is not None:
+            return daemon
+    return wait_for_slot(
+        slots, daemons, token, ttl_s, limit,
+        max_wait_s=max(0.0, slot_wait_s - (clock() - started)), prefer=prefer, avoid=avoid,
+        clock=clock, sleep=sleep, jitter=jitter,
+    )  # fmt: skip
