@@ -3,7 +3,8 @@
 Run on a development machine with ``BUILDQ_TEST_BUILDKIT_BIN=/path/to/bin`` (README: development);
 skipped otherwise. A cold and a warm build with a real registry, and a daemon restart in the
 middle of a RUN step (SIGTERM, SIGKILL after 2 s, back after 20 s and after 60 s) that the build
-survives, and two daemons of which one is killed: new builds go to the live one.
+survives, two daemons of which one is killed: new builds go to the live one, and a context uploaded
+as a registry blob that buildkitd fetches by URL.
 """
 
 from __future__ import annotations
@@ -142,3 +143,22 @@ def datetime_ts(text: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(text).timestamp()
+
+
+def test_an_uploaded_context_builds_from_its_blob_url(genuine, tmp_path, start_worker) -> None:
+    """A producer with no shared path: the context goes to the registry as a blob, buildkitd fetches it."""
+    env = deployment(genuine, tmp_path, 8)
+    env["BUILDQ_CONTEXT_REPOSITORY"] = f"{genuine['registry'].host}/buildq/contexts"
+    start_worker(env, concurrency=1)
+    client = client_for(env)
+    ctx = project(tmp_path, genuine["base"], 0)
+    (ctx / ".dockerignore").write_text("secret.txt\n")
+    (ctx / "secret.txt").write_text("not for the image\n")
+    handle = client.submit(
+        {"context": str(ctx), "tags": [f"{genuine['registry'].host}/demo/up:1"]}, upload=True
+    )
+    record = handle.wait(timeout=180)
+    assert record["state"] == "succeeded", record.get("error")
+    lines = [e.line for e in client.logs(handle.job_id)]
+    assert any("load remote build context" in line for line in lines)
+    print(f"\ngenuine uploaded context: {record['duration_s']:.3f}s")
