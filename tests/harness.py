@@ -265,3 +265,44 @@ class Background(threading.Thread):
             self.result = self.fn()
         except BaseException as exc:  # noqa: BLE001
             self.error = exc
+
+
+Errors = tuple[type[BaseException], ...]
+#: what a producer retries while Redis restarts or Sentinel elects a new master
+RETRYABLE: Errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def submit_retrying(
+    client: BuildqClient,
+    job: dict[str, Any],
+    *,
+    within_s: float = 60,
+    retry_on: tuple[type[BaseException], ...] = RETRYABLE,
+) -> str:
+    """A producer that submits again while Redis is away (the job id makes it idempotent)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return str(client.submit(job).job_id)
+        except retry_on:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def wait_retrying(
+    client: BuildqClient,
+    job_id: str,
+    timeout: float,
+    *,
+    retry_on: tuple[type[BaseException], ...] = RETRYABLE,
+) -> dict[str, Any]:
+    """Wait for a record, reconnecting while Redis is away."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return dict(client.wait(job_id, timeout=max(1.0, deadline - time.monotonic())))
+        except retry_on:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

@@ -34,6 +34,8 @@ from tests.harness import (
     flush_dbs,
     free_port,
     start_redis_server,
+    submit_retrying,
+    wait_retrying,
     wait_until,
 )
 from tests.test_producers import raw_celery_message
@@ -284,29 +286,6 @@ def test_chaos_redis_restarted_ten_times_under_fifty_builds(
         assert overlaps == []
     finally:
         subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
-
-
-def submit_retrying(client: Any, job: dict[str, Any]) -> str:
-    """A producer that retries its submit while Redis restarts (the job id makes it idempotent)."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return client.submit(job).job_id
-        except redis.exceptions.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def wait_retrying(client: Any, job_id: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return client.wait(job_id, timeout=max(1.0, deadline - time.monotonic()))
-        except redis.exceptions.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def overlapping_runs(events: list[dict[str, Any]]) -> list[str]:

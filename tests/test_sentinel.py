@@ -21,7 +21,8 @@ from buildq.config import SettingsError, load_settings
 from buildq.errors import NotReplicatedError
 from buildq.store.connect import Replicas, parse_sentinel_url, same_redis_url
 from tests.conftest import scenario
-from tests.harness import base_env, client_for
+from tests.harness import RETRYABLE as HARNESS_RETRYABLE
+from tests.harness import base_env, client_for, submit_retrying, wait_retrying
 from tests.sentinels import MASTER_NAME, SentinelSetup
 from tests.test_no_loss import overlapping_runs
 
@@ -131,7 +132,7 @@ def test_sigkill_of_the_master_under_fifty_builds_loses_none_and_doubles_none(
         spec = scenario(kind="succeed", sleep_s=round(rng.uniform(0.1, 1.5), 2))
         job = {"context": str(context_dir), "tags": [f"reg/sentinel{i}:1"], "job_id": f"sentinel-{i}",
                "build_args": {"STANDIN_SCENARIO": spec}}  # fmt: skip
-        handles.append(submit_retrying(client, job))
+        handles.append(submit_retrying(client, job, retry_on=RETRYABLE))
         if killed_at is not None and first_submit_after is None:
             first_submit_after = time.time() - killed_at
         if i == 24:  # midway: builds running, others queued
@@ -144,7 +145,7 @@ def test_sigkill_of_the_master_under_fifty_builds_loses_none_and_doubles_none(
             time.sleep(rng.uniform(0.0, 0.2))
     watcher.join()
     assert killed_at is not None and first_submit_after is not None and failover
-    records = {h: wait_retrying(client, h, timeout=240) for h in handles}
+    records = {h: wait_retrying(client, h, timeout=240, retry_on=RETRYABLE) for h in handles}
     states = collections.Counter(rec["state"] for rec in records.values())
     last_done = max(_epoch(rec["finished_at"]) for rec in records.values())
     starts = standin_log.starts()
@@ -164,28 +165,4 @@ def _epoch(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
-RETRYABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, NotReplicatedError)
-
-
-def submit_retrying(client: Any, job: dict[str, Any]) -> str:
-    """A producer that submits again while the sentinels elect a new master (the job id makes it
-    idempotent)."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return str(client.submit(job).job_id)
-        except RETRYABLE:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def wait_retrying(client: Any, job_id: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return dict(client.wait(job_id, timeout=max(1.0, deadline - time.monotonic())))
-        except RETRYABLE:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+RETRYABLE = (*HARNESS_RETRYABLE, NotReplicatedError)
