@@ -129,6 +129,21 @@ def base_env(db: int, queue: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def simulated_deployment(
+    standin: Path, db: int, daemons_dir: Path, hosts: str, **extra: str
+) -> dict[str, str]:
+    """A deployment (own DBs, flushed; own queue and local state) whose BuildKit daemons ``hosts``
+    are the stand-in's simulated daemons in ``daemons_dir``."""
+    env = base_env(
+        db, f"t{uuid.uuid4().hex[:8]}", BUILDQ_BUILDCTL_PATH=str(standin), BUILDQ_BUILDKIT_HOSTS=hosts
+    )
+    env["STANDIN_DAEMONS_DIR"] = str(daemons_dir)
+    env["BUILDQ_LOCAL_STATE_DIR"] = str(daemons_dir.parent / f"state-{db}")
+    env.update(extra)
+    flush_dbs(env)
+    return env
+
+
 def settings_from(env: Mapping[str, str]) -> Settings:
     return load_settings({k: v for k, v in env.items() if k.startswith("BUILDQ_")})
 

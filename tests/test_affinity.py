@@ -8,7 +8,6 @@ regwarm (cache imported from the registry) or cold.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,13 @@ from tests.conftest import scenario
 from tests.harness import (
     REDIS_URL,
     CountingRedis,
-    base_env,
     client_for,
     counting_client,
-    flush_dbs,
     free_port,
+    simulated_deployment,
     wait_until,
 )
-from tests.standin.scenarios import daemon_down, daemon_invocations, daemons_env
+from tests.standin.scenarios import daemon_down, daemon_invocations
 from tests.test_observability import scrape
 
 A, B = "tcp://127.0.0.1:1234", "tcp://127.0.0.1:1236"
@@ -233,14 +231,7 @@ def test_after_the_affinity_wait_the_ordinary_wait_has_only_what_is_left(slots, 
 
 
 def deployment(standin: Path, db: int, daemons_dir: Path, **extra: str) -> dict[str, str]:
-    env = base_env(
-        db, f"a{uuid.uuid4().hex[:8]}", BUILDQ_BUILDCTL_PATH=str(standin), BUILDQ_BUILDKIT_HOSTS=f"{A},{B}"
-    )
-    env.update(daemons_env(daemons_dir))
-    env["BUILDQ_LOCAL_STATE_DIR"] = str(daemons_dir.parent / f"state-{db}")
-    env.update(extra)
-    flush_dbs(env)
-    return env
+    return simulated_deployment(standin, db, daemons_dir, f"{A},{B}", **extra)
 
 
 def job(context_dir: Path, project: str, sleep_s: float = 0.0) -> dict[str, Any]:

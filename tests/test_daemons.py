@@ -8,7 +8,6 @@ while a simulated daemon restarts (GOAWAY, then refused for 20 s and 60 s, then 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from buildq.store.daemons import DaemonHealth, DaemonState
 from buildq.store.jobs import JobStore
 from buildq.store.slots import DaemonSlots
 from tests.conftest import FIXTURES, scenario
-from tests.harness import REDIS_URL, base_env, client_for, flush_dbs, wait_until
-from tests.standin.scenarios import daemon_down, daemon_invocations, daemons_env
+from tests.harness import REDIS_URL, client_for, simulated_deployment, wait_until
+from tests.standin.scenarios import daemon_down, daemon_invocations
 
 A, B = "tcp://127.0.0.1:1234", "tcp://127.0.0.1:1236"
 DB_URL = f"{REDIS_URL}/13"
@@ -170,14 +169,7 @@ def test_the_watch_closes_the_breaker_when_the_daemon_answers(
 
 
 def deployment(standin: Path, db: int, daemons_dir: Path, hosts: str, **extra: str) -> dict[str, str]:
-    env = base_env(
-        db, f"t{uuid.uuid4().hex[:8]}", BUILDQ_BUILDCTL_PATH=str(standin), BUILDQ_BUILDKIT_HOSTS=hosts
-    )
-    env.update(daemons_env(daemons_dir))
-    env["BUILDQ_LOCAL_STATE_DIR"] = str(daemons_dir.parent / f"state-{db}")
-    env.update(extra)
-    flush_dbs(env)
-    return env
+    return simulated_deployment(standin, db, daemons_dir, hosts, **extra)
 
 
 def job(context_dir: Path, tag: str, sleep_s: float = 0.0) -> dict[str, Any]:
