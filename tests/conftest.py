@@ -9,17 +9,12 @@ from typing import Any
 
 import pytest
 
-from tests.harness import StandinLog, WorkerProcess, base_env, ensure_redis, flush_dbs
+from tests.harness import StandinLog, WorkerProcess, base_env, flush_dbs
 from tests.standin import write_standin_executable
 
 pytest_plugins = ["tests.conftest_docker"]
 
 FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _redis() -> None:
-    ensure_redis(6379)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ environment; tests talk to it through :class:`buildq.client.BuildqClient` on the
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -27,7 +28,6 @@ from buildq.client import BuildqClient
 from buildq.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = os.environ.get("BUILDQ_TEST_REDIS", "redis://127.0.0.1:6379")
 #: the local launcher's pid and metadata files of this test run: never another deployment's
 LOCAL_STATE_DIR = os.path.join(tempfile.gettempdir(), f"buildq-tests-{os.getpid()}")
 
@@ -96,16 +96,40 @@ def start_redis_server(port: int, *options: str) -> None:
     raise RuntimeError(f"redis-server on port {port} did not start")
 
 
-def ensure_redis(port: int = 6379) -> None:
-    """Start a local redis-server on ``port`` if nothing answers there (CI and fresh machines)."""
-    if not redis_answers(f"redis://127.0.0.1:{port}"):
-        start_redis_server(port, "--save", "", "--appendonly", "no")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _session_redis() -> str:
+    """The Redis this test run writes to: ``BUILDQ_TEST_REDIS`` when set (the developer's choice),
+    else a ``redis-server`` of the run's own on a free port, started here once and shut down when
+    the process that started it exits. The tests never write to a Redis they did not start (the
+    machine's 6379 is left alone); the URL is exported, so subprocesses share the same server."""
+    given = os.environ.get("BUILDQ_TEST_REDIS")
+    if given:
+        return given.rstrip("/")
+    port = free_port()
+    folder = tempfile.mkdtemp(prefix=f"buildq-test-redis-{port}-")
+    start_redis_server(port, "--save", "", "--appendonly", "no", "--dir", folder, "--databases", "32")
+    url = f"redis://127.0.0.1:{port}"
+    os.environ["BUILDQ_TEST_REDIS"] = url
+    owner = os.getpid()
+
+    def stop() -> None:
+        if os.getpid() == owner:
+            try:
+                redis.Redis(port=port, socket_timeout=2).shutdown(nosave=True)
+            except redis.RedisError:
+                pass
+            shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(stop)
+    return url
+
+
+REDIS_URL = _session_redis()
 
 
 def base_env(db: int, queue: str, **extra: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from buildq.engine.attemptlog import AttemptLog, RawRedactor
 from buildq.engine.redact import Redactor
 from buildq.store.keys import log_key
 from buildq.store.logs import LogEntry, LogStore, final_state, format_entry, show_attempts
-from tests.harness import free_port
+from tests.harness import REDIS_URL, free_port
 from tests.test_plainlog import feed_line
 
 FIX = Path(__file__).parent / "fixtures" / "buildkit"
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def r() -> Iterator[redis.Redis]:
-    client = redis.Redis(host="127.0.0.1", port=6379, db=12, socket_timeout=5)
+    client = redis.Redis.from_url(f"{REDIS_URL}/12", socket_timeout=5)
     client.flushdb()
     yield client
     client.flushdb()
