@@ -26,7 +26,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from buildq.explain import baseline_entry, explain, needs_baseline  # noqa: E402
+from buildq.engine.explain import baseline_entry, explain, needs_baseline  # noqa: E402
 from buildq.store.baseline import baseline_write, read_baseline  # noqa: E402
 from buildq.store.claim import finish  # noqa: E402
 from buildq.store.jobs import JobStore  # noqa: E402

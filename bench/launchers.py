@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from buildq.buildkit.command import build_argv  # noqa: E402
 from buildq.config import load_settings  # noqa: E402
+from buildq.contract.job import BuildJob, parse_job  # noqa: E402
 from buildq.engine.runner import build_request, dockerfile_dir  # noqa: E402
-from buildq.jobs import BuildJob, parse_job  # noqa: E402
 from buildq.launchers.base import BuildPaths, Launcher, LaunchSpec  # noqa: E402
 from buildq.launchers.docker import DockerLauncher  # noqa: E402
 from buildq.launchers.local import LocalLauncher  # noqa: E402

@@ -309,11 +309,11 @@ def schema(
 ) -> None:
     """Print the JSON Schema of a build job (for producers in other languages), or of its record."""
     if record:
-        from .recordschema import record_schema
+        from .contract.record import record_schema
 
         typer.echo(json.dumps(record_schema(), indent=2))
         return
-    from .jobs import job_schema
+    from .contract.job import job_schema
 
     typer.echo(json.dumps(job_schema(), indent=2))
 

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Sequence
 from typing import IO, Any
 
+from .contract.grants import check_context_roots
+from .contract.job import is_remote_context
 from .errors import InvalidJobError
-from .grants import check_context_roots
-from .jobs import is_remote_context
 
 
 def read_job_file(path: str, stdin: IO[str] | None = None) -> dict[str, Any]:

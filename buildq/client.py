@@ -25,8 +25,8 @@ from celery import Celery
 from .celeryapp.app import create_app
 from .celeryapp.producer import build_message, job_kwargsrepr
 from .config import Settings, is_redis_url, load_settings
-from .grants import check_producer_grants
-from .jobs import BuildJob, parse_job
+from .contract.grants import check_producer_grants
+from .contract.job import BuildJob, parse_job
 from .names import TASK_NAME
 from .records import job_status, public_record
 from .store.connect import redis_client, replicas_for, same_redis_url

@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .config import Settings
+from .contract.job import BuildJob, new_job_id, parse_job
 from .errors import InvalidJobError
-from .jobs import BuildJob, new_job_id, parse_job
 from .upload import Uploaded, upload_context
 
 

@@ -26,7 +26,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
-from .grants import validate_repository_pattern
+from .contract.grants import validate_repository_pattern
 
 ENV_PREFIX = "BUILDQ_"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")

@@ -1,6 +1,6 @@
 """The JSON record of a build, built here and only here for every outcome and state (pure).
 
-One documented shape (README "Result record", JSON Schema in :mod:`buildq.recordschema`): every
+One documented shape (README "Result record", JSON Schema in :mod:`buildq.contract.record`): every
 state has ``job_id``, ``state``, ``phase``, ``attempt``, ``worker``, ``daemon``, ``enqueued_at``,
 ``started_at``; a finished one (succeeded | failed | cancelled) also ``finished_at``,
 ``duration_s``, ``image``, ``cache``, ``attempts``, ``error``, ``phases``, ``steps``,
@@ -8,7 +8,7 @@ state has ``job_id``, ``state``, ``phase``, ``attempt``, ``worker``, ``daemon``,
 job the worker found invalid, :func:`job_status` for what a reader gets in any state (from the job
 hash or the stored record), :func:`summary` for what Celery stores as the task result.
 The record's ``daemon`` and ``routing`` are those of the last attempt; ``explain`` is filled in by
-the engine (:mod:`buildq.explain`).
+the engine (:mod:`buildq.engine.explain`).
 Nothing internal is in a record; :func:`redact_strings` masks secrets in one before it is written.
 """
 
@@ -23,7 +23,7 @@ from .buildkit.cacheevidence import CacheEvidence, cache_evidence
 from .buildkit.classify import NEVER_REACHED_REASON, Failure
 from .buildkit.phases import compute_phases, slowest_steps, step_stats
 from .buildkit.progress import ProgressTracker
-from .jobs import BuildJob
+from .contract.job import BuildJob
 
 
 @dataclass

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .explain import sentence
+from .engine.explain import sentence
 
 #: timeline order of the phases in the waterfall
 PHASE_ORDER = (

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from buildq.jobs import BuildJob, cache_key
+from buildq.contract.job import BuildJob, cache_key
 from buildq.records import routing_reason
 from buildq.render import render_record
 from buildq.store.claim import claim, finish

@@ -1,4 +1,4 @@
-"""buildq.buildkit.backoff: full-jitter exponential backoff and the retry budget."""
+"""buildq.engine.backoff: full-jitter exponential backoff and the retry budget."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from buildq.buildkit.backoff import backoff_ceiling, backoff_delay
+from buildq.engine.backoff import backoff_ceiling, backoff_delay
 
 
 def one() -> float:

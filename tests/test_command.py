@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from buildq.buildkit.command import build_argv, csv_attrs
+from buildq.contract.job import BuildJob, parse_job
 from buildq.engine.runner import build_request, secret_env, secret_values
-from buildq.jobs import BuildJob, parse_job
 from buildq.launchers.base import BuildPaths
 
 FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from buildq.contract.job import parse_job
 from buildq.engine.runner import run_attempt
 from buildq.engine.ticker import Ticker
-from buildq.jobs import parse_job
 from buildq.launchers import docker_box
 from buildq.launchers.docker_reap import STALE_FOLDER_S, remove_stale_folders
 from tests.conftest_docker import DOCKER_URL, STANDIN_IMAGE

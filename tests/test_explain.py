@@ -18,7 +18,7 @@ import pytest
 
 from buildq.buildkit.phases import compute_phases, slowest_steps
 from buildq.buildkit.progress import ProgressTracker
-from buildq.explain import (
+from buildq.engine.explain import (
     MIN_BUILDS,
     STEP_NAME_MAX,
     baseline_entry,

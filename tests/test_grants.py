@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 
 from buildq.config import SettingsError, load_settings
-from buildq.engine.checks import check_job_on_worker
-from buildq.errors import InvalidJobError
-from buildq.grants import (
+from buildq.contract.grants import (
     check_context_roots,
     check_producer_grants,
     check_repositories,
@@ -23,8 +21,10 @@ from buildq.grants import (
     secret_granted,
     validate_repository_pattern,
 )
-from buildq.jobs import parse_job
-from buildq.reference import parse_reference
+from buildq.contract.job import parse_job
+from buildq.contract.reference import parse_reference
+from buildq.engine.checks import check_job_on_worker
+from buildq.errors import InvalidJobError
 
 
 def job(**fields):

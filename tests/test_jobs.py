@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from buildq.contract.job import BuildJob, job_schema, parse_job
+from buildq.contract.reference import parse_reference
 from buildq.errors import InvalidJobError
-from buildq.jobs import BuildJob, job_schema, parse_job
-from buildq.reference import parse_reference
 
 
 def job(**over: object) -> dict[str, object]:

@@ -8,7 +8,7 @@ import json
 import jsonschema
 
 from buildq.cli_views import StepCounter, ago, list_lines, progress_line
-from buildq.recordschema import record_schema
+from buildq.contract.record import record_schema
 from buildq.store.listing import job_row
 from tests.conftest import scenario
 from tests.harness import client_for

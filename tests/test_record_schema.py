@@ -11,8 +11,8 @@ from typing import Any
 import jsonschema
 import pytest
 
+from buildq.contract.record import record_schema
 from buildq.records import job_status, public_record
-from buildq.recordschema import record_schema
 from tests.conftest import scenario
 from tests.harness import client_for, wait_until
 from tests.harness import run_cli as cli

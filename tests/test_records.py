@@ -9,8 +9,8 @@ from buildq.buildkit.classify import Failure
 from buildq.buildkit.progress import ProgressTracker
 from buildq.celeryapp.producer import job_kwargsrepr
 from buildq.celeryapp.task import BuildFailed, failure_text
+from buildq.contract.job import parse_job
 from buildq.engine.redact import Redactor
-from buildq.jobs import parse_job
 from buildq.records import (
     AttemptOutcome,
     attempt_record,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from buildq.contract.job import is_remote_context, is_url_context, parse_job, url_query_values
 from buildq.engine.runner import build_request, dockerfile_dir
 from buildq.errors import InvalidJobError
-from buildq.jobs import is_remote_context, is_url_context, parse_job, url_query_values
 from buildq.launchers.base import BuildPaths
 from tests.harness import client_for, free_port
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..reference import parse_reference, registry_host
+from ..contract.reference import parse_reference, registry_host
 
 
 @dataclass(frozen=True)

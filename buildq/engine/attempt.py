@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..buildkit.livephase import LivePhases
 from ..buildkit.solvestatus import SolveStatus
-from ..jobs import BuildJob, url_query_values
+from ..contract.job import BuildJob, url_query_values
 from ..records import epoch
 from ..store.claim import Holder
 from .attemptlog import AttemptLog

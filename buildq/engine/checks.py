@@ -11,9 +11,9 @@ import os
 from collections.abc import Mapping, Sequence
 
 from ..config import Settings
+from ..contract.grants import check_repositories, check_secrets, context_outside_roots
+from ..contract.job import BuildJob
 from ..errors import InvalidJobError
-from ..grants import check_repositories, check_secrets, context_outside_roots
-from ..jobs import BuildJob
 
 
 def check_job_on_worker(

@@ -4,7 +4,7 @@
 left raises ``RetryLater`` (at once when the daemon was never reached, else after the backoff); any
 other outcome becomes the final record, stored with the log's end and the claim given back in one
 round trip (:func:`~buildq.store.claim.finish`). The record's ``explain`` compares its phases with
-the repository's baseline (:mod:`buildq.explain`), read first only when a phase or step took long
+the repository's baseline (:mod:`buildq.engine.explain`), read first only when a phase or step took long
 enough to be flagged; a build that succeeded in one attempt joins the baseline in that round trip.
 A daemon that could not be dialled has its circuit breaker opened here. :meth:`AttemptEnd.give_up`
 and :meth:`AttemptEnd.cancelled_before_start` end a job that never ran.
@@ -16,10 +16,8 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..buildkit.backoff import backoff_delay
 from ..buildkit.classify import Failure
-from ..explain import baseline_entry, explain, needs_baseline
-from ..jobs import cache_key
+from ..contract.job import cache_key
 from ..records import (
     AttemptOutcome,
     attempt_record,
@@ -34,6 +32,8 @@ from ..records import (
 from ..store.baseline import BaselineWrite, baseline_write, read_baseline
 from ..store.claim import finish
 from .attemptlog import AttemptLog
+from .backoff import backoff_delay
+from .explain import baseline_entry, explain, needs_baseline
 from .interface import LeaseLost, RetryLater
 from .redact import Redactor
 from .unavailable import unavailable_message

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from ..contract.job import JOB_ID_PATTERN
 from ..errors import InvalidJobError
-from ..jobs import JOB_ID_PATTERN
 from ..launchers.base import Launcher
 from ..records import redact_strings, rejected_record
 from .interface import Delivery, LeaseLost

@@ -15,8 +15,8 @@ from ..buildkit.classify import NEVER_REACHED_REASON, Failure, classify_failure
 from ..buildkit.command import BuildRequest, build_argv, split_dockerfile
 from ..buildkit.progress import ProgressTracker
 from ..buildkit.solvestatus import SolveStatus
+from ..contract.job import BuildJob
 from ..errors import BuildError, PermanentBuildError
-from ..jobs import BuildJob
 from ..launchers.base import BuildPaths, Launcher, LaunchSpec
 from ..records import AttemptOutcome
 from .ticker import Ticker

@@ -21,9 +21,9 @@ from typing import Any
 
 from ..buildkit.classify import DAEMON_LOST_REASONS
 from ..config import Settings
+from ..contract.grants import granted_values
+from ..contract.job import BuildJob, cache_key, parse_job
 from ..errors import InvalidJobError
-from ..grants import granted_values
-from ..jobs import BuildJob, cache_key, parse_job
 from ..launchers.base import Launcher
 from ..records import routing_reason, window_start_of
 from ..store.claim import Claim, claim, release

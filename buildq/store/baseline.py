@@ -1,11 +1,11 @@
 """Each repository's baseline: the phases of its last successful builds (at most ``BUILDQ_BASELINE_N``).
 
 One Redis list per cache key (``buildq:baseline:<cache key>``, newest first), each element the
-JSON entry :func:`buildq.explain.baseline_entry` made of a build that succeeded in one attempt.
+JSON entry :func:`buildq.engine.explain.baseline_entry` made of a build that succeeded in one attempt.
 :func:`~buildq.store.claim.finish` pushes the entry, trims the list to N and renews its
 :data:`BASELINE_TTL_S` in the same round trip (``lua/finish.lua``) that stores the result;
 :func:`read_baseline` reads it (one round trip, taken only by a build that has a phase worth
-comparing, see :func:`buildq.explain.needs_baseline`).
+comparing, see :func:`buildq.engine.explain.needs_baseline`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@
 - ``daemons:up``    hash daemon -> epoch seconds it came back; ``daemons:error`` daemon -> last error
 - ``daemons:probe:<daemon>`` the lock of the one probe of a down daemon (expires)
 - ``affinity:<cache key>`` the daemon whose last successful build used this cache
-                    (:func:`buildq.jobs.cache_key`); expires after ``BUILDQ_RESULT_TTL_S``
+                    (:func:`buildq.contract.job.cache_key`); expires after ``BUILDQ_RESULT_TTL_S``
 - ``baseline:<cache key>`` list, newest first: the phases of a repository's last successful
                     builds (see :mod:`buildq.store.baseline`)
 

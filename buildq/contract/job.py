@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import InvalidJobError
+from ..errors import InvalidJobError
 from .grants import normalize_repository
 from .reference import parse_reference
 

@@ -26,11 +26,11 @@ from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from .errors import InvalidJobError
+from ..errors import InvalidJobError
 from .reference import parse_reference
 
 if TYPE_CHECKING:
-    from .jobs import BuildJob
+    from .job import BuildJob
 
 #: worker variables no pattern grants: the worker's own settings
 NEVER_GRANTED_PREFIX = "BUILDQ_"

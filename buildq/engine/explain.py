@@ -1,7 +1,7 @@
 """Whether a finished build was unusually slow, against the recent builds of its repository (pure).
 
 A *baseline* is a list of entries, one per earlier build of the same cache key
-(:func:`~buildq.jobs.cache_key`) that succeeded in a single attempt, newest first, as
+(:func:`~buildq.contract.job.cache_key`) that succeeded in a single attempt, newest first, as
 :func:`baseline_entry` makes them: ``{"p": {phase: seconds}, "s": {step name: seconds}}`` with the
 phases of :data:`~buildq.buildkit.phases.PHASES` and the build's slowest Dockerfile steps (the
 record's ``slowest_steps``, at most 5).
@@ -30,7 +30,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .buildkit.phases import PHASES
+from ..buildkit.phases import PHASES
 
 #: a phase is flagged at RATIO × its median or more ...
 RATIO = 3.0
