@@ -26,10 +26,14 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from buildq.engine.explain import baseline_entry, explain, needs_baseline  # noqa: E402
-from buildq.store.baseline import baseline_write, read_baseline  # noqa: E402
 from buildq.store.claim import finish  # noqa: E402
-from buildq.store.jobs import JobStore  # noqa: E402
+
+from buildq.engine.recording import baseline_entry, explain, needs_baseline  # noqa: E402
+from buildq.store.jobs import (  # noqa: E402
+    JobStore,  # noqa: E402
+    baseline_write,
+    read_baseline,
+)
 from buildq.store.keys import baseline_key, job_key, result_key  # noqa: E402
 
 PHASES = {

@@ -11,9 +11,9 @@ prints what the task's thread did:
 - **modules entered**: distinct ``buildq.*`` modules with at least one call, out of the package's;
 - after buildctl exits (the return of the launcher's ``wait``):
   - **stays**: runs of consecutive profile events in one module (a call out and back makes two);
-  - **re-entries**: calls into a ``buildq`` module that was entered after the exit, has been left
-    since and is not on the stack (what "returns to a module already left" counts here: a module
-    called again after control went elsewhere, not a callee returning to its caller).
+  - **returns to a module already left**: calls into a ``buildq`` module that was entered after the
+    exit, whose frames have all returned since, and that is not on the stack (a module called again
+    once control went elsewhere; a callee returning to its caller is not one).
 
 ``--tree`` measures another checkout (its own ``buildq`` package) with this script, so two trees
 are compared by the same rules.
@@ -101,21 +101,30 @@ def analyse(events: list[list[str]], package_modules: int) -> dict[str, object]:
         if m in seen:
             stay_returns += 1
         seen.add(m)
-    # re-entries: a call into a buildq module entered before (after the exit), not on the stack
+    # returns to a module already left: a call into a buildq module that was entered after the
+    # exit, whose frames have all returned since, and that is not on the stack now
     stack: list[str] = []
     entered_after: set[str] = set()
     reentries: list[str] = []
-    caller = None
-    for kind, m, _f in after:
+    for index, (kind, m, _f) in enumerate(events):
+        if index <= (exit_at if exit_at is not None else len(events)):  # the stack as it was at the exit
+            if kind == "call":
+                stack.append(m)
+            elif stack:
+                stack.pop()
+            continue
         if kind == "call":
-            caller = stack[-1] if stack else None
+            caller = stack[-1] if stack else "?"
             if m.startswith("buildq") and m != caller and m in entered_after and m not in stack:
-                reentries.append(m)
+                reentries.append(f"{caller} -> {m}")
             if m.startswith("buildq"):
                 entered_after.add(m)
             stack.append(m)
         elif stack:
             stack.pop()
+    counts: dict[str, int] = {}
+    for pair in reentries:
+        counts[pair] = counts.get(pair, 0) + 1
     return {
         "modules_entered": len(entered),
         "package_modules": package_modules,
@@ -124,7 +133,7 @@ def analyse(events: list[list[str]], package_modules: int) -> dict[str, object]:
         "after_exit_stays": len(stays),
         "after_exit_stay_returns": stay_returns,
         "after_exit_reentries": len(reentries),
-        "reentered": sorted(set(reentries)),
+        "reentered": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
     }
 
 
@@ -187,10 +196,12 @@ def main() -> None:
         print(f"modules entered by one job: {figures['modules_entered']} of {package}")
         print(f"after buildctl exits: {figures['after_exit_stays']} stays, "
               f"{figures['after_exit_stay_returns']} of them in a module visited before; "
-              f"{figures['after_exit_reentries']} re-entries (calls into a module already left)")  # fmt: skip
+              f"{figures['after_exit_reentries']} returns to a module already left")  # fmt: skip
         print("modules after the exit: " + ", ".join(figures["after_exit_modules"]))  # type: ignore[arg-type]
         if figures["reentered"]:
-            print("re-entered: " + ", ".join(figures["reentered"]))  # type: ignore[arg-type]
+            print("returns (caller -> module, count): " + ", ".join(
+                f"{pair} {n}" for pair, n in figures["reentered"].items()))  # type: ignore[union-attr]
+        print("modules: " + ", ".join(figures["modules"]))  # type: ignore[arg-type]
     finally:
         if worker is not None:
             worker.terminate()

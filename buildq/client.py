@@ -13,40 +13,32 @@ invalid job never reaches the queue; with the workers' ``BUILDQ_SECRET_ENV`` /
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery
-
-from .celeryapp.app import create_app
-from .celeryapp.producer import build_message, job_kwargsrepr
-from .config import Settings, is_redis_url, load_settings
+from .config import Settings, load_settings
 from .contract.grants import check_producer_grants
 from .contract.job import BuildJob, parse_job
-from .names import TASK_NAME
-from .records import job_status, public_record
-from .store.connect import redis_client, replicas_for, same_redis_url
+from .contract.record import job_status, public_record
+from .contract.wire import build_message, new_delivery
+from .store.connect import redis_client
 from .store.jobs import JobStore
 from .store.logs import LogEntry, LogStore
+from .store.scripts import replicas_for
 
 if TYPE_CHECKING:
     from .upload import Uploaded
 
 
 class BuildqClient:
-    """Talks to the broker and Redis; cheap to create, connections made on first use."""
+    """Talks to the Redis that is the broker and keeps buildq's state; cheap to create, connections
+    made on first use. It needs no Celery: a submission is one script on that Redis."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings()
         self.last_upload: Uploaded | None = None  # the context the last ``submit(upload=True)`` sent
-
-    @cached_property
-    def app(self) -> Celery:
-        return create_app(self.settings)
 
     @cached_property
     def store(self) -> JobStore:
@@ -55,18 +47,14 @@ class BuildqClient:
             client, result_ttl_s=self.settings.result_ttl_s, replicas=replicas_for(self.settings, client)
         )
 
-    @cached_property
-    def _same_redis(self) -> bool:
-        """True when the broker is Redis and the same Redis DB as the job records (for Sentinel:
-        the same master and DB)."""
-        s = self.settings
-        return is_redis_url(s.broker_url) and same_redis_url(s, s.state_redis_url, s.broker_url)
-
     def queue_for(self, job: BuildJob) -> str:
         return self.settings.high_priority_queue if job.priority == "high" else self.settings.queue
 
     def submit(self, job: BuildJob | dict[str, Any] | str, *, upload: bool = False) -> BuildHandle:
-        """Validate and enqueue ``job``; the returned handle's ``job_id`` is also the Celery task id.
+        """Validate and enqueue ``job``, once: the message and the job's ``queued`` record in one
+        step (:meth:`buildq.store.jobs.JobStore.submit`); submitting the same ``job_id`` again
+        enqueues nothing and returns a handle to the job already there. The handle's ``job_id`` is
+        also the Celery task id.
 
         ``upload``: ``context`` is a directory on this machine; it is packed (``.dockerignore``
         honoured) and uploaded to ``BUILDQ_CONTEXT_REPOSITORY`` first, and the job builds from the
@@ -75,35 +63,14 @@ class BuildqClient:
             job = self.upload_context(job)
         parsed = parse_job(job)
         self._check_grants(parsed)
-        enqueued_at = time.time()
         queue = self.queue_for(parsed)
-        kwargs = {"job": parsed.to_message(), "enqueued_at": enqueued_at}
-        body = json.dumps(kwargs["job"], separators=(",", ":"))  # kept for ``retry``
-        # what Flower shows as the arguments; also spares Celery a repr() of the whole job
-        kwargsrepr = job_kwargsrepr(kwargs["job"])
-        if self._same_redis:
-            # message and "queued" record in one round trip (Celery protocol v2, see celeryapp/producer.py)
-            tag = uuid.uuid4().hex
-            message = build_message(parsed.job_id, queue, kwargs, kwargsrepr=kwargsrepr, delivery_tag=tag)
-            self.store.mark_queued(
-                parsed.job_id,
-                enqueued_at,
-                queue,
-                message=message,
-                tag=tag,
-                job=body,
-                retry_of=parsed.retry_of,
-            )
-        else:
-            self.app.send_task(
-                TASK_NAME,
-                kwargs=kwargs,
-                task_id=parsed.job_id,
-                queue=queue,
-                argsrepr="()",
-                kwargsrepr=kwargsrepr,
-            )
-            self.store.mark_queued(parsed.job_id, enqueued_at, queue, job=body, retry_of=parsed.retry_of)
+        body = parsed.to_message()
+        delivery, tag = new_delivery(), new_delivery()
+        message = build_message(parsed.job_id, queue, body, delivery=delivery, delivery_tag=tag)
+        self.store.submit(
+            parsed.job_id, queue=queue, message=message, tag=tag, delivery=delivery,
+            body=json.dumps(body, separators=(",", ":")), retry_of=parsed.retry_of,
+        )  # fmt: skip
         return BuildHandle(self, parsed.job_id)
 
     def _check_grants(self, job: BuildJob) -> None:
@@ -126,14 +93,10 @@ class BuildqClient:
         return recent_jobs(self.store.redis, limit=limit, states=states or ())
 
     def queue_depths(self) -> dict[str, int]:
-        """Messages waiting in the normal and high-priority queues (Redis broker only, else {})."""
-        if not is_redis_url(self.settings.broker_url):
-            return {}
+        """Messages waiting in the normal and high-priority queues."""
         from .store.listing import queue_depths
 
-        s = self.settings
-        broker = self.store.redis if self._same_redis else redis_client(s, s.broker_url)
-        return queue_depths(broker, [self.settings.queue, self.settings.high_priority_queue])
+        return queue_depths(self.store.redis, [self.settings.queue, self.settings.high_priority_queue])
 
     def retry(self, job_id: str) -> BuildHandle:
         """Submit a failed or cancelled job again as a new job (new id, same body, ``retry_of``

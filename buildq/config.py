@@ -46,6 +46,24 @@ def derived_deployment(redis_url: str, sentinel_master: str | None = None) -> st
     return "r-" + hashlib.sha256(where.encode()).hexdigest()[:12]
 
 
+def _where(url: str) -> tuple[str, str, int | None, str]:
+    """What names a Redis DB in a URL: scheme family, host, port, DB (sentinel: only the DB counts,
+    the master is ``BUILDQ_SENTINEL_MASTER`` whatever sentinels are listed)."""
+    parts = urlsplit(url.split(";")[0])
+    db = parts.path.strip("/") or "0"
+    if parts.scheme == "sentinel":
+        return ("sentinel", "", None, db)
+    if parts.scheme == "unix":
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        return ("unix", parts.path, None, query.get("db", "0"))
+    return ("redis", parts.hostname or "", parts.port or 6379, db)
+
+
+def same_redis(a: str, b: str) -> bool:
+    """Whether two Redis URLs name the same DB of the same server (or of the same Sentinel master)."""
+    return _where(a) == _where(b)
+
+
 def is_redis_url(url: str) -> bool:
     """True for a ``redis://``, ``rediss://``, ``unix://`` or ``sentinel://`` URL."""
     return url.startswith(REDIS_SCHEMES)
@@ -93,10 +111,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
+    #: the Redis that is the broker and keeps buildq's state (queues, job records, leases, logs)
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = "redis://127.0.0.1:6379/1"
-    #: Redis used for leases, cancellation flags, daemon slots and log streams
-    #: (defaults to the broker when that is Redis).
+    #: the same Redis as the broker, spelled another way (e.g. other sentinels); default: the broker
     redis_url: str | None = None
 
     launcher: Literal["docker", "local"] = "docker"
@@ -223,14 +241,26 @@ class Settings(BaseSettings):
         """The BuildKit daemon addresses builds are spread over."""
         return list(self.buildkit_hosts) or [self.buildkit_host]
 
+    @model_validator(mode="after")
+    def _check_broker(self) -> Settings:
+        # a job's message, its claim and its requeue are written together by one script: the
+        # broker's queues and buildq's keys must live in one Redis DB
+        if not is_redis_url(self.broker_url):
+            raise ValueError(
+                "BUILDQ_BROKER_URL must be a Redis URL (redis://, rediss://, unix:// or sentinel://): "
+                "buildq keeps its job state beside the broker's queues"
+            )
+        if self.redis_url and not same_redis(self.redis_url, self.broker_url):
+            raise ValueError(
+                "BUILDQ_REDIS_URL must name the broker's Redis and DB (BUILDQ_BROKER_URL): a job's "
+                "message and its state are written together; leave it unset to use the broker"
+            )
+        return self
+
     @property
     def state_redis_url(self) -> str:
-        """Redis URL for leases, flags and streams."""
-        if self.redis_url:
-            return self.redis_url
-        if is_redis_url(self.broker_url):
-            return self.broker_url
-        return "redis://127.0.0.1:6379/0"
+        """The Redis URL for buildq's keys: the broker's (or ``BUILDQ_REDIS_URL``, the same Redis)."""
+        return self.redis_url or self.broker_url
 
     @property
     def deployment_id(self) -> str:

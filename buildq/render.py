@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .engine.explain import sentence
+from .contract.record import sentence
 
 #: timeline order of the phases in the waterfall
 PHASE_ORDER = (

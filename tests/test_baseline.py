@@ -7,13 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from buildq.store.claim import finish
 from rich.console import Console
 
 from buildq.config import SettingsError, load_settings
 from buildq.render import render_record
-from buildq.store.baseline import BASELINE_TTL_S, baseline_write, read_baseline
-from buildq.store.claim import finish
-from buildq.store.jobs import JobStore
+from buildq.store.jobs import BASELINE_TTL_S, JobStore, baseline_write, read_baseline
 from buildq.store.keys import baseline_key
 from tests.conftest import scenario
 from tests.harness import REDIS_URL, CountingRedis, client_for, counting_client, free_port, run_cli

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from buildq.buildkit.cacheevidence import NO_EXPORT, NO_MANIFEST, cache_evidence, is_miss
+from buildq.buildkit.phases import NO_EXPORT, NO_MANIFEST, cache_evidence, is_miss
 from buildq.buildkit.progress import ProgressTracker, VertexState
 from tests.standin.standin_replay import cache_export_failed_lines
 

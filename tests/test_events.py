@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import redis
+from buildq.engine.ticker import Ticker
 
 from buildq.celeryapp.app import create_app
-from buildq.celeryapp.events import BUFFER_LIMIT, PhaseEvents
+from buildq.celeryapp.task import BUFFER_LIMIT, PhaseEvents
 from buildq.config import load_settings
-from buildq.engine.ticker import Ticker
 from tests.harness import REDIS_URL
 
 DB = 12

@@ -18,7 +18,7 @@ import pytest
 
 from buildq.buildkit.phases import compute_phases, slowest_steps
 from buildq.buildkit.progress import ProgressTracker
-from buildq.engine.explain import (
+from buildq.engine.recording import (
     MIN_BUILDS,
     STEP_NAME_MAX,
     baseline_entry,
@@ -27,7 +27,7 @@ from buildq.engine.explain import (
     needs_baseline,
     sentence,
 )
-from buildq.store.baseline import parse_entries
+from buildq.store.jobs import parse_entries
 from tests.standin.standin_replay import line_times, parse_rfc3339_ns, shift_line
 
 BUILDS = Path(__file__).parent / "fixtures" / "buildkit" / "builds"

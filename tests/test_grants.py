@@ -23,7 +23,7 @@ from buildq.contract.grants import (
 )
 from buildq.contract.job import parse_job
 from buildq.contract.reference import parse_reference
-from buildq.engine.checks import check_job_on_worker
+from buildq.engine.lifecycle import check_job_on_worker
 from buildq.errors import InvalidJobError
 
 

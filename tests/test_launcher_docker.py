@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from buildq.buildkit.solvestatus import parse_line
+from buildq.buildkit.progress import parse_line
 from buildq.errors import PermanentBuildError, TransientBuildError
 from buildq.launchers.base import BuildPaths, LaunchSpec
 from buildq.launchers.docker import DockerLauncher

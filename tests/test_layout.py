@@ -13,7 +13,7 @@ WORKER_MODULES = (
     "buildq.engine",
     "buildq.celeryapp.task",
     "buildq.celeryapp.worker",
-    "buildq.celeryapp.events",
+    "buildq.celeryapp.task",
     "buildq.launchers",
     "buildq.store.claim",
     "buildq.store.janitor",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from buildq.buildkit.livephase import LivePhases
-from buildq.buildkit.solvestatus import parse_line
+from buildq.buildkit.phases import LivePhases
+from buildq.buildkit.progress import parse_line
 
 FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"
 

@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from buildq.buildkit.plainlog import PlainLogRenderer
-from buildq.buildkit.solvestatus import parse_line
+from buildq.buildkit.progress import parse_line
 from buildq.engine.attemptlog import AttemptLog, RawRedactor
 from buildq.engine.redact import Redactor
 from buildq.store.keys import log_key

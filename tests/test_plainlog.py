@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from buildq.buildkit.intervals import union
+from buildq.buildkit.phases import union
 from buildq.buildkit.plainlog import (
     MAX_PARTIAL_BYTES,
     TAIL_LINES,
     PlainLogRenderer,
     format_bytes,
 )
-from buildq.buildkit.solvestatus import parse_line
+from buildq.buildkit.progress import parse_line
 from buildq.engine.redact import Redactor
 
 FIX = Path(__file__).parent / "fixtures" / "buildkit"

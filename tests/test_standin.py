@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from buildq.buildkit.solvestatus import parse_line
+from buildq.buildkit.progress import parse_line
 from tests.standin import FIXTURES, SH_STANDIN, flat_captures, write_standin_executable
 from tests.standin import standin_checks as C
 from tests.standin import standin_replay as R

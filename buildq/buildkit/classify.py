@@ -35,7 +35,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .solvestatus import ERROR_PREFIX
+from .progress import ERROR_PREFIX
 
 
 @dataclass(frozen=True, slots=True)

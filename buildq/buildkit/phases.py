@@ -41,11 +41,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
-from typing import NamedTuple, TypedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypedDict, overload
 
-from .intervals import union
-from .progress import ProgressTracker, Run, VertexState
+from .progress import ProgressTracker, Run, SolveStatus, VertexState
 
 Table = Mapping[str, VertexState]
 Interval = tuple[float, float]
@@ -224,6 +224,46 @@ def compute_phases(
     return out
 
 
+@dataclass(frozen=True)
+class Report:
+    """Everything a record says about one attempt's stream, computed at once by :func:`report`."""
+
+    #: its phases (:func:`compute_phases`, tiling its time window)
+    phases: dict[str, float]
+    #: its Dockerfile steps (:func:`step_stats`) and the slowest of them (:func:`slowest_steps`)
+    steps: dict[str, int | float]
+    slowest: list[StepRow]
+    #: what the stream and the metadata file say of the registry cache
+    cache: CacheEvidence
+    #: the live phases that ended with the run (the current one, then ``finalize`` began)
+    live_ended: list[tuple[str, float]]
+
+
+def report(
+    tracker: ProgressTracker,
+    *,
+    enqueued_at: float,
+    started_at: float,
+    first_output_at: float | None,
+    exited_at: float,
+    stored_at: float,
+    metadata: Mapping[str, Any] | None,
+    export_requested: bool,
+    succeeded: bool,
+    live: LivePhases | None = None,
+) -> Report:
+    """The whole :class:`Report` of one attempt (one pass over its tracker)."""
+    phases = compute_phases(
+        tracker, enqueued_at=enqueued_at, started_at=started_at, first_output_at=first_output_at,
+        exited_at=exited_at, stored_at=stored_at,
+    )  # fmt: skip
+    evidence = cache_evidence(
+        tracker.vertices.values(), metadata, export_requested=export_requested, succeeded=succeeded
+    )
+    ended = live.finish() if live is not None else []
+    return Report(phases, step_stats(tracker), slowest_steps(tracker), evidence, ended)
+
+
 def _latest(table: Table) -> float:
     return max((t for v in table.values() for r in v.runs for t in r if t is not None), default=0.0)
 
@@ -255,3 +295,159 @@ def slowest_steps(source: ProgressTracker | Table, n: int = 5) -> list[StepRow]:
         if is_step(v.name) and v.runs
     )
     return [StepRow(name=name, seconds=-neg, cached=cached) for neg, name, cached in rows[:n]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Unions of time intervals (pure), shared by the phase computation and the plain-log renderer.
+#
+# An interval is ``(start, end)``; ``end`` may be None for one still open, which reaches to the end
+# of time and so swallows every interval that starts after it.
+Closed = tuple[float, float]
+Open = tuple[float, float | None]
+
+
+@overload
+def union(intervals: Iterable[Closed], *, drop_empty: bool = False) -> list[Closed]: ...
+@overload
+def union(intervals: Iterable[Open], *, drop_empty: bool = False) -> list[Open]: ...
+def union(intervals: Iterable[Any], *, drop_empty: bool = False) -> list[Any]:
+    """Sorted, disjoint union; touching intervals merge. ``drop_empty`` skips closed ones ending at
+    or before their start."""
+    out: list[Open] = []
+    for start, end in sorted(intervals, key=lambda iv: iv[0]):
+        if drop_empty and end is not None and end <= start:
+            continue
+        if out:
+            last_start, last_end = out[-1]
+            if last_end is None:
+                break
+            if start <= last_end:
+                out[-1] = (last_start, None if end is None else max(last_end, end))
+                continue
+        out.append((start, end))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Which phase a running build is in, from its progress stream, as it happens (pure).
+#
+# :class:`LivePhases` is fed the parsed SolveStatus updates of one attempt and reports each phase
+# *as it ends* (name, seconds on the worker's clock), so a Celery event can be sent per phase and
+# the result backend can show the current phase while the build runs. These live figures are
+# approximate (a phase is "current" from the first update that names it until another phase takes
+# over); the result record's ``phases`` (computed from the whole stream by ``phases.py``) are the
+# authoritative values.
+Ended = tuple[str, float]
+
+
+class LivePhases:
+    """Current phase of one attempt; starts in ``launch`` at ``started_at``."""
+
+    def __init__(self, clock: Callable[[], float], started_at: float) -> None:
+        self._clock = clock
+        self.current = "launch"
+        self.since = started_at
+
+    def _switch(self, phase: str) -> list[Ended]:
+        if phase == self.current:
+            return []
+        now = self._clock()
+        ended = [(self.current, max(0.0, now - self.since))]
+        self.current, self.since = phase, now
+        return ended
+
+    def on_output(self, status: SolveStatus | None) -> list[Ended]:
+        """Take one stderr line's parsed update (None for a text line); return the phases that ended."""
+        # the first output ends ``launch``; a build always begins by loading its definition
+        ended = self._switch("context") if self.current == "launch" else []
+        if status is None:
+            return ended
+        phase = None
+        for vertex in status.vertexes:
+            if vertex.started is not None and vertex.completed is None:
+                phase = classify(vertex.name)
+        for st in status.statuses:
+            if st.completed is None and is_push_status(st.id):
+                phase = "push"
+        if phase is not None:
+            ended += self._switch(phase)
+        return ended
+
+    def finish(self) -> list[Ended]:
+        """buildctl exited: the current phase ends now and ``finalize`` begins."""
+        return self._switch("finalize")
+
+
+# ----------------------------------------------------------------------------------------------
+# Did the build import and export its registry cache? Decided from evidence, never from the job (pure).
+#
+# buildctl exits 0 when the cache export fails under ``ignore-error=true`` (the image is pushed
+# first); only the ``exporting cache to registry`` vertex's ``error`` tells. So:
+#
+# * **exported** is true only when an export was asked for, every ``exporting cache to …`` vertex
+#   completed without an error, and buildctl's ``--metadata-file`` has ``cache.manifest``;
+#   otherwise false, with ``error``: the vertex's error, or why the evidence is missing when the
+#   build succeeded without it (a build that ended before the export has no error here).
+# * **imported** is true when an ``importing cache manifest from …`` vertex completed without an
+#   error. A cold cache's ``… not found`` is a miss (false, no error); any other import error is
+#   kept in ``import_error`` (BuildKit goes on without the cache).
+# * **export_outcome** (``exported`` | ``failed`` | ``skipped``, None when no export was asked
+#   for) labels the ``buildq_cache_exports_total`` metric: ``skipped`` when the build ended before
+#   the export started.
+#: the end of a cold cache import's error: the cache does not exist yet (a miss)
+MISS_SUFFIX = "not found"
+NO_MANIFEST = "buildctl's metadata file has no cache.manifest"
+NO_EXPORT = "the build's progress shows no cache export"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEvidence:
+    """What the stream and the metadata file say about the registry cache of one build."""
+
+    imported: bool
+    import_error: str | None
+    exported: bool
+    error: str | None
+    export_outcome: str | None
+
+
+def is_miss(error: str) -> bool:
+    """True for the import error of a cache that does not exist yet (a cold build)."""
+    return error.rstrip().endswith(MISS_SUFFIX)
+
+
+def cache_evidence(
+    vertices: Iterable[VertexState],
+    metadata: Mapping[str, Any] | None,
+    *,
+    export_requested: bool,
+    succeeded: bool,
+) -> CacheEvidence:
+    """The cache report of a build from its vertices and its metadata file (None when absent)."""
+    imports = []
+    exports = []
+    for v in vertices:
+        phase = classify(v.name)
+        if phase == "cache_import":
+            imports.append(v)
+        elif phase == "cache_export":
+            exports.append(v)
+    import_errors = [v.error for v in imports if v.error]
+    imported = bool(imports) and not import_errors and all(v.completed is not None for v in imports)
+    import_error = next((e for e in import_errors if not is_miss(e)), None)
+    if not export_requested:
+        return CacheEvidence(imported, import_error, False, None, None)
+    export_error = next((v.error for v in exports if v.error), None)
+    manifest = bool(metadata and metadata.get("cache.manifest"))
+    complete = bool(exports) and all(v.completed is not None for v in exports)
+    exported = complete and export_error is None and manifest
+    error = export_error
+    if not exported and error is None and succeeded:
+        error = NO_MANIFEST if complete else NO_EXPORT
+    if exported:
+        outcome = "exported"
+    elif exports or succeeded:
+        outcome = "failed"
+    else:
+        outcome = "skipped"
+    return CacheEvidence(imported, import_error, exported, error, outcome)

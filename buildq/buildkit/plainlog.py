@@ -28,9 +28,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .intervals import Open as Interval
-from .intervals import union
-from .solvestatus import SolveStatus, Vertex, VertexStatus, b64decode_lenient
+from .phases import Open as Interval
+from .phases import union
+from .progress import SolveStatus, Vertex, VertexStatus, b64decode_lenient
 
 MAX_PARTIAL_BYTES = 16 * 1024
 TAIL_LINES = 50
@@ -260,6 +260,10 @@ class PlainLogRenderer(_VertexBook):
         out: list[str] = []
         self._print(updated, out, activate=True)
         return out
+
+    def end(self, tail_lines: int = 30) -> tuple[list[str], list[str]]:
+        """:meth:`finish`'s lines and then :meth:`failing_tail` (``tail_lines``), at once."""
+        return self.finish(), self.failing_tail(tail_lines)
 
     def finish(self) -> list[str]:
         """Flush what is pending (tentative completions, partial lines), then the error summary. Once."""

@@ -1,30 +1,37 @@
-"""The ``buildq.build`` Celery task: a thin shell around :class:`buildq.engine.service.BuildService`.
+"""The ``buildq.build`` Celery task: a thin shell around :class:`buildq.engine.lifecycle.Lifecycle`.
 
-It turns the message into a :class:`~buildq.engine.interface.Delivery`, runs it on this process's
-service (found through the app: ``app.buildq_runtime``) and carries out the engine's decisions:
-a retry or a wait for a daemon goes back to the queue, a lost lease drops the delivery, a Redis
-outage hands the message back.
+It reads the message (:func:`buildq.contract.wire.read_delivery`: the job and a delivery id,
+nothing else believed), hands it to this pool process's lifecycle and carries out the
+:class:`~buildq.engine.lifecycle.Ending`: a finished build returns its summary (or raises
+:class:`BuildFailed`), a requeued one tells Celery ``Retry`` (its next message is already
+published; this one is acknowledged), a dropped delivery is acknowledged without a result. When
+Redis is away the message goes back to the queue; anything unexpected is logged with its
+traceback, the claim was given back (the next claim records the lost attempt and its error) and
+the message goes back too, so a task never ends as FAILURE beside a job still ``queued``.
 
 A build that ends failed or cancelled raises :class:`BuildFailed` (an expected exception of the
 task: Celery stores FAILURE, Flower shows it with the summary); the worker log gets one WARNING
-line for it instead of Celery's line per failure (:class:`ExpectedFailureFilter`), while any
-other exception still logs an ERROR with its traceback.
+line for it instead of Celery's line per failure (:class:`ExpectedFailureFilter`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from collections.abc import Sequence
 from typing import Any
 
 import redis.exceptions
 from celery import Celery, Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 
-from ..engine.interface import Delivery, LeaseLost, Reporter, RetryLater, WaitForDaemon
+from ..config import Settings
+from ..contract.wire import read_delivery
+from ..engine.lifecycle import Progress
+from ..engine.runtime import MainRuntime, PoolRuntime
+from ..engine.scheduler import Scheduler
 from ..names import BUILDING, TASK_NAME
-from ..records import summary
-from .events import DAEMON_DOWN_EVENT, PhaseEvents
-from .handback import hand_back
 
 log = logging.getLogger("buildq.tasks")
 
@@ -55,33 +62,34 @@ class ExpectedFailureFilter(logging.Filter):
 EXPECTED_FAILURE_FILTER = ExpectedFailureFilter()
 
 
-class TaskReporter(Reporter):
-    """Live progress through Celery: the task state shows the current phase, an event per ended phase.
+class TaskProgress(Progress):
+    """Live progress through Celery: the task state shows the current phase (``BUILDING``), an
+    event per ended phase (batched, :mod:`buildq.celeryapp.task`). State writes run on the
+    process's scheduler, never on the build's thread."""
 
-    Phase events are buffered and published in batches (:mod:`buildq.celeryapp.events`). State
-    writes go through the side channel (another thread), so they never delay buildctl's start or
-    the stored result; ``handle`` drains it before the task returns.
-    """
-
-    def __init__(self, task: Task, service: Any, events: PhaseEvents) -> None:
-        super().__init__()
-        self.backend, self.service, self.events = task.backend, service, events
+    def __init__(self, task: Task, runtime: Any, events: PhaseEvents) -> None:
+        self.backend, self.runtime, self.events = task.backend, runtime, events
         self.task_id: str = task.request.id
         self.hostname: str = task.request.hostname or "buildq"
+        self._lock = threading.Lock()
+        self._closed = False
 
-    def phase_started(self, job_id: str, attempt: int, phase: str) -> None:
-        self.service.side.submit(self._state, job_id, attempt, phase)
+    def close(self) -> None:
+        """The task is over: no state is written after this returns (one being written is waited
+        for), so a late ``BUILDING`` never covers the task's result."""
+        with self._lock:
+            self._closed = True
 
-    def phase_ended(self, job_id: str, attempt: int, phase: str, seconds: float) -> None:
+    def phase(self, job_id: str, attempt: int, phase: str) -> None:
+        self.runtime.scheduler.soon(self._state, job_id, attempt, phase)
+
+    def phases_ended(self, job_id: str, attempt: int, ended: Sequence[tuple[str, float]]) -> None:
         try:
-            self.events.send(
-                self.hostname,
-                uuid=self.task_id,
-                job_id=job_id,
-                attempt=attempt,
-                phase=phase,
-                seconds=round(seconds, 3),
-            )
+            for phase, seconds in ended:
+                self.events.send(
+                    self.hostname, uuid=self.task_id, job_id=job_id, attempt=attempt, phase=phase,
+                    seconds=round(seconds, 3),
+                )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - progress is best effort; the build goes on
             log.warning("phase event not sent: %s", exc)
 
@@ -92,12 +100,50 @@ class TaskReporter(Reporter):
             log.warning("daemon event not sent: %s", exc)
 
     def _state(self, job_id: str, attempt: int, phase: str) -> None:
-        if self.done:  # the result is stored: a late progress state must not cover it
+        with self._lock:
+            if self._closed:  # the task is over: a late progress state must not cover its result
+                return
+            self.backend.store_result(
+                self.task_id, {"job_id": job_id, "attempt": attempt, "phase": phase}, BUILDING
+            )
+
+
+class WorkerProcesses:
+    """The runtime of the process this runs in (reached through ``app.buildq_worker``)."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+        self._lock = threading.Lock()
+        self._pool: tuple[int, PoolRuntime, PhaseEvents] | None = None
+        self.main: MainRuntime | None = None
+
+    def start_pool_process(self) -> None:
+        """Make this pool process's runtime (``worker_process_init``; the solo pool: first task)."""
+        with self._lock:
+            if self._pool is not None and self._pool[0] == os.getpid():
+                return
+            runtime = PoolRuntime(self.settings)
+            self._pool = (os.getpid(), runtime, PhaseEvents(self.app, runtime.scheduler))
+
+    def pool(self) -> PoolRuntime:
+        self.start_pool_process()
+        assert self._pool is not None
+        return self._pool[1]
+
+    def events(self) -> PhaseEvents:
+        self.start_pool_process()
+        assert self._pool is not None
+        return self._pool[2]
+
+    def stop_pool_process(self) -> None:
+        """This pool process ends: buffered events out, scheduler stopped, launcher released."""
+        with self._lock:
+            made, self._pool = self._pool, None
+        if made is None or made[0] != os.getpid():
             return
-        self.backend.store_result(
-            self.task_id, {"job_id": job_id, "attempt": attempt, "phase": phase}, BUILDING
-        )
-        self.service.store.update(job_id, phase=phase)
+        _, runtime, events = made
+        events.flush()
+        runtime.close()
 
 
 def register(app: Celery) -> None:
@@ -108,43 +154,102 @@ def register(app: Celery) -> None:
     logging.getLogger("celery.app.trace").addFilter(EXPECTED_FAILURE_FILTER)
 
     @app.task(name=TASK_NAME, bind=True, max_retries=None, throws=(BuildFailed,))
-    def build(
-        self: Task,
-        job: Any,
-        enqueued_at: float | None = None,
-        attempts: list[dict[str, Any]] | None = None,
-        waiting_since: float | None = None,
-        window_start: float | None = None,
-    ) -> dict[str, Any]:
-        runtime = self.app.buildq_runtime
-        service = runtime.service()
-        delivery = Delivery(
-            job, enqueued_at, list(attempts or []), self.request.id,
-            waiting_since=waiting_since, window_start=window_start,
+    def build(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        runtime = self.app.buildq_worker.pool()
+        request = self.request
+        delivery = read_delivery(
+            args, kwargs, task_id=request.id,
+            queue=(request.delivery_info or {}).get("routing_key"), retries=request.retries,
         )  # fmt: skip
-        # a retried message keeps the short arguments (Flower, logs), not the job and its attempts
-        again = {"job": job, "enqueued_at": enqueued_at}
+        progress = TaskProgress(self, runtime, self.app.buildq_worker.events())
         try:
-            record = service.handle(delivery, TaskReporter(self, service, runtime.events()))
-        except RetryLater as later:
-            kwargs = {**again, "attempts": later.attempts, "window_start": later.window_end}
-            hand_back(self, service, later, kwargs)
-        except WaitForDaemon as busy:
-            # not an attempt: the same attempts go back to the queue; the wait counts as queued time
-            kwargs = {**again, "attempts": attempts, "window_start": window_start}
-            if busy.waiting_since is not None:  # every daemon is down: the wait has a limit
-                kwargs["waiting_since"] = busy.waiting_since
-            hand_back(self, service, busy, kwargs)
-        except LeaseLost as lost:
-            # another delivery owns the job: drop this one without storing anything
-            raise Reject(str(lost), requeue=False) from None
+            ending = runtime.lifecycle.handle(delivery, progress)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as lost_redis:
-            # Redis went away mid-build: hand the message back instead of acknowledging a build
-            # that has no record (if the broker is down too, it stays unacknowledged and returns)
+            # Redis went away: hand the message back instead of acknowledging a build without a
+            # record (if the broker is down too, it stays unacknowledged and comes back)
             raise Reject(f"redis unavailable: {lost_redis}", requeue=True) from None
+        except Exception:
+            log.exception("build %s: unexpected error; the message goes back to the queue", request.id)
+            raise Reject("unexpected error on the worker", requeue=True) from None
+        finally:
+            progress.close()  # progress states end before the task's result is stored
+        if ending.kind == "requeued":
+            raise Retry(when=ending.countdown)
+        if ending.kind == "dropped":
+            raise Reject(ending.reason, requeue=False)
+        record, brief = ending.record, ending.summary
+        assert record is not None and brief is not None
         if record["state"] != "succeeded":
             error = record.get("error") or {}
             message = " ".join(str(error.get("message")).split())
             log.warning("build %s %s (%s): %s", record["job_id"], record["state"], error.get("kind"), message)
-            raise BuildFailed(failure_text(record), summary(record))
-        return summary(record)
+            raise BuildFailed(failure_text(record), brief)
+        return brief
+
+
+# ----------------------------------------------------------------------------------------------
+# ``task-phase`` Celery events, published in batches.
+#
+# :meth:`PhaseEvents.send` only buffers (no I/O). A flush publishes everything buffered as one
+# ``task.multi`` message (Celery's own event batching, which Flower and other event receivers
+# unpack). It runs on the process's :class:`~buildq.engine.scheduler.Scheduler` 250 ms after the
+# first event buffered since the last flush, at once when 50 are waiting, and when the worker
+# process stops. Under load one message carries the events of many builds, instead of one
+# message per build; the price is that an event is seen up to 250 ms after its phase ended.
+log = logging.getLogger("buildq.events")
+
+#: custom event type sent as each phase ends (``job_id``, ``attempt``, ``phase``, ``seconds``)
+PHASE_EVENT = "task-phase"
+#: sent when a worker opens (``…-down``) or closes (``…-up``) a daemon's circuit breaker
+DAEMON_DOWN_EVENT = "buildq-daemon-down"
+DAEMON_UP_EVENT = "buildq-daemon-up"
+#: buffered events that make a flush happen at once
+BUFFER_LIMIT = 50
+#: how long an event may wait in the buffer
+FLUSH_AFTER_S = 0.25
+
+
+class PhaseEvents:
+    """This process's buffered phase events (one instance per process and app, made by the
+    worker's runtime). Thread-safe."""
+
+    def __init__(self, app: Celery, scheduler: Scheduler) -> None:
+        self.app = app
+        self._lock = threading.Lock()
+        self._dispatchers: dict[str, Any] = {}
+        # one periodic flush for the process (sending nothing while nothing is buffered), so a
+        # build's events cost no scheduling of their own
+        scheduler.every(FLUSH_AFTER_S, self.flush)
+
+    def send(self, hostname: str, **fields: Any) -> None:
+        """Buffer one ``task-phase`` event from worker ``hostname``; it is out within 250 ms."""
+        with self._lock:
+            self._dispatcher(hostname).send(PHASE_EVENT, **fields)  # publishes past BUFFER_LIMIT
+
+    def send_now(self, hostname: str, event_type: str, **fields: Any) -> None:
+        """Publish one event of another type at once (not buffered: daemon up/down)."""
+        with self._lock:
+            self._dispatcher(hostname).send(event_type, **fields)
+
+    def flush(self) -> None:
+        """Publish everything buffered now (errors are logged: events are best effort)."""
+        with self._lock:
+            for hostname, dispatcher in list(self._dispatchers.items()):
+                try:
+                    dispatcher.flush()  # nothing buffered: nothing sent
+                except Exception as exc:  # noqa: BLE001 - the broker is away; make a new one next time
+                    self._dispatchers.pop(hostname, None)
+                    log.warning("phase events not published: %s", exc)
+
+    def _dispatcher(self, hostname: str) -> Any:
+        dispatcher = self._dispatchers.get(hostname)
+        if dispatcher is None:
+            dispatcher = self.app.events.Dispatcher(
+                self.app.connection_for_write(),
+                hostname=hostname,
+                enabled=True,
+                buffer_group=["task"],
+                buffer_limit=BUFFER_LIMIT,
+            )
+            self._dispatchers[hostname] = dispatcher
+        return dispatcher

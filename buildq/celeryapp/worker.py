@@ -1,11 +1,15 @@
-"""Worker entry point and per-process runtime.
+"""Worker entry point: the app with its task, and what each process of a worker makes and releases.
 
 ``buildq worker`` builds the settings once, creates the app with the ``buildq.build`` task
-(:func:`create_worker_app`) and starts a Celery worker with task events on. Each pool process makes
-its :class:`~buildq.engine.service.BuildService` once (first task after fork), never per task; the
-task reaches it through ``app.buildq_runtime``. At start the main process removes buildctl
-processes/containers left by dead workers (their job lease has expired) and starts the janitor.
-Signal handlers are connected by :func:`run_worker`, not at import.
+(:func:`create_worker_app`) and starts a Celery worker with task events on. Every pool process
+makes its own runtime (:class:`~buildq.engine.runtime.PoolRuntime`: store, launcher, scheduler,
+metrics, the warm container) in that process after the fork, when Celery sends
+``worker_process_init`` — the same way for the first child and for every later one (``--autoscale``,
+``pool_grow``, ``--max-tasks-per-child``, a child replaced after a crash) — and releases it at
+``worker_process_shutdown``. The main process makes only its own
+(:class:`~buildq.engine.runtime.MainRuntime`: janitor, daemon watch, leftovers) at ``worker_ready``,
+and serves the metrics of all its pool processes. Signal handlers are connected by
+:func:`run_worker`, not at import.
 """
 
 from __future__ import annotations
@@ -14,136 +18,66 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Sequence
 
 from celery import Celery
-from celery.signals import worker_process_shutdown, worker_ready, worker_shutting_down
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from ..config import Settings
-from ..engine.daemonwatch import DaemonWatch
-from ..engine.metrics import DaemonUpCollector, mark_process_dead, prepare_multiprocess_dir, serve_metrics
-from ..engine.runtime import make_service
-from ..engine.service import BuildService
-from ..store.janitor import start_janitor
+from ..engine.hooks import DaemonUpCollector, mark_process_dead, prepare_multiprocess_dir, serve_metrics
+from ..engine.runtime import MainRuntime
 from .app import create_app
-from .events import DAEMON_UP_EVENT, PhaseEvents
-from .task import register
+from .task import DAEMON_UP_EVENT, WorkerProcesses, register
 
 log = logging.getLogger("buildq.worker")
 
-T = TypeVar("T")
-
-
-class PerProcess(Generic[T]):
-    """A value made on first use in each process: after a fork the child makes its own."""
-
-    def __init__(self, factory: Callable[[], T]) -> None:
-        self._factory = factory
-        self._lock = threading.Lock()
-        self._made: tuple[int, T] | None = None
-
-    def get(self) -> T:
-        made = self._made
-        if made is None or made[0] != os.getpid():
-            with self._lock:
-                made = self._made
-                if made is None or made[0] != os.getpid():
-                    made = self._made = (os.getpid(), self._factory())
-        return made[1]
-
-    def made_here(self) -> T | None:
-        """The value if this process made it already, else None (nothing is made)."""
-        made = self._made
-        return made[1] if made is not None and made[0] == os.getpid() else None
-
-
-class WorkerRuntime:
-    """This worker's per-process objects, reached through the app (``app.buildq_runtime``)."""
-
-    def __init__(self, app: Celery, settings: Settings) -> None:
-        self._service = PerProcess(lambda: make_service(settings))
-        self._events = PerProcess(lambda: PhaseEvents(app, self.service().ticker))
-
-    def service(self) -> BuildService:
-        return self._service.get()
-
-    def events(self) -> PhaseEvents:
-        return self._events.get()
-
-    def close(self) -> None:
-        """This process is stopping: the launcher gives back what it holds (its scratch space)."""
-        service = self._service.made_here()
-        if service is not None:
-            service.launcher.close()
-
-    def flush_events(self) -> None:
-        """Publish the phase events this process still buffers (it is stopping)."""
-        events = self._events.made_here()
-        if events is not None:
-            events.flush()
-
 
 def create_worker_app(settings: Settings) -> Celery:
-    """The app with ``buildq.build`` registered and this worker's runtime attached."""
+    """The app with ``buildq.build`` registered and this worker's processes attached."""
     app = create_app(settings)
     register(app)
-    app.buildq_runtime = WorkerRuntime(app, settings)
+    app.buildq_worker = WorkerProcesses(app, settings)
     return app
-
-
-def reap_orphans(service: BuildService) -> list[str]:
-    """Kill leftover buildctl runs whose job lease has expired; return their job ids."""
-    reaped = []
-    try:
-        job_ids = service.launcher.find_orphans()
-    except Exception as exc:  # noqa: BLE001 - the engine may be down; the worker still starts
-        log.warning("could not list leftover buildctl runs: %s", exc)
-        return []
-    for job_id in job_ids:
-        if service.store.lease_holder(job_id) is None:
-            service.launcher.kill_orphan(job_id)
-            reaped.append(job_id)
-    if reaped:
-        log.warning("removed %d leftover buildctl run(s): %s", len(reaped), ", ".join(reaped))
-    try:
-        service.launcher.reap_scratch()
-    except OSError as exc:
-        log.warning("could not remove leftover scratch directories: %s", exc)
-    return reaped
 
 
 def _connect_signals(app: Celery, settings: Settings) -> None:
     """The worker's signal handlers (strong references: they are closures)."""
-    runtime: WorkerRuntime = app.buildq_runtime
+    processes: WorkerProcesses = app.buildq_worker
+
+    def on_process_init(**_: object) -> None:
+        processes.start_pool_process()
+
+    def on_process_shutdown(pid: int | None = None, **_: object) -> None:
+        processes.stop_pool_process()
+        mark_process_dead(pid or os.getpid())
 
     def on_ready(sender: object = None, **_: object) -> None:
         if id(getattr(sender, "app", None)) != id(app):  # another app of this process
             return
-        service = runtime.service()
-        assert service.daemons is not None
-        if settings.metrics_port is not None:
-            serve_metrics(settings.metrics_port, DaemonUpCollector(service.daemons, settings.daemons))
-            log.info("serving Prometheus metrics on :%d/metrics", settings.metrics_port)
-        reap_orphans(service)
-        after = settings.requeue_lost_after_s
-        start_janitor(service.store, after_s=after, every_s=max(0.5, after / 2))
         hostname = getattr(sender, "hostname", None) or "buildq"
-        events = app.events
 
         def announce(daemon: str, seconds_down: float) -> None:
             try:
-                with events.default_dispatcher(hostname=hostname) as dispatcher:
+                with app.events.default_dispatcher(hostname=hostname) as dispatcher:
                     dispatcher.send(DAEMON_UP_EVENT, daemon=daemon, seconds_down=round(seconds_down, 3))
             except Exception as exc:  # noqa: BLE001 - best effort
                 log.warning("daemon event not sent: %s", exc)
 
-        DaemonWatch(service.daemons, service.launcher, settings.daemons, announce=announce).start()
+        main = processes.main = MainRuntime(settings, announce=announce)
+        if settings.metrics_port is not None:
+            serve_metrics(settings.metrics_port, DaemonUpCollector(main.health, settings.daemons))
+            log.info("serving Prometheus metrics on :%d/metrics", settings.metrics_port)
+        main.start()
 
-    def on_process_shutdown(pid: int | None = None, **_: object) -> None:
-        runtime.flush_events()  # phase events still buffered
-        runtime.close()
-        mark_process_dead(pid or os.getpid())
+    def on_shutdown(**_: object) -> None:
+        if processes.main is not None:
+            processes.main.close()
 
     def on_shutting_down(sig: str = "", how: str = "", exitcode: int = 0, **_: object) -> None:
         """Warm shutdown lets running builds finish, for at most ``BUILDQ_SHUTDOWN_GRACE_S``.
@@ -164,8 +98,10 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
         timer.daemon = True
         timer.start()
 
-    worker_ready.connect(on_ready, weak=False)
+    worker_process_init.connect(on_process_init, weak=False)
     worker_process_shutdown.connect(on_process_shutdown, weak=False)
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
     worker_shutting_down.connect(on_shutting_down, weak=False)
 
 

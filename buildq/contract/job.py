@@ -22,6 +22,8 @@ from .grants import normalize_repository
 from .reference import parse_reference
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+#: :data:`JOB_ID_PATTERN` compiled (``fullmatch``-safe: no newline passes ``$`` with ``\Z``)
+JOB_ID_PATTERN_RE = re.compile(JOB_ID_PATTERN.replace("$", r"\Z"))
 GIT_CONTEXT = re.compile(
     r"^(?:https://|git://|ssh://)[A-Za-z0-9._~:@%+-]+(?:/[A-Za-z0-9._~@%+-]+)*\.git"
     r"(?:#[A-Za-z0-9._/+-]*(?::[A-Za-z0-9._/+-]*)?)?$"

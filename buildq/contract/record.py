@@ -1,19 +1,23 @@
-"""The job record as every reader gets it, in every state, as pydantic models (``buildq schema --record``).
+"""The job record, in every state, as pydantic models: the one description of it (pure).
 
-:func:`buildq.records.job_status` (``buildq status --json``, ``BuildqClient.status``) and the
-stored final record (``buildq submit --wait --json``, ``handle.wait()``, Redis
-``buildq:result:<id>``) have this shape; ``tests/test_record_schema.py`` validates real outputs of
-each state against :func:`record_schema`. Every object is closed (``additionalProperties: false``):
-a field that is not documented here is not in a record.
+The worker builds a finished record once and validates it here (:func:`validated_record`) before
+it is stored; :func:`record_schema` (``buildq schema --record``) is generated from the same models.
+Readers get every state in this shape: the stored record (``buildq submit --wait --json``,
+``handle.wait()``, Redis ``buildq:result:<id>``) as it is, a job that has not finished from its
+job hash (:func:`job_status`). Every object is closed (``additionalProperties: false``): a field
+that is not documented here is not in a record. :func:`summary` is what Celery keeps as the task's
+result. Nothing here parses build output: showing a record needs no parser.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-#: RFC 3339 UTC with milliseconds, as ``buildq.records.iso`` writes it
+#: RFC 3339 UTC with milliseconds, as :func:`iso` writes it
 Time = Annotated[
     str,
     Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", json_schema_extra={"format": "date-time"}),
@@ -68,7 +72,10 @@ class Attempt(_Closed):
     started_at: Time
     finished_at: Time
     duration_s: Seconds
-    outcome: Literal["succeeded", "failed", "cancelled", "timeout"]
+    outcome: Literal["succeeded", "failed", "cancelled", "timeout", "lease_lost", "lost"] = Field(
+        description="lease_lost: another delivery claimed the job while this attempt ran; lost: its "
+        "worker died (or lost its claim) before the attempt ended"
+    )
     exit_code: int | None
     reason: str | None = Field(description="the classifier's reason of a failure")
     error: str | None = Field(description="buildctl's error line (redacted)")
@@ -153,6 +160,7 @@ class FinishedRecord(_Common):
 
 
 JobRecord = Annotated[PendingRecord | FinishedRecord, Field(discriminator="state")]
+_FINISHED = TypeAdapter(FinishedRecord)
 
 
 def record_schema() -> dict[str, Any]:
@@ -163,4 +171,135 @@ def record_schema() -> dict[str, Any]:
         "title": "buildq job record",
         "description": "buildq status --json, buildq submit --wait --json, BuildqClient.status/wait",
         **schema,
+    }
+
+
+def validated_record(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A finished record checked against :class:`FinishedRecord` (ValidationError when it is not
+    one): the JSON that is stored, and its :func:`summary`. The ``explain`` summary of flagged
+    phases is worded here (:func:`sentence`), with the wording every reader uses."""
+    explained = record.get("explain")
+    if explained and explained.get("flagged") and not explained.get("summary"):
+        explained["summary"] = "; ".join(sentence(flag) for flag in explained["flagged"])
+    return _FINISHED.validate_python(record).model_dump_json(), summary(record)
+
+
+def seconds_text(value: float) -> str:
+    """``31.2``, ``0.4``, ``0`` — and milliseconds below a tenth (``0.017``)."""
+    if value == 0:
+        return "0"
+    return f"{value:.3f}" if value < 0.1 else f"{value:.1f}"
+
+
+def sentence(flag: Mapping[str, Any]) -> str:
+    """``cache_import 31.2 s, 78× its median of 0.4 s over the last 50 builds``."""
+    what = f'step "{flag["step"]}"' if flag["phase"] == "step" else flag["phase"]
+    seconds, median, ratio = flag["seconds"], flag["median"], flag["ratio"]
+    over = f"over the last {flag['builds']} builds"
+    if ratio is None:
+        return f"{what} {seconds_text(seconds)} s against a median of 0 s {over}"
+    times = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}"
+    return f"{what} {seconds_text(seconds)} s, {times}× its median of {seconds_text(median)} s {over}"
+
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds → RFC 3339 UTC with milliseconds."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def epoch(text: str | None) -> float | None:
+    """RFC 3339 (as :func:`iso` writes it) → epoch seconds."""
+    return datetime.fromisoformat(text).timestamp() if text else None
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def _common(
+    job_id: str, state: str, phase: str | None, attempt: int | None, worker: str | None,
+    daemon: str | None, retry_of: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "job_id": job_id,
+        "retry_of": retry_of or None,
+        "state": state,
+        "phase": phase,
+        "attempt": attempt,
+        "worker": worker or None,
+        "daemon": daemon or None,
+    }
+
+
+#: fields of a stored attempt that only older workers wrote (internal; never shown)
+_INTERNAL_ATTEMPT_FIELDS = ("window_end",)
+
+
+def public_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored final record in the documented shape (records of older workers brought up to it)."""
+    attempts = [
+        {k: v for k, v in a.items() if k not in _INTERNAL_ATTEMPT_FIELDS}
+        for a in record.get("attempts") or []
+    ]
+    last = attempts[-1] if attempts else {}
+    common = _common(
+        str(record["job_id"]), str(record["state"]), "done", len(attempts) or None, record.get("worker"),
+        record.get("daemon", last.get("daemon")), record.get("retry_of"),
+    )  # fmt: skip
+    rest = {k: v for k, v in record.items() if k not in common}
+    return {**common, "routing": None, "explain": None, **rest, "attempts": attempts}
+
+
+_PENDING_STATES = ("queued", "running")
+
+
+def job_status(job_id: str, info: Mapping[str, str], record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a reader gets for ``job_id`` in any state: the stored record once finished, else the job
+    hash (``buildq:job:<id>``, all strings) in the same shape: ``attempt`` a number, times ISO
+    strings, and none of the hash's internal fields (message, history, claim generation, queue)."""
+    if record is not None:
+        return public_record(record)
+    state = info.get("state")
+    if state not in _PENDING_STATES:  # never seen (or its hash expired)
+        return {**_common(job_id, "unknown", None, None, None, None), "enqueued_at": None, "started_at": None}
+    attempt = info.get("attempt")
+    phase = info.get("phase") or ("queued" if state == "queued" else None)
+    return {
+        **_common(
+            job_id,
+            state,
+            phase,
+            int(attempt) if attempt and attempt.isdigit() else None,
+            info.get("worker"),
+            info.get("daemon"),
+            info.get("retry_of"),
+        ),  # fmt: skip
+        "enqueued_at": iso(_float(info.get("enqueued_at"))),
+        "started_at": iso(_float(info.get("started_at"))),
+    }
+
+
+def summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What Celery stores as the task result (Flower shows it): the outcome, the phases and the step
+    counts; the full record is ``buildq status --json``."""
+    image = record.get("image") or {}
+    cache = record.get("cache") or {}
+    error = record.get("error") or {}
+    return {
+        "job_id": record["job_id"],
+        "state": record["state"],
+        "error": error.get("kind"),
+        "digest": image.get("digest"),
+        "names": image.get("names"),
+        "cache_exported": cache.get("exported"),
+        "attempts": len(record.get("attempts") or []),
+        "duration_s": record.get("duration_s"),
+        "phases": record.get("phases"),
+        "steps": record.get("steps"),
     }

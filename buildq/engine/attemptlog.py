@@ -1,9 +1,11 @@
 """The log of one running attempt: rendered, redacted and written to the job's stream as it happens.
 
 :class:`AttemptLog` is what the worker feeds from the stderr reader thread: ``feed`` only renders
-and buffers; a daemon flusher thread writes the buffer (:class:`~buildq.store.logs.LogStore`) at
-most ``flush_interval_s`` after a line arrived (sooner when ``max_batch`` entries are waiting) and
-counts, never raises, Redis errors. :class:`RawRedactor` masks secrets in the rawjson lines.
+and buffers; the process's scheduler calls :meth:`AttemptLog.flush` every second, which writes
+the buffer in one round trip (:class:`~buildq.store.logs.LogStore`) and counts, never raises,
+Redis errors. The end of the log goes with the result (:meth:`AttemptLog.ending`) or, before a
+retry, is written at once (:meth:`AttemptLog.close`). :class:`RawRedactor` masks secrets in the
+rawjson lines.
 """
 
 from __future__ import annotations
@@ -11,17 +13,14 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from ..buildkit.plainlog import MAX_PARTIAL_BYTES, PlainLogRenderer
-from ..buildkit.solvestatus import SolveStatus, b64decode_lenient, parse_line
+from ..buildkit.progress import SolveStatus, b64decode_lenient, parse_line
 from ..store.logs import FINAL_PREFIX, Entry, LogStore
 from .redact import Redactor
-
-CLOSE_TIMEOUT_S = 30.0  # longest close() waits for the flusher's last write
 
 # -- raw lines ---------------------------------------------------------------------------------
 _KEEP = frozenset({"digest", "vertex", "inputs", "started", "completed", "timestamp"})  # ids and times
@@ -149,25 +148,24 @@ class _Lines:
         raw = self.raw.line(line) if self.raw is not None else [line]
         return [(a, "raw", r) for r in raw] + [(a, "plain", p) for p in self.renderer.feed(status)]
 
-    def finish(self) -> list[Entry]:
-        """What the end of the stream still prints (held output, error summary)."""
+    def finish(self) -> tuple[list[Entry], list[str]]:
+        """What the end of the stream still prints (held output, error summary), and the failing
+        step's last 30 output lines."""
         raw = self.raw.finish() if self.raw is not None else []
-        return [(self.attempt, "raw", r) for r in raw] + [
-            (self.attempt, "plain", p) for p in self.renderer.finish()
-        ]
+        plain, tail = self.renderer.end(30)
+        return [(self.attempt, "raw", r) for r in raw] + [(self.attempt, "plain", p) for p in plain], tail
 
     def mark(self, text: str) -> Entry:
         return (self.attempt, "mark", self.redact(text))
 
 
 class AttemptLog:
-    """The log of one attempt: ``feed`` every stderr line (cheap, no I/O), ``close`` at the end.
+    """The log of one attempt: ``feed`` every stderr line (cheap, no I/O), ``flush`` now and then
+    (the scheduler's thread), then ``ending`` or ``close`` once.
 
-    Entries reach Redis from a daemon flusher thread (started on the first feed) at most
-    ``flush_interval_s`` after they were fed, or as soon as ``max_batch`` are waiting. Write failures
-    are counted (``failed_flushes``, ``dropped``), never raised. When Redis falls behind, at most
-    ``max_buffered`` (default: the stream's ``maxlen``) entries wait; older ones are dropped (and
-    counted), as MAXLEN would trim them anyway. Thread-safe.
+    Write failures are counted (``failed_flushes``, ``dropped``), never raised. When Redis falls
+    behind, at most ``max_buffered`` (default: the stream's ``maxlen``) entries wait; older ones are
+    dropped (and counted), as MAXLEN would trim them anyway. Thread-safe.
     """
 
     def __init__(
@@ -177,29 +175,20 @@ class AttemptLog:
         attempt: int,
         *,
         redactor: Redactor | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        flush_interval_s: float = 0.2,
-        max_batch: int = 200,
         max_buffered: int | None = None,
     ) -> None:
         self.store, self.job_id, self.attempt = store, job_id, attempt
         self._lines = _Lines(attempt, redactor)
-        self._clock = clock
-        self._interval = flush_interval_s
-        self._max_batch = max(1, max_batch)
-        # what waits beyond the stream's cap would be trimmed right after writing: drop it, oldest first
-        self._max_buffered = max(max_buffered or store.maxlen, self._max_batch)
-        self._cond = threading.Condition()
+        self._max_buffered = max(max_buffered or store.maxlen, 1)
+        self._lock = threading.Lock()
         self._buffer: deque[Entry] = deque(maxlen=self._max_buffered)
-        self._thread: threading.Thread | None = None
         self._closed = False
-        self._final_written = False
         # flushes: batches written (one round trip each); dropped: lost to Redis errors or a full buffer
         self.lines_fed = self.flushes = self.failed_flushes = self.dropped = self.feed_errors = 0
 
     def feed(self, line: str, status: SolveStatus | None = _PARSE) -> None:
         """Render, redact and buffer one stderr line; pass ``status`` when already parsed (None: text)."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             self.lines_fed += 1
@@ -208,89 +197,48 @@ class AttemptLog:
             except Exception:  # a malformed line must not break the build
                 self.feed_errors += 1
                 return
-            was_empty = not self._buffer
             self._buffer_all(entries)
-            if self._thread is None:
-                name = f"buildq-log-{self.job_id[:16]}"
-                self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-                self._thread.start()
-            if was_empty or len(self._buffer) >= self._max_batch:
-                self._cond.notify()
-
-    def close(self, final_state: str | None = None) -> None:
-        """Render the end (pending lines, error summary), write everything, stop the flusher.
-
-        Idempotent; never raises. With ``final_state`` a ``final: <state>`` mark is written last
-        (once, also when a plain ``close()`` came first).
-        """
-        with self._cond:
-            tail = self._closing_entries(final_state)
-            self._buffer_all(tail)
-            thread = self._thread
-            self._cond.notify_all()
-        if thread is not None:
-            thread.join(CLOSE_TIMEOUT_S)
-            if not thread.is_alive():
-                with self._cond:
-                    self._thread = None
-        if self._thread is None:
-            with self._cond:
-                batch, self._buffer = self._buffer, deque(maxlen=self._max_buffered)
-            self._write(batch)
-
-    def _closing_entries(self, final_state: str | None) -> list[Entry]:
-        """What closing adds (caller holds the lock): the renderer's end once, the final mark once."""
-        tail: list[Entry] = []
-        if not self._closed:
-            self._closed = True
-            try:
-                tail = self._lines.finish()
-            except Exception:
-                self.feed_errors += 1
-        if final_state is not None and not self._final_written:
-            self._final_written = True
-            tail.append(self._lines.mark(f"{FINAL_PREFIX} {final_state}"))
-        return tail
 
     def mark(self, text: str) -> None:
         """Buffer a ``mark`` line (attempt started, retrying); written in order with the lines."""
-        with self._cond:
+        with self._lock:
             self._buffer_all([self._lines.mark(text)])
 
-    def drain(self, final_state: str | None = None) -> list[Entry]:
-        """Close like :meth:`close`, but return the unwritten entries (and the ``final:`` mark), to be
-        stored with the result; what the flusher had taken is written first, so they come last."""
-        with self._cond:
-            tail = self._closing_entries(final_state)
-            pending = [*self._buffer, *tail]
+    def flush(self) -> None:
+        """Write what is buffered (one round trip; nothing when empty)."""
+        with self._lock:
+            batch, self._buffer = self._buffer, deque(maxlen=self._max_buffered)
+        self._write(batch)
+
+    def ending(self, final_state: str) -> tuple[list[Entry], list[str]]:
+        """Close the log: the entries not written yet (the renderer's end, then the ``final:
+        <state>`` mark), to be stored with the result, and the failing step's last output lines."""
+        with self._lock:
+            end, tail = self._closing_entries()
+            pending = [*self._buffer, *end, (self.attempt, "mark", f"{FINAL_PREFIX} {final_state}")]
             self._buffer = deque(maxlen=self._max_buffered)
-            thread = self._thread
-            self._cond.notify_all()
-        if thread is not None:
-            thread.join(CLOSE_TIMEOUT_S)
-        return pending
+            return pending, tail
 
-    def failing_tail(self, n: int = 30) -> list[str]:
-        """The last ``n`` output lines (redacted) of the failed step, else of the last step with output."""
-        with self._cond:
-            return self._lines.renderer.failing_tail(n)
+    def close(self, note: str | None = None) -> None:
+        """Close the log and write everything now, ``note`` (a mark) last. Idempotent; never raises."""
+        with self._lock:
+            end, _ = self._closing_entries()
+            if note is not None:
+                end.append(self._lines.mark(note))
+            batch = deque([*self._buffer, *end])
+            self._buffer = deque(maxlen=self._max_buffered)
+        self._write(batch)
 
-    def _run(self) -> None:
-        cond = self._cond
-        while True:
-            with cond:
-                cond.wait_for(lambda: self._buffer or self._closed)
-                deadline = self._clock() + self._interval
-                while not self._closed and len(self._buffer) < self._max_batch:
-                    remaining = deadline - self._clock()
-                    if remaining <= 0:
-                        break
-                    cond.wait(remaining)
-                batch, self._buffer = self._buffer, deque(maxlen=self._max_buffered)
-                last = self._closed
-            self._write(batch)
-            if last:
-                return
+    def _closing_entries(self) -> tuple[list[Entry], list[str]]:
+        """What closing adds (caller holds the lock): the renderer's end, once, and the failing tail."""
+        if self._closed:
+            return [], []
+        self._closed = True
+        try:
+            return self._lines.finish()
+        except Exception:
+            self.feed_errors += 1
+            return [], []
 
     def _buffer_all(self, entries: list[Entry]) -> None:
         self.dropped += max(0, len(self._buffer) + len(entries) - self._max_buffered)
@@ -304,7 +252,7 @@ class AttemptLog:
             ok = True
         except Exception:  # Redis down or slow: the build goes on, the lines are lost
             ok = False
-        with self._cond:
+        with self._lock:
             if ok:
                 self.flushes += 1
             else:

@@ -1,6 +1,6 @@
 """Closing the circuit breakers: probe each down daemon until it answers again.
 
-Every worker's main process runs one :class:`DaemonWatch` thread. Each second it reads which
+Every worker's main process ticks one :class:`DaemonWatch` on its scheduler. Each second it reads which
 daemons are down (:class:`~buildq.store.daemons.DaemonHealth`); for each, the worker that takes the
 probe lock runs ``buildctl debug workers`` through its launcher (a probe, not a build). When the
 daemon answers, its breaker closes and builds go to it again; only the worker that closed it
@@ -10,7 +10,6 @@ announces it. So a deployment probes a down daemon about once a second, whatever
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -64,17 +63,3 @@ class DaemonWatch:
                 if self.announce is not None:
                     self.announce(daemon, seconds)
         return back
-
-    def start(self) -> Callable[[], None]:
-        """Run :meth:`tick` every ``interval_s`` in a daemon thread; returns ``stop``."""
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.wait(self.interval_s):
-                try:
-                    self.tick()
-                except Exception as exc:  # noqa: BLE001 - Redis may be away; try again next tick
-                    log.info("daemon probe skipped: %s", exc)
-
-        threading.Thread(target=loop, name="buildq-daemon-watch", daemon=True).start()
-        return stop.set

@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..buildkit.solvestatus import ERROR_PREFIX
+from ..buildkit.progress import ERROR_PREFIX
 from ..launchers.base import Launcher, LaunchSpec
 
 #: seconds the reader thread may need past the deadline to hand over what it read

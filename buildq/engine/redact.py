@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import quote, quote_plus
 
 MIN_SECRET_LENGTH = 4
@@ -91,6 +92,16 @@ class Redactor:
         return self._pattern.sub(MASK, text)
 
     __call__ = redact
+
+    def redact_tree(self, value: Any) -> Any:
+        """``value`` with every string in it redacted (dict keys kept), walked here in one call."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {k: self.redact_tree(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.redact_tree(v) for v in value]
+        return value
 
 
 def secret_values(env_names: Iterable[str], environ: Mapping[str, str]) -> list[str]:

@@ -1,31 +1,94 @@
-"""One attempt of one build, apart from Celery: argv → launcher → progress → outcome.
+"""One run of buildctl, launched and supervised as one unit: argv → launcher → progress → outcome.
 
-:func:`run_attempt` starts buildctl through a launcher, feeds every stderr line to the progress
-tracker (and to ``on_line``) as it arrives, kills buildctl when ``should_stop()`` says so or the
-deadline passes, then reads the metadata file and classifies the exit. It never raises for a
-build failure: the outcome is data (:class:`AttemptOutcome`). The clock is injected.
+:func:`run_build` builds the argv from the job, starts buildctl through the launcher and, from that
+moment whatever raises, keeps it watched: a time limit (a timer on the process's scheduler), the
+holder's periodic check (lease renewal, which may fence it out or report a cancel) and the
+process's cancel notices all end it, and it is always killed and released before the function
+returns. Every stderr line goes to the progress tracker and to the caller's :class:`Watch` as it
+arrives. A build failure is never raised: the :class:`Outcome` says what happened.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..buildkit.classify import NEVER_REACHED_REASON, Failure, classify_failure
 from ..buildkit.command import BuildRequest, build_argv, split_dockerfile
-from ..buildkit.progress import ProgressTracker
-from ..buildkit.solvestatus import SolveStatus
+from ..buildkit.progress import ProgressTracker, SolveStatus
 from ..contract.job import BuildJob
 from ..errors import BuildError, PermanentBuildError
 from ..launchers.base import BuildPaths, Launcher, LaunchSpec
-from ..records import AttemptOutcome
-from .ticker import Ticker
+from .scheduler import Handle, Scheduler
 
 Clock = Callable[[], float]
 
-#: how often a build's watcher checks ``should_stop`` (cancellation must act within 2 s); the
-#: interval of the process's :class:`~buildq.engine.ticker.Ticker`
-WATCH_INTERVAL_S = 0.25
+#: why a run was stopped from outside: a cancel, the time limit, or its claim was lost
+CANCELLED, TIMEOUT, FENCED = "cancelled", "timeout", "lease_lost"
+
+
+@dataclass
+class Outcome:
+    """What one buildctl run did. ``outcome``: succeeded | failed | cancelled | timeout | lease_lost.
+    Times are on the worker's clock; ``reached_daemon`` is False when buildctl could not dial the
+    daemon or never started."""
+
+    number: int
+    daemon: str
+    started_at: float
+    exited_at: float
+    outcome: str
+    exit_code: int | None = None
+    failure: Failure | None = None
+    metadata: dict[str, Any] | None = None
+    tracker: ProgressTracker = field(default_factory=ProgressTracker)
+    reached_daemon: bool = True
+
+
+class Watch:
+    """What a caller learns of a running build; every method is called on the build's own thread
+    except :meth:`check`, which runs on the scheduler's thread every ``interval_s``."""
+
+    interval_s: float = 1.0
+
+    def started(self, started_at: float) -> list[Handle]:
+        """buildctl runs (``started_at`` on the worker's clock); what the caller scheduled for the
+        run, cancelled with it."""
+        return []
+
+    def line(self, line: str, status: SolveStatus | None) -> None:
+        """One stderr line and its parsed update (None for a text line)."""
+
+    def check(self) -> str | None:
+        """A reason to stop the build now (``cancelled``, ``lease_lost``), or None to go on."""
+        return None
+
+
+class Stopper:
+    """Kills one running build once, remembering the first reason (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: str | None = None
+        self._kill: Callable[[], None] | None = None
+
+    def arm(self, kill: Callable[[], None]) -> None:
+        with self._lock:
+            self._kill = kill
+            pending = self.reason
+        if pending is not None:
+            kill()
+
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            kill = self._kill
+        if kill is not None:
+            kill()
 
 
 def dockerfile_dir(job: BuildJob) -> str | None:
@@ -59,133 +122,112 @@ def build_request(job: BuildJob, paths: BuildPaths) -> BuildRequest:
     )
 
 
-def secret_env(job: BuildJob, environ: Mapping[str, str]) -> dict[str, str]:
-    """The worker environment variables buildctl needs for the job's secrets (checked beforehand)."""
-    return {s.env: environ[s.env] for s in job.secrets}
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs besides the job: where, with what, for how long."""
+
+    number: int
+    daemon: str
+    launcher: Launcher
+    scheduler: Scheduler
+    timeout_s: float
+    insecure_registries: Sequence[str] = ()
+    environ: Mapping[str, str] = field(default_factory=dict)
+    extra_transient: Sequence[str] = ()
+    clock: Clock = time.time
 
 
-def secret_values(job: BuildJob, environ: Mapping[str, str]) -> dict[str, str]:
-    """The job's secret values by secret id, for a launcher that writes secret files."""
-    return {s.id: environ[s.env] for s in job.secrets}
-
-
-def run_attempt(
-    job: BuildJob,
-    *,
-    number: int,
-    launcher: Launcher,
-    daemon: str,
-    insecure_registries: Sequence[str],
-    environ: Mapping[str, str],
-    timeout_s: float,
-    ticker: Ticker,
-    clock: Clock = time.time,
-    on_line: Callable[[str, SolveStatus | None], None] | None = None,
-    on_start: Callable[[], None] | None = None,
-    should_stop: Callable[[], str | None] | None = None,
-    extra_transient: Sequence[str] = (),
-    started_at: float | None = None,
-) -> AttemptOutcome:
-    """Run buildctl once for ``job`` against ``daemon``; return what happened.
-
-    ``should_stop`` is polled by ``ticker`` (every 250 ms) while buildctl runs; a non-None answer
-    (``"cancelled"``) kills buildctl and becomes the outcome. Passing ``timeout_s`` kills it too
-    (outcome ``timeout``). ``on_start`` is called once buildctl has been started; ``on_line``
-    gets every stderr line with its parsed SolveStatus (None for a text line) as it arrives.
-    ``started_at`` is the attempt's start as the caller published it (default: now).
-    """
-    started = started_at if started_at is not None else clock()
+def run_build(job: BuildJob, spec: RunSpec, watch: Watch, stopper: Stopper | None = None) -> Outcome:
+    """Run buildctl once for ``job`` on ``spec.daemon``; what happened. ``stopper`` lets the caller
+    stop it from another thread (a cancel notice); it is armed once buildctl runs."""
+    stopper = stopper or Stopper()
+    clock = spec.clock
     tracker = ProgressTracker(clock=clock)
+    started = clock()
     context = None if job.is_remote else job.context
     dockerfile = dockerfile_dir(job)
-    paths = launcher.prepare(job.job_id, context, dockerfile, [s.id for s in job.secrets])
-    argv = build_argv(build_request(job, paths), insecure_registries=insecure_registries)
-    as_files = bool(paths.secret_files)
-    env = {"BUILDKIT_HOST": daemon, **({} if as_files else secret_env(job, environ))}
-    spec = LaunchSpec(
-        job_id=job.job_id, argv=argv, env=env, context_dir=context, dockerfile_dir=dockerfile,
-        secrets=secret_values(job, environ) if as_files else {},
-    )  # fmt: skip
+    secrets_as_files = False
+    running = None
+    finished = False
+    handles: list[Handle] = []
     try:
-        running = launcher.start(spec, paths)
-    except BuildError as exc:
-        failure = Failure(
-            transient=not isinstance(exc, PermanentBuildError), reason=exc.reason, message=exc.message
-        )
-        return AttemptOutcome(
-            number, daemon, started, clock(), "failed", failure=failure, tracker=tracker, reached_daemon=False
-        )
-    if on_start is not None:
-        on_start()
-
-    stop_reason: list[str] = []
-    deadline = started + timeout_s
-
-    def watch() -> bool:  # on the ticker's thread, every WATCH_INTERVAL_S; True: stop watching
-        reason = should_stop() if should_stop is not None else None
-        if reason is None and clock() >= deadline:
-            reason = "timeout"
-        if reason is not None:
-            stop_reason.append(reason)
-            running.kill()
-            return True
-        return False
-
-    ticket = ticker.every(watch)
-    try:
+        paths = spec.launcher.prepare(job.job_id, context, dockerfile, [s.id for s in job.secrets])
+        secrets_as_files = bool(paths.secret_files)
+        values = {s.id: spec.environ[s.env] for s in job.secrets} if secrets_as_files else {}
+        env = {"BUILDKIT_HOST": spec.daemon}
+        if not secrets_as_files:
+            env.update({s.env: spec.environ[s.env] for s in job.secrets})
+        argv = build_argv(build_request(job, paths), insecure_registries=spec.insecure_registries)
+        launch = LaunchSpec(
+            job_id=job.job_id, argv=argv, env=env, context_dir=context, dockerfile_dir=dockerfile,
+            secrets=values,
+        )  # fmt: skip
+        started = clock()
+        running = spec.launcher.start(launch, paths)
+        stopper.arm(running.kill)
+        handles.append(spec.scheduler.later(spec.timeout_s, lambda: stopper.stop(TIMEOUT)))
+        handles.append(spec.scheduler.every(watch.interval_s, lambda: _checked(watch, stopper)))
+        handles += watch.started(started)
         for line in running.lines():
-            status = tracker.feed(line)
-            if on_line is not None:
-                on_line(line, status)
-        exit_code = running.wait()
+            watch.line(line, tracker.feed(line))
+        exit_code, metadata = running.finish()
+        finished = True
         exited = clock()
-        metadata = running.read_metadata() if exit_code == 0 else None
-    except BuildError as exc:  # the launcher lost buildctl (its container ended, the engine went away)
-        failure = Failure(
-            transient=not isinstance(exc, PermanentBuildError), reason=exc.reason, message=exc.message
-        )
-        return AttemptOutcome(
-            number, daemon, started, clock(), "failed", failure=failure, tracker=tracker,
-            first_output_at=tracker.first_output_at,
+    except BuildError as exc:  # could not start, or the launcher lost buildctl (container gone)
+        failure = Failure(not isinstance(exc, PermanentBuildError), exc.reason, exc.message)
+        return Outcome(
+            spec.number, spec.daemon, started, clock(), "failed", failure=failure, tracker=tracker,
+            reached_daemon=running is not None,
         )  # fmt: skip
     finally:
-        ticket.cancel()  # no watch runs after this
-        running.close()
+        spec.scheduler.cancel(handles)
+        if running is not None and not finished:  # anything that raised leaves nothing running
+            running.kill()
+            running.close()
+    return _outcome(spec, tracker, started, exited, exit_code, metadata, stopper.reason)
 
-    outcome = AttemptOutcome(
-        number,
-        daemon,
-        started,
-        exited,
-        "failed",
-        exit_code=exit_code,
-        tracker=tracker,
-        first_output_at=tracker.first_output_at,
-    )
-    if stop_reason:
-        outcome.outcome = stop_reason[0]
-        message = (
-            "build cancelled" if stop_reason[0] == "cancelled" else f"build exceeded its {timeout_s:g}s limit"
-        )
-        outcome.failure = Failure(transient=False, reason=stop_reason[0], message=message)
-        return outcome
+
+def _checked(watch: Watch, stopper: Stopper) -> bool:
+    """The periodic check on the scheduler's thread; True (stop checking) once it stopped the build."""
+    reason = watch.check()
+    if reason is not None:
+        stopper.stop(reason)
+        return True
+    return False
+
+
+def _outcome(
+    spec: RunSpec,
+    tracker: ProgressTracker,
+    started: float,
+    exited: float,
+    exit_code: int,
+    metadata: dict[str, Any] | None,
+    stopped: str | None,
+) -> Outcome:
+    out = Outcome(spec.number, spec.daemon, started, exited, "failed", exit_code=exit_code, tracker=tracker)
+    if stopped is not None:
+        out.outcome = stopped
+        message = {
+            CANCELLED: "build cancelled",
+            TIMEOUT: f"build exceeded its {spec.timeout_s:g}s limit",
+            FENCED: "another delivery claimed the job while this one built (lease lost)",
+        }[stopped]
+        out.failure = Failure(False, stopped, message)
+        return out
     if exit_code == 0:
         if metadata is None or "containerimage.digest" not in metadata:
-            outcome.failure = Failure(
-                transient=False,
-                reason="no_metadata",
-                message="buildctl exited 0 but wrote no image digest to --metadata-file",
-            )
-            return outcome
-        outcome.outcome = "succeeded"
-        outcome.metadata = metadata
-        return outcome
-    classified = classify_failure(
-        exit_code, tracker.text_lines, vertex_errors=tracker.vertex_errors(), extra_transient=extra_transient
-    )
-    outcome.failure = classified
+            out.failure = Failure(False, "no_metadata", "buildctl exited 0 but wrote no image digest")
+            return out
+        out.outcome, out.metadata = "succeeded", metadata
+        return out
+    failure = classify_failure(
+        exit_code, tracker.text_lines, vertex_errors=tracker.vertex_errors(),
+        extra_transient=spec.extra_transient,
+    )  # fmt: skip
+    out.failure = failure
     # a dial failure with no progress at all: the daemon never saw this build
-    outcome.reached_daemon = not (
-        classified is not None and classified.reason == NEVER_REACHED_REASON and tracker.json_lines == 0
+    out.reached_daemon = not (
+        failure is not None and failure.reason == NEVER_REACHED_REASON and tracker.json_lines == 0
     )
-    return outcome
+    return out

@@ -1,28 +1,195 @@
-"""The build runtime of one worker process, made from the settings (nothing at import time)."""
+"""What a worker's processes run on, made from the settings in the process that uses it.
+
+:class:`PoolRuntime` is one pool process's: its Redis client and store, its launcher, its
+scheduler, its metrics and hooks, its cancel subscription and its :class:`~buildq.engine.lifecycle.Lifecycle`.
+It is made in that process after the fork (Celery's ``worker_process_init``), the same way for the
+first pool process and for every later one (a grown pool, a replaced child), and closed when the
+process ends. :class:`MainRuntime` is the worker main process's: the janitor, the daemon watch and
+the reaping of leftovers, on its own scheduler. Nothing here is made at import time.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
 from ..config import Settings
+from ..contract.grants import granted_values
 from ..launchers import make_launcher
-from ..store.connect import redis_client, replicas_for
+from ..launchers.base import Launcher
+from ..store.connect import redis_client
 from ..store.daemons import DaemonHealth
+from ..store.janitor import Janitor
 from ..store.jobs import JobStore
+from ..store.keys import CANCELS_CHANNEL
 from ..store.logs import LogStore
-from ..store.slots import DaemonSlots
-from .metrics import BuildMetrics, NoMetrics
-from .service import BuildService
+from ..store.scripts import replicas_for
+from .daemonwatch import Announce, DaemonWatch
+from .hooks import AffinityHook, BaselineHook, BreakerHook, BuildMetrics, Hooks, MetricsHook, NoMetrics
+from .lifecycle import Lifecycle
+from .runner import CANCELLED, Stopper
+from .scheduler import Scheduler
+
+log = logging.getLogger("buildq.worker")
 
 
-def make_service(settings: Settings) -> BuildService:
-    """The build runtime for this process (launcher, Redis stores, log store, metrics)."""
+def worker_id() -> str:
+    """``host:pid`` of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def make_store(settings: Settings) -> JobStore:
+    """The process's store on the state Redis (plain or through Sentinel)."""
     client = redis_client(settings, socket_timeout=10, health_check_interval=30)
-    store = JobStore(client, result_ttl_s=settings.result_ttl_s, replicas=replicas_for(settings, client))
-    return BuildService(
-        settings=settings,
-        launcher=make_launcher(settings),
-        store=store,
-        slots=DaemonSlots(store.scripts),
-        daemons=DaemonHealth(client),
-        logs=LogStore(client, maxlen=settings.log_stream_maxlen, ttl_s=settings.log_stream_ttl_s),
-        metrics=BuildMetrics() if settings.metrics_port is not None else NoMetrics(),
-    )
+    return JobStore(client, result_ttl_s=settings.result_ttl_s, replicas=replicas_for(settings, client))
+
+
+class CancelListener:
+    """The process's one subscription to cancel notices: a notice for a build this process runs
+    stops it at once (the lease renewal re-checks the flag as the fallback). Called by the
+    scheduler whenever it is idle; returns the socket to wait on."""
+
+    def __init__(self, client: Any, stoppers: dict[str, Stopper]) -> None:
+        self.client, self.stoppers = client, stoppers
+        self._pubsub: Any = None
+
+    def __call__(self, timeout: float) -> Any:
+        if self._pubsub is None:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(CANCELS_CHANNEL)
+            self._pubsub = pubsub
+        try:
+            while True:
+                message = self._pubsub.get_message(timeout=0)
+                if message is None:
+                    break
+                data = message.get("data")
+                job_id = data.decode() if isinstance(data, bytes) else str(data)
+                stopper = self.stoppers.get(job_id)
+                if stopper is not None:
+                    log.info("job %s: cancel notice received; stopping its build", job_id)
+                    stopper.stop(CANCELLED)
+            connection = self._pubsub.connection
+            return connection._sock if connection is not None else None
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except Exception:  # noqa: BLE001 - it is going anyway
+                pass
+
+
+def launcher_domain(launcher: Launcher) -> str:
+    """Where ``launcher``'s runs can be killed from (its ``domain``, else this host)."""
+    return str(getattr(launcher, "domain", None) or socket.gethostname())
+
+
+class PoolRuntime:
+    """One pool process's runtime (make it in that process)."""
+
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self.settings = settings
+        self.store = make_store(settings)
+        client = self.store.redis
+        self.scheduler = Scheduler()
+        self.launcher = make_launcher(settings)
+        self.metrics: BuildMetrics | NoMetrics = (
+            BuildMetrics() if settings.metrics_port is not None else NoMetrics()
+        )
+        hooks = [
+            MetricsHook(self.metrics),
+            BreakerHook(DaemonHealth(client), time.time),
+            BaselineHook(settings.baseline_n),
+        ]
+        if settings.cache_affinity:
+            hooks.append(AffinityHook())
+        values = granted_values(env, settings.secret_env)
+        values += [env[name] for name in settings.redact_env if name in env]
+        stoppers: dict[str, Stopper] = {}
+        self.lifecycle = Lifecycle(
+            settings, store=self.store, launcher=self.launcher, scheduler=self.scheduler,
+            hooks=Hooks(hooks), worker_id=worker_id(), domain=launcher_domain(self.launcher), environ=env,
+            logs=LogStore(client, maxlen=settings.log_stream_maxlen, ttl_s=settings.log_stream_ttl_s),
+            daemons=DaemonHealth(client), redact_values=values, stoppers=stoppers,
+        )  # fmt: skip
+        self.cancels = CancelListener(client, stoppers)
+        self.scheduler.listen(self.cancels)
+
+    def close(self) -> None:
+        """The process is ending: the scheduler stops, the launcher gives back what it holds."""
+        self.scheduler.drain(5.0)
+        self.scheduler.stop()
+        self.cancels.close()
+        try:
+            self.launcher.close()
+        finally:
+            self.store.redis.close()
+
+
+class MainRuntime:
+    """The worker main process's periodic work: the janitor, the daemon watch, leftovers."""
+
+    def __init__(self, settings: Settings, *, announce: Announce | None = None) -> None:
+        self.settings = settings
+        self.store = make_store(settings)
+        self.scheduler = Scheduler(name="buildq-main")
+        self.launcher = make_launcher(settings)
+        self.health = DaemonHealth(self.store.redis)
+        self.watch = DaemonWatch(self.health, self.launcher, settings.daemons, announce=announce)
+        self.janitor = Janitor(self.store, after_s=settings.requeue_lost_after_s)
+
+    def start(self) -> None:
+        """Reap what dead workers left, then run the janitor and the daemon watch periodically."""
+        self.reap_orphans()
+        every = max(0.5, self.settings.requeue_lost_after_s / 2)
+        self.scheduler.every(every, self._janitor)
+        self.scheduler.every(self.watch.interval_s, self._watch)
+
+    def reap_orphans(self) -> list[str]:
+        """Kill leftover buildctl runs whose job lease has expired; their job ids."""
+        reaped = []
+        try:
+            job_ids = self.launcher.find_orphans()
+        except Exception as exc:  # noqa: BLE001 - the engine may be down; the worker still starts
+            log.warning("could not list leftover buildctl runs: %s", exc)
+            return []
+        for job_id in job_ids:
+            if self.store.lease_holder(job_id) is None:
+                self.launcher.kill_orphan(job_id)
+                reaped.append(job_id)
+        if reaped:
+            log.warning("removed %d leftover buildctl run(s): %s", len(reaped), ", ".join(reaped))
+        try:
+            self.launcher.reap_scratch()
+        except OSError as exc:
+            log.warning("could not remove leftover scratch directories: %s", exc)
+        return reaped
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        try:
+            self.launcher.close()
+        finally:
+            self.store.redis.close()
+
+    def _janitor(self) -> None:
+        try:
+            self.janitor.run_once()
+        except Exception as exc:  # noqa: BLE001 - Redis may be down; try again next round
+            log.info("lost-message check skipped: %s", exc)
+
+    def _watch(self) -> None:
+        try:
+            self.watch.tick()
+        except Exception as exc:  # noqa: BLE001 - Redis may be away; try again next tick
+            log.info("daemon probe skipped: %s", exc)

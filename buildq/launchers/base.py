@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True)
-class BuildPaths:
+class BuildPaths(NamedTuple):
     """Paths as buildctl sees them (``None`` context for a git context).
 
     ``secret_files``: (secret id, file) pairs when the launcher wants the secrets as files it
@@ -32,23 +31,32 @@ class BuildPaths:
     secret_files: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
-class LaunchSpec:
+_NONE: Mapping[str, str] = MappingProxyType({})
+
+
+class LaunchSpec(NamedTuple):
     """Everything a launcher needs to run one buildctl invocation.
 
     ``argv`` excludes the program name (it starts with ``build`` or ``debug``).
     ``env`` holds extra environment for buildctl (``BUILDKIT_HOST``, secret values named by
     ``--secret id=…,env=…``); it is never logged. ``secrets`` maps secret ids to values for a
-    launcher that asked for secret files (never logged either).
+    launcher that asked for secret files (never logged either: the repr names keys only).
     ``context_dir`` / ``dockerfile_dir`` are worker-side directories to expose read-only.
     """
 
     job_id: str
     argv: list[str]
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = _NONE
     context_dir: str | None = None
     dockerfile_dir: str | None = None
-    secrets: Mapping[str, str] = field(default_factory=dict)
+    secrets: Mapping[str, str] = _NONE
+
+    def __repr__(self) -> str:
+        return (
+            f"LaunchSpec(job_id={self.job_id!r}, argv=[{len(self.argv)} args], env={sorted(self.env)}, "
+            f"context_dir={self.context_dir!r}, dockerfile_dir={self.dockerfile_dir!r}, "
+            f"secrets={sorted(self.secrets)})"
+        )
 
 
 class RunningBuild(abc.ABC):
@@ -73,6 +81,15 @@ class RunningBuild(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release everything (temp dirs, containers). Idempotent."""
+
+    def finish(self) -> tuple[int, dict[str, Any] | None]:
+        """buildctl's exit code and, after a 0, its metadata file; everything released after
+        (raises what :meth:`wait` raises, released all the same)."""
+        try:
+            code = self.wait()
+            return code, self.read_metadata() if code == 0 else None
+        finally:
+            self.close()
 
     def __enter__(self) -> RunningBuild:
         return self

@@ -72,6 +72,13 @@ class LocalBuild(RunningBuild):
             return None
         return data if isinstance(data, dict) else None
 
+    def finish(self) -> tuple[int, dict[str, Any] | None]:
+        try:
+            code = self.wait()
+            return code, self.read_metadata() if code == 0 else None
+        finally:
+            self.close()
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable
 from datetime import datetime
 
 from ..names import TASK_NAME
 from .jobs import JobStore
-from .keys import QUEUED_INDEX, UNACKED_INDEX_KEY, UNACKED_KEY, job_key, lease_key, result_key
+from .keys import QUEUED_INDEX, UNACKED_INDEX_KEY, UNACKED_KEY, job_keys
 
 log = logging.getLogger("buildq.janitor")
 
@@ -40,13 +38,16 @@ def _requeue_lost(
     store: JobStore, after_s: float, now: float, batch: int, offset: int
 ) -> tuple[list[str], int]:
     """One slice of the index from ``offset``: (job ids pushed back, where the next slice starts)."""
-    script = store.scripts("requeue_lost")
     requeued, kept = [], 0
     entries = store.redis.zrangebyscore(QUEUED_INDEX, "-inf", now - after_s, start=offset, num=batch)
     for raw in entries:
         job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-        keys = [job_key(job_id), result_key(job_id), lease_key(job_id), QUEUED_INDEX, UNACKED_KEY]
-        if script(keys=keys, args=[job_id]):
+        k = job_keys(job_id)
+        pushed = store.scripts.call(
+            "requeue_lost", job_hash=k.hash, result_key=k.result, lease_key=k.lease,
+            queued_index=QUEUED_INDEX, unacked=UNACKED_KEY, job_id=job_id,
+        )  # fmt: skip
+        if pushed:
             requeued.append(job_id)
         if store.redis.zscore(QUEUED_INDEX, job_id) is not None:
             kept += 1
@@ -65,7 +66,6 @@ def requeue_stalled(
     when Celery tried to hand it back). Celery's own restore waits for the visibility timeout
     (hours); the job lease is a better heartbeat. Retry messages waiting for their ETA are left alone.
     """
-    script = store.scripts("restore_stalled")
     clock = time.time() if now is None else now
     requeued = []
     for raw_tag in store.redis.zrangebyscore(
@@ -77,8 +77,12 @@ def requeue_stalled(
         if job is None:
             continue
         job_id, queue = job
-        keys = [UNACKED_KEY, UNACKED_INDEX_KEY, lease_key(job_id), result_key(job_id), job_key(job_id)]
-        if script(keys=keys, args=[tag, queue]):
+        k = job_keys(job_id)
+        restored = store.scripts.call(
+            "restore_stalled", unacked=UNACKED_KEY, unacked_index=UNACKED_INDEX_KEY, lease_key=k.lease,
+            result_key=k.result, job_hash=k.hash, tag=tag, queue=queue,
+        )  # fmt: skip
+        if restored:
             requeued.append(job_id)
     if requeued:
         log.warning("re-queued %d build(s) whose worker went away: %s", len(requeued), ", ".join(requeued))
@@ -125,19 +129,3 @@ class Janitor:
         )
         self._stalled_offset += self.batch
         return lost + stalled
-
-
-def start_janitor(store: JobStore, *, after_s: float, every_s: float) -> Callable[[], None]:
-    """Run a :class:`Janitor` every ``every_s`` seconds in a daemon thread; returns ``stop``."""
-    janitor = Janitor(store, after_s=after_s)
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.wait(every_s):
-            try:
-                janitor.run_once()
-            except Exception as exc:  # noqa: BLE001 - Redis may be down; try again next round
-                log.info("lost-message check skipped: %s", exc)
-
-    threading.Thread(target=loop, name="buildq-janitor", daemon=True).start()
-    return stop.set

@@ -1,7 +1,23 @@
-"""Job state in Redis: the job hash, the result record, leases and cancellation flags.
+"""A job's state in Redis, as a named protocol: one method per Lua script, keyword arguments only.
 
-Key names are in :mod:`buildq.store.keys`; taking and finishing a job are in
-:mod:`buildq.store.claim`.
+The producer side: :meth:`JobStore.submit` (message and job hash at once, exactly once per job id),
+:meth:`JobStore.request_cancel`, and the reads (:meth:`result`, :meth:`info`, :meth:`wait_result`).
+The worker side, every step fenced by the claim generation the claim hands out:
+
+=================  ============================================================================
+``claim``          take the job (lease, generation, history, cancel flag, a daemon slot)
+``take_slot``      a daemon slot for a claim that found every daemon full (polled)
+``renew``          keep the lease and the slot while buildctl runs; learn of a cancel
+``progress``       what the build is doing (running, phase, the run in flight)
+``requeue``        put the job back on its queue with its history (retry, wait for a daemon)
+``finish``         the final record, the log's end, the claim given back
+``reject``         the record of an invalid job (for its own delivery only)
+``release``        give the claim back after an error
+=================  ============================================================================
+
+Each script's ``KEYS``/``ARGV`` are named at the top of its ``lua/*.lua`` file and passed here by
+those names (:mod:`buildq.store.scripts`). Times the worker needs to agree on come from the Redis
+server's clock (``TIME`` in the scripts), never a producer's or another worker's.
 """
 
 from __future__ import annotations
@@ -11,64 +27,115 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from ..errors import NotReplicatedError
-from .connect import execute_waiting
 from .keys import (
+    AFFINITY_PREFIX,
+    CANCELS_CHANNEL,
+    DAEMONS_DOWN,
     QUEUED_INDEX,
     RECENT_INDEX,
     RECENT_MAX,
-    cancel_key,
-    done_channel,
-    job_key,
-    lease_key,
-    result_key,
+    SLOTS_PREFIX,
+    JobKeys,
+    job_keys,
 )
-from .scripts import Scripts, source
+from .scripts import Scripts
 
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+#: a repository not built for this long loses its baseline (renewed by every successful build)
+BASELINE_TTL_S = 30 * 24 * 3600
 
 
-class _LeasesAndCancellation:
-    """The lease and cancellation-flag operations of :class:`JobStore` (kept apart for size)."""
-
-    redis: redis.Redis
-    scripts: Scripts
-    result_ttl_s: int
-
-    # -- leases ------------------------------------------------------------------------------
-    @staticmethod
-    def new_token() -> str:
-        return uuid.uuid4().hex
-
-    def renew_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
-        """Extend our lease, or take it again when it expired and nobody took it; False when another
-        delivery holds it now."""
-        ttl_ms = max(1, int(ttl_s * 1000))
-        return bool(self.scripts("renew_lease")(keys=[lease_key(job_id)], args=[token, ttl_ms]))
-
-    def queue_release_lease(self, pipe: Any, job_id: str, token: str) -> None:
-        """Queue on ``pipe`` deleting the job's lease if it is still ``token``'s (as EVAL: a
-        registered script would make the pipeline check the script cache first, one more round
-        trip). Taking the lease is part of :func:`buildq.store.claim.claim`."""
-        pipe.eval(source("release_lease"), 1, lease_key(job_id), token)
-
-    def lease_holder(self, job_id: str) -> str | None:
-        raw = self.redis.get(lease_key(job_id))
-        return raw.decode() if isinstance(raw, bytes) else raw
-
-    # -- cancellation ------------------------------------------------------------------------
-    def request_cancel(self, job_id: str) -> None:
-        self.redis.set(cancel_key(job_id), "1", ex=self.result_ttl_s)
-
-    def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.redis.exists(cancel_key(job_id)))
+def rotate(daemons: Sequence[str], prefer: int) -> list[str]:
+    """``daemons`` without duplicates, starting at index ``prefer`` (modulo their number)."""
+    unique = list(dict.fromkeys(daemons))
+    if not unique:
+        return []
+    start = prefer % len(unique)
+    return unique[start:] + unique[:start]
 
 
-class JobStore(_LeasesAndCancellation):
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(_text(value)) if value not in (None, b"", "") else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class History:
+    """What the workers wrote about a job before this claim (server-clock epoch seconds)."""
+
+    enqueued_at: float
+    attempts: tuple[dict[str, Any], ...] = ()
+    #: where the next attempt's time window starts (the end of the previous one's); None: enqueue
+    window_start: float | None = None
+    #: since when every daemon has been down for this job; None: not waiting for that
+    waiting_since: float | None = None
+    #: the run in flight an earlier claim left behind (its holder died or was fenced out mid-build)
+    running: dict[str, Any] | None = None
+    #: where that earlier claim's runs could be killed from
+    previous_domain: str | None = None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """The job is ours: lease ``token``, generation ``gen``; ``daemon`` None when no daemon that is up
+    had room (or the job is cancelled); ``redis_now`` is the server clock at the claim."""
+
+    token: str
+    gen: int
+    redis_now: float
+    history: History
+    daemon: str | None = None
+    cancelled: bool = False
+    #: the daemon that last built with the job's cache (None: none remembered, or affinity off)
+    preferred: str | None = None
+    #: ``preferred`` is up but full and the caller asked to wait for it: no slot was taken
+    preferred_full: bool = False
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The job already has its record (a duplicate delivery): nothing was touched."""
+
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NotOurs:
+    """Another delivery runs the job (``held``), or this message is not its current delivery."""
+
+    held: bool
+
+
+ClaimReply = Claimed | Finished | NotOurs
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What every step of a claim holder carries: the job, the lease token and the generation."""
+
+    job_id: str
+    token: str
+    gen: int
+    keys: JobKeys = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.keys is None:
+            object.__setattr__(self, "keys", job_keys(self.job_id))
+
+
+class JobStore:
     """Reads and writes job state; one instance per process, sharing one connection pool."""
 
     def __init__(self, client: redis.Redis, *, result_ttl_s: int, replicas: Any = None) -> None:
@@ -77,93 +144,297 @@ class JobStore(_LeasesAndCancellation):
         self.scripts = Scripts(client, replicas)  # replicas: see buildq.store.connect.Replicas
         self._local = threading.local()
 
-    @classmethod
-    def from_url(cls, url: str, *, result_ttl_s: int) -> JobStore:
-        return cls(
-            redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30), result_ttl_s=result_ttl_s
-        )
-
-    # -- records -----------------------------------------------------------------------------
-    def mark_queued(
+    # -- producers ---------------------------------------------------------------------------
+    def submit(
         self,
         job_id: str,
-        enqueued_at: float,
-        queue: str,
-        *,
-        message: bytes | None = None,
-        tag: str = "",
-        job: str | None = None,
-        retry_of: str | None = None,
-    ) -> None:
-        """Record a submitted job, after its message is sent (``HSETNX``: never overwrites a worker's
-        ``running``). With ``message`` (Redis broker on this same Redis) it is pushed to ``queue`` in
-        the same round trip, and kept (with its delivery ``tag``) until a worker claims the job, so
-        the janitor can send it again if the broker loses it; ``WAIT`` ends it when replicas are
-        wanted (:class:`~buildq.errors.NotReplicatedError` when too few confirm). ``job`` (its
-        JSON) is kept for ``buildq retry``; the id goes in the ``recent`` index (trimmed here)
-        for ``buildq list``."""
-        pipe = self.redis.pipeline(transaction=False)
-        key = job_key(job_id)
-        if message is not None:
-            pipe.lpush(queue, message)
-        pipe.hsetnx(key, "state", "queued")
-        fields: dict[Any, Any] = {"enqueued_at": repr(enqueued_at), "queue": queue}
-        if message is not None:
-            fields[b"msg"], fields[b"tag"] = message, tag
-            pipe.zadd(QUEUED_INDEX, {job_id: enqueued_at})
-        if job is not None:
-            fields["job"] = job
-        if retry_of:
-            fields["retry_of"] = retry_of
-        pipe.hset(key, mapping=fields)
-        pipe.expire(key, self.result_ttl_s)
-        pipe.zadd(RECENT_INDEX, {job_id: enqueued_at})
-        pipe.zremrangebyrank(RECENT_INDEX, 0, -RECENT_MAX - 1)
-        pipe.zremrangebyscore(RECENT_INDEX, "-inf", f"({enqueued_at - self.result_ttl_s!r}")
-        if (missing := execute_waiting(pipe, self.scripts.replicas)) is not None:
-            raise NotReplicatedError(job_id, *missing)
-
-    def update(self, job_id: str, fields: dict[str, Any] | None = None, **more: Any) -> None:
-        """Set fields of the job hash (``state``, ``phase``, ``attempt``, ``worker``); it expires."""
-        values = {**(fields or {}), **more}
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(job_key(job_id), mapping={k: str(v) for k, v in values.items()})
-        pipe.expire(job_key(job_id), self.result_ttl_s)
-        pipe.execute()
-
-    def info(self, job_id: str) -> dict[str, str]:
-        raw: dict[bytes, bytes] = self.redis.hgetall(job_key(job_id))  # type: ignore[assignment]
-        return {k.decode(): v.decode() for k, v in raw.items()}
-
-    def store_rejected(self, job_id: str, record: dict[str, Any]) -> bool:
-        """Store the record of a job this worker rejected, unless the job already has a result or a
-        live delivery (a duplicate on a misconfigured worker never overwrites); True when stored."""
-        keys = [result_key(job_id), job_key(job_id), lease_key(job_id), QUEUED_INDEX]
-        args = [json.dumps(record, separators=(",", ":")), record["state"], self.result_ttl_s]
-        args += [done_channel(job_id), job_id]
-        what = f"record of job {job_id}"
-        return bool(self.scripts.durable("store_rejected", keys=keys, args=args, what=what))
-
-    def requeue(
-        self,
-        job_id: str,
-        token: str,
         *,
         queue: str,
         message: bytes,
         tag: str,
-        due: float,
-        phase: str,
-        slot_key: str | None,
+        delivery: str,
+        body: str,
+        retry_of: str | None = None,
     ) -> bool:
-        """Publish the job's next message and give back its claim, atomically; False (nothing
-        published) when the lease is another delivery's. The message becomes the janitor's copy."""
-        keys = [queue, job_key(job_id), lease_key(job_id), slot_key or "", QUEUED_INDEX]
-        args = [message, tag, token, job_id, repr(due), phase, self.result_ttl_s, 1 if slot_key else 0]
-        return bool(self.scripts.durable("requeue", keys=keys, args=args, what=f"requeue of job {job_id}"))
+        """Push ``message`` to ``queue`` and write the job hash, at once, timed by the server
+        clock; False (nothing pushed) when the job id was submitted before. ``WAIT`` ends it when
+        replicas are wanted (:class:`~buildq.errors.NotReplicatedError` when too few confirm)."""
+        k = job_keys(job_id)
+        reply = self.scripts.durable(
+            "submit", what=f"submission of job {job_id}", strict_job=job_id,
+            queue=queue, job_hash=k.hash, queued_index=QUEUED_INDEX, recent_index=RECENT_INDEX,
+            message=message, tag=tag, delivery=delivery, job_id=job_id, queue_name=queue, body=body,
+            retry_of=retry_of or "", ttl=self.result_ttl_s, recent_max=RECENT_MAX,
+        )  # fmt: skip
+        return bool(reply[0])
+
+    def request_cancel(self, job_id: str) -> None:
+        """Set the job's cancel flag and tell the workers (a queued job never starts, a running one
+        is killed)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(job_keys(job_id).cancel, "1", ex=self.result_ttl_s)
+        pipe.publish(CANCELS_CHANNEL, job_id)
+        pipe.execute()
+
+    # -- the claim and its holder --------------------------------------------------------------
+    def claim(
+        self,
+        job_id: str,
+        *,
+        delivery: str,
+        daemons: Sequence[str],
+        prefer: int,
+        limit: int,
+        ttl_s: float,
+        worker: str,
+        domain: str,
+        body: str,
+        queue: str,
+        cache_key: str | None = None,
+        affinity_wait: bool = False,
+    ) -> ClaimReply:
+        """Take ``job_id`` for the message whose delivery id is ``delivery`` (see ``lua/claim.lua``).
+        Daemons are tried from ``daemons[prefer % n]`` on among equally loaded ones."""
+        k = job_keys(job_id)
+        order = rotate(daemons, prefer)
+        token = uuid.uuid4().hex
+        reply = self.scripts.durable(
+            "claim", what=f"claim of job {job_id}",
+            result_key=k.result, lease_key=k.lease, job_hash=k.hash, cancel_key=k.cancel,
+            affinity_key=AFFINITY_PREFIX + cache_key if cache_key else "", down_hash=DAEMONS_DOWN,
+            slot_sets=[SLOTS_PREFIX + d for d in order], job_id=job_id, delivery=delivery, token=token,
+            ttl_ms=max(1, int(ttl_s * 1000)), limit=limit, prefix_len=len(SLOTS_PREFIX),
+            affinity_wait=1 if affinity_wait else 0, job_ttl=self.result_ttl_s, worker=worker,
+            domain=domain, body=body, queue_name=queue,
+        )  # fmt: skip
+        if reply[0] == 0:
+            return Finished(dict(json.loads(reply[1])))
+        if reply[0] in (1, 3):
+            return NotOurs(held=reply[0] == 1)
+        _, gen, now_ms, cancelled, position, remembered, full, *history = reply
+        enqueued, attempts, window, waiting, running, domain_before = (_text(v) for v in history)
+        return Claimed(
+            token=token,
+            gen=int(gen),
+            redis_now=int(now_ms) / 1000,
+            history=History(
+                enqueued_at=float(enqueued),
+                attempts=tuple(json.loads(attempts)) if attempts else (),
+                window_start=_float(window),
+                waiting_since=_float(waiting),
+                running=json.loads(running) if running else None,
+                previous_domain=domain_before or None,
+            ),
+            daemon=order[position - 1] if position else None,
+            cancelled=bool(cancelled),
+            preferred=order[remembered - 1] if remembered else None,
+            preferred_full=bool(full),
+        )
+
+    def take_slot(
+        self,
+        fence: Fence,
+        daemons: Sequence[str],
+        *,
+        prefer: int,
+        limit: int,
+        ttl_s: float,
+        avoid: str | None = None,
+    ) -> str | None:
+        """A slot on the least loaded daemon that is up and has room (``avoid`` only when no other
+        has); None when all that are up are full."""
+        order = rotate(daemons, prefer)
+        if not order:
+            return None
+        position = int(
+            self.scripts.call(
+                "take_slot",
+                down_hash=DAEMONS_DOWN,
+                slot_sets=[SLOTS_PREFIX + d for d in order],
+                token=fence.token,
+                ttl_ms=max(1, int(ttl_s * 1000)),
+                limit=limit,
+                prefix_len=len(SLOTS_PREFIX),
+                avoid=avoid or "",
+            )  # fmt: skip
+        )
+        return order[position - 1] if position else None
+
+    def renew(self, fence: Fence, *, ttl_s: float, daemon: str | None) -> str:
+        """Keep the lease (and the slot on ``daemon``): ``ok``, ``cancel`` (kept, and a cancel was
+        asked for) or ``fenced`` (another delivery claimed the job, or it finished: stop)."""
+        k = fence.keys
+        reply = self.scripts.call(
+            "renew", lease_key=k.lease, job_hash=k.hash, result_key=k.result, cancel_key=k.cancel,
+            slot_set=SLOTS_PREFIX + daemon if daemon else "", token=fence.token, gen=fence.gen,
+            ttl_ms=max(1, int(ttl_s * 1000)),
+        )  # fmt: skip
+        return {0: "fenced", 1: "ok", 2: "cancel"}[int(reply)]
+
+    def progress(self, fence: Fence, fields: dict[str, Any]) -> bool:
+        """Write ``fields`` into the job hash while the claim is still ours; False otherwise."""
+        flat: list[Any] = []
+        for name, value in fields.items():
+            flat += [name, value if isinstance(value, str | bytes) else str(value)]
+        k = fence.keys
+        return bool(
+            self.scripts.call(
+                "progress",
+                job_hash=k.hash,
+                result_key=k.result,
+                gen=fence.gen,
+                ttl=self.result_ttl_s,
+                fields=flat,
+            )  # fmt: skip
+        )
+
+    def requeue(
+        self,
+        fence: Fence,
+        *,
+        queue: str,
+        message: bytes,
+        tag: str,
+        delivery: str,
+        countdown: float,
+        phase: str,
+        attempts: Sequence[dict[str, Any]],
+        window_start: float,
+        waiting_since: float | None,
+        avoid: str | None,
+        daemon: str | None,
+    ) -> bool:
+        """Publish the job's next message and give back the claim, at once (see ``lua/requeue.lua``);
+        False (nothing published) when the claim is no longer ours."""
+        k = fence.keys
+        return bool(
+            self.scripts.durable(
+                "requeue",
+                what=f"requeue of job {fence.job_id}",
+                queue=queue,
+                job_hash=k.hash,
+                lease_key=k.lease,
+                result_key=k.result,
+                slot_set=SLOTS_PREFIX + daemon if daemon else "",
+                queued_index=QUEUED_INDEX,
+                message=message,
+                tag=tag,
+                delivery=delivery,
+                token=fence.token,
+                gen=fence.gen,
+                job_id=fence.job_id,
+                countdown=repr(max(0.0, countdown)),
+                phase=phase,
+                attempts=json.dumps(list(attempts), separators=(",", ":")),
+                window_start=repr(window_start),
+                waiting_since=repr(waiting_since) if waiting_since is not None else "",
+                avoid=avoid or "",
+                ttl=self.result_ttl_s,
+            )  # fmt: skip
+        )
+
+    def finish(
+        self,
+        fence: Fence,
+        *,
+        record: str,
+        state: str,
+        daemon: str | None,
+        log_entries: Sequence[tuple[int, str, str]] = (),
+        log_maxlen: int = 0,
+        log_ttl_s: int = 0,
+        remember: str | None = None,
+        baseline: tuple[str, bytes, int, int] | None = None,
+    ) -> bool:
+        """Store the final ``record`` and end the claim, at once (see ``lua/finish.lua``); False
+        (nothing written) when the claim is no longer ours. ``remember``: the cache key whose
+        daemon to remember (a success only); ``baseline``: (list key, entry, N, TTL s)."""
+        k = fence.keys
+        tail: list[Any] = []
+        for attempt, kind, line in log_entries:
+            tail += [attempt, kind, line.encode("utf-8", errors="replace")]
+        base_key, base_entry, base_n, base_ttl = baseline or ("", b"", 0, 0)
+        return bool(
+            self.scripts.durable(
+                "finish",
+                what=f"result of job {fence.job_id}",
+                result_key=k.result,
+                job_hash=k.hash,
+                lease_key=k.lease,
+                slot_set=SLOTS_PREFIX + daemon if daemon else "",
+                queued_index=QUEUED_INDEX,
+                log_stream=k.log,
+                affinity_key=AFFINITY_PREFIX + remember if remember else "",
+                baseline_list=base_key,
+                record=record,
+                state=state,
+                token=fence.token,
+                gen=fence.gen,
+                job_id=fence.job_id,
+                done_channel=k.done,
+                ttl=self.result_ttl_s,
+                daemon=daemon or "",
+                remember_ttl=self.result_ttl_s,
+                baseline_entry=base_entry,
+                baseline_n=base_n,
+                baseline_ttl=base_ttl,
+                log_maxlen=log_maxlen,
+                log_ttl=log_ttl_s,
+                log_entries=tail,
+            )  # fmt: skip
+        )
+
+    def reject(self, job_id: str, *, delivery: str, record: str, state: str = "failed") -> bool:
+        """Store the record of a job found invalid, only for its current delivery while it has no
+        result and no live lease; True when stored. ``job_id`` must be a valid job id."""
+        k = job_keys(job_id)
+        return bool(
+            self.scripts.durable(
+                "reject",
+                what=f"record of job {job_id}",
+                result_key=k.result,
+                job_hash=k.hash,
+                lease_key=k.lease,
+                queued_index=QUEUED_INDEX,
+                record=record,
+                state=state,
+                job_id=job_id,
+                delivery=delivery,
+                done_channel=k.done,
+                ttl=self.result_ttl_s,
+            )  # fmt: skip
+        )
+
+    def release(self, fence: Fence, *, daemon: str | None, error: str = "") -> bool:
+        """Give back the lease and the slot (the lease only while still ours); ``error`` (what
+        interrupted the claim) is what the next claim's lost attempt will say."""
+        k = fence.keys
+        return bool(
+            self.scripts.call(
+                "release",
+                lease_key=k.lease,
+                job_hash=k.hash,
+                slot_set=SLOTS_PREFIX + daemon if daemon else "",
+                token=fence.token,
+                gen=fence.gen,
+                error=error[:500],
+            )  # fmt: skip
+        )
+
+    # -- reads ---------------------------------------------------------------------------------
+    def lease_holder(self, job_id: str) -> str | None:
+        raw = self.redis.get(job_keys(job_id).lease)
+        return _text(raw) if raw is not None else None
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(job_keys(job_id).cancel))
+
+    def info(self, job_id: str) -> dict[str, str]:
+        raw: dict[bytes, bytes] = self.redis.hgetall(job_keys(job_id).hash)  # type: ignore[assignment]
+        return {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
 
     def result(self, job_id: str) -> dict[str, Any] | None:
-        raw = self.redis.get(result_key(job_id))
+        raw = self.redis.get(job_keys(job_id).result)
         return json.loads(raw) if raw else None
 
     def wait_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
@@ -174,7 +445,7 @@ class JobStore(_LeasesAndCancellation):
         new connection per wait would cost more than the wait itself).
         """
         pubsub = self._subscriber()
-        channel = done_channel(job_id).encode()
+        channel = job_keys(job_id).done.encode()
         clean = False
         try:
             pubsub.subscribe(channel)

@@ -1,28 +1,36 @@
 """Every Redis key and channel name buildq uses, in one place (all under ``buildq:``).
 
-- ``job:<id>``      hash: ``state`` (queued | running | succeeded | failed | cancelled), ``enqueued_at``,
-                    ``queue``, ``phase``, ``attempt``, ``worker``, ``daemon``, ``started_at`` (epoch),
-                    ``claims``; until claimed also ``msg``/``tag`` (the message, for the lost-message
-                    janitor); from the Python client also ``job`` (the job's JSON, for ``buildq
-                    retry``) and ``retry_of``. Readers get it through
-                    :func:`buildq.records.job_status`, which shows none of the internal fields.
+Per job (:class:`JobKeys`, made once per job by :func:`job_keys`):
+
+- ``job:<id>``      hash, written by the client at submit and by the workers after: ``state``
+                    (queued | running | succeeded | failed | cancelled), ``phase``, ``queue``,
+                    ``enqueued_at`` (epoch s, server clock), ``delivery`` (the current message's
+                    id), ``job`` (the job's JSON), ``retry_of``; the claim's ``gen`` (claim
+                    generation), ``holder`` and ``domain`` (who holds it, where its runs can be
+                    killed from); between attempts the history: ``attempts`` (JSON), ``window_start``,
+                    ``waiting_since``, ``avoid``; while building ``attempt``, ``worker``, ``daemon``,
+                    ``started_at`` and ``running`` (the run in flight, JSON); until the job ends
+                    ``msg``/``tag`` (its last message, for the janitor). Readers get it through
+                    :func:`buildq.contract.record.job_status`, which shows none of the internal fields.
 - ``result:<id>``   the final JSON record (written once; its presence means "done")
-- ``lease:<id>``    the token of the worker process running the build; expires unless renewed
+- ``lease:<id>``    the token of the claim that runs the build; expires unless renewed
 - ``cancel:<id>``   set by ``buildq cancel``: a queued job never starts, a running one is killed
 - ``done:<id>``     pub/sub channel told the final state when the result is stored
 - ``log:<id>``      the build log stream (see :mod:`buildq.store.logs`)
+
+Shared:
+
 - ``slots:<daemon>`` sorted set of the daemon's build slots (see :mod:`buildq.store.slots`)
-- ``queued``        sorted set of submitted, not yet claimed jobs (score: enqueued_at)
-- ``recent``        sorted set of the job ids the Python client submitted (score: enqueued_at), for
-                    ``buildq list``; trimmed at each submit to :data:`RECENT_MAX` ids and to
-                    ``BUILDQ_RESULT_TTL_S`` (an id whose hash expired is skipped)
+- ``queued``        sorted set of the jobs whose message the janitor keeps (score: when it is due)
+- ``recent``        sorted set of the job ids submitted through the client (score: enqueued_at),
+                    for ``buildq list``; trimmed at each submit to :data:`RECENT_MAX` ids and to
+                    ``BUILDQ_RESULT_TTL_S``
+- ``cancels``       pub/sub channel told the id of every job a cancel was asked for
 - ``daemons:down``  hash daemon -> epoch seconds it went down (the open circuit breakers)
 - ``daemons:up``    hash daemon -> epoch seconds it came back; ``daemons:error`` daemon -> last error
 - ``daemons:probe:<daemon>`` the lock of the one probe of a down daemon (expires)
 - ``affinity:<cache key>`` the daemon whose last successful build used this cache
-                    (:func:`buildq.contract.job.cache_key`); expires after ``BUILDQ_RESULT_TTL_S``
-- ``baseline:<cache key>`` list, newest first: the phases of a repository's last successful
-                    builds (see :mod:`buildq.store.baseline`)
+- ``baseline:<cache key>`` list, newest first: the phases of a repository's last successful builds
 
 Kombu's Redis transport keeps delivered, unacknowledged messages in ``unacked`` (hash) and their
 delivery times in ``unacked_index`` (sorted set); the janitor reads them.
@@ -30,18 +38,46 @@ delivery times in ``unacked_index`` (sorted set); the janitor reads them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 PREFIX = "buildq:"
 QUEUED_INDEX = f"{PREFIX}queued"
 RECENT_INDEX = f"{PREFIX}recent"
 #: ids kept in :data:`RECENT_INDEX`
 RECENT_MAX = 10000
 SLOTS_PREFIX = f"{PREFIX}slots:"
+AFFINITY_PREFIX = f"{PREFIX}affinity:"
+BASELINE_PREFIX = f"{PREFIX}baseline:"
 LOG_PREFIX = f"{PREFIX}log:"
+CANCELS_CHANNEL = f"{PREFIX}cancels"
 DAEMONS_DOWN = f"{PREFIX}daemons:down"
 DAEMONS_UP = f"{PREFIX}daemons:up"
 DAEMONS_ERROR = f"{PREFIX}daemons:error"
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
+
+
+class JobKeys(NamedTuple):
+    """The keys and channel of one job."""
+
+    hash: str
+    result: str
+    lease: str
+    cancel: str
+    log: str
+    done: str
+
+
+def job_keys(job_id: str) -> JobKeys:
+    """All of ``job_id``'s keys at once."""
+    return JobKeys(
+        f"{PREFIX}job:{job_id}",
+        f"{PREFIX}result:{job_id}",
+        f"{PREFIX}lease:{job_id}",
+        f"{PREFIX}cancel:{job_id}",
+        LOG_PREFIX + job_id,
+        f"{PREFIX}done:{job_id}",
+    )
 
 
 def job_key(job_id: str) -> str:
@@ -56,15 +92,6 @@ def lease_key(job_id: str) -> str:
     return f"{PREFIX}lease:{job_id}"
 
 
-def cancel_key(job_id: str) -> str:
-    return f"{PREFIX}cancel:{job_id}"
-
-
-def done_channel(job_id: str) -> str:
-    """Pub/sub channel told when the job's result is stored."""
-    return f"{PREFIX}done:{job_id}"
-
-
 def log_key(job_id: str) -> str:
     """The job's log stream."""
     return LOG_PREFIX + job_id
@@ -77,7 +104,7 @@ def slot_key(daemon: str) -> str:
 
 def affinity_key(cache_key: str) -> str:
     """The daemon that last built with this cache (cache-affinity routing)."""
-    return f"{PREFIX}affinity:{cache_key}"
+    return AFFINITY_PREFIX + cache_key
 
 
 def daemon_probe_key(daemon: str) -> str:
@@ -87,4 +114,4 @@ def daemon_probe_key(daemon: str) -> str:
 
 def baseline_key(cache_key: str) -> str:
     """The list of the phases of the last successful builds of ``cache_key``'s repository."""
-    return f"{PREFIX}baseline:{cache_key}"
+    return BASELINE_PREFIX + cache_key

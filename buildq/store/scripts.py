@@ -1,74 +1,166 @@
-"""buildq's Lua scripts: kept as ``lua/*.lua`` files, read once, registered once per Redis client.
+"""buildq's Lua scripts: ``lua/<name>.lua`` files, each naming its ``KEYS`` and ``ARGV`` at the top.
 
-A script is named by its file; some are put together from shared parts (the server-clock prelude
-and the ``acquire_any`` function of the daemon slots), see :data:`PARTS`. :class:`Scripts` hands
-out redis-py ``Script`` objects (run with ``EVALSHA``, loaded again when Redis lost them);
-:meth:`Scripts.durable` runs one and then waits (``WAIT``, same connection) for the replicas.
+A script's main file opens with one ``local <name> = KEYS[i]`` (or ``ARGV[i]``, maybe inside
+``tonumber(...)``) per key and argument, and at most one variadic tail
+``local <name> = {unpack(KEYS|ARGV, i)}``. :class:`Script` reads those lines, so a caller passes
+every key and argument by name (:meth:`Script.call`), and a name missing, unknown or in the
+wrong place fails at once, naming it. Shared parts (the server-clock prelude, the slot functions,
+the result block) are put in front of the main file as :data:`PARTS` says.
+
+:class:`Scripts` runs them on one Redis client with ``EVALSHA`` (loading a script again where
+Redis lost it, e.g. on a new master) and, for the writes that must survive a failover
+(:meth:`Scripts.durable`), waits for the replicas (``WAIT``) on the same connection.
+:class:`Replicas` decides how many: ``BUILDQ_SUBMIT_REPLICAS``, or by default 1 while the master
+has a replica, else 0.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
+
+from ..errors import NotReplicatedError
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 logger = logging.getLogger("buildq.store")
 
 LUA_DIR = Path(__file__).with_name("lua")
 
-#: scripts made of several files, in order
+#: the shared parts each script is put together with, in front of its own file
 PARTS: dict[str, tuple[str, ...]] = {
-    "claim": ("prelude", "acquire_any_fn", "affinity_fn", "claim"),
-    "acquire_any": ("prelude", "acquire_any_fn", "acquire_any"),
-    "renew_slot": ("prelude", "renew_slot"),
+    "submit": ("prelude",),
+    "claim": ("prelude", "slots_fn"),
+    "renew": ("prelude", "result_fn"),
+    "requeue": ("prelude", "result_fn"),
+    "finish": ("result_fn",),
+    "reject": ("result_fn",),
+    "take_slot": ("prelude", "slots_fn"),
 }
+
+_NAMED = re.compile(r"^local (\w+)\s*=\s*(?:tonumber\()?(KEYS|ARGV)\[(\d+)\]")
+_TAIL = re.compile(r"^local (\w+)\s*=\s*\{unpack\((KEYS|ARGV),\s*(\d+)\)\}")
+
+
+@dataclass(frozen=True)
+class Names:
+    """A script's names for one of its tables (``KEYS`` or ``ARGV``), in order, and its tail."""
+
+    fixed: tuple[str, ...]
+    tail: str | None = None
+
+
+def read_names(text: str, table: str) -> Names:
+    """The names a script's main file gives to ``KEYS`` or ``ARGV`` (its ``local`` lines)."""
+    fixed: dict[int, str] = {}
+    tail: tuple[int, str] | None = None
+    for line in text.splitlines():
+        named = _NAMED.match(line)
+        if named and named.group(2) == table:
+            fixed[int(named.group(3))] = named.group(1)
+        rest = _TAIL.match(line)
+        if rest and rest.group(2) == table:
+            tail = (int(rest.group(3)), rest.group(1))
+    if sorted(fixed) != list(range(1, len(fixed) + 1)):
+        raise ValueError(f"{table} positions {sorted(fixed)} are not 1..{len(fixed)}")
+    if tail is not None and tail[0] != len(fixed) + 1:
+        raise ValueError(f"the {table} tail {tail[1]!r} must start at {len(fixed) + 1}, not {tail[0]}")
+    return Names(tuple(fixed[i] for i in range(1, len(fixed) + 1)), tail[1] if tail else None)
+
+
+class Script:
+    """One script: its whole source, and the names of its keys and arguments."""
+
+    def __init__(self, name: str) -> None:
+        own = (LUA_DIR / f"{name}.lua").read_text(encoding="utf-8")
+        parts = [(LUA_DIR / f"{part}.lua").read_text(encoding="utf-8") for part in PARTS.get(name, ())]
+        self.name = name
+        self.source = "".join([*parts, own])
+        try:
+            self.keys, self.args = read_names(own, "KEYS"), read_names(own, "ARGV")
+        except ValueError as exc:
+            raise ValueError(f"lua/{name}.lua: {exc}") from None
+        both = set(self.keys.fixed) & set(self.args.fixed)
+        if both:
+            raise ValueError(f"lua/{name}.lua names {sorted(both)} both a key and an argument")
+        self.sha = ""
+
+    def positional(self, values: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        """KEYS and ARGV in the script's order from ``values`` by name (TypeError naming a missing
+        or unknown name)."""
+        wanted = [*self.keys.fixed, *self.args.fixed, *(t for t in (self.keys.tail, self.args.tail) if t)]
+        missing = [n for n in wanted if n not in values]
+        unknown = sorted(set(values) - set(wanted))
+        if missing or unknown:
+            raise TypeError(f"script {self.name}: missing {missing}, unknown {unknown}")
+        keys = [values[n] for n in self.keys.fixed] + list(_tail(values, self.keys.tail))
+        args = [values[n] for n in self.args.fixed] + list(_tail(values, self.args.tail))
+        return keys, args
+
+
+def _tail(values: dict[str, Any], name: str | None) -> Sequence[Any]:
+    return values[name] if name is not None else ()
 
 
 @functools.cache
-def source(name: str) -> str:
-    """The Lua source of script ``name`` (read from disk once per process)."""
-    return "".join((LUA_DIR / f"{part}.lua").read_text(encoding="utf-8") for part in PARTS.get(name, (name,)))
+def script(name: str) -> Script:
+    """Script ``name``, read from disk once per process."""
+    return Script(name)
 
 
 class Scripts:
-    """The registered scripts of one Redis client (``scripts("claim")(keys=…, args=…)``)."""
+    """The scripts run on one Redis client: ``scripts.call("claim", job_id=…, …)``."""
 
     def __init__(self, client: Any, replicas: Any = None) -> None:
         self._client = client
-        self._registered: dict[str, Any] = {}
+        self._sha: dict[str, str] = {}
         #: a :class:`buildq.store.connect.Replicas`: how many replicas :meth:`durable` waits for
         self.replicas = replicas
 
-    def __call__(self, name: str) -> Any:
-        script = self._registered.get(name)
-        if script is None:
-            script = self._registered[name] = self._client.register_script(source(name))
-        return script
+    def call(self, name: str, **values: Any) -> Any:
+        """Run script ``name`` with its keys and arguments by name; its reply."""
+        s = script(name)
+        keys, args = s.positional(values)
+        sha = self._sha.get(name) or self._load(s)
+        try:
+            return self._client.evalsha(sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:  # a restarted Redis or a new master: load it there
+            return self._client.evalsha(self._load(s), len(keys), *keys, *args)
 
-    def durable(self, name: str, *, keys: list[Any], args: list[Any], what: str) -> Any:
-        """Run script ``name`` and, when replicas are wanted, ``WAIT`` for them on the same
-        connection (one round trip); logs a warning when fewer confirmed within the timeout."""
+    def durable(self, name: str, *, what: str, strict_job: str | None = None, **values: Any) -> Any:
+        """Like :meth:`call`, then ``WAIT`` for the replicas on the same connection (one round trip)
+        when replicas are wanted; a warning when fewer confirmed within the timeout, or, with
+        ``strict_job``, :class:`~buildq.errors.NotReplicatedError` for that job."""
         replicas = self.replicas
         try:
             wanted = replicas.target() if replicas is not None else 0
             if wanted == 0:
-                return self(name)(keys=keys, args=args)
-            script = self(name)
+                return self.call(name, **values)
+            s = script(name)
+            keys, args = s.positional(values)
             while True:
                 pipe = self._client.pipeline(transaction=False)
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.evalsha(self._sha.get(name) or self._load(s), len(keys), *keys, *args)
                 pipe.wait(wanted, replicas.timeout_ms)
                 reply, reached = pipe.execute(raise_on_error=False)
-                if isinstance(reply, redis.exceptions.NoScriptError):  # a new master: load it there
-                    script.sha = self._client.script_load(script.script)
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    self._load(s)
                     continue
                 for answer in (reply, reached):
                     if isinstance(answer, Exception):
                         raise answer
                 if replicas.short(reached, wanted):
+                    if strict_job is not None:
+                        raise NotReplicatedError(strict_job, reached, wanted, replicas.timeout_ms / 1000)
                     logger.warning(
                         "%s reached %d of %d replicas within %d ms (kept on the master only)",
                         what, reached, wanted, replicas.timeout_ms,
@@ -78,3 +170,56 @@ class Scripts:
             if replicas is not None:  # maybe a failover: ask the (new) master for its replicas again
                 replicas.forget()
             raise
+
+    def _load(self, s: Script) -> str:
+        sha = self._client.script_load(s.source)
+        self._sha[s.name] = sha if isinstance(sha, str) else sha.decode()
+        return self._sha[s.name]
+
+
+class Replicas:
+    """How many replicas a write must reach before it counts, and how long to wait for them.
+
+    ``wanted`` (``BUILDQ_SUBMIT_REPLICAS``) None means: 1 while the master has a connected replica,
+    0 otherwise (``INFO replication``, asked again after ``refresh_s`` or after :meth:`forget`,
+    e.g. when a failover broke the connection).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        wanted: int | None,
+        timeout_s: float,
+        refresh_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client, self.wanted, self.timeout_ms = client, wanted, max(1, int(timeout_s * 1000))
+        self.refresh_s, self.clock = refresh_s, clock
+        self._known: tuple[float, int] | None = None
+
+    def target(self) -> int:
+        if self.wanted is not None:
+            return self.wanted
+        now = self.clock()
+        if self._known is None or now - self._known[0] >= self.refresh_s:
+            info = self.client.info("replication")
+            self._known = (now, min(1, int(info.get("connected_slaves", 0))))
+        return self._known[1]
+
+    def forget(self) -> None:
+        self._known = None
+
+    def short(self, reached: int, wanted: int) -> bool:
+        """Whether ``reached`` confirmations are too few. By default only while the master still
+        has a replica (asked again: after a failover the new master may have none to wait for)."""
+        if reached >= wanted:
+            return False
+        if self.wanted is not None:
+            return True
+        self.forget()
+        return reached < self.target()
+
+
+def replicas_for(settings: Settings, client: Any) -> Replicas:
+    return Replicas(client, wanted=settings.submit_replicas, timeout_s=settings.replica_wait_timeout_s)

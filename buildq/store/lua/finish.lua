@@ -1,28 +1,47 @@
--- KEYS result, job hash, log stream, lease, slot set, queued index, affinity key ('' for none),
---      baseline list ('' for none)
--- ARGV record, state, result ttl, done channel, token, give back the slot (1|0), log maxlen, log ttl,
---      job id, daemon to remember for the cache ('' for none), its ttl, baseline entry ('' for none),
---      baseline length, baseline ttl, then the log's last entries as (attempt, kind, line) triples
--- -> 1 stored | 0 dropped: the lease is another delivery's, or it expired and the job has a result
-local holder = redis.call('GET', KEYS[4])
-if holder and holder ~= ARGV[5] then return 0 end
-if (not holder) and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 15, #ARGV, 3 do
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'a', ARGV[i], 'k', ARGV[i + 1], 'l', ARGV[i + 2])
+-- finish: the holder of claim `gen` stores the job's final record and ends its claim, in one step:
+-- the log's last entries, the record and the final state (the shared result block), the lease and
+-- the daemon slot given back; for a build that succeeded also the daemon it ran on, remembered for
+-- its cache, and its entry in its repository's baseline. A holder that was fenced out stores
+-- nothing: the record of the delivery that owns the job stands.
+local result_key = KEYS[1]
+local job_hash = KEYS[2]
+local lease_key = KEYS[3]
+local slot_set = KEYS[4]       -- '' when the claim holds no slot
+local queued_index = KEYS[5]
+local log_stream = KEYS[6]
+local affinity_key = KEYS[7]   -- '' when there is nothing to remember
+local baseline_list = KEYS[8]  -- '' when the build adds nothing to a baseline
+local record = ARGV[1]         -- the final record (JSON)
+local state = ARGV[2]          -- succeeded | failed | cancelled
+local token = ARGV[3]
+local gen = ARGV[4]
+local job_id = ARGV[5]
+local done_channel = ARGV[6]
+local ttl = tonumber(ARGV[7])
+local daemon = ARGV[8]         -- the daemon of the last attempt ('' for none)
+local remember_ttl = tonumber(ARGV[9])
+local baseline_entry = ARGV[10]
+local baseline_n = tonumber(ARGV[11])
+local baseline_ttl = tonumber(ARGV[12])
+local log_maxlen = ARGV[13]
+local log_ttl = tonumber(ARGV[14])
+local log_entries = {unpack(ARGV, 15)}  -- the log's last entries, (attempt, kind, line) triples
+-- -> 1 stored | 0 fenced out (nothing written)
+if not still_holds(job_hash, result_key, lease_key, token, gen) then return 0 end
+for i = 1, #log_entries, 3 do
+  redis.call('XADD', log_stream, 'MAXLEN', '~', log_maxlen, '*',
+    'a', log_entries[i], 'k', log_entries[i + 1], 'l', log_entries[i + 2])
 end
-if #ARGV >= 15 then redis.call('EXPIRE', KEYS[3], ARGV[8]) end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('HSET', KEYS[2], 'state', ARGV[2], 'phase', 'done')
-redis.call('HDEL', KEYS[2], 'msg', 'tag')
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('ZREM', KEYS[6], ARGV[9])
-if ARGV[6] == '1' then redis.call('ZREM', KEYS[5], ARGV[5]) end
-if ARGV[10] ~= '' then redis.call('SET', KEYS[7], ARGV[10], 'EX', ARGV[11]) end
-if ARGV[12] ~= '' then
-  redis.call('LPUSH', KEYS[8], ARGV[12])
-  redis.call('LTRIM', KEYS[8], 0, tonumber(ARGV[13]) - 1)
-  redis.call('EXPIRE', KEYS[8], ARGV[14])
+if #log_entries > 0 then redis.call('EXPIRE', log_stream, log_ttl) end
+store_result(result_key, job_hash, queued_index, done_channel, job_id, record, state, ttl)
+if state == 'succeeded' and affinity_key ~= '' and daemon ~= '' then
+  redis.call('SET', affinity_key, daemon, 'EX', remember_ttl)
 end
-if holder then redis.call('DEL', KEYS[4]) end
-redis.call('PUBLISH', ARGV[4], ARGV[2])
+if state == 'succeeded' and baseline_list ~= '' then
+  redis.call('LPUSH', baseline_list, baseline_entry)
+  redis.call('LTRIM', baseline_list, 0, baseline_n - 1)
+  redis.call('EXPIRE', baseline_list, baseline_ttl)
+end
+redis.call('DEL', lease_key)
+if slot_set ~= '' then redis.call('ZREM', slot_set, token) end
 return 1

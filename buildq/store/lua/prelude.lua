@@ -1,4 +1,6 @@
--- now in ms on the server clock (`now`), and keep(key): set the key TTL to outlive its last member by a second
+-- prelude (part of every script that reads the clock or keeps slot sets):
+--   now        milliseconds on the Redis server's clock (the one clock every worker shares)
+--   keep(key)  a slot set's TTL outlives its last member by a second (idle daemons leave no keys)
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

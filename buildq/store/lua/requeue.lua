@@ -1,15 +1,41 @@
--- Put a claimed job back on its queue (a retry, or a wait for a daemon) and give back its claim, at
--- once: the new message is published before the lease goes, so no moment has neither.
--- KEYS queue, job hash, lease, slot set, queued index
--- ARGV message, delivery tag, token, job id, when it is due (epoch s), phase, job hash ttl s,
---      give back the slot (1|0)
--- -> 1 | 0 the lease is another delivery's (nothing is published)
-local holder = redis.call('GET', KEYS[3])
-if holder and holder ~= ARGV[3] then return 0 end
-redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], 'msg', ARGV[1], 'tag', ARGV[2], 'state', 'queued', 'phase', ARGV[6])
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4])
-if holder then redis.call('DEL', KEYS[3]) end
-if ARGV[8] == '1' then redis.call('ZREM', KEYS[4], ARGV[3]) end
+-- requeue: the holder of claim `gen` puts the job back on its queue (a retry after its backoff, or a
+-- wait for a daemon) and gives back its claim, in one step: the next message is published before
+-- the lease goes, so there is no moment when the job is nowhere. The history the next delivery
+-- needs (attempts so far, where its time window starts, since when every daemon is down, the
+-- daemon to avoid) is written by this worker here; the next message carries only the job.
+local queue = KEYS[1]
+local job_hash = KEYS[2]
+local lease_key = KEYS[3]
+local result_key = KEYS[4]
+local slot_set = KEYS[5]       -- '' when the claim holds no slot
+local queued_index = KEYS[6]
+local message = ARGV[1]        -- the next message (due after `countdown`)
+local tag = ARGV[2]            -- its delivery tag
+local delivery = ARGV[3]       -- its delivery id: the job's current delivery from now on
+local token = ARGV[4]
+local gen = ARGV[5]
+local job_id = ARGV[6]
+local countdown = tonumber(ARGV[7])
+local phase = ARGV[8]          -- retry_wait | waiting_for_daemon
+local attempts = ARGV[9]       -- JSON list of the attempt records so far
+local window_start = ARGV[10]  -- epoch s (server clock): where the next attempt's window starts
+local waiting_since = ARGV[11] -- epoch s since every daemon is down, '' when not waiting for that
+local avoid = ARGV[12]         -- the daemon the last attempt lost, '' for none
+local ttl = tonumber(ARGV[13])
+-- -> 1 published | 0 fenced out (nothing published)
+if not still_holds(job_hash, result_key, lease_key, token, gen) then return 0 end
+redis.call('LPUSH', queue, message)
+redis.call('HSET', job_hash, 'state', 'queued', 'phase', phase, 'delivery', delivery,
+  'msg', message, 'tag', tag, 'attempts', attempts, 'window_start', window_start)
+if waiting_since ~= '' then
+  redis.call('HSET', job_hash, 'waiting_since', waiting_since)
+else
+  redis.call('HDEL', job_hash, 'waiting_since')
+end
+if avoid ~= '' then redis.call('HSET', job_hash, 'avoid', avoid) else redis.call('HDEL', job_hash, 'avoid') end
+redis.call('HDEL', job_hash, 'running')
+redis.call('EXPIRE', job_hash, ttl)
+redis.call('ZADD', queued_index, now / 1000 + countdown, job_id)
+redis.call('DEL', lease_key)
+if slot_set ~= '' then redis.call('ZREM', slot_set, token) end
 return 1

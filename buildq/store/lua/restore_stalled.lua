@@ -1,11 +1,21 @@
--- KEYS unacked hash, unacked index, lease, result, job hash; ARGV tag, queue -> 1 when put back.
--- A job waiting for its retry has handed over to a new message: its old one is being acked.
-local payload = redis.call('HGET', KEYS[1], ARGV[1])
+-- restore_stalled: put back a delivered build message whose worker is gone (killed, or cut off from
+-- Redis when Celery tried to hand it back): still unacknowledged while its job has no live lease and
+-- no result. Celery's own restore waits for the visibility timeout (hours). A message waiting out a
+-- retry's backoff in a live worker is left alone.
+local unacked = KEYS[1]        -- kombu's hash of delivered, unacknowledged messages
+local unacked_index = KEYS[2]  -- their delivery times
+local lease_key = KEYS[3]
+local result_key = KEYS[4]
+local job_hash = KEYS[5]
+local tag = ARGV[1]
+local queue = ARGV[2]
+-- -> 1 put back | 0 left alone
+local payload = redis.call('HGET', unacked, tag)
 if not payload then return 0 end
-if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
-if redis.call('HGET', KEYS[5], 'phase') == 'retry_wait' then return 0 end
+if redis.call('EXISTS', lease_key) == 1 or redis.call('EXISTS', result_key) == 1 then return 0 end
+if redis.call('HGET', job_hash, 'phase') == 'retry_wait' then return 0 end
 local entry = cjson.decode(payload)
-redis.call('RPUSH', ARGV[2], cjson.encode(entry[1]))
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('RPUSH', queue, cjson.encode(entry[1]))
+redis.call('HDEL', unacked, tag)
+redis.call('ZREM', unacked_index, tag)
 return 1
