@@ -1,0 +1,181 @@
+"""Break every fence once on purpose and time the test that must catch it.
+
+Run by hand (not part of the tests):
+    .venv/bin/python bench/fence_mutations.py [--only NAME]
+
+Each mutation below changes one guard of the store's scripts, the lifecycle or ``decide`` to the
+wrong thing (the way a careless edit would), in a copy of this tree; the named test must then fail,
+and within 10 seconds. The table says which test caught which mutation and how long it took; a
+mutation that no test catches is reported as SURVIVED and the script exits 1. The working tree is
+never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    test: str
+
+
+MUTATIONS = [
+    Mutation(
+        "affinity remembers a failed build",
+        "buildq/store/lua/finish.lua",
+        "if state == 'succeeded' and affinity_key ~= '' and daemon ~= '' then",
+        "if affinity_key ~= '' and daemon ~= '' then",
+        "tests/test_store.py::test_only_a_success_is_remembered_for_the_cache_and_joins_the_baseline",
+    ),
+    Mutation(
+        "the lease is renewed only once",
+        "buildq/engine/runner.py",
+        "        stopper.stop(reason)\n        return True\n    return False",
+        "        stopper.stop(reason)\n        return True\n    return True",
+        "tests/test_lifecycle.py::test_the_lease_is_held_throughout_a_build_longer_than_its_ttl",
+    ),
+    Mutation(
+        "the slot wait forgets the daemon to avoid",
+        "buildq/engine/lifecycle.py",
+        "stages.append((self.daemons, self.slot_wait_s, avoid))",
+        "stages.append((self.daemons, self.slot_wait_s, None))",
+        "tests/test_lifecycle.py::test_a_retry_waiting_for_a_slot_avoids_the_daemon_that_dropped_it",
+    ),
+    Mutation(
+        "the slot script forgets the daemon to avoid",
+        "buildq/store/lua/slots_fn.lua",
+        "      if daemon == avoid then",
+        "      if false then",
+        "tests/test_store.py::test_take_slot_honours_the_daemon_to_avoid",
+    ),
+    Mutation(
+        "the requeue script's lease fence is removed",
+        "buildq/store/lua/requeue.lua",
+        "if not still_holds(job_hash, result_key, lease_key, token, gen) then return 0 end\n",
+        "",
+        "tests/test_store.py::test_a_requeue_by_a_holder_that_lost_its_claim_publishes_nothing",
+    ),
+    Mutation(
+        "the finish script's fence is removed",
+        "buildq/store/lua/finish.lua",
+        "if not still_holds(job_hash, result_key, lease_key, token, gen) then return 0 end\n",
+        "",
+        "tests/test_store.py::test_a_finish_by_a_holder_that_lost_its_claim_writes_nothing",
+    ),
+    Mutation(
+        "the claim generation is not checked",
+        "buildq/store/lua/result_fn.lua",
+        "  if redis.call('HGET', job_hash, 'gen') ~= gen then return false end\n",
+        "",
+        "tests/test_store.py::test_renewal_retakes_an_expired_lease_only_while_nobody_claimed_since",
+    ),
+    Mutation(
+        "a stale delivery may claim",
+        "buildq/store/lua/claim.lua",
+        "if current and current ~= delivery then return {3} end",
+        "",
+        "tests/test_store.py::test_a_message_that_is_not_the_current_delivery_cannot_claim",
+    ),
+    Mutation(
+        "a forged rejection may end another job",
+        "buildq/store/lua/reject.lua",
+        "if current and current ~= delivery then return 0 end",
+        "",
+        "tests/test_store.py::test_a_rejection_is_stored_for_the_jobs_own_delivery_only",
+    ),
+    Mutation(
+        "a late progress write may cover the final state",
+        "buildq/store/lua/progress.lua",
+        " or redis.call('HGET', job_hash, 'gen') ~= gen then return 0 end",
+        " then return 0 end",
+        "tests/test_store.py::test_progress_is_written_only_while_the_claim_is_ours",
+    ),
+    Mutation(
+        "release gives back a claim that is not ours",
+        "buildq/store/lua/release.lua",
+        "if redis.call('GET', lease_key) ~= token or redis.call('HGET', job_hash, 'gen') ~= gen then return 0 end",
+        "",
+        "tests/test_store.py::test_release_gives_back_only_what_is_ours_and_keeps_the_error",
+    ),
+    Mutation(
+        "decide allows one attempt too many",
+        "buildq/engine/lifecycle.py",
+        "    if counted >= settings.retry_max_attempts:\n        return Done(\"failed\")",
+        "    if counted > settings.retry_max_attempts:\n        return Done(\"failed\")",
+        "tests/test_lifecycle.py::test_the_last_allowed_attempt_ends_the_job",
+    ),
+    Mutation(
+        "decide retries a build whose cancel was asked for",
+        "buildq/engine/lifecycle.py",
+        'if s.outcome != "failed" or not s.transient or s.cancel_requested:',
+        'if s.outcome != "failed" or not s.transient:',
+        "tests/test_lifecycle.py::test_nobody_retries_a_build_whose_cancel_was_asked_for",
+    ),
+]
+
+
+def run(mutation: Mutation, tree: Path) -> tuple[str, float]:
+    target = tree / mutation.path
+    original = target.read_text()
+    if mutation.old not in original:
+        return "NOT APPLICABLE (the guard's text moved: update the mutation)", 0.0
+    target.write_text(original.replace(mutation.old, mutation.new, 1))
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--timeout", "60",
+             mutation.test],
+            cwd=tree, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        seconds = time.monotonic() - started
+        caught = done.returncode != 0 and "failed" in done.stdout
+        return ("caught" if caught else "SURVIVED"), seconds
+    finally:
+        target.write_text(original)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", help="run the mutations whose name contains this text")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or args.only in m.name]
+    tree = Path(tempfile.mkdtemp(prefix="buildq-mutations-"))
+    try:
+        for part in ("buildq", "tests", "pyproject.toml"):
+            source = ROOT / part
+            if source.is_dir():
+                shutil.copytree(source, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(source, tree / part)
+        failed = False
+        print(f"{'mutation':50} {'verdict':10} {'seconds':>7}  test")
+        for mutation in chosen:
+            verdict, seconds = run(mutation, tree)
+            slow = verdict == "caught" and seconds > LIMIT_S
+            failed |= verdict != "caught" or slow
+            mark = f"{verdict}{' (slow)' if slow else ''}"
+            print(f"{mutation.name:50} {mark:10} {seconds:7.1f}  {mutation.test.split('::')[1]}")
+        sys.exit(1 if failed else 0)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
