@@ -1,13 +1,16 @@
 """Builds go where their cache is (cache-affinity routing across BuildKit daemons).
 
-Pure parts over data, the claim and finish scripts and the slow path's wait against a real Redis
-(with an injected clock), and whole builds through real workers against two of the stand-in's
-simulated daemons, whose local caches decide whether a rebuild replays warm (all steps CACHED),
-regwarm (cache imported from the registry) or cold.
+Pure parts over data, the claim and finish scripts against a real Redis, the lifecycle's wait for
+a full remembered daemon in this process (a real pool runtime, the stand-in), and whole builds
+through real workers against two of the stand-in's simulated daemons, whose local caches decide
+whether a rebuild replays warm (all steps CACHED), regwarm (cache imported from the registry) or cold.
 """
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,24 +18,26 @@ from typing import Any
 import pytest
 import redis
 
+from buildq.client import BuildqClient
 from buildq.contract.job import BuildJob, cache_key
-from buildq.records import routing_reason
+from buildq.engine.recording import routing_reason
+from buildq.engine.runtime import PoolRuntime
 from buildq.render import render_record
-from buildq.store.claim import claim, finish
 from buildq.store.daemons import DaemonHealth
-from buildq.store.jobs import JobStore
-from buildq.store.keys import affinity_key, slot_key
-from buildq.store.slots import DaemonSlots, wait_for_slot_preferring
+from buildq.store.jobs import Claimed, Fence, JobStore
+from buildq.store.keys import affinity_key, job_key, slot_key
 from tests.conftest import scenario
 from tests.harness import (
     REDIS_URL,
     CountingRedis,
+    StandinLog,
     client_for,
     counting_client,
     free_port,
     simulated_deployment,
     wait_until,
 )
+from tests.inprocess import deliver, pool_env, pool_runtime
 from tests.standin.scenarios import daemon_down, daemon_invocations
 from tests.test_observability import scrape
 
@@ -84,147 +89,168 @@ def store(client: CountingRedis) -> JobStore:
     return JobStore(client, result_ttl_s=60)
 
 
-@pytest.fixture
-def slots(store: JobStore) -> DaemonSlots:
-    return DaemonSlots(store.scripts)
-
-
 KEY = "reg/app:buildcache"
 
 
-def take(store: JobStore, slots: DaemonSlots, job_id: str, **kw: Any) -> Any:
+def take(store: JobStore, job_id: str, **kw: Any) -> Claimed:
+    """Claim ``job_id`` (a raw producer's message) with its slot, as the lifecycle does."""
     options: dict[str, Any] = {
-        "daemons": [A, B],
-        "limit": 2,
-        "ttl_s": 30,
-        "prefer": 0,
-        "give_up_after_s": 0,
-        "cache_key": KEY,
-        "affinity_wait": True,
-    }
-    return claim(store, slots, job_id, f"tok-{job_id}", **{**options, **kw})
+        "daemons": [A, B], "limit": 2, "ttl_s": 30, "prefer": 0, "cache_key": KEY, "affinity_wait": True,
+        "worker": "w:1", "domain": "host", "body": "{}", "queue": "q",
+    }  # fmt: skip
+    got = store.claim(job_id, delivery="", **{**options, **kw})
+    assert isinstance(got, Claimed), got
+    return got
 
 
-def test_a_success_remembers_its_daemon_in_the_finish_round_trip(store, slots, client) -> None:
-    finish(store, slots, "warm", "w", None, {"job_id": "warm", "state": "failed"})  # loads the script
+def finish(store: JobStore, job_id: str, daemon: str | None, state: str, remember: str | None) -> bool:
+    got = take(store, job_id, daemons=[daemon] if daemon else [A], cache_key=None)
+    record = json.dumps({"job_id": job_id, "state": state})
+    return store.finish(Fence(job_id, got.token, got.gen), record=record, state=state, daemon=daemon,
+                        remember=remember)  # fmt: skip
+
+
+def test_a_success_remembers_its_daemon_in_the_finish_round_trip(store, client) -> None:
+    finish(store, "warm", None, "failed", None)  # loads the scripts
+    got = take(store, "f1", daemons=[B], cache_key=None)
     client.calls.clear()
-    record = {"job_id": "f1", "state": "succeeded"}
-    finish(store, slots, "f1", "tok", B, record, remember=KEY, remember_ttl_s=40)
+    record = json.dumps({"job_id": "f1", "state": "succeeded"})
+    assert store.finish(
+        Fence("f1", got.token, got.gen), record=record, state="succeeded", daemon=B, remember=KEY
+    )
     assert client.calls == ["EVALSHA"]
     assert client.get(affinity_key(KEY)) == B.encode()
-    assert 0 < client.ttl(affinity_key(KEY)) <= 40
-    finish(store, slots, "f2", "tok", A, {"job_id": "f2", "state": "failed"}, remember=None)
-    finish(store, slots, "f3", "tok", None, {"job_id": "f3", "state": "failed"}, remember=KEY)
+    assert 0 < client.ttl(affinity_key(KEY)) <= 60  # remembered as long as a result is kept
+    assert finish(store, "f2", A, "failed", KEY)
+    assert finish(store, "f3", A, "succeeded", None)
+    assert finish(store, "f4", None, "succeeded", KEY)
     assert client.get(affinity_key(KEY)) == B.encode()  # neither a failure nor no daemon changes it
 
 
-def test_the_claim_prefers_the_remembered_daemon_in_its_one_round_trip(store, slots, client) -> None:
-    first = take(store, slots, "j0")  # nothing remembered: the least loaded (A, first in the rotation)
+def test_the_claim_prefers_the_remembered_daemon_in_its_one_round_trip(store, client) -> None:
+    first = take(store, "j0")  # nothing remembered: the least loaded (A, first in the rotation)
     assert (first.daemon, first.preferred, first.preferred_full) == (A, None, False)
     client.set(affinity_key(KEY), B)
     client.calls.clear()
-    got = take(store, slots, "j1")
+    got = take(store, "j1")
     assert client.calls == ["EVALSHA"]
     assert (got.daemon, got.preferred) == (B, B)
     assert routing_reason(got.preferred, got.daemon) == "affinity"
     # B is more loaded than A now (1 against 1, then 2 against 1), still preferred while it has room
-    assert take(store, slots, "j2").daemon == B
+    assert take(store, "j2").daemon == B
     assert client.zcard(slot_key(B)) == 2 and client.zcard(slot_key(A)) == 1
 
 
-def test_a_full_remembered_daemon_takes_nothing_so_the_caller_can_wait(store, slots, client) -> None:
+def test_a_full_remembered_daemon_takes_nothing_so_the_caller_can_wait(store, client) -> None:
     client.set(affinity_key(KEY), B)
     client.zadd(slot_key(B), {"x": 9e15, "y": 9e15})  # full (limit 2), far from expiring
-    got = take(store, slots, "j1")
+    got = take(store, "j1")
     assert (got.daemon, got.preferred, got.preferred_full) == (None, B, True)
-    assert client.zscore(slot_key(A), "tok-j1") is None  # no slot held while waiting
+    assert client.zscore(slot_key(A), got.token) is None  # no slot held while waiting
     # without the wait (BUILDQ_AFFINITY_WAIT_S=0) it falls back at once
-    at_once = take(store, slots, "j2", affinity_wait=False)
+    at_once = take(store, "j2", affinity_wait=False)
     assert (at_once.daemon, at_once.preferred, at_once.preferred_full) == (A, B, False)
     assert routing_reason(at_once.preferred, at_once.daemon) == "fallback"
 
 
-def test_a_down_or_avoided_remembered_daemon_falls_back_never_to_a_down_one(store, slots, client) -> None:
+def test_a_down_or_avoided_remembered_daemon_falls_back_never_to_a_down_one(store, client) -> None:
     client.set(affinity_key(KEY), B)
     health = DaemonHealth(client)
     health.mark_down(B, "refused", 1.0)
-    got = take(store, slots, "j1")
+    got = take(store, "j1")
     assert (got.daemon, got.preferred, got.preferred_full) == (A, B, False)
     health.mark_down(A, "refused", 1.0)
-    assert take(store, slots, "j2").daemon is None  # every daemon down: nothing
+    assert take(store, "j2").daemon is None  # every daemon down: nothing
     health.mark_up(A, 2.0)
     health.mark_up(B, 2.0)
-    # a retry after B dropped its connection avoids B even though B built the cache
-    retry = take(store, slots, "j3", avoid=B)
+    # a retry after B dropped its connection avoids B even though B built the cache (the worker
+    # that requeued it wrote the daemon to avoid into the job's hash)
+    client.hset(job_key("j3"), "avoid", B)
+    retry = take(store, "j3")
     assert (retry.daemon, routing_reason(retry.preferred, retry.daemon)) == (A, "fallback")
 
 
-def test_a_remembered_daemon_no_longer_configured_and_affinity_off_are_least_loaded(
-    store, slots, client
-) -> None:
+def test_a_remembered_daemon_no_longer_configured_and_affinity_off_are_least_loaded(store, client) -> None:
     client.set(affinity_key(KEY), "tcp://gone:1234")
-    got = take(store, slots, "j1")
+    got = take(store, "j1")
     assert (got.daemon, got.preferred) == (A, None)
     client.set(affinity_key(KEY), B)
-    off = take(store, slots, "j2", cache_key=None)  # BUILDQ_CACHE_AFFINITY=false
+    off = take(store, "j2", cache_key=None)  # BUILDQ_CACHE_AFFINITY=false
     assert off.preferred is None and off.daemon == B  # least loaded: A holds j1
     assert routing_reason(off.preferred, off.daemon) == "least_loaded"
 
 
-class FakeClock:
-    """Monotonic time that moves only when the wait sleeps; ``on_sleep`` runs after each sleep."""
-
-    def __init__(self, on_sleep: Any = None) -> None:
-        self.now, self.slept, self.on_sleep = 100.0, 0.0, on_sleep
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.now += seconds
-        self.slept += seconds
-        if self.on_sleep is not None:
-            self.on_sleep(self)
+# -- the lifecycle's wait for a full remembered daemon (in this process, real time) -----------
 
 
-def wait(slots: DaemonSlots, clock: FakeClock, token: str, **kw: Any) -> str | None:
-    options: dict[str, Any] = {"preferred": B, "affinity_wait_s": 2.0, "slot_wait_s": 5.0, "prefer": 0}
-    return wait_for_slot_preferring(
-        slots, [A, B], token, 30, 1, clock=clock, sleep=clock.sleep, jitter=lambda: 0.5, **{**options, **kw}
-    )
+@pytest.fixture
+def pool(tmp_path: Path, standin: Path, standin_log: StandinLog, monkeypatch) -> Iterator[Any]:
+    """``pool(**settings)``: a pool runtime on daemons A and B (one build each), affinity on."""
+    monkeypatch.setenv("STANDIN_LOG", str(standin_log.path))
+    made: list[Any] = []
+
+    def make(**settings: Any) -> PoolRuntime:
+        env = pool_env(17, "aff", standin, tmp_path / "state", BUILDQ_BUILDKIT_HOSTS=f"{A},{B}",
+                       BUILDQ_BUILDKIT_MAX_BUILDS="1")  # fmt: skip
+        made.append(pool_runtime(env, **settings))
+        return made[-1].__enter__()
+
+    yield make
+    for context in made:
+        context.__exit__(None, None, None)
 
 
-def test_the_wait_for_the_remembered_daemon_never_passes_the_setting(slots, client) -> None:
-    client.zadd(slot_key(B), {"busy": 9e15})  # B stays full; A is free all along
-    clock = FakeClock()
-    assert wait(slots, clock, "t1") == A
-    assert clock.slept == pytest.approx(2.0)  # polled B for exactly the setting, then fell back
-    assert client.zscore(slot_key(A), "t1") is not None
-    client.zrem(slot_key(A), "t1")
-    none = FakeClock()  # BUILDQ_AFFINITY_WAIT_S=0: no wait at all
-    assert wait(slots, none, "t2", affinity_wait_s=0.0) == A and none.slept == 0.0
+#: the cache key of the jobs :func:`handle` submits (tag ``reg:5000/app:1``)
+HOME_KEY = "reg:5000/app:buildcache"
 
 
-def test_the_remembered_daemon_is_taken_when_it_frees_within_the_wait(slots, client) -> None:
-    client.zadd(slot_key(B), {"busy": 9e15})
-
-    def free_after_a_second(clock: FakeClock) -> None:
-        if clock.slept >= 1.0:
-            client.zrem(slot_key(B), "busy")
-
-    clock = FakeClock(free_after_a_second)
-    assert wait(slots, clock, "t1") == B  # A had room all along: it waited for B instead
-    assert 1.0 <= clock.slept < 2.0
-    assert client.zscore(slot_key(A), "t1") is None
+def handle(rt: PoolRuntime, context_dir: Path, job_id: str) -> tuple[Any, float]:
+    """Submit a job of the repository whose cache B holds and handle its delivery: (ending, seconds)."""
+    job = {"job_id": job_id, "context": str(context_dir), "tags": ["reg:5000/app:1"]}
+    assert cache_key(BuildJob.model_validate(job)) == HOME_KEY
+    BuildqClient(rt.settings).submit(job)
+    delivery = deliver(rt.store.redis, "aff")
+    started = time.monotonic()
+    ending = rt.lifecycle.handle(delivery)
+    return ending, time.monotonic() - started
 
 
-def test_after_the_affinity_wait_the_ordinary_wait_has_only_what_is_left(slots, client) -> None:
-    client.zadd(slot_key(A), {"busy-a": 9e15})
-    client.zadd(slot_key(B), {"busy-b": 9e15})  # everything full
-    clock = FakeClock()
-    assert wait(slots, clock, "t1") is None  # the caller re-queues the job
-    assert clock.slept == pytest.approx(5.0)  # 2 s for B, then 3 s for any: the usual 5 s in all
+def test_the_wait_for_the_remembered_daemon_never_passes_the_setting(pool, context_dir) -> None:
+    rt, no_wait = pool(affinity_wait_s=1.0), pool(affinity_wait_s=0.0)  # one deployment, two settings
+    r = rt.store.redis
+    r.set(affinity_key(HOME_KEY), B)
+    r.zadd(slot_key(B), {"busy": 9e15})  # B stays full; A is free all along
+    ending, seconds = handle(rt, context_dir, "t1")
+    assert 1.0 <= seconds < 2.5  # polled B for the setting, then fell back
+    record = ending.record
+    assert record["state"] == "succeeded" and (record["daemon"], record["routing"]) == (A, "fallback")
+    assert record["phases"]["queued"] >= 0.9
+    r.set(affinity_key(HOME_KEY), B)  # t1 succeeded on A: remembered there now; B again
+    ending, seconds = handle(no_wait, context_dir, "t2")  # BUILDQ_AFFINITY_WAIT_S=0: no wait at all
+    assert seconds < 0.9 and (ending.record["daemon"], ending.record["routing"]) == (A, "fallback")
+
+
+def test_the_remembered_daemon_is_taken_when_it_frees_within_the_wait(pool, context_dir) -> None:
+    rt = pool(affinity_wait_s=2.0)
+    r = rt.store.redis
+    r.set(affinity_key(HOME_KEY), B)
+    r.zadd(slot_key(B), {"busy": 9e15})
+    threading.Timer(0.5, lambda: r.zrem(slot_key(B), "busy")).start()
+    ending, seconds = handle(rt, context_dir, "t1")
+    assert 0.5 <= seconds < 2.0  # A had room all along: it waited for B instead
+    assert (ending.record["daemon"], ending.record["routing"]) == (B, "affinity")
+
+
+def test_after_the_affinity_wait_the_ordinary_wait_has_only_what_is_left(pool, context_dir) -> None:
+    rt = pool(affinity_wait_s=1.0)
+    rt.lifecycle.slot_wait_s = 2.0
+    r = rt.store.redis
+    r.set(affinity_key(HOME_KEY), B)
+    r.zadd(slot_key(A), {"busy-a": 9e15})
+    r.zadd(slot_key(B), {"busy-b": 9e15})  # everything full
+    ending, seconds = handle(rt, context_dir, "t1")
+    assert (ending.kind, ending.reason) == ("requeued", "waiting_for_daemon")  # back to the queue
+    assert 2.0 <= seconds < 2.9  # 1 s for B, then 1 s for any: the usual wait in all
 
 
 # -- whole builds through real workers -------------------------------------------------------

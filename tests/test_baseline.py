@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
-from buildq.store.claim import finish
 from rich.console import Console
 
 from buildq.config import SettingsError, load_settings
+from buildq.engine.hooks import BaselineHook, EndWrites
+from buildq.engine.recording import parse_entries
 from buildq.render import render_record
-from buildq.store.jobs import BASELINE_TTL_S, JobStore, baseline_write, read_baseline
+from buildq.store.jobs import BASELINE_TTL_S, Claimed, Fence, JobStore
 from buildq.store.keys import baseline_key
 from tests.conftest import scenario
 from tests.harness import REDIS_URL, CountingRedis, client_for, counting_client, free_port, run_cli
@@ -27,24 +31,45 @@ def client() -> Iterator[CountingRedis]:
     yield from counting_client(DB_URL)
 
 
+def read_baseline(client: redis.Redis, key: str, n: int) -> list[dict[str, Any]]:
+    """The baseline as the lifecycle reads it for ``explain`` (newest first, at most ``n``)."""
+    return parse_entries(client.lrange(baseline_key(key), 0, n - 1))
+
+
+def finish(store: JobStore, job_id: str, state: str, entry: dict[str, Any] | None, n: int) -> None:
+    """Claim ``job_id`` and finish it in ``state`` with the write :class:`BaselineHook` adds for a
+    record whose baseline entry is ``entry`` (None: it adds none)."""
+    got = store.claim(job_id, delivery="", daemons=["tcp://bk:1"], prefer=0, limit=100, ttl_s=30,
+                      worker="h:1", domain="h", body="{}", queue="q")  # fmt: skip
+    assert isinstance(got, Claimed)
+    writes = EndWrites()
+    built = SimpleNamespace(cache_key=KEY)
+    encoded = json.dumps(entry).encode() if entry is not None else None
+    BaselineHook(n).finishing(built, SimpleNamespace(baseline_entry=encoded), writes)  # type: ignore[arg-type]
+    assert (writes.baseline is None) == (entry is None)
+    if isinstance(store.redis, CountingRedis):
+        store.redis.calls.clear()
+    record = json.dumps({"job_id": job_id, "state": state})
+    fence = Fence(job_id, got.token, got.gen)
+    assert store.finish(fence, record=record, state=state, daemon=got.daemon, baseline=writes.baseline)
+
+
 def test_finish_adds_the_entry_in_its_round_trip_capped_and_expiring(client: CountingRedis) -> None:
     store = JobStore(client, result_ttl_s=60)
-    finish(store, None, "warm", "t", None, {"job_id": "warm", "state": "succeeded"})  # loads the script
-    client.calls.clear()
+    finish(store, "warm", "failed", None, 3)  # loads the scripts
     for i in range(5):
-        entry = {"p": {"push": float(i)}, "s": {}}
-        record = {"job_id": f"b{i}", "state": "succeeded"}
-        finish(store, None, f"b{i}", "t", None, record, baseline=baseline_write(KEY, entry, 3))
-    assert client.calls == ["EVALSHA"] * 5  # no round trip of its own
+        finish(store, f"b{i}", "succeeded", {"p": {"push": float(i)}, "s": {}}, 3)
+        assert client.calls == ["EVALSHA"]  # no round trip of its own
     assert read_baseline(client, KEY, 3) == [{"p": {"push": p}, "s": {}} for p in (4.0, 3.0, 2.0)]
     assert client.llen(baseline_key(KEY)) == 3
     assert BASELINE_TTL_S - 5 < client.ttl(baseline_key(KEY)) <= BASELINE_TTL_S
     assert read_baseline(client, KEY, 2) == [{"p": {"push": 4.0}, "s": {}}, {"p": {"push": 3.0}, "s": {}}]
     # a build that adds nothing (failed, retried) leaves the baseline alone
-    finish(
-        store, None, "f", "t", None, {"job_id": "f", "state": "failed"}, baseline=baseline_write(KEY, None, 3)
-    )
+    finish(store, "f", "failed", None, 3)
     assert client.llen(baseline_key(KEY)) == 3
+    # and a failed record never joins it, whatever the write carries
+    finish(store, "f2", "failed", {"p": {"push": 9.0}, "s": {}}, 3)
+    assert read_baseline(client, KEY, 3)[0] == {"p": {"push": 4.0}, "s": {}}
     assert read_baseline(client, "other:buildcache", 3) == []
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from buildq.celeryapp.app import create_app
 from buildq.errors import InvalidJobError
 from tests.conftest import scenario
-from tests.harness import client_for
+from tests.harness import client_for, settings_from
 from tests.harness import run_cli as cli
 
 
@@ -151,12 +152,14 @@ def test_raw_message_with_bad_field_is_rejected_by_worker(buildq_env, start_work
     """A producer that skips validation (another language) still cannot launch a bad job."""
     start_worker(buildq_env)
     client = client_for(buildq_env)
-    client.app.send_task(
+    app = create_app(settings_from(buildq_env))  # a plain Celery producer: no submit, no job hash
+    app.send_task(
         "buildq.build",
         kwargs={"job": {"job_id": "raw-1", "context": "/x", "tags": ["a:1\n"]}},
         task_id="raw-1",
         queue=buildq_env["BUILDQ_QUEUE"],
     )
+    app.close()
     record = client.wait("raw-1", timeout=60)
     assert record["state"] == "failed"
     assert record["error"]["field"].startswith("tags")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import shlex
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from buildq.buildkit.command import build_argv, csv_attrs
 from buildq.contract.job import BuildJob, parse_job
-from buildq.engine.runner import build_request, secret_env, secret_values
-from buildq.launchers.base import BuildPaths
+from buildq.engine.runner import RunSpec, Watch, build_request, run_build
+from buildq.engine.scheduler import Scheduler
+from buildq.launchers.base import BuildPaths, Launcher, LaunchSpec, RunningBuild
 
 FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"
 PATHS = BuildPaths(context_dir="/build/ctx", dockerfile_dir="/build/ctx", metadata_file="/out/m.json")
@@ -20,6 +22,53 @@ PATHS = BuildPaths(context_dir="/build/ctx", dockerfile_dir="/build/ctx", metada
 def argv_of(job: BuildJob, paths: BuildPaths, **options: Any) -> list[str]:
     """The argv the worker runs for ``job``: job -> plain build request -> buildctl flags."""
     return build_argv(build_request(job, paths), **options)
+
+
+class _Exited(RunningBuild):
+    def lines(self) -> Iterator[str]:
+        return iter(())
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 1
+
+    def kill(self) -> None:
+        pass
+
+    def read_metadata(self) -> dict[str, Any] | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class _Capturing(Launcher):
+    """A launcher that keeps the LaunchSpec it is given (buildctl "exits 1" at once)."""
+
+    def __init__(self, secret_files: bool = False) -> None:
+        self.secret_files, self.specs = secret_files, []
+
+    def prepare(
+        self, job_id: str, context_dir: str | None, dockerfile_dir: str | None, secret_ids: Sequence[str] = ()
+    ) -> BuildPaths:
+        files = tuple((s, f"/run/b/{job_id}/secret-{i}") for i, s in enumerate(secret_ids))
+        return BuildPaths(context_dir, dockerfile_dir, "/out/m.json", files if self.secret_files else ())
+
+    def start(self, spec: LaunchSpec, paths: BuildPaths) -> RunningBuild:
+        self.specs.append(spec)
+        return _Exited()
+
+
+def launched(job: BuildJob, environ: Mapping[str, str], *, secret_files: bool = False) -> LaunchSpec:
+    """What the runner hands the launcher for ``job`` (with the worker's ``environ``)."""
+    launcher, scheduler = _Capturing(secret_files), Scheduler()
+    try:
+        spec = RunSpec(number=1, daemon="tcp://bk:1234", launcher=launcher, scheduler=scheduler,
+                       timeout_s=30, environ=environ)  # fmt: skip
+        run_build(job, spec, Watch())
+    finally:
+        scheduler.stop()
+    (only,) = launcher.specs
+    return only
 
 
 def flags(argv: list[str], name: str) -> list[str]:
@@ -115,9 +164,11 @@ def test_git_context_uses_opt_context_not_local() -> None:
 
 def test_secret_values_never_in_argv() -> None:
     job = parse_job({"context": "/srv/ctx", "tags": ["reg/a:1"], "secrets": [{"id": "tok", "env": "TOK"}]})
-    env = secret_env(job, {"TOK": "s3cr3t-value"})
-    assert env == {"TOK": "s3cr3t-value"}
+    spec = launched(job, {"TOK": "s3cr3t-value", "OTHER": "not-given"})
+    assert spec.env == {"BUILDKIT_HOST": "tcp://bk:1234", "TOK": "s3cr3t-value"} and dict(spec.secrets) == {}
+    assert not any("s3cr3t" in a for a in spec.argv)
     assert not any("s3cr3t" in a for a in argv_of(job, PATHS))
+    assert "s3cr3t" not in repr(spec)
 
 
 def test_secret_files_when_the_launcher_asks_for_them() -> None:
@@ -128,7 +179,14 @@ def test_secret_files_when_the_launcher_asks_for_them() -> None:
     files = (("tok", "/run/b/j.1/secret-0"), ("npm", "/run/b/j.1/secret,1"))
     argv = argv_of(job, BuildPaths("/build/ctx", "/build/ctx", "/out/m.json", files))
     assert flags(argv, "--secret") == ["id=tok,src=/run/b/j.1/secret-0", 'id=npm,"src=/run/b/j.1/secret,1"']
-    assert secret_values(job, {"TOK": "v1", "NPM": "v2"}) == {"tok": "v1", "npm": "v2"}
+    spec = launched(job, {"TOK": "v1", "NPM": "v2"}, secret_files=True)
+    assert dict(spec.secrets) == {"tok": "v1", "npm": "v2"}
+    assert spec.env == {"BUILDKIT_HOST": "tcp://bk:1234"}  # the values go as files, not variables
+    j = job.job_id
+    assert flags(spec.argv, "--secret") == [
+        f"id=tok,src=/run/b/{j}/secret-0",
+        f"id=npm,src=/run/b/{j}/secret-1",
+    ]
 
 
 def test_csv_quoting() -> None:

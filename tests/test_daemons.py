@@ -1,12 +1,15 @@
 """A BuildKit daemon restart is waited out, not raced (issue: no GOAWAY ever fails a build).
 
-Pure parts over data, the circuit breaker and the claim against a real Redis, the probe through
-the local launcher and the stand-in's simulated daemons, and whole builds through real workers
+Pure parts over data, the circuit breaker and the claim against a real Redis, the give-up of a job
+whose daemons are all down (in this process), the probe through the local launcher and the
+stand-in's simulated daemons, and whole builds through real workers
 while a simulated daemon restarts (GOAWAY, then refused for 20 s and 60 s, then fine).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,16 +20,16 @@ import redis
 
 from buildq.buildkit.classify import classify_failure
 from buildq.buildkit.progress import ProgressTracker
+from buildq.client import BuildqClient
 from buildq.engine.daemonwatch import DaemonWatch
-from buildq.engine.unavailable import give_up_text
+from buildq.engine.lifecycle import counts_as_attempt, unreached_since
 from buildq.launchers.local import LocalLauncher
-from buildq.records import counts_as_attempt, unreached_since
-from buildq.store.claim import claim
 from buildq.store.daemons import DaemonHealth, DaemonState
-from buildq.store.jobs import JobStore
-from buildq.store.slots import DaemonSlots
+from buildq.store.jobs import Claimed, JobStore
+from buildq.store.keys import job_key
 from tests.conftest import FIXTURES, scenario
-from tests.harness import REDIS_URL, client_for, simulated_deployment, wait_until
+from tests.harness import REDIS_URL, StandinLog, client_for, simulated_deployment, wait_until
+from tests.inprocess import deliver, pool_env, pool_runtime
 from tests.standin.scenarios import daemon_down, daemon_invocations
 
 A, B = "tcp://127.0.0.1:1234", "tcp://127.0.0.1:1236"
@@ -58,32 +61,18 @@ def test_refused_dial_never_reached_the_daemon_but_goaway_did() -> None:
 
 
 def test_attempts_that_never_reached_a_daemon_do_not_count() -> None:
-    refused = {
-        "reached_daemon": False,
-        "reason": "daemon_unreachable",
-        "started_at": "2026-01-01T00:00:05.000Z",
-    }
-    docker_down = {
-        "reached_daemon": False,
-        "reason": "docker_unavailable",
-        "started_at": "2026-01-01T00:00:04Z",
-    }
-    goaway = {"reached_daemon": True, "reason": "goaway", "started_at": "2026-01-01T00:00:01.000Z"}
+    # (the lifecycle gives each entry its start as epoch seconds, ``started_at_epoch``)
+    refused = {"reached_daemon": False, "reason": "daemon_unreachable", "started_at_epoch": 5.0}
+    docker_down = {"reached_daemon": False, "reason": "docker_unavailable", "started_at_epoch": 4.0}
+    goaway = {"reached_daemon": True, "reason": "goaway", "started_at_epoch": 1.0}
     assert not counts_as_attempt(refused)
     assert counts_as_attempt(goaway) and counts_as_attempt(docker_down)
     assert counts_as_attempt({"reason": "daemon_unreachable"})  # records from before the field
-    first = {**refused, "started_at": "2026-01-01T00:00:03.000Z"}
-    assert unreached_since([goaway, first, refused]) == pytest.approx(1767225603.0)
-    assert unreached_since([refused, goaway]) is None
-
-
-def test_the_give_up_message_names_each_down_daemon() -> None:
-    states = [DaemonState(A, False, 100.0, "connect: connection refused"), DaemonState(B, True, None, None)]
-    text = give_up_text(states, 600, 712.0)
-    assert text == (
-        "no BuildKit daemon answered within BUILDQ_DAEMON_WAIT_S=600s: "
-        "tcp://127.0.0.1:1234 down for 612s (connect: connection refused)"
-    )
+    first = {**refused, "started_at_epoch": 3.0}
+    # the trailing run of unreached attempts began with ``first``; the current one is one of them
+    assert unreached_since([goaway, first, refused], 9.0) == 3.0
+    assert unreached_since([goaway], 9.0) == 9.0  # only the current attempt never reached one
+    assert unreached_since([refused, goaway], None) is None
 
 
 # -- breaker and claim against Redis ---------------------------------------------------------
@@ -122,20 +111,66 @@ def test_one_probe_at_a_time(client: redis.Redis) -> None:
 
 def test_the_claim_skips_a_down_daemon_and_a_retry_avoids_the_lost_one(client: redis.Redis) -> None:
     store = JobStore(client, result_ttl_s=60)
-    slots = DaemonSlots(store.scripts)
     health = DaemonHealth(client)
-    options: dict[str, Any] = {"daemons": [A, B], "limit": 2, "ttl_s": 30, "give_up_after_s": 1}
+
+    def claim(job_id: str, avoid: str | None = None) -> Claimed:
+        if avoid is not None:  # written by the worker that requeued the job after losing it there
+            client.hset(job_key(job_id), "avoid", avoid)
+        got = store.claim(job_id, delivery="", daemons=[A, B], prefer=0, limit=2, ttl_s=30, worker="w:1",
+                          domain="h", body="{}", queue="q")  # fmt: skip
+        assert isinstance(got, Claimed)
+        return got
+
     health.mark_down(A, "refused", 1.0)
-    assert claim(store, slots, "j1", "t1", prefer=0, **options).daemon == B
+    assert claim("j1").daemon == B
     health.mark_down(B, "refused", 1.0)
-    assert claim(store, slots, "j2", "t2", prefer=0, **options).daemon is None  # all down
+    all_down = claim("j2")
+    assert all_down.daemon is None and store.lease_holder("j2") == all_down.token  # all down
     health.mark_up(A, 2.0)
     health.mark_up(B, 2.0)
     # equally loaded would pick A (prefer=0); A is avoided while B has room, taken when B is full
     client.delete(*[k for k in client.keys("buildq:slots:*")])
-    assert claim(store, slots, "j3", "t3", prefer=0, avoid=A, **options).daemon == B
-    assert claim(store, slots, "j4", "t4", prefer=0, avoid=A, **options).daemon == B
-    assert claim(store, slots, "j5", "t5", prefer=0, avoid=A, **options).daemon == A
+    assert claim("j3", avoid=A).daemon == B
+    assert claim("j4", avoid=A).daemon == B
+    assert claim("j5", avoid=A).daemon == A
+
+
+# -- every daemon down: the wait and the give-up, in this process ----------------------------
+
+
+def test_a_job_waits_while_every_daemon_is_down_then_fails_naming_each(
+    standin: Path, standin_log: StandinLog, context_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STANDIN_LOG", str(standin_log.path))
+    env = pool_env(18, "dmn", standin, tmp_path / "state", BUILDQ_BUILDKIT_HOSTS=f"{A},{B}",
+                   BUILDQ_DAEMON_WAIT_S="1")  # fmt: skip
+    with pool_runtime(env) as rt:
+        r = rt.store.redis
+        health = DaemonHealth(r)
+        health.mark_down(A, "connect: connection refused", time.time() - 612)
+        health.mark_down(B, "", time.time() - 100)
+        BuildqClient(rt.settings).submit({"job_id": "nod1", "context": str(context_dir), "tags": ["reg/n:1"]})
+        first = rt.lifecycle.handle(deliver(r, "dmn"))
+        assert (first.kind, first.reason) == ("requeued", "waiting_for_daemon")
+        assert 0.1 <= first.countdown <= 1.0  # within what is left of the wait
+        info = rt.store.info("nod1")
+        assert info["phase"] == "waiting_for_daemon" and json.loads(info["attempts"]) == []
+        since = float(info["waiting_since"])  # on the server clock, kept by the workers
+        assert abs(since - r.time()[0]) < 5
+        time.sleep(1.1)
+        ending = rt.lifecycle.handle(deliver(r, "dmn"))
+        record = ending.record
+        assert ending.kind == "finished" and record is not None
+        assert record["state"] == "failed" and record["error"]["kind"] == "daemon_unavailable"
+        assert record["attempts"] == [] and standin_log.starts() == []  # nothing was launched
+        assert re.fullmatch(
+            r"no BuildKit daemon answered within BUILDQ_DAEMON_WAIT_S=1s: "
+            r"tcp://127\.0\.0\.1:1234 down for 61[234]s \(connect: connection refused\); "
+            r"tcp://127\.0\.0\.1:1236 down for (99|100|101|102)s \(no answer\)",
+            record["error"]["message"],
+        ), record["error"]["message"]
+        stored = rt.store.result("nod1")
+        assert stored is not None and stored["error"]["message"] == record["error"]["message"]
 
 
 # -- the probe through a launcher ------------------------------------------------------------

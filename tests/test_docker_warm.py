@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from buildq.contract.job import parse_job
-from buildq.engine.runner import run_attempt
-from buildq.engine.ticker import Ticker
+from buildq.contract.job import BuildJob, parse_job
+from buildq.engine.runner import Outcome, RunSpec, Watch, run_build
+from buildq.engine.scheduler import Scheduler
 from buildq.launchers import docker_box
+from buildq.launchers.base import Launcher
 from buildq.launchers.docker_reap import STALE_FOLDER_S, remove_stale_folders
 from tests.conftest_docker import DOCKER_URL, STANDIN_IMAGE
 from tests.harness import base_env, client_for, flush_dbs, wait_until
@@ -119,6 +120,27 @@ def test_worker_side_folders_go_once_their_container_has_ended(tmp_path: Path) -
     ]
 
 
+class _OnLine(Watch):
+    def __init__(self, on_line: Any = None) -> None:
+        self.on_line = on_line
+
+    def line(self, line: str, status: Any) -> None:
+        if self.on_line is not None:
+            self.on_line(line, status)
+
+
+def run_once(job: BuildJob, launcher: Launcher, *, timeout_s: float, on_line: Any = None) -> Outcome:
+    """One buildctl run of ``job`` through ``launcher`` (as the lifecycle runs it), on a scheduler
+    of its own."""
+    scheduler = Scheduler()
+    try:
+        spec = RunSpec(number=1, daemon="tcp://127.0.0.1:1234", launcher=launcher, scheduler=scheduler,
+                       timeout_s=timeout_s)  # fmt: skip
+        return run_build(job, spec, _OnLine(on_line))
+    finally:
+        scheduler.stop()
+
+
 # ---- life cycle -------------------------------------------------------------------------------
 
 
@@ -213,10 +235,7 @@ def test_an_attempt_whose_container_dies_fails_transient(docker_launcher, docker
             killed.append(launcher.warm.box.id)
             docker_api.kill(killed[0])  # the container dies under the running build
 
-    outcome = run_attempt(
-        job, number=1, launcher=launcher, daemon="tcp://127.0.0.1:1234", insecure_registries=[], environ={},
-        timeout_s=60, ticker=Ticker(0.25), on_line=kill_container_at_first_line,
-    )  # fmt: skip
+    outcome = run_once(job, launcher, timeout_s=60, on_line=kill_container_at_first_line)
     assert outcome.outcome == "failed" and outcome.failure is not None
     assert outcome.failure.transient and outcome.failure.reason == "docker_error"
     assert "ended during the build" in outcome.failure.message
@@ -229,18 +248,12 @@ def test_a_time_limit_kills_the_build_not_the_warm_container(docker_launcher, do
         {"context": str(context_dir), "tags": ["127.0.0.1:5000/demo/app:1"], "timeout_s": 1,
          "build_args": {"STANDIN_SCENARIO": scenario_json(hang(after_lines=2))}}
     )  # fmt: skip
-    outcome = run_attempt(
-        job, number=1, launcher=launcher, daemon="tcp://127.0.0.1:1234", insecure_registries=[], environ={},
-        timeout_s=1, ticker=Ticker(0.25),
-    )  # fmt: skip
+    outcome = run_once(job, launcher, timeout_s=1)
     assert outcome.outcome == "timeout" and outcome.exit_code == 137
     box = launcher.warm.box
     assert docker_api.inspect_container(box.id)["State"]["Running"] is True
     plain = parse_job({"context": str(context_dir), "tags": ["127.0.0.1:5000/demo/app:1"]})
-    again = run_attempt(
-        plain, number=1, launcher=launcher, daemon="tcp://127.0.0.1:1234", insecure_registries=[], environ={},
-        timeout_s=60, ticker=Ticker(0.25),
-    )  # fmt: skip
+    again = run_once(plain, launcher, timeout_s=60)
     assert again.outcome == "succeeded" and launcher.warm.box is box
 
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import redis
-from buildq.engine.ticker import Ticker
 
 from buildq.celeryapp.app import create_app
-from buildq.celeryapp.task import BUFFER_LIMIT, PhaseEvents
+from buildq.celeryapp.task import BUFFER_LIMIT, FLUSH_AFTER_S, PhaseEvents
 from buildq.config import load_settings
+from buildq.engine.scheduler import Scheduler
 from tests.harness import REDIS_URL
 
 DB = 12
@@ -51,16 +51,41 @@ def published() -> Iterator[Any]:
     sub.close()
 
 
+class ManualClock:
+    """A scheduler clock that moves only when told (a timed flush happens when the test says)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Iterator[ManualClock]:
+    yield ManualClock()
+
+
+@pytest.fixture
+def scheduler(clock: ManualClock) -> Iterator[Scheduler]:
+    s = Scheduler(clock=clock)
+    yield s
+    s.stop()
+
+
 def send(events: PhaseEvents, job: str, phase: str) -> None:
     events.send("celery@test", uuid=job, job_id=job, attempt=1, phase=phase, seconds=0.1)
 
 
-def test_events_of_many_builds_go_out_as_one_message_within_an_interval(app, published) -> None:
-    events = PhaseEvents(app, Ticker(0.1))
+def test_events_of_many_builds_go_out_as_one_message_within_an_interval(
+    app, published, clock, scheduler
+) -> None:
+    events = PhaseEvents(app, scheduler)
     for i in range(10):
         for phase in ("queued", "launch", "finalize"):
             send(events, f"job-{i}", phase)
-    assert published() == []  # buffered: nothing sent yet
+    assert published(wait_s=0.3) == []  # buffered: nothing sent before the interval is over
+    clock.now += FLUSH_AFTER_S
     batches = published(wait_s=2.0)
     assert len(batches) == 1
     got = batches[0]
@@ -70,19 +95,28 @@ def test_events_of_many_builds_go_out_as_one_message_within_an_interval(app, pub
         ("task-phase", "job-0", "finalize"),
     ]
     assert len(got) == 30 and all(e["hostname"] == "celery@test" for e in got)
-    send(events, "job-late", "queued")  # the next event schedules the next flush
+    send(events, "job-late", "queued")  # the next interval's flush sends it
+    clock.now += FLUSH_AFTER_S
     assert [[e["job_id"] for e in batch] for batch in published(wait_s=2.0)[1:]] == [["job-late"]]
 
 
-def test_a_full_buffer_is_published_at_once(app, published) -> None:
-    events = PhaseEvents(app, Ticker(30.0))  # the timed flush would come much later
+def test_a_full_buffer_is_published_at_once(app, published, scheduler) -> None:
+    events = PhaseEvents(app, scheduler)  # the scheduler's clock stands still: no timed flush
     for i in range(BUFFER_LIMIT):
         send(events, f"job-{i}", "queued")
     assert [len(batch) for batch in published(wait_s=0.5)] == [BUFFER_LIMIT]
 
 
-def test_flush_sends_what_is_buffered_now(app, published) -> None:
-    events = PhaseEvents(app, Ticker(30.0))
+def test_nothing_buffered_nothing_sent_by_the_timed_flush(app, published, clock, scheduler) -> None:
+    PhaseEvents(app, scheduler)
+    for _ in range(3):
+        clock.now += FLUSH_AFTER_S
+        time.sleep(0.05)
+    assert published(wait_s=0.3) == []
+
+
+def test_flush_sends_what_is_buffered_now(app, published, scheduler) -> None:
+    events = PhaseEvents(app, scheduler)
     send(events, "job-x", "finalize")
     events.flush()
     assert [[e["phase"] for e in batch] for batch in published(wait_s=0.5)] == [["finalize"]]

@@ -18,16 +18,18 @@ import pytest
 
 from buildq.buildkit.phases import compute_phases, slowest_steps
 from buildq.buildkit.progress import ProgressTracker
+from buildq.contract.job import cache_key, parse_job
+from buildq.contract.record import sentence
+from buildq.engine import recording
 from buildq.engine.recording import (
     MIN_BUILDS,
     STEP_NAME_MAX,
     baseline_entry,
-    explain,
     is_slow,
     needs_baseline,
-    sentence,
+    parse_entries,
 )
-from buildq.store.jobs import parse_entries
+from buildq.engine.runner import Outcome
 from tests.standin.standin_replay import line_times, parse_rfc3339_ns, shift_line
 
 BUILDS = Path(__file__).parent / "fixtures" / "buildkit" / "builds"
@@ -95,6 +97,19 @@ def usual_builds(n: int = 12, seed: int = 1) -> list[dict[str, Any]]:
     rnd = random.Random(seed)
     variants = ["regwarm", "warm", "regwarm", "cold", "warm", "regwarm"]
     return [build(capture(variants[i % len(variants)]), rnd) for i in range(n)]
+
+
+def explain(
+    phases: Any, steps: list[dict[str, Any]], baseline: list[dict[str, Any]] | None, *, key: str
+) -> dict[str, Any] | None:
+    """:func:`recording.explain` with its summary worded as every reader sees it (the flags'
+    sentences are put together when the record is validated, as
+    :func:`buildq.contract.record.validated_record` does)."""
+    out = recording.explain(phases, steps, baseline, key=key)
+    if out is not None and out["flagged"]:
+        assert out["summary"] == ""  # worded from the flags, once, by the record's validation
+        out["summary"] = "; ".join(sentence(flag) for flag in out["flagged"])
+    return out
 
 
 def run(record: dict[str, Any], baseline: list[dict[str, Any]]) -> dict[str, Any]:
@@ -205,6 +220,39 @@ def test_too_few_earlier_builds_say_so_instead_of_guessing() -> None:
     assert [f["phase"] for f in run(slow, baseline_of(usual_builds(MIN_BUILDS)))["flagged"]] == [
         "cache_import"
     ]
+
+
+def test_the_stored_record_carries_the_worded_explanation() -> None:
+    """Through :func:`recording.conclude` (what the lifecycle stores): the baseline is read only
+    because a phase took 2 s or more, and the summary is the flags' sentences."""
+    job = parse_job({"job_id": "ex1", "context": "/srv/app", "tags": ["127.0.0.1:5000/demo/app:1"]})
+    lines = capture("regwarm")
+    slow = stretch(lines, vertex_completed(lines, "importing cache manifest from ") - 1, 31.0)
+    tracker = ProgressTracker(clock=lambda: F)
+    for line in slow:
+        tracker.feed(line)
+    assert tracker.first_timestamp is not None and tracker.last_timestamp is not None
+    exited = F + (tracker.last_timestamp - tracker.first_timestamp) + 0.01
+    outcome = Outcome(1, "tcp://bk:1", F - 0.03, exited, "succeeded", 0, None,
+                      {"containerimage.digest": "sha256:" + "c" * 64}, tracker)  # fmt: skip
+    raw = [json.dumps(baseline_entry(r)).encode() for r in reversed(usual_builds())]
+    reads: list[int] = []
+
+    def baseline() -> list[bytes]:
+        reads.append(1)
+        return raw
+
+    concluded = recording.conclude(
+        job, outcome, [], offset=0.0, window_start=F - 0.1, window_end=exited + 0.002, state="succeeded",
+        enqueued_at=F - 0.1, baseline=baseline, cache_key=cache_key(job),
+    )  # fmt: skip
+    assert concluded.record is not None and reads == [1]
+    out = concluded.record["explain"]
+    assert out["key"] == cache_key(job) == KEY and out["builds"] == 12
+    assert [f["phase"] for f in out["flagged"]] == ["cache_import"]
+    assert out["summary"] == sentence(out["flagged"][0]) and out["summary"].startswith("cache_import 31.")
+    assert json.loads(concluded.record_json or "{}")["explain"]["summary"] == out["summary"]
+    assert concluded.baseline_entry is not None  # a success in one attempt joins the baseline
 
 
 # -- the rule over data ----------------------------------------------------------------------------

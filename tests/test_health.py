@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import sys
@@ -15,7 +14,7 @@ import pytest
 import redis
 from rich.console import Console
 
-from buildq.config import Settings, load_settings
+from buildq.config import Settings, SettingsError, load_settings
 from buildq.health import (
     Check,
     HealthReport,
@@ -47,7 +46,7 @@ class ScenarioLauncher(LocalLauncher):
         self.specs.append(spec)
         scenario = self.scenarios.get(spec.env.get("BUILDKIT_HOST", ""))
         if scenario:
-            spec = dataclasses.replace(spec, env={**spec.env, "STANDIN_SCENARIO": scenario})
+            spec = spec._replace(env={**spec.env, "STANDIN_SCENARIO": scenario})
         return super().start(spec, paths)
 
 
@@ -134,11 +133,14 @@ def test_broker_down(launcher: ScenarioLauncher) -> None:
     assert not report.ok
 
 
-def test_state_redis_checked_when_distinct(launcher: ScenarioLauncher) -> None:
-    other = f"{REDIS_URL}/12"
+def test_state_redis_checked_when_spelled_apart(launcher: ScenarioLauncher) -> None:
+    # BUILDQ_REDIS_URL must name the broker's Redis and DB; spelled another way, it is checked too
+    other = f"{DB_URL}?socket_timeout=5"
     report = check_health(settings(redis_url=other, buildkit_host=GOOD), launcher=launcher)
     assert [c.name for c in report.checks] == ["broker", "state redis", f"buildkit {GOOD}"]
     assert report.ok
+    with pytest.raises(SettingsError, match="BUILDQ_REDIS_URL must name the broker's Redis and DB"):
+        settings(redis_url=f"{REDIS_URL}/12")
 
 
 def test_non_redis_backend_not_checked(launcher: ScenarioLauncher) -> None:

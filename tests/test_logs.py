@@ -20,6 +20,7 @@ from buildq.buildkit.plainlog import PlainLogRenderer
 from buildq.buildkit.progress import parse_line
 from buildq.engine.attemptlog import AttemptLog, RawRedactor
 from buildq.engine.redact import Redactor
+from buildq.engine.scheduler import Scheduler
 from buildq.store.keys import log_key
 from buildq.store.logs import LogEntry, LogStore, final_state, format_entry, show_attempts
 from tests.harness import REDIS_URL, free_port
@@ -76,11 +77,29 @@ def wait_until(r: redis.Redis, job_id: str, done: Callable[[], bool], timeout_s:
 def replay(
     store: LogStore, lines: list[str], attempt: int = 1, redactor: Redactor | None = None
 ) -> AttemptLog:
-    log = AttemptLog(store, JOB, attempt, redactor=redactor, flush_interval_s=0.01)
-    for line in lines:
+    log = AttemptLog(store, JOB, attempt, redactor=redactor)
+    for i, line in enumerate(lines):
         log.feed(line)
+        if i % 50 == 49:
+            log.flush()  # as the process's scheduler does every second
     log.close()
     return log
+
+
+def end(store: LogStore, log: AttemptLog, state: str) -> list[str]:
+    """End the log as the lifecycle does when the job is over: what is not written yet, with the
+    ``final:`` mark, goes with the result (the finish script appends it to the stream in the same
+    round trip; here :meth:`LogStore.append`); the failing step's tail is returned."""
+    pending, tail = log.ending(state)
+    store.append(log.job_id, pending)
+    return tail
+
+
+@pytest.fixture
+def scheduler() -> Iterator[Scheduler]:
+    s = Scheduler()
+    yield s
+    s.stop()
 
 
 def vertex_output(raw_lines: list[str]) -> dict[str, bytes]:
@@ -134,7 +153,7 @@ def test_buildctl_text_lines_are_stored_as_plain_and_raw(store: LogStore) -> Non
 
 def test_feed_accepts_an_already_parsed_status(store: LogStore) -> None:
     lines = lines_of(TRACE)
-    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.01)
+    log = AttemptLog(store, JOB, 1, redactor=None)
     for line in lines:
         log.feed(line, parse_line(line))
     log.close()
@@ -142,13 +161,14 @@ def test_feed_accepts_an_already_parsed_status(store: LogStore) -> None:
 
 
 # -- live: batches while the build runs ---------------------------------------------------------
-def test_lines_are_readable_before_close(store: LogStore, r: redis.Redis) -> None:
+def test_lines_are_readable_before_close(store: LogStore, r: redis.Redis, scheduler: Scheduler) -> None:
     lines = lines_of(TRACE)
     half = lines[: len(lines) // 2]
     renderer = PlainLogRenderer()  # what the renderer gives before finish()
     expected = [out for line in half for out in feed_line(renderer, line)]
     assert len(expected) > 10
-    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.02)
+    log = AttemptLog(store, JOB, 1, redactor=None)
+    scheduler.every(0.02, log.flush)  # the lifecycle has the process's scheduler flush it each second
     for line in half:
         log.feed(line)
     wait_until(r, JOB, lambda: len(store.read(JOB)) >= len(expected))
@@ -159,24 +179,30 @@ def test_lines_are_readable_before_close(store: LogStore, r: redis.Redis) -> Non
     assert texts(store.read(JOB), "plain") == render(lines)
 
 
-def test_a_full_batch_is_written_without_waiting_for_the_interval(store: LogStore, r: redis.Redis) -> None:
-    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=3600, max_batch=10)
+def test_a_flush_writes_what_is_buffered_in_one_round_trip_and_nothing_when_empty(
+    store: LogStore, r: redis.Redis
+) -> None:
+    log = AttemptLog(store, JOB, 1, redactor=None)
     for i in range(10):
-        log.feed(f"text line {i}")  # two entries each (plain and raw): the 5th line fills the batch
-    wait_until(r, JOB, lambda: len(store.read(JOB)) >= 5)
-    assert texts(store.read(JOB), "plain")[:5] == [f"text line {i}" for i in range(5)]
+        log.feed(f"text line {i}")  # two entries each (plain and raw)
+    assert store.read(JOB) == []  # feeding writes nothing: the scheduler's flush does
+    log.flush()
+    assert log.flushes == 1 and texts(store.read(JOB), "plain") == [f"text line {i}" for i in range(10)]
+    assert len(store.read(JOB, kinds=("plain", "raw"))) == 20
+    log.flush()
+    assert log.flushes == 1  # nothing buffered: no round trip
     log.close()
     assert texts(store.read(JOB), "plain") == [f"text line {i}" for i in range(10)]
 
 
-def test_close_is_idempotent_and_writes_the_final_mark_once(store: LogStore) -> None:
+def test_close_is_idempotent_and_the_final_mark_goes_with_the_result_once(store: LogStore) -> None:
     log = AttemptLog(store, JOB, 2, redactor=None)
     log.feed("error: boom")
     log.close()
     log.close()
-    log.close(final_state="failed")
-    log.close(final_state="failed")
     log.feed("late line")  # ignored after close
+    assert [(e.attempt, e.kind, e.line) for e in store.read(JOB)] == [(2, "plain", "error: boom")]
+    end(store, log, "failed")  # after close: only the final mark is left to store
     entries = store.read(JOB)
     assert [(e.attempt, e.kind, e.line) for e in entries] == [
         (2, "plain", "error: boom"),
@@ -185,8 +211,22 @@ def test_close_is_idempotent_and_writes_the_final_mark_once(store: LogStore) -> 
     assert final_state(entries) == "failed"
 
 
-def test_close_without_any_line_still_writes_the_final_mark(store: LogStore) -> None:
-    AttemptLog(store, JOB, 1, redactor=None).close(final_state="cancelled")
+def test_close_before_a_retry_writes_its_note_last(store: LogStore) -> None:
+    log = AttemptLog(store, JOB, 1, redactor=None)
+    log.feed("error: goaway")
+    log.close("attempt 1 failed (goaway); retrying in 0.80s")
+    entries = store.read(JOB)
+    assert [(e.kind, e.line) for e in entries] == [
+        ("plain", "error: goaway"),
+        ("mark", "attempt 1 failed (goaway); retrying in 0.80s"),
+    ]
+    assert final_state(entries) is None  # the job goes on
+
+
+def test_an_ending_without_any_line_still_has_the_final_mark(store: LogStore) -> None:
+    pending, tail = AttemptLog(store, JOB, 1, redactor=None).ending("cancelled")
+    assert pending == [(1, "mark", "final: cancelled")] and tail == []
+    store.append(JOB, pending)
     assert texts(store.read(JOB), "mark") == ["final: cancelled"]
 
 
@@ -199,18 +239,19 @@ def test_follow_sees_lines_live_and_ends_after_the_final_mark_across_attempts(st
     live: list[bool] = []
 
     def write() -> None:
-        log1 = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.01)
+        log1 = AttemptLog(store, JOB, 1, redactor=None)
         for line in first[:half]:
             log1.feed(line)
+        log1.flush()  # the scheduler's flush while attempt 1 runs
         live.append(seen_live.wait(10))  # the follower sees attempt 1 lines while attempt 1 still runs
         for line in first[half:]:
             log1.feed(line)
-        log1.close()
-        store.mark(JOB, 1, "attempt 1 failed (goaway); retrying in 0.8s")
-        log2 = AttemptLog(store, JOB, 2, redactor=None, flush_interval_s=0.01)
+        log1.close("attempt 1 failed (goaway); retrying in 0.8s")
+        log2 = AttemptLog(store, JOB, 2, redactor=None)
         for line in second:
             log2.feed(line)
-        log2.close(final_state="succeeded")
+        log2.flush()
+        end(store, log2, "succeeded")
         writer_done.set()
 
     writer = threading.Thread(target=write)
@@ -230,13 +271,15 @@ def test_follow_sees_lines_live_and_ends_after_the_final_mark_across_attempts(st
 
 
 def test_follow_sees_the_first_lines_before_the_writer_goes_on(store: LogStore) -> None:
-    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.01)
+    log = AttemptLog(store, JOB, 1, redactor=None)
     log.feed("step one")
+    log.flush()
     follower = store.follow(JOB, kinds=("plain",), is_finished=lambda: False, block_ms=100)
     assert next(follower).line == "step one"  # nothing else was written yet: it came live
     log.feed("step two")
+    log.flush()
     assert next(follower).line == "step two"
-    log.close(final_state="succeeded")
+    end(store, log, "succeeded")
     assert list(follower) == []  # the final mark (not among kinds) ends it
 
 
@@ -262,10 +305,12 @@ def test_read_pages_and_filters(store: LogStore) -> None:
 # -- cap and TTL ----------------------------------------------------------------------------------
 def test_stream_is_capped_approximately_and_expires(r: redis.Redis) -> None:
     store = LogStore(r, maxlen=100, ttl_s=60)
-    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.01)
+    log = AttemptLog(store, JOB, 1, redactor=None)
     for i in range(2500):
         log.feed(f"line {i}")  # 5,000 entries (plain + raw)
-    log.close(final_state="succeeded")
+        if i % 100 == 99:
+            log.flush()
+    end(store, log, "succeeded")
     # MAXLEN ~ only drops whole stream nodes: at least maxlen entries stay, and fewer than maxlen
     # plus one node (stream-node-max-entries, 100 by default)
     config: Any = r.config_get("stream-node-max-entries")
@@ -322,7 +367,10 @@ def test_a_plain_text_redact_of_raw_lines_would_leak_the_secret() -> None:
 
 def test_secret_in_step_output_is_masked_in_plain_raw_and_failing_tail(store: LogStore) -> None:
     lines, redactor = secret_build(), Redactor([SECRET])
-    log = replay(store, lines, redactor=redactor)
+    log = AttemptLog(store, JOB, 1, redactor=redactor)
+    for line in lines:
+        log.feed(line)
+    tail = end(store, log, "failed")
     entries = store.read(JOB, kinds=("plain", "raw"))
     plain, raw = texts(entries, "plain"), texts(entries, "raw")
     assert not [ln for ln in plain + raw if SECRET in ln]
@@ -333,7 +381,7 @@ def test_secret_in_step_output_is_masked_in_plain_raw_and_failing_tail(store: Lo
     assert render(raw, redactor) == plain
     assert "#1 0.500 split *** done" in plain
     assert "#1 0.700 three ***" in plain
-    assert log.failing_tail(30) == [
+    assert tail == [
         "*** tail",
         "x*** tail",
         "xx*** tail",
@@ -357,21 +405,19 @@ def test_raw_redactor_keeps_each_line_start_with_its_own_timestamp() -> None:
 
 
 # -- failures and formatting ----------------------------------------------------------------------
-def test_redis_failure_in_the_flusher_never_reaches_feed_or_close() -> None:
+def test_redis_failure_in_a_flush_never_reaches_feed_flush_or_close() -> None:
     # no retries: redis-py's default (10 retries, backoff capped at 1 s) spends ~4 s per failed write
     dead = redis.Redis(
         host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
     )
-    log = AttemptLog(LogStore(dead, maxlen=100, ttl_s=60), JOB, 1, redactor=None, flush_interval_s=0.01)
+    log = AttemptLog(LogStore(dead, maxlen=100, ttl_s=60), JOB, 1, redactor=None)
     for line in lines_of(CTX):
         log.feed(line)
-    deadline = time.monotonic() + 10
-    while log.failed_flushes == 0:  # the flusher thread met the error and goes on
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    log.flush()  # on the scheduler's thread: the error is counted, not raised
+    assert log.failed_flushes == 1
     log.feed("error: after the first failure")
-    log.close(final_state="failed")
-    assert log.failed_flushes >= 2 and log.flushes == 0
+    log.close("retrying")
+    assert log.failed_flushes == 2 and log.flushes == 0
     assert log.dropped == len(lines_of(CTX)) + len(render(lines_of(CTX))) + 2 + 1
 
 
@@ -390,14 +436,17 @@ class GatedStore(LogStore):
 
 def test_when_redis_falls_behind_only_the_newest_maxlen_entries_wait(r: redis.Redis) -> None:
     store = GatedStore(r, maxlen=50, ttl_s=60)
-    log = AttemptLog(store, JOB, 1, redactor=None, flush_interval_s=0.01, max_batch=10)
+    log = AttemptLog(store, JOB, 1, redactor=None)
     log.feed("line 0")
-    assert store.entered.wait(10)  # the flusher is stuck writing line 0
+    flushing = threading.Thread(target=log.flush)  # the scheduler's thread
+    flushing.start()
+    assert store.entered.wait(10)  # the flush is stuck writing line 0
     for i in range(1, 201):
         log.feed(f"line {i}")  # 400 entries; 50 may wait, the older ones would be trimmed anyway
     store.gate.set()
-    log.close(final_state="failed")
-    assert log.dropped == 400 + 1 - 50 and log.failed_flushes == 0
+    flushing.join(10)
+    end(store, log, "failed")
+    assert log.dropped == 400 - 50 and log.failed_flushes == 0
     assert texts(store.read(JOB, kinds=("plain", "mark")), "plain") == [
         f"line {i}" for i in [0, *range(176, 201)]
     ]

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 import redis
 
+from buildq.contract.wire import build_message
 from buildq.launchers.base import LaunchSpec
 from buildq.launchers.local import LocalLauncher
-from buildq.store.claim import claim, finish
 from buildq.store.janitor import Janitor, requeue_lost
-from buildq.store.jobs import JobStore
-from buildq.store.keys import job_key, lease_key, result_key
+from buildq.store.jobs import Claimed, Fence, JobStore
+from buildq.store.keys import QUEUED_INDEX, RECENT_INDEX, job_key, lease_key, result_key
 from tests.conftest import scenario
 from tests.harness import (
     REDIS_URL,
@@ -38,6 +38,7 @@ from tests.harness import (
     wait_retrying,
     wait_until,
 )
+from tests.inprocess import deliver, pool_env, pool_runtime
 from tests.test_producers import raw_celery_message
 
 DB_URL = f"{REDIS_URL}/13"
@@ -141,32 +142,43 @@ def test_docker_reaper_sees_only_its_own_deployments_containers(
 # -- 2. fenced finish, retaken lease, rejected duplicates, janitor, TTLs -----------------------
 
 
-def take(store: JobStore, job_id: str, token: str) -> Any:
-    return claim(
-        store, None, job_id, token, daemons=["tcp://d:1"], limit=1, ttl_s=30, prefer=0, give_up_after_s=1
-    )
+def take(store: JobStore, job_id: str, *, domain: str = "host-a") -> Fence:
+    """Claim ``job_id`` as a worker would for a message without a delivery id (a raw producer's)."""
+    got = store.claim(job_id, delivery="", daemons=["tcp://d:1"], prefer=0, limit=1, ttl_s=30, worker="w:1",
+                      domain=domain, body="{}", queue="q")  # fmt: skip
+    assert isinstance(got, Claimed), got
+    return Fence(job_id, got.token, got.gen)
+
+
+def finish(store: JobStore, fence: Fence, state: str) -> bool:
+    record = json.dumps({"job_id": fence.job_id, "state": state})
+    return store.finish(fence, record=record, state=state, daemon="tcp://d:1")
 
 
 def test_a_stale_holder_cannot_store_its_result(r) -> None:
     store = JobStore(r, result_ttl_s=60)
-    take(store, "fenced", "old")
-    r.set(lease_key("fenced"), "new")  # the old lease was lost and another delivery took over
-    assert finish(store, None, "fenced", "old", None, {"job_id": "fenced", "state": "failed"}) is False
-    assert r.get(result_key("fenced")) is None and r.get(lease_key("fenced")) == b"new"
-    assert finish(store, None, "fenced", "new", None, {"job_id": "fenced", "state": "succeeded"}) is True
+    old = take(store, "fenced")
+    r.delete(lease_key("fenced"))  # the old lease was lost and another delivery took over
+    new = take(store, "fenced", domain="host-b")
+    assert finish(store, old, "failed") is False
+    assert r.get(result_key("fenced")) is None and r.get(lease_key("fenced")) == new.token.encode()
+    r.delete(lease_key("fenced"))  # even with the new holder's lease gone, the old claim is out
+    assert finish(store, old, "failed") is False
+    assert finish(store, new, "succeeded") is True
     assert json.loads(r.get(result_key("fenced")))["state"] == "succeeded"
 
 
 def test_an_expired_lease_with_no_new_owner_is_taken_again(r) -> None:
     store = JobStore(r, result_ttl_s=60)
-    take(store, "blip", "mine")
-    r.delete(lease_key("blip"))  # expired during a Redis blip or a stalled ticker
-    assert store.renew_lease("blip", "mine", 30) is True
-    assert r.get(lease_key("blip")) == b"mine"
+    mine = take(store, "blip")
+    r.delete(lease_key("blip"))  # expired during a Redis blip or a stalled scheduler
+    assert store.renew(mine, ttl_s=30, daemon=None) == "ok"
+    assert r.get(lease_key("blip")) == mine.token.encode()
     r.set(lease_key("blip"), "someone-else")
-    assert store.renew_lease("blip", "mine", 30) is False
+    assert store.renew(mine, ttl_s=30, daemon=None) == "fenced"
+    assert r.get(lease_key("blip")) == b"someone-else"
     r.delete(lease_key("blip"))  # missing again at the end: the result is still ours to store
-    assert finish(store, None, "blip", "mine", None, {"job_id": "blip", "state": "succeeded"}) is True
+    assert finish(store, mine, "succeeded") is True
 
 
 def test_a_worker_that_rejects_a_job_never_overwrites_its_record(
@@ -187,23 +199,102 @@ def test_a_worker_that_rejects_a_job_never_overwrites_its_record(
 
 def test_the_janitor_walks_the_whole_backlog_in_slices(r) -> None:
     store = JobStore(r, result_ttl_s=600)
-    now = time.time()
     for i in range(450):  # lost between BRPOP and kombu's unacked record: in no queue
-        store.mark_queued(f"lost-{i}", now - 100, "q-lost", message=f"m{i}".encode(), tag=f"t{i}")
+        job_id = f"lost-{i}"
+        job = {"job_id": job_id, "context": "/ctx", "tags": ["r/a:1"]}
+        message = build_message(job_id, "q-lost", job, delivery=f"d{i}", delivery_tag=f"t{i}")
+        assert store.submit(job_id, queue="q-lost", message=message, tag=f"t{i}", delivery=f"d{i}",
+                            body=json.dumps(job))  # fmt: skip
         r.delete("q-lost")
+    later = float(r.time()[0]) + 100  # the jobs were submitted (server clock) 100 s before this
     janitor = Janitor(store, after_s=60, batch=200)
-    seen = [janitor.run_once(now=now) for _ in range(3)]
+    seen = [janitor.run_once(now=later) for _ in range(3)]
     assert [len(s) for s in seen] == [200, 200, 50]
     assert r.llen("q-lost") == 450
-    assert requeue_lost(store, after_s=60, now=now) == []  # all back in the queue: nothing twice
+    assert requeue_lost(store, after_s=60, now=later) == []  # all back in the queue: nothing twice
 
 
-def test_every_job_key_expires(r, buildq_env) -> None:
+def test_a_redelivery_waits_out_a_dead_holders_lease_and_takes_over(
+    standin, standin_log, context_dir, tmp_path, monkeypatch
+) -> None:
+    """Celery redelivers at once when a pool process dies: the redelivery finds the dead holder's
+    lease still live, waits it out (one lease TTL at most) and takes the job over (the lost run is
+    recorded), instead of being acknowledged as a duplicate and leaving the job to the janitor (a
+    raw producer's job, whose message buildq does not keep, would be lost)."""
+    monkeypatch.setenv("STANDIN_LOG", str(standin_log.path))
+    env = pool_env(19, "nl", standin, tmp_path / "state", BUILDQ_LEASE_TTL_S="1")
+    with pool_runtime(env) as rt:
+        r = rt.store.redis
+        job = {"job_id": "raw-killed", "context": str(context_dir), "tags": ["reg/nl:1"]}
+        r.lpush("nl", build_message("raw-killed", "nl", job, delivery="d-raw"))  # a raw producer's message
+        delivery = deliver(r, "nl")
+        dead = rt.store.claim("raw-killed", delivery="d-raw", daemons=["tcp://127.0.0.1:1234"], prefer=0,
+                              limit=4, ttl_s=1.0, worker="dead:1", domain="elsewhere", body="{}",
+                              queue="nl")  # fmt: skip
+        assert isinstance(dead, Claimed)  # ... and its worker was SIGKILLed mid-build
+        started = time.monotonic()
+        ending = rt.lifecycle.handle(delivery)  # the redelivery of the same message
+        assert 0.3 < time.monotonic() - started < 4.0
+        assert ending.kind == "finished" and ending.record is not None
+        assert ending.record["state"] == "succeeded"
+        assert [a["outcome"] for a in ending.record["attempts"]] == ["lost", "succeeded"]
+        assert len(standin_log.starts()) == 1
+
+
+def test_a_duplicate_of_a_live_build_is_dropped_after_one_lease_ttl(
+    standin, standin_log, context_dir, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("STANDIN_LOG", str(standin_log.path))
+    env = pool_env(19, "nl", standin, tmp_path / "state", BUILDQ_LEASE_TTL_S="1")
+    with pool_runtime(env) as rt:
+        client = client_for(env)
+        client.submit({"job_id": "live-1", "context": str(context_dir), "tags": ["reg/nl:2"]})
+        delivery = deliver(rt.store.redis, "nl")
+        live = rt.store.claim("live-1", delivery=delivery.delivery, daemons=["tcp://127.0.0.1:1234"],
+                              prefer=0, limit=4, ttl_s=1.0, worker="live:1", domain="elsewhere", body="{}",
+                              queue="nl")  # fmt: skip
+        assert isinstance(live, Claimed)
+        fence = Fence("live-1", live.token, live.gen)
+
+        def renew() -> None:  # the live holder renews its lease as its build goes on
+            rt.store.renew(fence, ttl_s=1.0, daemon=live.daemon)
+
+        renewing = rt.scheduler.every(0.2, renew)
+        try:
+            started = time.monotonic()
+            ending = rt.lifecycle.handle(delivery)  # a duplicate while the build runs elsewhere
+            waited = time.monotonic() - started
+        finally:
+            renewing.cancel()
+        assert (ending.kind, ending.reason) == ("dropped", "job live-1: another delivery runs it")
+        assert 1.5 <= waited < 4.0  # one lease TTL (and a margin), not for the whole build
+        assert rt.store.lease_holder("live-1") == live.token and standin_log.starts() == []
+
+
+def test_every_job_key_expires(r) -> None:
+    """Whatever a job goes through, every key it leaves behind expires (the shared indexes and the
+    queue aside)."""
     store = JobStore(r, result_ttl_s=600)
-    take(store, "lpush-only", "tok")  # a producer that only LPUSHes: the claim creates the hash
+    first = take(store, "lpush-only")  # a producer that only LPUSHes: the claim creates the hash
     assert 0 < r.ttl(job_key("lpush-only")) <= 600
-    store.update("fresh", phase="waiting_for_daemon")
-    assert 0 < r.ttl(job_key("fresh")) <= 600
+    assert store.progress(first, {"state": "running", "phase": "build"})
+    assert store.requeue(first, queue="q", message=b"next", tag="t2", delivery="d2", countdown=0.0,
+                         phase="retry_wait", attempts=[{"number": 1}], window_start=1.0, waiting_since=None,
+                         avoid="tcp://d:1", daemon="tcp://d:1")  # fmt: skip
+    second = store.claim("lpush-only", delivery="d2", daemons=["tcp://d:1"], prefer=0, limit=1,
+                         ttl_s=30, worker="w:2", domain="host-a", body="{}", queue="q",
+                         cache_key="r/a:cache")  # fmt: skip
+    assert isinstance(second, Claimed)
+    assert store.finish(Fence("lpush-only", second.token, second.gen), record='{"state":"succeeded"}',
+                        state="succeeded", daemon="tcp://d:1", log_entries=[(2, "mark", "final: succeeded")],
+                        log_maxlen=100, log_ttl_s=300, remember="r/a:cache",
+                        baseline=("buildq:baseline:r/a:cache", b"{}", 5, 900))  # fmt: skip
+    assert store.reject("raw-invalid", delivery="", record='{"state":"failed"}')
+    store.request_cancel("cancelled-before-submit")
+    shared = {QUEUED_INDEX, RECENT_INDEX, "q"}
+    keys = sorted(k.decode() for k in r.scan_iter("*"))
+    assert "buildq:job:raw-invalid" in keys and "buildq:log:lpush-only" in keys
+    assert {k: r.ttl(k) for k in keys if k not in shared and r.ttl(k) < 0} == {}
 
 
 def test_scratch_directories_of_gone_processes_are_removed(

@@ -9,8 +9,9 @@ import urllib.request
 from celery.result import AsyncResult
 
 from buildq.buildkit.phases import ALL_KEYS, PHASES
+from buildq.celeryapp.app import create_app
 from tests.conftest import scenario
-from tests.harness import client_for, free_port, wait_until
+from tests.harness import client_for, free_port, settings_from, wait_until
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -56,12 +57,12 @@ def test_record_phases_steps_and_retried_attempts(buildq_env, start_worker, cont
 def test_phase_events_and_current_phase_while_running(buildq_env, start_worker, context_dir):
     start_worker(buildq_env)
     client = client_for(buildq_env)
+    app = create_app(settings_from(buildq_env))  # Celery's view: events and the result backend
     events: list[dict] = []
     ready = threading.Event()
     receivers: list = []
 
     def listen() -> None:
-        app = client.app
         with app.connection_for_read() as conn:
             recv = app.events.Receiver(conn, handlers={"task-phase": events.append, "*": lambda e: None})
             receivers.append(recv)
@@ -76,7 +77,7 @@ def test_phase_events_and_current_phase_while_running(buildq_env, start_worker, 
         {"context": str(context_dir), "tags": ["reg/events:1"], "build_args": {"STANDIN_SCENARIO": slow}}
     )
     # while it runs, the result backend and `buildq status` show the current phase
-    result = AsyncResult(handle.job_id, app=client.app)
+    result = AsyncResult(handle.job_id, app=app)
     wait_until(lambda: result.state == "BUILDING", timeout=20)
     info = result.info
     assert info["job_id"] == handle.job_id and info["attempt"] == 1

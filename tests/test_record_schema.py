@@ -11,8 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from buildq.contract.record import record_schema
-from buildq.records import job_status, public_record
+from buildq.contract.record import job_status, public_record, record_schema
 from tests.conftest import scenario
 from tests.harness import client_for, wait_until
 from tests.harness import run_cli as cli
@@ -118,7 +117,9 @@ RAW_QUEUED = {
     "msg": '{"body": "eyJqb2IiOiB7fX0="}', "tag": "5d1c", "job": '{"context": "/srv"}',
 }  # fmt: skip
 RAW_RUNNING = {
-    "state": "running", "enqueued_at": "1795843348.49", "queue": "builds", "claims": "1",
+    "state": "running", "enqueued_at": "1795843348.49", "queue": "builds", "gen": "1", "holder": "host:42",
+    "domain": "host", "delivery": "5d1c", "attempts": "[]", "window_start": "1795843348.49",
+    "running": '{"started_at": 1795843348.6, "daemon": "tcp://bk:1234"}', "avoid": "tcp://bk:9",
     "attempt": "1", "worker": "host:42", "daemon": "tcp://bk:1234", "started_at": "1795843348.6",
     "phase": "build",
 }  # fmt: skip

@@ -12,8 +12,9 @@ from typing import Any
 import redis
 from celery.result import AsyncResult
 
+from buildq.celeryapp.app import create_app
 from tests.conftest import scenario
-from tests.harness import client_for, free_port, wait_until
+from tests.harness import client_for, free_port, settings_from, wait_until
 from tests.harness import run_cli as cli
 from tests.standin.scenarios import cache_export_failed, daemons_env, fail, scenario_json
 from tests.test_observability import scrape
@@ -142,7 +143,7 @@ def test_a_secret_in_a_transient_error_is_masked_in_record_retry_message_and_cel
 ):
     # a registry credential in the URL of a failing request: transient, so it is retried once
     text = (
-        'failed to solve: failed to do request: Head "https://ci:' + SECRET + '@registry.example/v2/app/'
+        'failed to solve: failed to do request: Head "https://ci:' + SECRET + "@registry.example/v2/app/"
         'blobs/sha256:0f": dial tcp 10.0.0.1:443: connect: connection refused'
     )
     env = {
@@ -159,24 +160,25 @@ def test_a_secret_in_a_transient_error_is_masked_in_record_retry_message_and_cel
     wait_until(lambda: len(standin_log.starts()) >= 2, timeout=30)
     retry = _retry_message(env["BUILDQ_BROKER_URL"], handle.job_id)
     assert retry is not None
+    between = client.store.info(handle.job_id).get("attempts")  # the history the workers keep
     record = handle.wait(timeout=60)
     assert record["state"] == "failed" and record["error"]["kind"] == "transient_exhausted"
     masked = text.replace(SECRET, "***")
     assert record["error"]["message"] == masked
     assert [a["error"] for a in record["attempts"]] == [masked, masked]
-    # the retried message: attempts redacted, nothing internal, Flower's short arguments kept
+    # the retried message carries the job and its delivery id only (the history stays in Redis,
+    # redacted there too); Flower's short arguments kept
     _, kwargs, _ = retry["decoded"]
-    assert [a["error"] for a in kwargs["attempts"]] == [masked]
-    assert "window_end" not in kwargs["attempts"][0]
+    assert set(kwargs) == {"job", "delivery"}
+    assert between is not None and [a["error"] for a in json.loads(between)] == [masked]
+    assert "window_end" not in json.loads(between)[0]
     assert retry["headers"]["kwargsrepr"] == f"{{'job': {handle.job_id!r}, 'tags': ['reg/sec:1']}}"
     assert_no_secret(_message_texts(json.dumps(retry).encode()), "the retry message")
     assert_no_secret(redis_texts(env["BUILDQ_BROKER_URL"]), "the broker/state DB")
     assert_no_secret(redis_texts(env["BUILDQ_RESULT_BACKEND"]), "the Celery result backend")
 
 
-def test_a_secret_in_the_failing_steps_error_line_is_masked_everywhere(
-    buildq_env, start_worker, context_dir
-):
+def test_a_secret_in_the_failing_steps_error_line_is_masked_everywhere(buildq_env, start_worker, context_dir):
     step = f'process "/bin/sh -c curl -fsS -u ci:{SECRET} https://example.test/upload" did not complete'
     text = f"failed to solve: {step} successfully: exit code: 22"
     env = {**buildq_env, "BUILDQ_REDACT_ENV": "BQ_REGISTRY_PASSWORD", "BQ_REGISTRY_PASSWORD": SECRET}
@@ -187,7 +189,8 @@ def test_a_secret_in_the_failing_steps_error_line_is_masked_everywhere(
     assert record["state"] == "failed" and record["error"]["kind"] == "permanent"
     assert record["error"]["message"] == text.replace(SECRET, "***")
     assert record["attempts"][0]["error"] == text.replace(SECRET, "***")
-    wait_until(lambda: AsyncResult(handle.job_id, app=client.app).state == "FAILURE", timeout=10)
+    app = create_app(settings_from(env))
+    wait_until(lambda: AsyncResult(handle.job_id, app=app).state == "FAILURE", timeout=10)
     assert_no_secret(redis_texts(env["BUILDQ_BROKER_URL"]), "the broker/state DB")
     assert_no_secret(redis_texts(env["BUILDQ_RESULT_BACKEND"]), "the Celery result backend")
     wait_until(lambda: handle.job_id in worker.log(), timeout=10)
@@ -240,14 +243,22 @@ def test_expected_failure_is_one_warning_line_a_crash_is_an_error(
     assert len(mine) == 1, mine
     assert "WARNING" in mine[0] and "failed (permanent" in mine[0]
     assert "ERROR" not in log and "Traceback" not in log
-    # a real crash (a malformed message field) still logs an error with its traceback
+    # a message field of an older producer is read past, never believed: no crash
+    app = create_app(settings_from(buildq_env))
+    legacy = {"job_id": "legacy-1", "context": str(context_dir), "tags": ["reg/log:3"]}
+    app.send_task("buildq.build", kwargs={"job": legacy, "enqueued_at": "not-a-time"}, task_id="legacy-1",
+                  queue=buildq_env["BUILDQ_QUEUE"])  # fmt: skip
+    assert client.wait("legacy-1", timeout=60)["state"] == "succeeded"
+    assert "ERROR" not in worker.log() and "Traceback" not in worker.log()
+    # a real crash (the job's state in Redis is corrupt) still logs an error with its traceback
     crash_id = "crash-1"
+    r = client.store.redis
+    r.set(f"buildq:result:{crash_id}", "{not json")
     job = {"job_id": crash_id, "context": str(context_dir), "tags": ["reg/log:2"]}
-    client.app.send_task(
-        "buildq.build",
-        kwargs={"job": job, "enqueued_at": "not-a-time"},
-        task_id=crash_id,
-        queue=buildq_env["BUILDQ_QUEUE"],
-    )
+    app.send_task("buildq.build", kwargs={"job": job}, task_id=crash_id, queue=buildq_env["BUILDQ_QUEUE"])
     wait_until(lambda: re.search(r"ERROR.*crash-1", worker.log()), timeout=30)
     assert "Traceback" in worker.log()
+    # the message went back to the queue (not acknowledged as if built): with the state repaired,
+    # the job is built
+    r.delete(f"buildq:result:{crash_id}")
+    assert client.wait(crash_id, timeout=60)["state"] == "succeeded"

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from buildq.celeryapp.app import create_app
 from tests.conftest import scenario
-from tests.harness import client_for, free_port, start_redis_server, wait_until
+from tests.harness import client_for, free_port, settings_from, start_redis_server, wait_until
 
 GOAWAY = (
     "failed to receive status: rpc error: code = Unavailable desc = closing transport due to: "
@@ -140,6 +141,12 @@ def test_sigkill_of_worker_process_redelivers_once_without_orphan(
 
     record = handle.wait(timeout=60)
     assert record["state"] == "succeeded"
+    # the redelivery waited out the dead process's lease, took the job over and recorded the run
+    # the dead process lost
+    assert [(a["outcome"], a["reason"]) for a in record["attempts"]] == [
+        ("lost", "worker_lost"),
+        ("succeeded", None),
+    ]
     ends = standin_log.ends()
     assert [e["outcome"] for e in ends] == ["succeeded"]  # finished once
     assert len(standin_log.starts()) == 2  # the killed run and the redelivered one
@@ -198,9 +205,9 @@ def test_duplicate_delivery_of_a_finished_job_returns_the_result(
     job = {"context": str(context_dir), "tags": ["reg/dup:1"], "job_id": "dup-1"}
     first = client.submit(job).wait(timeout=60)
     client.submit(job)  # the same job id again, as a redelivery would
-    client.app.send_task(
-        "buildq.build", kwargs={"job": job}, task_id="dup-1", queue=buildq_env["BUILDQ_QUEUE"]
-    )
+    app = create_app(settings_from(buildq_env))  # and a raw Celery message of it
+    app.send_task("buildq.build", kwargs={"job": job}, task_id="dup-1", queue=buildq_env["BUILDQ_QUEUE"])
+    app.close()
     time.sleep(1.0)
     assert client.wait("dup-1", timeout=10) == first
     assert len(standin_log.starts()) == 1

@@ -17,9 +17,10 @@ import pytest
 import redis
 
 from buildq.celeryapp.app import celery_config
-from buildq.config import SettingsError, load_settings
+from buildq.config import SettingsError, load_settings, same_redis
 from buildq.errors import NotReplicatedError
-from buildq.store.connect import Replicas, parse_sentinel_url, same_redis_url
+from buildq.store.connect import parse_sentinel_url
+from buildq.store.scripts import Replicas
 from tests.conftest import scenario
 from tests.harness import RETRYABLE as HARNESS_RETRYABLE
 from tests.harness import base_env, client_for, submit_retrying, wait_retrying
@@ -52,8 +53,13 @@ def test_celery_and_buildq_follow_the_same_master() -> None:
         assert options["sentinel_kwargs"] == {"password": "sentinel-secret"}  # type: ignore[index]
     # the state Redis is the broker's master and DB: one-round-trip submit and atomic hand-back apply
     assert settings.state_redis_url == URL
-    assert same_redis_url(settings, settings.state_redis_url, "sentinel://h9:1/2")
-    assert not same_redis_url(settings, settings.state_redis_url, "sentinel://h1/3")
+    assert same_redis(settings.state_redis_url, "sentinel://h9:1/2")
+    assert not same_redis(settings.state_redis_url, "sentinel://h1/3")
+    # BUILDQ_REDIS_URL may spell the broker's master and DB another way, never another DB
+    other_sentinels = load_settings({**env, "BUILDQ_REDIS_URL": "sentinel://h9:1/2"})
+    assert other_sentinels.state_redis_url == "sentinel://h9:1/2"
+    with pytest.raises(SettingsError, match="BUILDQ_REDIS_URL must name the broker's Redis and DB"):
+        load_settings({**env, "BUILDQ_REDIS_URL": "sentinel://h1/3"})
     # the deployment is the master and DB, whichever sentinels are listed
     shuffled = load_settings({**env, "BUILDQ_BROKER_URL": "sentinel://h3/2;sentinel://h1:26379/2"})
     assert shuffled.deployment_id == settings.deployment_id

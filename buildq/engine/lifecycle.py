@@ -42,7 +42,7 @@ from ..contract.wire import Delivery, next_message
 from ..errors import InvalidJobError
 from ..launchers.base import Launcher
 from ..store.daemons import DaemonHealth
-from ..store.jobs import Claimed, Fence, Finished, History, JobStore
+from ..store.jobs import Claimed, Fence, Finished, History, JobStore, NotOurs
 from ..store.keys import BASELINE_PREFIX
 from ..store.logs import LogStore
 from . import recording
@@ -294,13 +294,20 @@ class Lifecycle:
         prefer = zlib.crc32(job.job_id.encode())
         body = job.to_message()
         queue = delivery.queue or (s.high_priority_queue if job.priority == "high" else s.queue)
-        claimed_at = self.clock()
-        claim = self.store.claim(
-            job.job_id, delivery=delivery.delivery, daemons=self.daemons, prefer=prefer,
-            limit=s.buildkit_max_builds, ttl_s=s.lease_ttl_s, worker=self.worker_id, domain=self.domain,
-            body=json.dumps(body, separators=(",", ":")), queue=queue,
-            cache_key=key if s.cache_affinity else None, affinity_wait=s.affinity_wait_s > 0,
-        )  # fmt: skip
+        # a lease held elsewhere may be a dead worker's (Celery redelivers at once when a pool
+        # process dies): wait it out for one lease TTL before dropping this delivery as a duplicate
+        held_until = time.monotonic() + s.lease_ttl_s + 1.0
+        while True:
+            claimed_at = self.clock()
+            claim = self.store.claim(
+                job.job_id, delivery=delivery.delivery, daemons=self.daemons, prefer=prefer,
+                limit=s.buildkit_max_builds, ttl_s=s.lease_ttl_s, worker=self.worker_id, domain=self.domain,
+                body=json.dumps(body, separators=(",", ":")), queue=queue,
+                cache_key=key if s.cache_affinity else None, affinity_wait=s.affinity_wait_s > 0,
+            )  # fmt: skip
+            if not isinstance(claim, NotOurs) or not claim.held or time.monotonic() >= held_until:
+                break
+            time.sleep(min(0.5, s.lease_ttl_s / 3))
         if isinstance(claim, Finished):
             return Ending("finished", record=claim.record, summary=summary(claim.record))
         if not isinstance(claim, Claimed):
