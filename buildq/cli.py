@@ -16,7 +16,6 @@ import typer
 
 from .config import Settings, SettingsError, load_settings
 from .errors import InvalidJobError
-from .upload import UploadError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="buildq: container-image builds through a Celery queue."
@@ -119,6 +118,7 @@ def submit(
     from .cli_submit import local_context, merge_job, pairs, read_job_file, secrets_of
     from .cli_wait import wait_for
     from .client import BuildqClient
+    from .client.upload import UploadError
 
     settings = _settings()
     if progress not in ("auto", "plain", "quiet"):
