@@ -9,8 +9,8 @@ import pytest
 import redis
 from rich.console import Console
 
+from buildq.cli.views import render_record
 from buildq.config import SettingsError, load_settings
-from buildq.render import render_record
 from buildq.store.baseline import BASELINE_TTL_S, baseline_write, read_baseline
 from buildq.store.claim import finish
 from buildq.store.jobs import JobStore
