@@ -1,5 +1,6 @@
 """Terminal views: a result record (a summary and a phase waterfall), ``buildq list``, and
-``submit --wait``'s live progress (pure text builders over data, plus rich tables and the Live loop)."""
+``submit --wait``'s live progress (pure text builders over data, plus rich tables and the Live
+loop)."""
 
 from __future__ import annotations
 

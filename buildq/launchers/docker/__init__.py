@@ -5,7 +5,8 @@ entrypoint replaced by the idle runner script, labelled ``buildq.managed=true``,
 ``buildq.warm=true`` and ``buildq.worker=<hostname>:<pid>``, with each ``BUILDQ_CONTEXT_ROOTS``
 directory bind-mounted read-only at the same path. Each build's buildctl runs inside it, over the
 fifo channel when the worker shares a folder with the engine, else one ``docker exec`` per build
-(``containers``, ``channels``). Cancel and time limits kill that build's buildctl, never the container.
+(``containers``, ``channels``). Cancel and time limits kill that build's buildctl, never the
+container.
 
 One-shot: a build whose context (or Dockerfile folder) lies outside the roots, or every build
 with ``BUILDQ_DOCKER_WARM=false``, gets its own runner container labelled

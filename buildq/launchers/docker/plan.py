@@ -1,6 +1,6 @@
-"""Pure helpers of the docker launcher: what a runner container is made of (:class:`BoxSpec`), paths
-inside its containers, labels, the per-build command file, the secrets archive, what the runner
-prints, which contexts a warm container can see.
+"""Pure helpers of the docker launcher: what a runner container is made of (:class:`BoxSpec`),
+paths inside its containers, labels, the per-build command file, the secrets archive, what the
+runner prints, which contexts a warm container can see.
 
 Inside every container the docker launcher starts, the runner script (``runner.sh``) keeps
 one folder per build, ``/buildq/run/b/<run>`` with ``<run> = <job id>.<n>``; buildctl writes its
