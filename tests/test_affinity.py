@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import redis
 
+from buildq.cli.views import render_record
 from buildq.contract.job import BuildJob, cache_key
 from buildq.records import routing_reason
-from buildq.render import render_record
 from buildq.store.claim import claim, finish
 from buildq.store.daemons import DaemonHealth
 from buildq.store.jobs import JobStore

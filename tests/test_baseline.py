@@ -11,7 +11,6 @@ from buildq.store.claim import finish
 from rich.console import Console
 
 from buildq.config import SettingsError, load_settings
-from buildq.render import render_record
 from buildq.store.jobs import BASELINE_TTL_S, JobStore, baseline_write, read_baseline
 from buildq.store.keys import baseline_key
 from tests.conftest import scenario
