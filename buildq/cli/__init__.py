@@ -33,7 +33,7 @@ for _name, _command in (
     ("health", health.health),
     ("schema", schema.schema),
 ):
-    app.command(name=_name)(_command)
+    app.command(name=_name, **getattr(_command, "command_options", {}))(_command)
 
 
 def main() -> None:
