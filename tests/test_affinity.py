@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import redis
 
+from buildq.cli.views import render_record
 from buildq.client import BuildqClient
 from buildq.contract.job import BuildJob, cache_key
 from buildq.engine.recording import routing_reason
 from buildq.engine.runtime import PoolRuntime
-from buildq.render import render_record
 from buildq.store.daemons import DaemonHealth
 from buildq.store.jobs import Claimed, Fence, JobStore
 from buildq.store.keys import affinity_key, job_key, slot_key

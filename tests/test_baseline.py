@@ -12,10 +12,10 @@ import pytest
 import redis
 from rich.console import Console
 
+from buildq.cli.views import render_record
 from buildq.config import SettingsError, load_settings
 from buildq.engine.hooks import BaselineHook, EndWrites
 from buildq.engine.recording import parse_entries
-from buildq.render import render_record
 from buildq.store.jobs import BASELINE_TTL_S, Claimed, Fence, JobStore
 from buildq.store.keys import baseline_key
 from tests.conftest import scenario

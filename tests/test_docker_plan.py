@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from buildq.launchers.docker_plan import (
+from buildq.launchers.docker.containers import WarmSlot, process_started, worker_gone, worker_labels
+from buildq.launchers.docker.plan import (
     command_file,
     container_name,
     inside,
@@ -28,7 +29,6 @@ from buildq.launchers.docker_plan import (
     warm_name,
     warm_plan,
 )
-from buildq.launchers.docker_warm import WarmSlot, process_started, worker_gone, worker_labels
 
 
 def test_split_lines_joins_partial_chunks_and_split_utf8() -> None:

@@ -20,9 +20,9 @@ import pytest
 from buildq.contract.job import BuildJob, parse_job
 from buildq.engine.runner import Outcome, RunSpec, Watch, run_build
 from buildq.engine.scheduler import Scheduler
-from buildq.launchers import docker_box
 from buildq.launchers.base import Launcher
-from buildq.launchers.docker_reap import STALE_FOLDER_S, remove_stale_folders
+from buildq.launchers.docker import containers
+from buildq.launchers.docker.reap import STALE_FOLDER_S, remove_stale_folders
 from tests.conftest_docker import DOCKER_URL, STANDIN_IMAGE
 from tests.harness import base_env, client_for, flush_dbs, wait_until
 from tests.standin.scenarios import hang, scenario_json, scenario_opt
@@ -184,7 +184,7 @@ def test_a_new_image_behind_the_tag_gets_a_new_warm_container(
 def test_without_a_shared_folder_the_launcher_uses_exec_and_remembers(
     docker_launcher, docker_job_id, build_context, monkeypatch, caplog
 ):
-    monkeypatch.setattr(docker_box, "_read_ready", lambda fd, timeout_s: "")  # the token never comes back
+    monkeypatch.setattr(containers, "_read_ready", lambda fd, timeout_s: "")  # the token never comes back
     launcher = docker_launcher("auto")
     with caplog.at_level("INFO", logger="buildq.launchers.docker"):
         with start(launcher, docker_job_id(), build_context) as build:

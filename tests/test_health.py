@@ -14,8 +14,7 @@ import pytest
 import redis
 from rich.console import Console
 
-from buildq.config import Settings, SettingsError, load_settings
-from buildq.health import (
+from buildq.cli.health import (
     Check,
     HealthReport,
     check_health,
@@ -23,6 +22,7 @@ from buildq.health import (
     render_health,
     url_passwords,
 )
+from buildq.config import Settings, SettingsError, load_settings
 from buildq.launchers.base import BuildPaths, LaunchSpec, RunningBuild
 from buildq.launchers.local import LocalLauncher
 from tests.harness import REDIS_URL, free_port

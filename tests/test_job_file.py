@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from buildq.cli_submit import merge_job, read_job_file
+from buildq.cli.submit import merge_job, read_job_file
 from buildq.errors import InvalidJobError
 from tests.harness import client_for
 from tests.harness import run_cli as cli

@@ -38,7 +38,7 @@ from buildq.engine.lifecycle import (
 from buildq.engine.runtime import PoolRuntime
 from buildq.store.jobs import Fence
 from buildq.store.keys import SLOTS_PREFIX, job_keys
-from tests.harness import REDIS_URL, StandinLog, base_env, wait_until
+from tests.harness import StandinLog, base_env, wait_until
 from tests.standin.scenarios import fail, flaky, hang, scenario_json, succeed
 
 SETTINGS = load_settings({}, retry_max_attempts=3, retry_backoff_base_s=1.0, retry_backoff_cap_s=8.0,

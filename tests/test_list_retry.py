@@ -7,7 +7,7 @@ import json
 
 import jsonschema
 
-from buildq.cli_views import StepCounter, ago, list_lines, progress_line
+from buildq.cli.views import StepCounter, ago, list_lines, progress_line
 from buildq.contract.record import record_schema
 from buildq.store.listing import job_row
 from tests.conftest import scenario
@@ -119,7 +119,7 @@ def test_live_wait_draws_progress_until_the_record() -> None:
 
     from rich.console import Console
 
-    from buildq.cli_views import live_wait
+    from buildq.cli.views import live_wait
 
     ticks = iter([0.0, 0.0, 1.0, 2.0, 3.0, 4.0])
     answers = iter([None, {"state": "succeeded"}])

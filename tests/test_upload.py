@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from buildq.errors import InvalidJobError
-from buildq.upload import (
+from buildq.client.upload import (
     ContextTooLarge,
     UploadError,
     pack_context,
@@ -26,6 +25,7 @@ from buildq.upload import (
     split_repository,
     upload_context,
 )
+from buildq.errors import InvalidJobError
 from tests.genuine import Registry
 from tests.harness import client_for
 from tests.harness import run_cli as cli

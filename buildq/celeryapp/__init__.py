@@ -1,5 +1,6 @@
-"""The Celery shell: the app, the ``buildq.build`` task, the worker entry, events, the wire format.
+"""The Celery shell around the engine: the app (``app.py``), the ``buildq.build`` task and each
+process's runtime (``task.py``), the worker entry point and its signal handlers (``worker.py``).
 
-Producers import only ``app`` and ``producer``; ``task``, ``worker`` and ``events`` are the
-worker's and import the build engine.
+Producers need none of it (the client submits with one script on Redis); ``celery -A
+buildq.celeryapp.app inspect|control …`` finds the app made from the ``BUILDQ_*`` settings.
 """

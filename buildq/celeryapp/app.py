@@ -1,8 +1,9 @@
 """The Celery application, made from the settings by :func:`create_app` (nothing at import time).
 
-Producers and workers share it; the worker registers the ``buildq.build`` task on it
-(:func:`buildq.celeryapp.worker.create_worker_app`), so building the app in a producer imports
-no worker code.
+The worker registers the ``buildq.build`` task on it (:func:`buildq.celeryapp.worker.create_worker_app`).
+For Celery's own command line, ``celery -A buildq.celeryapp.app inspect active`` (or ``control
+pool_grow 1``, ``shutdown``, …) finds ``app`` here: the module makes it from the ``BUILDQ_*``
+settings on first access (the broker, Sentinel transport options included), and only then.
 """
 
 from __future__ import annotations
@@ -52,3 +53,18 @@ def create_app(settings: Settings) -> Celery:
     app.conf.update(celery_config(settings))
     app.buildq_settings = settings
     return app
+
+
+_made: list[Celery] = []
+
+
+def __getattr__(name: str) -> Celery:
+    """``app`` (and ``celery``, Celery's other name for it): the app of the ``BUILDQ_*`` settings,
+    made on first access, for ``celery -A buildq.celeryapp.app …``."""
+    if name not in ("app", "celery"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not _made:
+        from ..config import load_settings
+
+        _made.append(create_app(load_settings()))
+    return _made[0]

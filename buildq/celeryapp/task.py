@@ -35,6 +35,10 @@ from ..names import BUILDING, TASK_NAME
 
 log = logging.getLogger("buildq.tasks")
 
+#: unexpected errors in a row after which a pool process stops taking jobs (it exits; Celery
+#: starts another)
+BROKEN_AFTER = 3
+
 
 class BuildFailed(Exception):
     """Raised after the failed (or cancelled) record is stored, so Celery and Flower show the task
@@ -116,6 +120,9 @@ class WorkerProcesses:
         self._lock = threading.Lock()
         self._pool: tuple[int, PoolRuntime, PhaseEvents] | None = None
         self.main: MainRuntime | None = None
+        #: unexpected task errors in a row in this process, and whether it should end after its task
+        self.failures = 0
+        self.exit_after_task = False
 
     def start_pool_process(self) -> None:
         """Make this pool process's runtime (``worker_process_init``; the solo pool: first task)."""
@@ -124,6 +131,16 @@ class WorkerProcesses:
                 return
             runtime = PoolRuntime(self.settings)
             self._pool = (os.getpid(), runtime, PhaseEvents(self.app, runtime.scheduler))
+            self.failures = 0
+
+    def failed(self) -> bool:
+        """A task of this process raised something unexpected; True when that happened
+        :data:`BROKEN_AFTER` times in a row: the process cannot build and should end."""
+        self.failures += 1
+        return self.failures >= BROKEN_AFTER
+
+    def succeeded(self) -> None:
+        self.failures = 0
 
     def pool(self) -> PoolRuntime:
         self.start_pool_process()
@@ -170,9 +187,14 @@ def register(app: Celery) -> None:
             raise Reject(f"redis unavailable: {lost_redis}", requeue=True) from None
         except Exception:
             log.exception("build %s: unexpected error; the message goes back to the queue", request.id)
+            if self.app.buildq_worker.failed():
+                log.error("this pool process failed %d builds in a row: it stops; Celery starts another",
+                          BROKEN_AFTER)  # fmt: skip
+                self.app.buildq_worker.exit_after_task = True
             raise Reject("unexpected error on the worker", requeue=True) from None
         finally:
             progress.close()  # progress states end before the task's result is stored
+        self.app.buildq_worker.succeeded()
         if ending.kind == "requeued":
             raise Retry(when=ending.countdown)
         if ending.kind == "dropped":

@@ -18,10 +18,12 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 
 from celery import Celery
 from celery.signals import (
+    task_postrun,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -37,6 +39,9 @@ from .task import DAEMON_UP_EVENT, WorkerProcesses, register
 
 log = logging.getLogger("buildq.worker")
 
+#: a pool process whose runtime cannot be made waits this long before it exits (Celery replaces it)
+PAUSE_BEFORE_EXIT_S = 5.0
+
 
 def create_worker_app(settings: Settings) -> Celery:
     """The app with ``buildq.build`` registered and this worker's processes attached."""
@@ -51,7 +56,16 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
     processes: WorkerProcesses = app.buildq_worker
 
     def on_process_init(**_: object) -> None:
-        processes.start_pool_process()
+        try:
+            processes.start_pool_process()
+        except Exception:  # this process cannot build: it never takes a job, Celery starts another
+            log.exception("pool process %d cannot start its runtime; it exits", os.getpid())
+            time.sleep(PAUSE_BEFORE_EXIT_S)  # not a tight loop of failing processes
+            os._exit(70)
+
+    def on_task_postrun(**_: object) -> None:
+        if processes.exit_after_task:  # a broken process ends after its task
+            os._exit(70)
 
     def on_process_shutdown(pid: int | None = None, **_: object) -> None:
         processes.stop_pool_process()
@@ -99,6 +113,7 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
         timer.start()
 
     worker_process_init.connect(on_process_init, weak=False)
+    task_postrun.connect(on_task_postrun, weak=False)
     worker_process_shutdown.connect(on_process_shutdown, weak=False)
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)

@@ -202,7 +202,6 @@ def sentence(flag: Mapping[str, Any]) -> str:
     return f"{what} {seconds_text(seconds)} s, {times}× its median of {seconds_text(median)} s {over}"
 
 
-
 def iso(ts: float | None) -> str | None:
     """Epoch seconds → RFC 3339 UTC with milliseconds."""
     if ts is None:

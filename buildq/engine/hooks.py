@@ -351,6 +351,23 @@ def serve_metrics(port: int, *collectors: Any, addr: str = "0.0.0.0") -> Any:
     return start_http_server(port, addr=addr, registry=registry)
 
 
+def reap_dead_gauges() -> list[int]:
+    """Drop the live gauges of pool processes that are gone without saying so (SIGKILL, OOM kill):
+    their pids, from the multiprocess directory's file names. Counters of a dead process stay."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return []
+    dead = set()
+    for name in os.listdir(directory):
+        if name.startswith("gauge_live") and name.endswith(".db"):
+            number = name.rsplit("_", 1)[-1].removesuffix(".db")
+            if number.isdigit() and not os.path.exists(f"/proc/{number}"):
+                dead.add(int(number))
+    for pid in sorted(dead):
+        mark_process_dead(pid)
+    return sorted(dead)
+
+
 def mark_process_dead(pid: int) -> None:
     """Drop a dead pool process's live gauges (called when a child exits)."""
     if os.environ.get(MULTIPROC_ENV):

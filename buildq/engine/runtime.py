@@ -29,12 +29,25 @@ from ..store.keys import CANCELS_CHANNEL
 from ..store.logs import LogStore
 from ..store.scripts import replicas_for
 from .daemonwatch import Announce, DaemonWatch
-from .hooks import AffinityHook, BaselineHook, BreakerHook, BuildMetrics, Hooks, MetricsHook, NoMetrics
+from .hooks import (
+    MULTIPROC_ENV,
+    AffinityHook,
+    BaselineHook,
+    BreakerHook,
+    BuildMetrics,
+    Hooks,
+    MetricsHook,
+    NoMetrics,
+    reap_dead_gauges,
+)
 from .lifecycle import Lifecycle
 from .runner import CANCELLED, Stopper
 from .scheduler import Scheduler
 
 log = logging.getLogger("buildq.worker")
+
+#: how often the main process looks for what dead or replaced pool processes left behind
+REAP_EVERY_S = 30.0
 
 
 def worker_id() -> str:
@@ -149,11 +162,15 @@ class MainRuntime:
         self.janitor = Janitor(self.store, after_s=settings.requeue_lost_after_s)
 
     def start(self) -> None:
-        """Reap what dead workers left, then run the janitor and the daemon watch periodically."""
+        """Reap what dead workers left, then run the janitor, the daemon watch and the reaping of
+        what replaced pool processes leave (their warm container, their live gauges) periodically."""
         self.reap_orphans()
         every = max(0.5, self.settings.requeue_lost_after_s / 2)
         self.scheduler.every(every, self._janitor)
         self.scheduler.every(self.watch.interval_s, self._watch)
+        self.scheduler.every(REAP_EVERY_S, self._reap)
+        if os.environ.get(MULTIPROC_ENV):
+            self.scheduler.every(REAP_EVERY_S / 3, reap_dead_gauges)
 
     def reap_orphans(self) -> list[str]:
         """Kill leftover buildctl runs whose job lease has expired; their job ids."""
@@ -181,6 +198,12 @@ class MainRuntime:
             self.launcher.close()
         finally:
             self.store.redis.close()
+
+    def _reap(self) -> None:
+        try:
+            self.reap_orphans()
+        except Exception as exc:  # noqa: BLE001 - the engine may be away; try again next round
+            log.info("leftover check skipped: %s", exc)
 
     def _janitor(self) -> None:
         try:

@@ -2,7 +2,7 @@
 
 - ``local``: buildctl as a subprocess of the worker (``BUILDQ_BUILDCTL_PATH``).
 - ``docker``: buildctl in containers from ``BUILDQ_BUILDCTL_IMAGE`` via the Docker engine: one warm
-  container per worker process (``docker.py`` and its ``docker_*`` modules).
+  container per worker process (the ``docker/`` package).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Pure helpers of the docker launcher: paths inside its containers, labels, the per-build command
-file, the secrets archive, what the runner prints, which contexts a warm container can see.
+"""Pure helpers of the docker launcher: what a runner container is made of (:class:`BoxSpec`),
+paths inside its containers, labels, the per-build command file, the secrets archive, what the
+runner prints, which contexts a warm container can see.
 
-Inside every container the docker launcher starts, the runner script (``docker_runner.sh``) keeps
+Inside every container the docker launcher starts, the runner script (``runner.sh``) keeps
 one folder per build, ``/buildq/run/b/<run>`` with ``<run> = <job id>.<n>``; buildctl writes its
 metadata file there and reads its secret files from there.
 """
@@ -17,6 +18,7 @@ import shlex
 import tarfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 RUN_DIR = "/buildq/run"
@@ -36,6 +38,18 @@ CONFIG_LABEL = "buildq.warm.config"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RUN_IN_ARGS = re.compile(re.escape(RUN_DIR) + r"/b/([A-Za-z0-9_.-]+)\.[0-9]+/metadata\.json")
+
+
+@dataclass
+class BoxSpec:
+    """What to create: image, name, labels, read-only binds (host source, target), network."""
+
+    image: str
+    name: str
+    labels: dict[str, str]
+    network: str
+    binds: list[tuple[str, str]] = field(default_factory=list)
+    auto_remove: bool = False
 
 
 def container_name(job_id: str) -> str:

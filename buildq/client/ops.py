@@ -10,9 +10,9 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .config import Settings
-from .contract.job import BuildJob, new_job_id, parse_job
-from .errors import InvalidJobError
+from ..config import Settings
+from ..contract.job import BuildJob, new_job_id, parse_job
+from ..errors import InvalidJobError
 from .upload import Uploaded, upload_context
 
 

@@ -1,11 +1,12 @@
 """The ``docker`` launcher: buildctl in containers from ``BUILDQ_BUILDCTL_IMAGE``.
 
-Warm (the default): one runner container per worker process (``docker_warm.WarmSlot``), its
+Warm (the default): one runner container per worker process (``containers.WarmSlot``), its
 entrypoint replaced by the idle runner script, labelled ``buildq.managed=true``,
 ``buildq.warm=true`` and ``buildq.worker=<hostname>:<pid>``, with each ``BUILDQ_CONTEXT_ROOTS``
 directory bind-mounted read-only at the same path. Each build's buildctl runs inside it, over the
 fifo channel when the worker shares a folder with the engine, else one ``docker exec`` per build
-(``docker_box``). Cancel and time limits kill that build's buildctl, never the container.
+(``containers``, ``channels``). Cancel and time limits kill that build's buildctl, never the
+container.
 
 One-shot: a build whose context (or Dockerfile folder) lies outside the roots, or every build
 with ``BUILDQ_DOCKER_WARM=false``, gets its own runner container labelled
@@ -29,11 +30,12 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TransientBuildError
-from .base import BuildPaths, Launcher, LaunchSpec, RunningBuild
-from .docker_box import BoxSpec, ContainerGone, RunnerContainer, open_runner
-from .docker_engine import Engine
-from .docker_plan import (
+from ...errors import TransientBuildError
+from ..base import BuildPaths, Launcher, LaunchSpec, RunningBuild
+from ..local import default_state_dir
+from .channels import ContainerGone
+from .containers import Engine, RunnerContainer, WarmSlot, open_runner, worker_labels
+from .plan import (
     CONFIG_LABEL,
     CONTEXT_DIR,
     DEPLOYMENT_LABEL,
@@ -41,6 +43,7 @@ from .docker_plan import (
     JOB_LABEL,
     MANAGED_LABEL,
     WARM_LABEL,
+    BoxSpec,
     container_name,
     metadata_path,
     run_id,
@@ -49,12 +52,10 @@ from .docker_plan import (
     warm_name,
     warm_plan,
 )
-from .docker_reap import find_orphans, kill_orphan
-from .docker_warm import WarmSlot, worker_labels
-from .local import default_state_dir
+from .reap import find_orphans, kill_orphan
 
 if TYPE_CHECKING:
-    from ..config import Settings
+    from ...config import Settings
 
 log = logging.getLogger("buildq.launchers.docker")
 
@@ -191,7 +192,7 @@ class DockerLauncher(Launcher):
         """Remove this process's warm container (tests, benchmarks; a worker's ends with it)."""
         self.warm.close()
 
-    # -- orphans (docker_reap) ---------------------------------------------------------------
+    # -- orphans (reap) ----------------------------------------------------------------------
 
     def find_orphans(self) -> list[str]:
         """Job ids of buildctl runs on the engine: one-shot containers (any state) and builds in

@@ -1,4 +1,4 @@
-"""One build inside a runner container (``docker_box``), over the fifo or the exec channel.
+"""One build inside a runner container (:mod:`.containers`), over the fifo or the exec channel.
 
 Both stream buildctl's stderr as it arrives, give buildctl's exit status (137 after a kill), read
 the metadata file, kill only that build's buildctl, and on ``close()`` kill a build still running
@@ -16,14 +16,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..errors import TransientBuildError
-from .base import RunningBuild
-from .docker_plan import parse_exec_output, split_lines
-
-if TYPE_CHECKING:
-    from .docker_box import RunnerContainer
+from ...errors import TransientBuildError
+from ..base import RunningBuild
+from .plan import BoxSpec, parse_exec_output, split_lines
 
 OnClose = Callable[[], None]
 #: how long a build may go without its runner having started buildctl before the engine is asked
@@ -36,10 +33,25 @@ class ContainerGone(Exception):
     """The runner container has ended; the build can be started again in a new one."""
 
 
+class Runner(Protocol):
+    """What a build asks of the runner container it runs in (:class:`.containers.RunnerContainer`,
+    which starts the build: so this module never imports that one)."""
+
+    spec: BoxSpec
+    #: set by a build that finds the container ended under it
+    dead: bool
+
+    def running(self) -> bool: ...
+
+    def kill_run(self, run: str) -> None: ...
+
+    def exec_inspect(self, exec_id: str) -> dict[str, Any]: ...
+
+
 class ChannelBuild(RunningBuild):
     """What both channels share: one reader of stderr, ``wait`` on its end, close once."""
 
-    def __init__(self, box: RunnerContainer, run: str, on_close: OnClose) -> None:
+    def __init__(self, box: Runner, run: str, on_close: OnClose) -> None:
         self.box, self.run = box, run
         self._on_close = on_close
         self._lock = threading.Lock()
@@ -113,7 +125,7 @@ class ChannelBuild(RunningBuild):
 class FifoBuild(ChannelBuild):
     """A build started with a line on ``ctl``; stderr through the FIFO ``b/<run>/err``."""
 
-    def __init__(self, box: RunnerContainer, run: str, where: str, err_fd: int, on_close: OnClose) -> None:
+    def __init__(self, box: Runner, run: str, where: str, err_fd: int, on_close: OnClose) -> None:
         super().__init__(box, run, on_close)
         self.where = where
         self._fd = err_fd
@@ -159,7 +171,7 @@ class FifoBuild(ChannelBuild):
 class ExecBuild(ChannelBuild):
     """A build run by one ``docker exec``: stderr streamed, status and metadata on stdout."""
 
-    def __init__(self, box: RunnerContainer, run: str, exec_id: str, sock: Any, on_close: OnClose) -> None:
+    def __init__(self, box: Runner, run: str, exec_id: str, sock: Any, on_close: OnClose) -> None:
         super().__init__(box, run, on_close)
         self.exec_id = exec_id
         self._sock = sock
@@ -182,7 +194,7 @@ class ExecBuild(ChannelBuild):
         if status is not None:
             return status
         try:  # no status printed: the runner was killed, or its container ended
-            info = self.box.engine.api().exec_inspect(self.exec_id)
+            info = self.box.exec_inspect(self.exec_id)
         except Exception:  # noqa: BLE001
             return None
         code = info.get("ExitCode")

@@ -1,8 +1,16 @@
-"""Runner containers: the docker launcher's buildctl containers, idle until they are given builds.
+"""The docker launcher's containers: the engine client, runner containers, the warm slot.
 
-A runner container runs ``docker_runner.sh serve`` as its entrypoint with stdin attached by the
-worker process (when that process ends, stdin closes and the container ends with it). Builds
-reach it over one of two channels, both with ``/buildq/run`` inside the container:
+**The engine.** :class:`Engine` makes the docker SDK clients on first use (the SDK is imported
+only when the first build starts, not at import). Errors when starting: engine unreachable →
+``TransientBuildError(reason="docker_unavailable")``; image missing and not pullable →
+``PermanentBuildError(reason="image_pull_failed")``; the engine refusing the container (4xx) →
+``PermanentBuildError(reason="docker_rejected")``; other engine errors (5xx) →
+``TransientBuildError(reason="docker_error")``.
+
+**Runner containers**, idle until they are given builds. A runner container runs ``runner.sh
+serve`` as its entrypoint with stdin attached by the worker process (when that process ends,
+stdin closes and the container ends with it). Builds reach it over one of two channels
+(:mod:`.channels`), both with ``/buildq/run`` inside the container:
 
 - ``fifo`` (the fast one): ``/buildq/run`` is a bind mount of a worker-side folder (by default in
   ``/dev/shm``); a build is a ``cmd`` file and an ``err`` FIFO in ``b/<run>/`` and one line on the
@@ -10,38 +18,166 @@ reach it over one of two channels, both with ``/buildq/run`` inside the containe
   host); :func:`open_runner` checks that with a token the container must echo back.
 - ``exec``: ``/buildq/run`` is a tmpfs; each build is one ``docker exec`` (stderr streamed, secret
   files as a tar on its stdin, exit status and metadata file on its stdout).
+
+**The warm slot**: the worker process's warm runner container, and who owns a warm container.
+:class:`WarmSlot` makes the container on first use, shares it between the process's builds and
+replaces it when it has ended, when ``BUILDQ_BUILDCTL_IMAGE`` now names another image (checked
+at most every ``IMAGE_RECHECK_S``, on an injected clock), or in a forked child (which never
+touches its parent's container). A replaced container is removed once its last build closes.
+Settings cannot change under a container: each worker process makes its own from its settings.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import secrets
 import select
 import shutil
 import socket
+import threading
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import PermanentBuildError
-from .base import RunningBuild
-from .docker_builds import ContainerGone, ExecBuild, FifoBuild, OnClose, hangup
-from .docker_engine import Engine
-from .docker_plan import RUN_DIR, command_file, run_dir, secrets_tar
+from ...errors import PermanentBuildError, TransientBuildError
+from ..base import RunningBuild
+from .channels import ContainerGone, ExecBuild, FifoBuild, OnClose, hangup
+from .plan import RUN_DIR, WORKER_LABEL, WORKER_STARTED_LABEL, BoxSpec, command_file, run_dir, secrets_tar
+
+if TYPE_CHECKING:
+    from ...config import Settings
 
 log = logging.getLogger("buildq.launchers.docker")
 
 Channel = Literal["fifo", "exec"]
+CONTROL_TIMEOUT_S = 60
 READY_TIMEOUT_S = 5.0
+IMAGE_RECHECK_S = 30.0
+
+
+# -- the engine ------------------------------------------------------------------------------
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    import docker.errors
+    import requests.exceptions
+
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return True
+    return isinstance(exc, docker.errors.DockerException) and not isinstance(exc, docker.errors.APIError)
+
+
+def unreachable(exc: BaseException, where: str) -> TransientBuildError:
+    """The engine at ``where`` did not answer: transient."""
+    return TransientBuildError(f"Docker engine unreachable at {where}: {exc}", reason="docker_unavailable")
+
+
+def start_error(exc: Exception, image: str, where: str) -> Exception:
+    """The BuildError for an engine error while creating or starting a buildctl container."""
+    import docker.errors
+
+    if isinstance(exc, TransientBuildError | PermanentBuildError):
+        return exc
+    if is_unreachable(exc):
+        return unreachable(exc, where)
+    if isinstance(exc, docker.errors.APIError) and exc.is_client_error():
+        return PermanentBuildError(
+            f"Docker engine refused the buildctl container ({image}): {exc.explanation or exc}",
+            reason="docker_rejected",
+        )
+    return TransientBuildError(
+        f"Docker engine error starting buildctl ({image}): {exc}", reason="docker_error"
+    )
+
+
+class Engine:
+    """Clients for the engine at ``settings.docker_url`` (or DOCKER_HOST), made on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.where = settings.docker_url or "DOCKER_HOST"
+        self._lock = threading.Lock()
+        self._api: Any = None
+        self._stream_api: Any = None
+
+    def _new_client(self, timeout: float | None, version: str = "auto") -> Any:
+        import docker
+
+        kwargs: dict[str, Any] = {"version": version, "timeout": timeout}
+        if self.settings.docker_url:
+            kwargs["base_url"] = self.settings.docker_url
+        else:
+            kwargs.update(docker.utils.kwargs_from_env())
+        return docker.APIClient(**kwargs)
+
+    def api(self) -> Any:
+        """The control client (60 s request timeout); TransientBuildError if the engine is down."""
+        with self._lock:
+            if self._api is None:
+                try:
+                    self._api = self._new_client(CONTROL_TIMEOUT_S)
+                except Exception as exc:
+                    if is_unreachable(exc):
+                        raise unreachable(exc, self.where) from exc
+                    raise
+            return self._api
+
+    def stream_api(self) -> Any:
+        """A second client without request timeout, for streams (exec output, stdin attach)."""
+        api = self.api()
+        with self._lock:
+            if self._stream_api is None:
+                self._stream_api = self._new_client(None, version=api.api_version)
+            return self._stream_api
+
+    def start_error(self, exc: Exception, image: str) -> Exception:
+        return start_error(exc, image, self.where)
+
+    def image_id(self, image: str) -> str | None:
+        """The id of ``image`` on the engine, None when it is not there."""
+        import docker.errors
+
+        try:
+            return str(self.api().inspect_image(image)["Id"])
+        except docker.errors.ImageNotFound:
+            return None
+
+    def ensure_image(self, image: str) -> str:
+        """Pull ``image`` unless present; return its id. PermanentBuildError(image_pull_failed)."""
+        found = self.image_id(image)
+        if found is not None:
+            return found
+        api = self.api()
+        deadline = time.monotonic() + self.settings.docker_pull_timeout_s
+        try:
+            puller = self._new_client(self.settings.docker_pull_timeout_s, version=api.api_version)
+            for event in puller.pull(image, stream=True, decode=True):
+                if isinstance(event, dict) and event.get("error"):
+                    raise RuntimeError(event["error"])
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"pull took longer than {self.settings.docker_pull_timeout_s:g}s")
+            return str(api.inspect_image(image)["Id"])
+        except Exception as exc:
+            if is_unreachable(exc) and time.monotonic() < deadline:
+                raise  # the engine itself is gone: transient, not the image's fault
+            raise PermanentBuildError(
+                f"cannot pull buildctl image {image!r} (BUILDQ_BUILDCTL_IMAGE): {exc}",
+                reason="image_pull_failed",
+            ) from exc
+
+
+# -- runner containers -----------------------------------------------------------------------
 
 
 @cache
 def runner_script() -> str:
-    """``docker_runner.sh`` without its comment lines (it travels in every container's argv)."""
-    text = Path(__file__).with_name("docker_runner.sh").read_text()
+    """``runner.sh`` without its comment lines (it travels in every container's argv)."""
+    text = Path(__file__).with_name("runner.sh").read_text()
     return "".join(line for line in text.splitlines(keepends=True) if not line.lstrip().startswith("#"))
 
 
@@ -53,20 +189,8 @@ class NotShared(Exception):
     """The container does not see the worker's folder: the fifo channel cannot be used."""
 
 
-@dataclass
-class BoxSpec:
-    """What to create: image, name, labels, read-only binds (host source, target), network."""
-
-    image: str
-    name: str
-    labels: dict[str, str]
-    network: str
-    binds: list[tuple[str, str]] = field(default_factory=list)
-    auto_remove: bool = False
-
-
 def exec_runner(api: Any, container_id: str, *args: str) -> None:
-    """Run ``docker_runner.sh ARGS`` in the container and wait for it (the ``kill`` command)."""
+    """Run ``runner.sh ARGS`` in the container and wait for it (the ``kill`` command)."""
     exec_id = api.exec_create(container_id, runner_argv(*args), stdout=True, stderr=True)["Id"]
     api.exec_start(exec_id)
 
@@ -90,6 +214,10 @@ class RunnerContainer:
             return bool(self.engine.api().inspect_container(self.id)["State"]["Running"])
         except Exception:  # noqa: BLE001 - gone, or the engine is: not running for us
             return False
+
+    def exec_inspect(self, exec_id: str) -> dict[str, Any]:
+        """The engine's view of exec ``exec_id`` in this container (``Running``, ``ExitCode``)."""
+        return self.engine.api().exec_inspect(exec_id)
 
     def start_build(
         self, run: str, argv: list[str], env: dict[str, str], files: dict[str, bytes], on_close: OnClose
@@ -291,3 +419,94 @@ def _read_ready(fd: int, timeout_s: float) -> str:
             break
         got += chunk
     return got.decode("ascii", "replace").strip()
+
+
+# -- the warm slot ---------------------------------------------------------------------------
+
+
+class WarmSlot:
+    """Holds the current warm container; ``acquire``/``release`` bracket each build."""
+
+    def __init__(
+        self,
+        make: Callable[[], RunnerContainer],
+        image_id: Callable[[], str | None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        recheck_s: float = IMAGE_RECHECK_S,
+    ) -> None:
+        self._make, self._image_id, self._clock, self._recheck_s = make, image_id, clock, recheck_s
+        self._lock = threading.Lock()
+        self.box: RunnerContainer | None = None
+        self._checked = 0.0
+        self._atexit = False
+
+    def acquire(self) -> RunnerContainer:
+        with self._lock:
+            box = self.box
+            if box is not None and (box.dead or box.pid != os.getpid() or self._image_changed(box)):
+                self._retire(box)
+                box = None
+            if box is None:
+                box = self.box = self._make()
+                self._checked = self._clock()
+                if not self._atexit:
+                    atexit.register(self.close)
+                    self._atexit = True
+            box.refs += 1
+            return box
+
+    def release(self, box: RunnerContainer) -> None:
+        with self._lock:
+            box.refs -= 1
+            if box is not self.box and box.refs <= 0 and box.pid == os.getpid():
+                box.close()
+
+    def close(self) -> None:
+        """Remove this process's warm container (with any build still in it)."""
+        with self._lock:
+            box, self.box = self.box, None
+            if box is not None and box.pid == os.getpid():
+                box.close()
+
+    def _image_changed(self, box: RunnerContainer) -> bool:
+        now = self._clock()
+        if now - self._checked < self._recheck_s:
+            return False
+        self._checked = now
+        try:
+            current = self._image_id()
+        except Exception:  # noqa: BLE001 - the engine is down: the build will say so itself
+            return False
+        return current is not None and current != box.image_id
+
+    def _retire(self, box: RunnerContainer) -> None:
+        self.box = None
+        if box.pid != os.getpid():
+            return  # the parent's container (we are a forked child): not ours to close
+        if box.refs <= 0:
+            box.close()
+
+
+def process_started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def worker_labels() -> dict[str, str]:
+    """``buildq.worker=<hostname>:<pid>`` and the process's start time (pid reuse is told apart)."""
+    pid = os.getpid()
+    return {WORKER_LABEL: f"{socket.gethostname()}:{pid}", WORKER_STARTED_LABEL: process_started(pid) or ""}
+
+
+def worker_gone(labels: Mapping[str, str], hostname: str | None = None) -> bool:
+    """True when a warm container's worker process ran on this host and is no longer there."""
+    host, _, pid = labels.get(WORKER_LABEL, "").rpartition(":")
+    if host != (hostname or socket.gethostname()) or not pid.isdigit():
+        return False  # another host's (or unlabelled): its own reaper decides
+    started = process_started(int(pid))
+    return started is None or started != labels.get(WORKER_STARTED_LABEL)

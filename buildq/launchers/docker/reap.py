@@ -14,9 +14,8 @@ import shutil
 import time
 from typing import Any
 
-from .docker_box import exec_runner
-from .docker_plan import DEPLOYMENT_LABEL, JOB_LABEL, MANAGED_LABEL, WARM_LABEL, jobs_in_top
-from .docker_warm import worker_gone
+from .containers import exec_runner, worker_gone
+from .plan import DEPLOYMENT_LABEL, JOB_LABEL, MANAGED_LABEL, WARM_LABEL, jobs_in_top
 
 #: a worker-side folder whose container has ended is removed once it is this old
 STALE_FOLDER_S = 60.0

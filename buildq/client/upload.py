@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .errors import InvalidJobError
+from ..errors import InvalidJobError
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _CHUNK = 1024 * 1024

@@ -18,7 +18,7 @@ def wait_for(client: Any, job_id: str, timeout: float | None, progress: str) -> 
 
 
 def _wait_plain(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
-    from .store.logs import format_entry
+    from ..store.logs import format_entry
 
     deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -38,7 +38,7 @@ def _wait_plain(client: Any, job_id: str, timeout: float | None) -> dict[str, An
 def _wait_live(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
     from rich.console import Console
 
-    from .cli_views import StepCounter, live_wait
+    from .views import StepCounter, live_wait
 
     counter, last = StepCounter(), ["0-0"]
 

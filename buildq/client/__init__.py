@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from .config import Settings, load_settings
-from .contract.grants import check_producer_grants
-from .contract.job import BuildJob, parse_job
-from .contract.record import job_status, public_record
-from .contract.wire import build_message, new_delivery
-from .store.connect import redis_client
-from .store.jobs import JobStore
-from .store.logs import LogEntry, LogStore
-from .store.scripts import replicas_for
+from ..config import Settings, load_settings
+from ..contract.grants import check_producer_grants
+from ..contract.job import BuildJob, parse_job
+from ..contract.record import job_status, public_record
+from ..contract.wire import build_message, new_delivery
+from ..store.connect import redis_client
+from ..store.jobs import JobStore
+from ..store.logs import LogEntry, LogStore
+from ..store.scripts import replicas_for
 
 if TYPE_CHECKING:
     from .upload import Uploaded
@@ -58,7 +58,7 @@ class BuildqClient:
 
         ``upload``: ``context`` is a directory on this machine; it is packed (``.dockerignore``
         honoured) and uploaded to ``BUILDQ_CONTEXT_REPOSITORY`` first, and the job builds from the
-        blob's URL (see :mod:`buildq.upload`)."""
+        blob's URL (see :mod:`buildq.client.upload`)."""
         if upload:
             job = self.upload_context(job)
         parsed = parse_job(job)
@@ -81,20 +81,20 @@ class BuildqClient:
     def upload_context(self, job: BuildJob | dict[str, Any] | str) -> BuildJob:
         """``job`` with its local ``context`` directory uploaded and replaced by the blob's URL.
         The job is validated (and its grants checked) before anything is packed or sent."""
-        from .clientops import upload_job
+        from .ops import upload_job
 
         parsed, self.last_upload = upload_job(self.settings, job, self._check_grants)
         return parsed
 
     def list_jobs(self, *, limit: int = 20, states: list[str] | None = None) -> list[dict[str, Any]]:
         """Recent jobs submitted through this client library, newest first (see ``buildq list``)."""
-        from .store.listing import recent_jobs
+        from ..store.listing import recent_jobs
 
         return recent_jobs(self.store.redis, limit=limit, states=states or ())
 
     def queue_depths(self) -> dict[str, int]:
         """Messages waiting in the normal and high-priority queues."""
-        from .store.listing import queue_depths
+        from ..store.listing import queue_depths
 
         return queue_depths(self.store.redis, [self.settings.queue, self.settings.high_priority_queue])
 
@@ -102,7 +102,7 @@ class BuildqClient:
         """Submit a failed or cancelled job again as a new job (new id, same body, ``retry_of``
         naming the old one). InvalidJobError (field ``job_id``) when the job is unknown, not
         finished, succeeded, or was not submitted through this library (its body is not kept)."""
-        from .clientops import retry_body
+        from .ops import retry_body
 
         return self.submit(retry_body(job_id, self.status(job_id), self.store.info(job_id)))
 

@@ -1,4 +1,4 @@
-"""Health check: can this worker reach its broker, its BuildKit daemons and (docker launcher) its engine?
+"""``buildq health``: can this worker reach its broker, its BuildKit daemons and (docker launcher) its engine?
 
 :func:`check_health` returns one :class:`Check` per item; :attr:`HealthReport.ok` is true when all
 are ok. Items:
@@ -17,29 +17,50 @@ Checks run concurrently, each bounded by ``timeout_s``. Details never contain UR
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import unquote, urlsplit
 
-from .config import is_redis_url
-from .engine.probe import GRACE_S, one_line, probe_daemon
-from .engine.redact import Redactor
-from .launchers.base import Launcher
-from .store.daemons import DaemonHealth, DaemonState
+import typer
+
+from ..config import is_redis_url
+from .common import EXIT_FAILED, cli_settings
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from .config import Settings
+    from ..config import Settings
+    from ..launchers.base import Launcher
+    from ..store.daemons import DaemonState
 
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s/]+(?=@)")
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&;]password=)[^&;\s]+", re.IGNORECASE)
+
+
+def health(as_json: Annotated[bool, typer.Option("--json", help="print the checks as JSON")] = False) -> None:
+    """Check the broker, each BuildKit daemon (buildctl debug workers) and the Docker engine."""
+    report = check_health(cli_settings())
+    if as_json:
+        checks = [
+            {"name": c.name, "ok": c.ok, "detail": c.detail, "seconds": round(c.seconds, 3)}
+            for c in report.checks
+        ]
+        daemons = [
+            {"daemon": d.daemon, "up": d.up, "since": d.since, "error": d.error} for d in report.daemons
+        ]
+        typer.echo(json.dumps({"ok": report.ok, "checks": checks, "daemons": daemons}, indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(render_health(report))  # the terminal's width (80 when not a terminal)
+    raise typer.Exit(0 if report.ok else EXIT_FAILED)
 
 
 @dataclass(frozen=True)
@@ -90,6 +111,8 @@ def url_passwords(urls: Iterable[str | None]) -> list[str]:
 
 
 def _masker(settings: Settings) -> Callable[[str], str]:
+    from ..engine.redact import Redactor
+
     urls = [settings.broker_url, settings.result_backend, settings.redis_url, settings.docker_url]
     secrets = url_passwords([*urls, *settings.daemons])
     if settings.sentinel_password is not None:
@@ -99,6 +122,8 @@ def _masker(settings: Settings) -> Callable[[str], str]:
 
 
 def _error_text(exc: BaseException) -> str:
+    from ..engine.probe import one_line
+
     return one_line(f"{type(exc).__name__}: {exc}")
 
 
@@ -111,7 +136,7 @@ def check_redis(name: str, url: str, timeout_s: float, settings: Settings) -> Ch
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from .store.connect import redis_client
+    from ..store.connect import redis_client
 
     started = time.monotonic()
     if not is_redis_url(url):
@@ -137,6 +162,8 @@ def check_redis(name: str, url: str, timeout_s: float, settings: Settings) -> Ch
 
 def check_daemon(n: int, daemon: str, launcher: Launcher, timeout_s: float) -> Check:
     """``buildctl debug workers`` against ``daemon`` (:func:`buildq.engine.probe.probe_daemon`)."""
+    from ..engine.probe import probe_daemon
+
     result = probe_daemon(launcher, daemon, timeout_s, probe_id=f"health-{n}")
     return Check(f"buildkit {daemon}", result.ok, result.detail, result.seconds)
 
@@ -196,6 +223,8 @@ def _listed(fn: Callable[..., Check], *args: Any) -> list[Check]:
 
 def _run_concurrently(tasks: list[_Task], timeout_s: float) -> list[Check]:
     """Run each task in a daemon thread; a task unfinished after ``timeout_s + GRACE_S`` fails its names."""
+    from ..engine.probe import GRACE_S
+
     results: list[list[Check] | None] = [None] * len(tasks)
     started = time.monotonic()
 
@@ -236,7 +265,7 @@ def check_health(
     (tests) replaces the docker SDK client constructor.
     """
     if launcher is None:
-        from .launchers import make_launcher
+        from ..launchers import make_launcher
 
         launcher = make_launcher(settings)
     mask = _masker(settings)
@@ -271,7 +300,8 @@ def check_health(
 
 def daemon_states(settings: Settings, timeout_s: float) -> list[DaemonState]:
     """Every daemon's breaker (up or down, since when, last error) from the deployment's Redis."""
-    from .store.connect import redis_client
+    from ..store.connect import redis_client
+    from ..store.daemons import DaemonHealth
 
     try:
         client = redis_client(settings, socket_timeout=timeout_s)
