@@ -109,15 +109,16 @@ MUTATIONS = [
     Mutation(
         "release gives back a claim that is not ours",
         "buildq/store/lua/release.lua",
-        "if redis.call('GET', lease_key) ~= token or redis.call('HGET', job_hash, 'gen') ~= gen then return 0 end",
+        "if redis.call('GET', lease_key) ~= token or redis.call('HGET', job_hash, 'gen') ~= gen then "
+        "return 0 end",
         "",
         "tests/test_store.py::test_release_gives_back_only_what_is_ours_and_keeps_the_error",
     ),
     Mutation(
         "decide allows one attempt too many",
         "buildq/engine/lifecycle.py",
-        "    if counted >= settings.retry_max_attempts:\n        return Done(\"failed\")",
-        "    if counted > settings.retry_max_attempts:\n        return Done(\"failed\")",
+        '    if counted >= settings.retry_max_attempts:\n        return Done("failed")',
+        '    if counted > settings.retry_max_attempts:\n        return Done("failed")',
         "tests/test_lifecycle.py::test_the_last_allowed_attempt_ends_the_job",
     ),
     Mutation(

@@ -37,7 +37,7 @@ ROOT = HERE.parent
 
 # The pool-process side: installed by the worker wrapper below (``python -c``), kept as text so
 # the measured tree needs nothing of this script.
-WRAPPER = r'''
+WRAPPER = r"""
 import json, os, sys, threading
 from celery.signals import task_prerun, task_postrun
 OUT = os.environ["TRACE_OUT"]
@@ -64,7 +64,7 @@ task_postrun.connect(stop, weak=False)
 from buildq.cli import main
 sys.argv = ["buildq"] + sys.argv[1:]
 main()
-'''
+"""
 
 
 def free_port() -> int:
@@ -199,8 +199,10 @@ def main() -> None:
               f"{figures['after_exit_reentries']} returns to a module already left")  # fmt: skip
         print("modules after the exit: " + ", ".join(figures["after_exit_modules"]))  # type: ignore[arg-type]
         if figures["reentered"]:
-            print("returns (caller -> module, count): " + ", ".join(
-                f"{pair} {n}" for pair, n in figures["reentered"].items()))  # type: ignore[union-attr]
+            print(
+                "returns (caller -> module, count): "
+                + ", ".join(f"{pair} {n}" for pair, n in figures["reentered"].items())
+            )  # type: ignore[union-attr]
         print("modules: " + ", ".join(figures["modules"]))  # type: ignore[arg-type]
     finally:
         if worker is not None:

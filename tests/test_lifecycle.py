@@ -85,9 +85,9 @@ def test_a_daemon_that_dropped_the_build_is_avoided_next_time() -> None:
 
 def test_the_last_allowed_attempt_ends_the_job() -> None:
     history = (entry(), entry())
-    assert decide(situation("failed", transient=True, reason="goaway", history=history), SETTINGS, jitter=0.5) == Done(
-        "failed"
-    )
+    assert decide(
+        situation("failed", transient=True, reason="goaway", history=history), SETTINGS, jitter=0.5
+    ) == Done("failed")
 
 
 def test_nobody_retries_a_build_whose_cancel_was_asked_for() -> None:
@@ -98,8 +98,10 @@ def test_nobody_retries_a_build_whose_cancel_was_asked_for() -> None:
 def test_a_daemon_never_reached_costs_no_attempt_until_the_wait_runs_out() -> None:
     unreached = entry(reached_daemon=False, reason="daemon_unreachable")
     history = (unreached, unreached, unreached)  # three more than the allowed attempts: not counted
-    s = situation("failed", transient=True, reason="daemon_unreachable", reached_daemon=False, history=history,
-                  started_at=NOW)  # fmt: skip
+    s = situation(
+        "failed", transient=True, reason="daemon_unreachable", reached_daemon=False, history=history,
+        started_at=NOW,
+    )  # fmt: skip
     assert decide(s, SETTINGS, jitter=0.5) == Retry(0.0, "daemon_unreachable", avoid_daemon=True)
     old = (entry(reached_daemon=False, reason="daemon_unreachable", started_at_epoch=NOW - 61),)
     late = situation("failed", transient=True, reason="daemon_unreachable", reached_daemon=False, history=old,
@@ -132,7 +134,7 @@ def test_lost_attempts_count_until_there_are_none_left() -> None:
 
 @pytest.fixture
 def env(tmp_path: Path, standin: Path, standin_log: StandinLog) -> Iterator[dict[str, str]]:
-    values = base_env(14, "lc", BUILDQ_BUILDCTL_PATH=str(standin), BUILDQ_LOCAL_STATE_DIR=str(tmp_path / "state"),
+    values = base_env(14, "lc", BUILDQ_BUILDCTL_PATH=str(standin), BUILDQ_LOCAL_STATE_DIR=str(tmp_path / "s"),
                       BUILDQ_LEASE_TTL_S="0.6", BUILDQ_BUILDKIT_HOSTS="tcp://d0:1,tcp://d1:1",
                       BUILDQ_BUILDKIT_MAX_BUILDS="1")  # fmt: skip
     client = redis.Redis.from_url(values["BUILDQ_BROKER_URL"])
@@ -158,7 +160,13 @@ def runtime(env: dict[str, str], standin_log: StandinLog) -> Iterator[PoolRuntim
 
 def job(job_id: str, context: Path, scenario: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
     args = {"STANDIN_SCENARIO": scenario_json(scenario)} if scenario else {}
-    return {"job_id": job_id, "context": str(context), "tags": ["127.0.0.1:5000/t/app:1"], "build_args": args, **kw}
+    return {
+        "job_id": job_id,
+        "context": str(context),
+        "tags": ["127.0.0.1:5000/t/app:1"],
+        "build_args": args,
+        **kw,
+    }
 
 
 def deliver(r: redis.Redis, queue: str = "lc") -> Delivery:
@@ -262,7 +270,9 @@ def test_the_lease_is_held_throughout_a_build_longer_than_its_ttl(runtime, env, 
     assert len(during) > 20 and min(during) > 0, seen
 
 
-def test_a_cancel_notice_stops_a_running_build_within_two_seconds(runtime, env, context_dir, standin_log) -> None:
+def test_a_cancel_notice_stops_a_running_build_within_two_seconds(
+    runtime, env, context_dir, standin_log
+) -> None:
     client = BuildqClient(runtime.settings)
     client.submit(job("cx1", context_dir, hang()))
     d = deliver(runtime.store.redis)
@@ -284,7 +294,9 @@ def test_a_retry_waiting_for_a_slot_avoids_the_daemon_that_dropped_it(env, conte
     rt = runtime_of(env, standin_log, buildkit_hosts=daemons, buildkit_max_builds=2)
     try:
         client = BuildqClient(rt.settings)
-        goaway = "failed to receive status: rpc error: code = Unavailable desc = closing transport due to: EOF"
+        goaway = (
+            "failed to receive status: rpc error: code = Unavailable desc = closing transport due to: EOF"
+        )
         client.submit(job("av1", context_dir, fail(error=goaway)))
         first = rt.lifecycle.handle(deliver(rt.store.redis))
         assert first.kind == "requeued"
@@ -296,7 +308,9 @@ def test_a_retry_waiting_for_a_slot_avoids_the_daemon_that_dropped_it(env, conte
 
         def free() -> None:  # the dropped daemon empties, the others keep one build each
             for daemon in daemons:
-                r.zrem(SLOTS_PREFIX + daemon, "x1", "x2") if daemon == lost_on else r.zrem(SLOTS_PREFIX + daemon, "x1")
+                r.zrem(SLOTS_PREFIX + daemon, "x1", "x2") if daemon == lost_on else r.zrem(
+                    SLOTS_PREFIX + daemon, "x1"
+                )
 
         threading.Timer(0.5, free).start()
         assert rt.lifecycle.handle(deliver(rt.store.redis)).kind == "requeued"  # it fails again
@@ -345,7 +359,9 @@ def test_an_unexpected_error_gives_the_claim_back_and_the_next_claim_records_it(
     ending = runtime.lifecycle.handle(d)
     record = ending.record or {}
     assert record["state"] == "succeeded"
-    assert record["attempts"][0]["outcome"] == "lost" and "launcher exploded" in record["attempts"][0]["error"]
+    assert (
+        record["attempts"][0]["outcome"] == "lost" and "launcher exploded" in record["attempts"][0]["error"]
+    )
 
 
 def test_an_invalid_job_is_rejected_without_a_launch(runtime, env, standin_log) -> None:
@@ -361,9 +377,13 @@ def test_an_invalid_job_is_rejected_without_a_launch(runtime, env, standin_log) 
 def test_a_forged_invalid_message_cannot_fail_another_job(runtime, env, context_dir, standin_log) -> None:
     client = BuildqClient(runtime.settings)
     client.submit(job("victim1", context_dir))
-    forged = read_delivery((), {"job": {"job_id": "victim1", "context": "relative"}}, task_id="victim1", queue="lc")
+    forged = read_delivery(
+        (), {"job": {"job_id": "victim1", "context": "relative"}}, task_id="victim1", queue="lc"
+    )
     assert runtime.lifecycle.handle(forged).kind == "dropped"
-    weird = read_delivery((), {"job": {"job_id": "victim1:*\n../../x"}}, task_id="victim1:*\n../../x", queue="lc")
+    weird = read_delivery(
+        (), {"job": {"job_id": "victim1:*\n../../x"}}, task_id="victim1:*\n../../x", queue="lc"
+    )
     assert runtime.lifecycle.handle(weird).kind == "dropped"
     assert runtime.store.result("victim1") is None and runtime.store.info("victim1")["state"] == "queued"
     ending = runtime.lifecycle.handle(deliver(runtime.store.redis))

@@ -278,7 +278,11 @@ def test_a_requeue_publishes_the_next_message_and_gives_the_claim_back(store: Jo
     assert client.lrange("q", 0, 0) == [b"next"]
     info = store.info("rq")
     assert (info["state"], info["phase"], info["delivery"], info["avoid"], info["waiting_since"]) == (
-        "queued", "retry_wait", "d2", D[0], "7.5"
+        "queued",
+        "retry_wait",
+        "d2",
+        D[0],
+        "7.5",
     )
     assert json.loads(info["attempts"]) == [{"number": 1}] and "running" not in info
     assert store.lease_holder("rq") is None and client.zscore(SLOTS_PREFIX + D[0], got.token) is None
@@ -311,8 +315,13 @@ def test_finish_stores_everything_in_one_round_trip(store: JobStore, client) -> 
     assert client.calls == ["EVALSHA"]
     assert store.result("fi") == {"job_id": "fi", "state": "succeeded"}
     info = store.info("fi")
-    assert (info["state"], info["phase"]) == ("succeeded", "done") and "msg" not in info and "running" not in info
-    assert [(int(f[b"a"]), f[b"k"].decode(), f[b"l"].decode()) for _, f in client.xrange(job_keys("fi").log)] == [
+    assert (
+        (info["state"], info["phase"]) == ("succeeded", "done")
+        and "msg" not in info
+        and "running" not in info
+    )
+    stream = client.xrange(job_keys("fi").log)
+    assert [(int(f[b"a"]), f[b"k"].decode(), f[b"l"].decode()) for _, f in stream] == [
         (1, "plain", "#1 DONE 0.1s"), (1, "mark", "final: succeeded")
     ]  # fmt: skip
     assert 0 < client.ttl(job_keys("fi").log) <= 50
