@@ -3,7 +3,8 @@
 Run by hand (not part of the tests):
     .venv/bin/python bench/overhead.py [--builds 300] [--bulk 700] [--rounds 3]
 
-Both sides: real Redis on 127.0.0.1:6379, a real worker (prefork, 2 processes, late acks,
+Both sides: a redis-server of the benchmark's own (a free port; ``--redis URL`` to use another),
+a real worker (prefork, 2 processes, late acks,
 prefetch 1, events on), and the same buildctl stand-in (bench/standin_exit.c, compiled here: it
 writes the metadata file and exits at once, appending its own start/end time to BENCH_TIMES).
 Figures: p50/p95/p99 of enqueue → buildctl start and buildctl exit → result readable (one build
@@ -31,9 +32,9 @@ from pathlib import Path
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+TREE = ROOT  # the checkout measured (--tree)
 
-REDIS = "redis://127.0.0.1:6379"
+REDIS = ""  # set by main(): the benchmark's own redis-server, or --redis
 
 
 def pct(values: list[float], p: float) -> float:
@@ -98,7 +99,7 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         env=env,
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,  # noqa: SIM115
-        cwd=ROOT,
+        cwd=TREE,
         start_new_session=True,
     )
     deadline = time.monotonic() + 60
@@ -137,7 +138,9 @@ class BuildqSide(Side):
         self.client = BuildqClient(load_settings({k: v for k, v in env.items() if k.startswith("BUILDQ_")}))
         self.context = str(context)
         self.client.store.redis.ping()
-        self.client.app.connection_for_write().ensure_connection()
+        app = getattr(self.client, "app", None)  # older trees sent through Celery
+        if app is not None:
+            app.connection_for_write().ensure_connection()
 
     def submit(self, job_id: str) -> object:
         return self.client.submit(
@@ -225,6 +228,7 @@ def run_buildq(base: dict[str, str], work: Path, standin: Path, queue: str, args
         "BUILDQ_QUEUE": queue,
         "BUILDQ_HIGH_PRIORITY_QUEUE": queue + ".high",
     }
+    env["PYTHONPATH"] = str(TREE)
     argv = [sys.executable, "-m", "buildq", "worker", "--concurrency", "2", "--pool", "prefork"]
     worker = start([*argv, "--loglevel", "INFO"], env, work / "buildq-worker.log")
     try:
@@ -273,8 +277,46 @@ def main() -> None:
     parser.add_argument("--bulk", type=int, default=700, help="builds submitted at once per side and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each side in turn (order alternates)")
     parser.add_argument("--gap-ms", type=float, default=20.0, help="pause between one-at-a-time builds")
+    parser.add_argument("--redis", help="a Redis URL to use (default: start a redis-server of its own)")
+    parser.add_argument("--tree", default=str(ROOT), help="the checkout whose buildq is measured")
     args = parser.parse_args()
+    global REDIS, TREE
+    TREE = Path(args.tree).resolve()
+    sys.path.insert(0, str(TREE))
+    own = None
+    if args.redis:
+        REDIS = args.redis.rstrip("/")
+    else:
+        own = start_redis(Path(tempfile.mkdtemp(prefix="buildq-bench-redis-")))
+        REDIS = own[0]
+    try:
+        run_all(args)
+    finally:
+        if own is not None:
+            subprocess.run(["redis-cli", "-p", own[1], "shutdown", "nosave"], capture_output=True)
 
+
+def start_redis(folder: Path) -> tuple[str, str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    subprocess.run(
+        ["redis-server", "--daemonize", "yes", "--port", port, "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(folder), "--databases", "16"],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(100):
+        try:
+            if redis.Redis(port=int(port)).ping():
+                return f"redis://127.0.0.1:{port}", port
+        except redis.RedisError:
+            time.sleep(0.05)
+    raise SystemExit("redis-server did not start")
+
+
+def run_all(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="buildq-bench-"))
     standin = compile_standin(work)
     (work / "ctx").mkdir()
