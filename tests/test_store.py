@@ -425,3 +425,16 @@ def test_waiting_returns_a_result_stored_later(store: JobStore) -> None:
 
 def test_the_lua_files_are_the_packaged_ones() -> None:
     assert LUA_DIR == Path(__import__("buildq.store.scripts").store.scripts.__file__).with_name("lua")
+
+
+def test_heartbeats_keep_workers_and_domains_live_by_the_server_clock(store: JobStore, client) -> None:
+    from buildq.store.keys import DOMAINS, WORKERS
+
+    now = store.heartbeat(worker="w1@h", domain="host-a", ttl_s=5)
+    assert abs(now - client.time()[0]) < 5
+    store.heartbeat(worker="w2@h", domain="host-b", ttl_s=0.05)
+    assert set(store.live(WORKERS)) == {"w1@h", "w2@h"}
+    import time
+
+    time.sleep(0.1)
+    assert set(store.live(WORKERS)) == {"w1@h"} and set(store.live(DOMAINS)) == {"host-a"}

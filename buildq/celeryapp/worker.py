@@ -83,7 +83,7 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
             except Exception as exc:  # noqa: BLE001 - best effort
                 log.warning("daemon event not sent: %s", exc)
 
-        main = processes.main = MainRuntime(settings, announce=announce)
+        main = processes.main = MainRuntime(settings, announce=announce, node=hostname)
         if settings.metrics_port is not None:
             serve_metrics(settings.metrics_port, DaemonUpCollector(main.health, settings.daemons))
             log.info("serving Prometheus metrics on :%d/metrics", settings.metrics_port)

@@ -48,6 +48,8 @@ log = logging.getLogger("buildq.worker")
 
 #: how often the main process looks for what dead or replaced pool processes left behind
 REAP_EVERY_S = 30.0
+#: a worker's heartbeat: written this often, it lives three times as long
+HEARTBEAT_EVERY_S = 2.0
 
 
 def worker_id() -> str:
@@ -152,7 +154,9 @@ class PoolRuntime:
 class MainRuntime:
     """The worker main process's periodic work: the janitor, the daemon watch, leftovers."""
 
-    def __init__(self, settings: Settings, *, announce: Announce | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, announce: Announce | None = None, node: str | None = None
+    ) -> None:
         self.settings = settings
         self.store = make_store(settings)
         self.scheduler = Scheduler(name="buildq-main")
@@ -160,6 +164,9 @@ class MainRuntime:
         self.health = DaemonHealth(self.store.redis)
         self.watch = DaemonWatch(self.health, self.launcher, settings.daemons, announce=announce)
         self.janitor = Janitor(self.store, after_s=settings.requeue_lost_after_s)
+        #: this worker (its Celery node name when given) and where its runs can be killed from
+        self.worker = node or worker_id()
+        self.domain = launcher_domain(self.launcher)
 
     def start(self) -> None:
         """Reap what dead workers left, then run the janitor, the daemon watch and the reaping of
@@ -169,6 +176,7 @@ class MainRuntime:
         self.scheduler.every(every, self._janitor)
         self.scheduler.every(self.watch.interval_s, self._watch)
         self.scheduler.every(REAP_EVERY_S, self._reap)
+        self.scheduler.every(HEARTBEAT_EVERY_S, self._heartbeat, first_in=0.0)
         if os.environ.get(MULTIPROC_ENV):
             self.scheduler.every(REAP_EVERY_S / 3, reap_dead_gauges)
 
@@ -198,6 +206,12 @@ class MainRuntime:
             self.launcher.close()
         finally:
             self.store.redis.close()
+
+    def _heartbeat(self) -> None:
+        try:
+            self.store.heartbeat(worker=self.worker, domain=self.domain, ttl_s=3 * HEARTBEAT_EVERY_S)
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next beat says it again
+            log.info("heartbeat not written: %s", exc)
 
     def _reap(self) -> None:
         try:

@@ -37,10 +37,12 @@ from .keys import (
     AFFINITY_PREFIX,
     CANCELS_CHANNEL,
     DAEMONS_DOWN,
+    DOMAINS,
     QUEUED_INDEX,
     RECENT_INDEX,
     RECENT_MAX,
     SLOTS_PREFIX,
+    WORKERS,
     JobKeys,
     job_keys,
 )
@@ -420,6 +422,25 @@ class JobStore:
                 error=error[:500],
             )  # fmt: skip
         )
+
+    # -- workers -------------------------------------------------------------------------------
+    def heartbeat(self, *, worker: str, domain: str, ttl_s: float) -> float:
+        """This worker (and its domain) lives for ``ttl_s`` more; the server clock (epoch s)."""
+        now = self.scripts.call(
+            "heartbeat", workers=WORKERS, domains=DOMAINS, worker=worker, domain=domain,
+            ttl_ms=max(1, int(ttl_s * 1000)),
+        )  # fmt: skip
+        return int(now) / 1000
+
+    def live(self, which: str = WORKERS) -> dict[str, float]:
+        """The live members of ``WORKERS`` or ``DOMAINS`` with their expiry (epoch s), by the
+        server clock (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.zrange(which, 0, -1, withscores=True)
+        (sec, usec), members = pipe.execute()
+        now_ms = sec * 1000 + usec // 1000
+        return {_text(m): score / 1000 for m, score in members if score > now_ms}
 
     # -- reads ---------------------------------------------------------------------------------
     def lease_holder(self, job_id: str) -> str | None:

@@ -26,6 +26,8 @@ Shared:
                     for ``buildq list``; trimmed at each submit to :data:`RECENT_MAX` ids and to
                     ``BUILDQ_RESULT_TTL_S``
 - ``cancels``       pub/sub channel told the id of every job a cancel was asked for
+- ``workers``, ``domains`` sorted sets of the live worker main processes and of the places their
+                    runs can be killed from (score: expiry on the server clock, ms; heartbeats)
 - ``daemons:down``  hash daemon -> epoch seconds it went down (the open circuit breakers)
 - ``daemons:up``    hash daemon -> epoch seconds it came back; ``daemons:error`` daemon -> last error
 - ``daemons:probe:<daemon>`` the lock of the one probe of a down daemon (expires)
@@ -53,6 +55,10 @@ CANCELS_CHANNEL = f"{PREFIX}cancels"
 DAEMONS_DOWN = f"{PREFIX}daemons:down"
 DAEMONS_UP = f"{PREFIX}daemons:up"
 DAEMONS_ERROR = f"{PREFIX}daemons:error"
+#: live worker main processes and live domains (where runs can be killed from): sorted sets scored
+#: by expiry (server clock, ms), written by each worker's heartbeat
+WORKERS = f"{PREFIX}workers"
+DOMAINS = f"{PREFIX}domains"
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 

@@ -45,6 +45,7 @@ PARTS: dict[str, tuple[str, ...]] = {
     "finish": ("result_fn",),
     "reject": ("result_fn",),
     "take_slot": ("prelude", "slots_fn"),
+    "heartbeat": ("prelude",),
 }
 
 _NAMED = re.compile(r"^local (\w+)\s*=\s*(?:tonumber\()?(KEYS|ARGV)\[(\d+)\]")

@@ -1,0 +1,14 @@
+-- heartbeat: a worker's main process says it lives (every few seconds), for itself and for the
+-- place its runs can be killed from (its domain: a host's state folder, a Docker engine). Members
+-- are scored by their expiry on the server clock; expired ones are dropped here.
+local workers = KEYS[1]        -- live workers (sorted set, score: expiry ms)
+local domains = KEYS[2]        -- live domains (sorted set, score: expiry ms)
+local worker = ARGV[1]
+local domain = ARGV[2]
+local ttl_ms = tonumber(ARGV[3])
+-- -> the server clock (ms)
+redis.call('ZREMRANGEBYSCORE', workers, '-inf', now)
+redis.call('ZREMRANGEBYSCORE', domains, '-inf', now)
+redis.call('ZADD', workers, now + ttl_ms, worker)
+redis.call('ZADD', domains, now + ttl_ms, domain)
+return now
