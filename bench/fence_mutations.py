@@ -115,6 +115,27 @@ MUTATIONS = [
         "tests/test_store.py::test_release_gives_back_only_what_is_ours_and_keeps_the_error",
     ),
     Mutation(
+        "a takeover does not wait for the other host's run",
+        "buildq/engine/lifecycle.py",
+        "            if self.store.dead_gen(job_id) >= gen or domain not in self.store.live(DOMAINS):",
+        "            if True:",
+        "tests/test_lifecycle.py::test_a_takeover_from_another_host_waits_until_its_run_is_known_dead",
+    ),
+    Mutation(
+        "a retry held by a live worker is put back",
+        "buildq/store/lua/restore_stalled.lua",
+        "    if alive and tonumber(alive) > now then return 0 end",
+        "",
+        "tests/test_stalls.py::test_a_held_retry_stays_while_its_holder_lives_and_is_put_back_when_it_is_gone",
+    ),
+    Mutation(
+        "a retry held by a dead worker is never put back",
+        "buildq/store/lua/restore_stalled.lua",
+        "    if alive and tonumber(alive) > now then return 0 end",
+        "    return 0",
+        "tests/test_stalls.py::test_a_held_retry_stays_while_its_holder_lives_and_is_put_back_when_it_is_gone",
+    ),
+    Mutation(
         "decide allows one attempt too many",
         "buildq/engine/lifecycle.py",
         '    if counted >= settings.retry_max_attempts:\n        return Done("failed")',

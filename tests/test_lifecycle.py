@@ -392,3 +392,26 @@ def test_a_forged_invalid_message_cannot_fail_another_job(runtime, env, context_
 
 def test_a_release_after_a_stale_fence_changes_nothing(runtime) -> None:
     assert not runtime.store.release(Fence("none", "tok", 9), daemon=None)
+
+
+def test_a_takeover_from_another_host_waits_until_its_run_is_known_dead(
+    runtime, env, context_dir, standin_log
+) -> None:
+    client = BuildqClient(runtime.settings)
+    client.submit(job("tk1", context_dir))
+    d = deliver(runtime.store.redis)
+    runtime.store.claim(
+        "tk1", delivery=d.delivery, daemons=["tcp://d0:1"], prefer=0, limit=1, ttl_s=30, worker="b@other",
+        domain="other-host", body="{}", queue="lc",
+    )  # fmt: skip
+    runtime.store.heartbeat(worker="b@other", domain="other-host", ttl_s=30)  # that host still lives
+    runtime.store.redis.delete(job_keys("tk1").lease)  # its claim expired: the job is up for grabs
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(ending=runtime.lifecycle.handle(d)))
+    thread.start()
+    time.sleep(0.5)
+    assert standin_log.starts() == []  # not while the other host's run may still go on
+    runtime.store.mark_dead("tk1", 1)  # that host's reaper killed it
+    thread.join(10)
+    assert result["ending"].record["state"] == "succeeded"
+    assert [a["outcome"] for a in result["ending"].record["attempts"]] == ["lost", "succeeded"]

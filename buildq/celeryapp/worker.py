@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from celery import Celery
 from celery.signals import (
     task_postrun,
+    task_received,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -62,6 +63,18 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
             log.exception("pool process %d cannot start its runtime; it exits", os.getpid())
             time.sleep(PAUSE_BEFORE_EXIT_S)  # not a tight loop of failing processes
             os._exit(70)
+
+    def on_task_received(request: object = None, **_: object) -> None:
+        """A retry waiting out its backoff is held here until its ETA: say so, so the janitor can
+        put it back once this worker's heartbeat is gone (and not before)."""
+        main = processes.main
+        task_id, eta = getattr(request, "id", None), getattr(request, "eta", None)
+        if main is None or not eta or not isinstance(task_id, str):
+            return
+        try:
+            main.store.held_by(task_id, main.worker)
+        except Exception as exc:  # noqa: BLE001 - the janitor's fallback (the ETA long past) remains
+            log.info("job %s: holder not written: %s", task_id, exc)
 
     def on_task_postrun(**_: object) -> None:
         if processes.exit_after_task:  # a broken process ends after its task
@@ -114,6 +127,7 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
 
     worker_process_init.connect(on_process_init, weak=False)
     task_postrun.connect(on_task_postrun, weak=False)
+    task_received.connect(on_task_received, weak=False)
     worker_process_shutdown.connect(on_process_shutdown, weak=False)
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)

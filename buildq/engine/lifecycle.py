@@ -43,7 +43,7 @@ from ..errors import InvalidJobError
 from ..launchers.base import Launcher
 from ..store.daemons import DaemonHealth
 from ..store.jobs import Claimed, Fence, Finished, History, JobStore, NotOurs
-from ..store.keys import BASELINE_PREFIX
+from ..store.keys import BASELINE_PREFIX, DOMAINS
 from ..store.logs import LogStore
 from . import recording
 from .attemptlog import AttemptLog
@@ -51,9 +51,14 @@ from .backoff import backoff_ceiling
 from .hooks import EndWrites, Hooks
 from .redact import Redactor
 from .runner import CANCELLED, FENCED, Outcome, RunSpec, Stopper, Watch, run_build
+from .runs import RunRegistry
 from .scheduler import Handle, Scheduler
 
 logger = logging.getLogger("buildq.engine")
+
+#: a takeover of a job last run on another host waits at most a lease and this long for that run
+#: to be known dead (the host's reaper checks every second)
+TAKEOVER_SLACK_S = 3.0
 
 # -- 1. what happened --------------------------------------------------------------------------
 
@@ -266,6 +271,7 @@ class Lifecycle:
         daemons: DaemonHealth | None = None,
         redact_values: Sequence[str] = (),
         stoppers: dict[str, Stopper] | None = None,
+        runs: RunRegistry | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         slot_wait_s: float = 5.0,
@@ -279,6 +285,8 @@ class Lifecycle:
         self.checks = WorkerChecks(settings, environ)
         #: running builds of this process by job id: a cancel notice stops one at once
         self.stoppers = stoppers if stoppers is not None else {}
+        #: this host's run files (stamped while a run's claim is renewed; the reaper reads them)
+        self.runs = runs
         self.slot_wait_s = slot_wait_s
 
     # -- the delivery --------------------------------------------------------------------------
@@ -348,8 +356,9 @@ class Lifecycle:
         if history.running is not None:  # the previous claim died (or was fenced out) mid-build
             lost = recording.lost_entry(history.running, number=len(attempts) + 1, now=claim.redis_now)
             attempts = (*attempts, lost)
-            if history.previous_domain == self.domain:
-                self._kill_orphan(job.job_id)
+            previous = history.running.get("gen")
+            self._previous_run_over(job.job_id, previous if isinstance(previous, int) else claim.gen - 1,
+                                    history.previous_domain)  # fmt: skip
         extra = url_query_values(job.context)  # a presigned URL's token is masked too
         redactor = Redactor([*self.redact_values, *extra]) if extra else self.redactor
         return Build(
@@ -388,6 +397,7 @@ class Lifecycle:
             number=build.number, daemon=build.daemon, launcher=self.launcher, scheduler=self.scheduler,
             timeout_s=float(job.timeout_s or s.default_timeout_s), insecure_registries=s.insecure_registries,
             environ=self.environ, extra_transient=s.transient_patterns, clock=self.clock,
+            gen=build.fence.gen, registry=self.runs,
         )  # fmt: skip
         self.hooks.attempt_started(build)
         build.launched = True
@@ -461,6 +471,11 @@ class Lifecycle:
         build.ended = True
         if isinstance(decision, Drop):
             logger.warning("job %s: fenced out (%s); its result is not stored", job.job_id, decision.reason)
+            if build.launched:  # its buildctl was killed when the renewal said so: a takeover may go
+                try:
+                    self.store.mark_dead(job.job_id, build.fence.gen)
+                except Exception as exc:  # noqa: BLE001 - the takeover's wait ends by itself
+                    logger.info("job %s: could not say its run is over: %s", job.job_id, exc)
             return Ending("dropped", reason=decision.reason)
         if not stored:
             logger.warning("job %s: another delivery claimed it; this one's outcome is dropped", job.job_id)
@@ -591,12 +606,27 @@ class Lifecycle:
 
         return read
 
-    def _kill_orphan(self, job_id: str) -> None:
-        """Kill a buildctl an earlier claim of ``job_id`` on this host may have left running."""
-        try:
-            self.launcher.kill_orphan(job_id)
-        except Exception as exc:  # noqa: BLE001 - best effort, the build goes on
-            logger.warning("job %s: leftover buildctl not killed: %s", job_id, exc)
+    def _previous_run_over(self, job_id: str, gen: int, domain: str | None) -> None:
+        """Make sure the run of claim ``gen`` (this job's previous one, which never ended) is over
+        before this claim launches another: on this host, kill it; on another host, wait until that
+        host's reaper (or the run's own supervisor, fenced out) says it is dead, or the host's
+        heartbeat is gone — for at most a lease and a few reaper passes, then go on, logging it."""
+        if domain is None or domain == self.domain:
+            try:
+                self.launcher.kill_orphan(job_id, gen)
+                if self.runs is not None:
+                    self.runs.forget(job_id, below_gen=gen + 1)
+                self.store.mark_dead(job_id, gen)
+            except Exception as exc:  # noqa: BLE001 - best effort: the reaper of this host remains
+                logger.warning("job %s: leftover buildctl not killed: %s", job_id, exc)
+            return
+        deadline = time.monotonic() + self.settings.lease_ttl_s + TAKEOVER_SLACK_S
+        while time.monotonic() < deadline:
+            if self.store.dead_gen(job_id) >= gen or domain not in self.store.live(DOMAINS):
+                return
+            time.sleep(0.2)
+        logger.warning("job %s: the run of claim %d on %s is not known dead after %.0fs; going on",
+                       job_id, gen, domain, self.settings.lease_ttl_s + TAKEOVER_SLACK_S)  # fmt: skip
 
     def _attempt_log(self, build: Build) -> AttemptLog | None:
         if self.logs is None:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..buildkit.classify import NEVER_REACHED_REASON, Failure, classify_failure
@@ -22,6 +23,7 @@ from ..buildkit.progress import ProgressTracker, SolveStatus
 from ..contract.job import BuildJob
 from ..errors import BuildError, PermanentBuildError
 from ..launchers.base import BuildPaths, Launcher, LaunchSpec
+from .runs import RunRegistry
 from .scheduler import Handle, Scheduler
 
 Clock = Callable[[], float]
@@ -135,6 +137,9 @@ class RunSpec:
     environ: Mapping[str, str] = field(default_factory=dict)
     extra_transient: Sequence[str] = ()
     clock: Clock = time.time
+    #: the claim generation the run belongs to, and this host's run files (stamped at each renewal)
+    gen: int = 0
+    registry: RunRegistry | None = None
 
 
 def run_build(job: BuildJob, spec: RunSpec, watch: Watch, stopper: Stopper | None = None) -> Outcome:
@@ -147,6 +152,7 @@ def run_build(job: BuildJob, spec: RunSpec, watch: Watch, stopper: Stopper | Non
     context = None if job.is_remote else job.context
     dockerfile = dockerfile_dir(job)
     secrets_as_files = False
+    run_file = None
     running = None
     finished = False
     handles: list[Handle] = []
@@ -160,13 +166,14 @@ def run_build(job: BuildJob, spec: RunSpec, watch: Watch, stopper: Stopper | Non
         argv = build_argv(build_request(job, paths), insecure_registries=spec.insecure_registries)
         launch = LaunchSpec(
             job_id=job.job_id, argv=argv, env=env, context_dir=context, dockerfile_dir=dockerfile,
-            secrets=values,
+            secrets=values, gen=spec.gen,
         )  # fmt: skip
+        run_file = spec.registry.open(job.job_id, spec.gen) if spec.registry is not None else None
         started = clock()
         running = spec.launcher.start(launch, paths)
         stopper.arm(running.kill)
         handles.append(spec.scheduler.later(spec.timeout_s, lambda: stopper.stop(TIMEOUT)))
-        handles.append(spec.scheduler.every(watch.interval_s, lambda: _checked(watch, stopper)))
+        handles.append(spec.scheduler.every(watch.interval_s, lambda: _checked(watch, stopper, run_file)))
         handles += watch.started(started)
         for line in running.lines():
             watch.line(line, tracker.feed(line))
@@ -184,15 +191,18 @@ def run_build(job: BuildJob, spec: RunSpec, watch: Watch, stopper: Stopper | Non
         if running is not None and not finished:  # anything that raised leaves nothing running
             running.kill()
             running.close()
+        RunRegistry.close(run_file)
     return _outcome(spec, tracker, started, exited, exit_code, metadata, stopper.reason)
 
 
-def _checked(watch: Watch, stopper: Stopper) -> bool:
-    """The periodic check on the scheduler's thread; True (stop checking) once it stopped the build."""
+def _checked(watch: Watch, stopper: Stopper, run_file: Path | None) -> bool:
+    """The periodic check on the scheduler's thread; True (stop checking) once it stopped the build.
+    A check that found the claim still ours stamps the run's file (the host's reaper reads it)."""
     reason = watch.check()
     if reason is not None:
         stopper.stop(reason)
         return True
+    RunRegistry.stamp(run_file)
     return False
 
 

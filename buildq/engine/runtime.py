@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..config import Settings
@@ -42,6 +44,7 @@ from .hooks import (
 )
 from .lifecycle import Lifecycle
 from .runner import CANCELLED, Stopper
+from .runs import RunRegistry, stale
 from .scheduler import Scheduler
 
 log = logging.getLogger("buildq.worker")
@@ -103,6 +106,11 @@ class CancelListener:
                 pass
 
 
+def run_registry(launcher: Launcher) -> RunRegistry:
+    """The run files of ``launcher``'s host: ``runs/`` in its state folder."""
+    return RunRegistry(Path(str(getattr(launcher, "state_dir", tempfile.gettempdir()))) / "runs")
+
+
 def launcher_domain(launcher: Launcher) -> str:
     """Where ``launcher``'s runs can be killed from (its ``domain``, else this host)."""
     return str(getattr(launcher, "domain", None) or socket.gethostname())
@@ -131,11 +139,12 @@ class PoolRuntime:
         values = granted_values(env, settings.secret_env)
         values += [env[name] for name in settings.redact_env if name in env]
         stoppers: dict[str, Stopper] = {}
+        runs = run_registry(self.launcher)
         self.lifecycle = Lifecycle(
             settings, store=self.store, launcher=self.launcher, scheduler=self.scheduler,
             hooks=Hooks(hooks), worker_id=worker_id(), domain=launcher_domain(self.launcher), environ=env,
             logs=LogStore(client, maxlen=settings.log_stream_maxlen, ttl_s=settings.log_stream_ttl_s),
-            daemons=DaemonHealth(client), redact_values=values, stoppers=stoppers,
+            daemons=DaemonHealth(client), redact_values=values, stoppers=stoppers, runs=runs,
         )  # fmt: skip
         self.cancels = CancelListener(client, stoppers)
         self.scheduler.listen(self.cancels)
@@ -164,6 +173,9 @@ class MainRuntime:
         self.health = DaemonHealth(self.store.redis)
         self.watch = DaemonWatch(self.health, self.launcher, settings.daemons, announce=announce)
         self.janitor = Janitor(self.store, after_s=settings.requeue_lost_after_s)
+        self.runs = RunRegistry(
+            Path(str(getattr(self.launcher, "state_dir", tempfile.gettempdir()))) / "runs"
+        )
         #: this worker (its Celery node name when given) and where its runs can be killed from
         self.worker = node or worker_id()
         self.domain = launcher_domain(self.launcher)
@@ -177,6 +189,7 @@ class MainRuntime:
         self.scheduler.every(self.watch.interval_s, self._watch)
         self.scheduler.every(REAP_EVERY_S, self._reap)
         self.scheduler.every(HEARTBEAT_EVERY_S, self._heartbeat, first_in=0.0)
+        self.scheduler.every(1.0, self.reap_runs)
         if os.environ.get(MULTIPROC_ENV):
             self.scheduler.every(REAP_EVERY_S / 3, reap_dead_gauges)
 
@@ -206,6 +219,24 @@ class MainRuntime:
             self.launcher.close()
         finally:
             self.store.redis.close()
+
+    def reap_runs(self) -> list[str]:
+        """Kill this host's runs whose supervisor stopped renewing their claim (stalled past a lease,
+        or gone) and say in Redis that they are over; their job ids."""
+        killed = []
+        for run in self.runs.runs():
+            if not stale(run, lease_ttl_s=self.settings.lease_ttl_s + 1.0):
+                continue
+            try:
+                self.launcher.kill_orphan(run.job_id, run.gen)
+                RunRegistry.close(run.path)
+                self.store.mark_dead(run.job_id, run.gen)
+            except Exception as exc:  # noqa: BLE001 - try again at the next pass
+                log.info("job %s: stalled run not reaped yet: %s", run.job_id, exc)
+                continue
+            killed.append(run.job_id)
+            log.warning("job %s: its run (claim %d) lost its supervisor; killed", run.job_id, run.gen)
+        return killed
 
     def _heartbeat(self) -> None:
         try:

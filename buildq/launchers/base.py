@@ -13,6 +13,8 @@ worker's paths. The launcher also says how secrets reach buildctl: as environmen
 from __future__ import annotations
 
 import abc
+import os
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -50,6 +52,8 @@ class LaunchSpec(NamedTuple):
     context_dir: str | None = None
     dockerfile_dir: str | None = None
     secrets: Mapping[str, str] = _NONE
+    #: the claim generation the run belongs to (written beside it, so a reaper kills only that run)
+    gen: int = 0
 
     def __repr__(self) -> str:
         return (
@@ -117,8 +121,17 @@ class Launcher(abc.ABC):
         """Return job ids of buildctl processes/containers this deployment's launchers left running."""
         return []
 
-    def kill_orphan(self, job_id: str) -> None:  # noqa: B027 - optional hook
-        """Kill and remove the leftover buildctl for ``job_id`` (no-op by default)."""
+    def kill_orphan(self, job_id: str, gen: int | None = None) -> None:  # noqa: B027 - optional hook
+        """Kill and remove the leftover buildctl for ``job_id`` (only that claim generation's when
+        the launcher can tell them apart and ``gen`` is given; no-op by default)."""
+
+    @property
+    def domain(self) -> str:
+        """Where this launcher's runs can be killed from: this host and its state folder (two
+        workers with separate state folders are two places)."""
+        folder = getattr(self, "state_dir", None)
+        where = os.path.realpath(str(folder)) if folder is not None else ""
+        return f"{socket.gethostname()}:{where}"
 
     def reap_scratch(self) -> list[str]:
         """Remove scratch space left by processes that are gone; what was removed (none by default)."""

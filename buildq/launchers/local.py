@@ -146,9 +146,9 @@ class LocalLauncher(Launcher):
                 f"{exc.strerror or exc}",
                 reason="buildctl_missing",
             ) from exc
-        return LocalBuild(proc, paths, self._write_pidfile(spec.job_id, proc.pid))
+        return LocalBuild(proc, paths, self._write_pidfile(spec.job_id, proc.pid, spec.gen))
 
-    def _write_pidfile(self, job_id: str, pid: int) -> Path | None:
+    def _write_pidfile(self, job_id: str, pid: int, gen: int = 0) -> Path | None:
         path = f"{self.state_dir}/{job_id}.{pid}.pid"
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
@@ -163,6 +163,7 @@ class LocalLauncher(Launcher):
                     "pgid": pid,
                     "exe": self.buildctl_path,
                     "deployment": self.deployment,
+                    "gen": gen,
                 }
                 os.write(fd, json.dumps(info).encode())
             finally:
@@ -185,9 +186,11 @@ class LocalLauncher(Launcher):
         mine = (info for _, info in self._pidfiles() if info.get("deployment", "") == self.deployment)
         return sorted({str(info.get("job_id")) for info in mine})
 
-    def kill_orphan(self, job_id: str) -> None:
+    def kill_orphan(self, job_id: str, gen: int | None = None) -> None:
         for path, info in self._pidfiles(job_id):
             if info.get("job_id") != job_id or info.get("deployment", "") != self.deployment:
+                continue
+            if gen is not None and info.get("gen", 0) != gen:
                 continue
             try:
                 pgid = int(info["pgid"])

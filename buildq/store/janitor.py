@@ -19,19 +19,24 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from datetime import datetime
 
 from ..names import TASK_NAME
 from .jobs import JobStore
-from .keys import QUEUED_INDEX, UNACKED_INDEX_KEY, UNACKED_KEY, job_keys
+from .keys import QUEUED_INDEX, UNACKED_INDEX_KEY, UNACKED_KEY, WORKERS, job_keys
 
 log = logging.getLogger("buildq.janitor")
 
 
+def server_time(store: JobStore) -> float:
+    """The Redis server's clock (epoch seconds): the one clock every worker and producer shares."""
+    sec, usec = store.redis.time()
+    return sec + usec / 1e6
+
+
 def requeue_lost(store: JobStore, *, after_s: float, now: float | None = None, batch: int = 200) -> list[str]:
     """Push back the messages the broker lost among the ``batch`` oldest jobs; return their ids."""
-    return _requeue_lost(store, after_s, time.time() if now is None else now, batch, 0)[0]
+    return _requeue_lost(store, after_s, server_time(store) if now is None else now, batch, 0)[0]
 
 
 def _requeue_lost(
@@ -64,23 +69,26 @@ def requeue_stalled(
     A message delivered more than ``after_s`` ago that is still unacknowledged while its job has
     no live lease and no result belongs to a worker that stopped (killed, or cut off from Redis
     when Celery tried to hand it back). Celery's own restore waits for the visibility timeout
-    (hours); the job lease is a better heartbeat. Retry messages waiting for their ETA are left alone.
+    (hours); the job lease is a better heartbeat. A retry waiting out its backoff (an ETA message)
+    is put back once the worker holding it has no heartbeat (or, when nobody said who holds it,
+    once its ETA is ``after_s`` past).
     """
-    clock = time.time() if now is None else now
+    clock = server_time(store) if now is None else now
     requeued = []
     for raw_tag in store.redis.zrangebyscore(
         UNACKED_INDEX_KEY, "-inf", clock - after_s, start=offset, num=batch
     ):
         tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
         payload = store.redis.hget(UNACKED_KEY, tag)
-        job = _build_message_job(payload, clock)
+        job = _build_message_job(payload)
         if job is None:
             continue
-        job_id, queue = job
+        job_id, queue, eta = job
         k = job_keys(job_id)
         restored = store.scripts.call(
             "restore_stalled", unacked=UNACKED_KEY, unacked_index=UNACKED_INDEX_KEY, lease_key=k.lease,
-            result_key=k.result, job_hash=k.hash, tag=tag, queue=queue,
+            result_key=k.result, job_hash=k.hash, workers=WORKERS, tag=tag, queue=queue,
+            eta_ms=int(eta * 1000) if eta else 0, grace_ms=int(after_s * 1000),
         )  # fmt: skip
         if restored:
             requeued.append(job_id)
@@ -89,8 +97,8 @@ def requeue_stalled(
     return requeued
 
 
-def _build_message_job(payload: object, now: float) -> tuple[str, str] | None:
-    """(job id, queue) of an unacked ``buildq.build`` message that is due; None otherwise."""
+def _build_message_job(payload: object) -> tuple[str, str, float | None] | None:
+    """(job id, queue, ETA epoch s or None) of an unacked ``buildq.build`` message; None otherwise."""
     if not isinstance(payload, bytes | str):
         return None
     try:
@@ -99,9 +107,7 @@ def _build_message_job(payload: object, now: float) -> tuple[str, str] | None:
         if headers.get("task") != TASK_NAME or not headers.get("id") or not routing_key:
             return None
         eta = headers.get("eta")
-        if eta and datetime.fromisoformat(eta).timestamp() > now:
-            return None  # a retry waiting out its backoff in a live worker
-        return str(headers["id"]), str(routing_key)
+        return str(headers["id"]), str(routing_key), datetime.fromisoformat(eta).timestamp() if eta else None
     except (ValueError, TypeError, AttributeError, KeyError):
         return None
 
@@ -117,7 +123,7 @@ class Janitor:
 
     def run_once(self, now: float | None = None) -> list[str]:
         """One slice of each check; the job ids put back."""
-        clock = time.time() if now is None else now
+        clock = server_time(self.store) if now is None else now
         lost, self._lost_offset = _requeue_lost(
             self.store, self.after_s, clock, self.batch, self._lost_offset
         )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -49,6 +50,8 @@ from .keys import (
 from .scripts import Scripts
 
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+#: a job id as the contract allows it (checked again here: keys are made from it)
+JOB_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 #: a repository not built for this long loses its baseline (renewed by every successful build)
 BASELINE_TTL_S = 30 * 24 * 3600
 
@@ -422,6 +425,25 @@ class JobStore:
                 error=error[:500],
             )  # fmt: skip
         )
+
+    def mark_dead(self, job_id: str, gen: int) -> None:
+        """The run of claim generation ``gen`` is over (killed): a takeover waiting for it may go."""
+        self.scripts.call("dead", job_hash=job_keys(job_id).hash, gen=gen)
+
+    def dead_gen(self, job_id: str) -> int:
+        """The highest claim generation whose run is known to be over (0: none)."""
+        raw = self.redis.hget(job_keys(job_id).hash, "dead_gen")
+        return int(raw) if raw else 0
+
+    def held_by(self, job_id: str, worker: str) -> None:
+        """``worker`` received the job's retry message and holds it until its ETA."""
+        if not JOB_ID_RE.match(job_id):
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        key = job_keys(job_id).hash
+        pipe.hset(key, "held_by", worker)
+        pipe.expire(key, self.result_ttl_s)
+        pipe.execute()
 
     # -- workers -------------------------------------------------------------------------------
     def heartbeat(self, *, worker: str, domain: str, ttl_s: float) -> float:

@@ -46,6 +46,7 @@ PARTS: dict[str, tuple[str, ...]] = {
     "reject": ("result_fn",),
     "take_slot": ("prelude", "slots_fn"),
     "heartbeat": ("prelude",),
+    "restore_stalled": ("prelude",),
 }
 
 _NAMED = re.compile(r"^local (\w+)\s*=\s*(?:tonumber\()?(KEYS|ARGV)\[(\d+)\]")

@@ -200,5 +200,7 @@ class DockerLauncher(Launcher):
         that are gone, and worker-side folders whose container has ended."""
         return find_orphans(self.api(), self.state_dir, self.deployment)
 
-    def kill_orphan(self, job_id: str) -> None:
+    def kill_orphan(self, job_id: str, gen: int | None = None) -> None:
+        """Remove ``job_id``'s one-shot containers and kill its builds in warm containers (every
+        generation's: a container does not say which claim its build belongs to)."""
         kill_orphan(self.api(), job_id, self.deployment)

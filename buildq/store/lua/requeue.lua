@@ -33,7 +33,7 @@ else
   redis.call('HDEL', job_hash, 'waiting_since')
 end
 if avoid ~= '' then redis.call('HSET', job_hash, 'avoid', avoid) else redis.call('HDEL', job_hash, 'avoid') end
-redis.call('HDEL', job_hash, 'running')
+redis.call('HDEL', job_hash, 'running', 'held_by')
 redis.call('EXPIRE', job_hash, ttl)
 redis.call('ZADD', queued_index, now / 1000 + countdown, job_id)
 redis.call('DEL', lease_key)
