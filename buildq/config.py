@@ -170,6 +170,8 @@ class Settings(BaseSettings):
 
     #: how long a job waits for a BuildKit daemon to come back when every daemon is down
     daemon_wait_s: float = Field(default=600.0, gt=0)
+    #: how long a daemon whose own state failed a build (a full disk) gets no builds, probes or not
+    daemon_hold_s: float = Field(default=60.0, ge=0)
     #: the name of this deployment: a worker reaps only its own deployment's leftover buildctl runs
     #: (default: derived from the state Redis address and DB)
     deployment: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")

@@ -85,8 +85,12 @@ T resource_exhausted  failed to solve: rpc error: code = ResourceExhausted desc 
 T deadline_exceeded  failed to call info: DeadlineExceeded: context deadline exceeded
 T canceled  failed to solve: context canceled
 T network_error  failed to solve: failed to read downloaded context: unexpected EOF
-T no_space  failed to solve: failed to prepare extraction snapshot "extract-1": write
+T daemon_storage  failed to solve: failed to prepare extraction snapshot "extract-1": write
   | /var/lib/buildkit/runc-overlayfs/snapshots/12/fs/x: no space left on device
+T daemon_storage  failed to solve: ResourceExhausted: failed to add snapshot t3xfp1tww56tj9fmwfbsqq6kr to
+  | lease: write /var/lib/buildkit/runc-native/containerdmeta.db: no space left on device
+T daemon_storage  failed to solve: write /var/lib/buildkit/runc-overlayfs/metadata_v2.db: read-only file
+  | system
 P step_failed  failed to solve: process "/bin/sh -c false" did not complete successfully: exit code: 1
 P step_failed  failed to solve: process "/bin/sh -c apk --no-cache add curl && npm ci" did not complete
   | successfully: exit code: 1

@@ -49,6 +49,8 @@ ERROR_CAPTURES: dict[str, tuple[bool, str] | None] = {
     "err_iv_syntax_plain": (False, "dockerfile_syntax"),
     "err_iv_syntax_rawjson": (False, "dockerfile_syntax"),
     "err_vi_registry_down_rawjson": (True, "registry_unavailable"),
+    "err_vii_disk_full_plain": (True, "daemon_storage"),
+    "err_vii_disk_full_rawjson": (True, "daemon_storage"),
 }
 
 

@@ -286,3 +286,28 @@ def test_all_daemons_down_past_the_wait_fails_once_with_a_clear_error(
     assert all(not counts_as_attempt(a) for a in record["attempts"])
     time.sleep(2)  # failed once: no second record, no more builds
     assert client.status(handle.job_id)["error"] == record["error"]
+
+
+def test_a_daemon_with_a_full_disk_is_held_out_and_its_builds_move_to_the_healthy_one(
+    standin, context_dir, tmp_path, start_worker
+) -> None:
+    """The genuine "no space left on device" of a full daemon (it still answers probes) is the
+    daemon's fault: transient for the job, the daemon's breaker open and held, builds moved."""
+    from tests.standin.scenarios import daemon_disk_full
+
+    daemons = tmp_path / "daemons"
+    env = deployment(standin, 10, daemons, f"{A},{B}", BUILDQ_DAEMON_HOLD_S="120")
+    start_worker(env, concurrency=2)
+    daemon_disk_full(daemons, A)
+    client = client_for(env)
+    handles = [client.submit(job(context_dir, f"reg/full{i}:1")) for i in range(12)]
+    records = [h.wait(timeout=90) for h in handles]
+    assert [r["state"] for r in records] == ["succeeded"] * 12, [r.get("error") for r in records]
+    assert all(r["attempts"][-1]["daemon"] == B for r in records)
+    failed_on_a = [a for r in records for a in r["attempts"] if a["daemon"] == A]
+    assert all(a["reason"] == "daemon_storage" for a in failed_on_a)
+    assert len([e for e in daemon_invocations(daemons, A) if e["cmd"] == "build"]) <= 2  # not 10 of 12
+    health = DaemonHealth(redis.Redis.from_url(env["BUILDQ_BROKER_URL"]))
+    (state,) = [s for s in health.states([A, B]) if s.daemon == A]
+    assert not state.up and "no space left on device" in (state.error or "")
+    assert health.held(A)  # the probes answer, yet it stays out

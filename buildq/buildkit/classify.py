@@ -81,6 +81,18 @@ _REGISTRY = _rx(
     r"(?:oauth|anonymous) token", r"\b(?:pushing|pulling)\b",
 )
 
+# The daemon's own state, whatever the step: its disk or its snapshotter. Transient for the job (another
+# daemon can build it) and a reason to stop sending builds to that daemon for a while. Checked first:
+# a full disk shows in any step's error ("ResourceExhausted: write …/containerdmeta.db: no space left
+# on device", tests/fixtures/buildkit/errors/err_vii_disk_full_*).
+_DAEMON_STATE = (
+    _Rule("daemon_storage", True, _rx(
+        r"no space left on device", r"read-only file system", r"disk quota exceeded",
+        r"failed to (?:prepare|create|commit|mount|remove) (?:active |extraction )?snapshot",
+        r"snapshotter[^\n]{0,80}?(?:error|failed)", r"input/output error",
+    )),
+)
+
 _STRONG_PERMANENT = (
     _Rule("step_failed", False, _rx(
         r"did not complete successfully: exit code: -?\d+", r"executor failed running \[",
@@ -156,7 +168,6 @@ _TRANSIENT = (
         r"code = DeadlineExceeded\b", r"(?:^|: )DeadlineExceeded: ", r"context deadline exceeded",
     )),
     _Rule("canceled", True, _rx(r"code = Canceled\b", r"(?:^|: )Canceled: ", r"context canceled")),
-    _Rule("no_space", True, _rx(r"no space left on device")),
     _Rule("network_error", True, _NET),
 )
 
@@ -167,15 +178,18 @@ _WEAK_PERMANENT = (
 )
 # fmt: on
 
-_RULES = _STRONG_PERMANENT + _TRANSIENT + _WEAK_PERMANENT
+_RULES = _DAEMON_STATE + _STRONG_PERMANENT + _TRANSIENT + _WEAK_PERMANENT
 
+#: Reasons that mean the daemon's own state failed the build (its disk, its snapshotter): the
+#: daemon's circuit breaker opens and stays open a while, whatever its probe says.
+DAEMON_STATE_REASONS = frozenset({"daemon_storage"})
 #: Reasons that mean the build lost its daemon (a retry prefers another daemon).
-DAEMON_LOST_REASONS = frozenset({"goaway", "daemon_unreachable", "daemon_unavailable"})
+DAEMON_LOST_REASONS = frozenset({"goaway", "daemon_unreachable", "daemon_unavailable"}) | DAEMON_STATE_REASONS
 #: The reason of a run that never reached the daemon (dialing failed: nothing was built).
 NEVER_REACHED_REASON = "daemon_unreachable"
 
 #: Every reason label :func:`classify_failure` can return, by class (bounded: safe as a metric label).
-TRANSIENT_REASONS = frozenset({r.reason for r in _TRANSIENT} | {"custom_transient", "killed"})
+TRANSIENT_REASONS = frozenset({r.reason for r in _TRANSIENT + _DAEMON_STATE} | {"custom_transient", "killed"})
 PERMANENT_REASONS = frozenset({r.reason for r in _STRONG_PERMANENT + _WEAK_PERMANENT} | {"unknown", "killed"})
 
 # Lines of the tail that are never classified (see the module docstring).

@@ -48,7 +48,9 @@ class DaemonWatch:
         back = []
         for daemon in self.daemons:
             # the lock outlives the probe; one probe per interval across the deployment
-            if daemon not in down or not self.health.try_probe(daemon, self.timeout_s + self.interval_s):
+            if daemon not in down or self.health.held(daemon):
+                continue
+            if not self.health.try_probe(daemon, self.timeout_s + self.interval_s):
                 continue
             self.probes += 1
             result = probe_daemon(self.launcher, daemon, self.timeout_s, probe_id=f"probe-{self.probes}")

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..buildkit.classify import DAEMON_STATE_REASONS
 from ..store.daemons import DaemonHealth
 from ..store.jobs import BASELINE_TTL_S
 from ..store.keys import BASELINE_PREFIX
@@ -140,18 +141,24 @@ class MetricsHook(Hook):
 
 class BreakerHook(Hook):
     """An attempt whose buildctl could not dial its daemon opens that daemon's circuit breaker
-    (the claim then skips it until a probe finds it answering); the worker that opened it says so
-    once per outage, in its log and as a Celery event."""
+    (the claim then skips it until a probe finds it answering); so does one the daemon's own state
+    failed (a full disk, a broken snapshotter), held open for ``hold_s`` whatever probes say. The
+    worker that opened it says so once per outage, in its log and as a Celery event."""
 
-    def __init__(self, health: DaemonHealth | None, clock: Callable[[], float]) -> None:
-        self.health, self.clock = health, clock
+    def __init__(
+        self, health: DaemonHealth | None, clock: Callable[[], float], *, hold_s: float = 60.0
+    ) -> None:
+        self.health, self.clock, self.hold_s = health, clock, hold_s
 
     def attempt_ended(self, build: Build, entry: dict[str, Any]) -> None:
         daemon = entry.get("daemon")
-        if self.health is None or not daemon or entry.get("reached_daemon", True):
+        if self.health is None or not daemon:
+            return
+        state = entry.get("reason") in DAEMON_STATE_REASONS  # its disk: it answers, yet cannot build
+        if entry.get("reached_daemon", True) and not state:
             return
         error = str(entry.get("error") or "no answer")
-        if self.health.mark_down(daemon, error, self.clock()):
+        if self.health.mark_down(daemon, error, self.clock(), hold_s=self.hold_s if state else 0.0):
             logger.warning("BuildKit daemon %s is down: %s", daemon, error)
             build.progress.daemon_down(daemon, error)
 

@@ -131,7 +131,7 @@ class PoolRuntime:
         )
         hooks = [
             MetricsHook(self.metrics),
-            BreakerHook(DaemonHealth(client), time.time),
+            BreakerHook(DaemonHealth(client), time.time, hold_s=settings.daemon_hold_s),
             BaselineHook(settings.baseline_n),
         ]
         if settings.cache_affinity:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .keys import DAEMONS_DOWN, DAEMONS_ERROR, DAEMONS_UP, daemon_probe_key
+from .keys import DAEMONS_DOWN, DAEMONS_ERROR, DAEMONS_UP, daemon_hold_key, daemon_probe_key
 
 ERROR_CHARS = 300
 
@@ -38,13 +38,20 @@ class DaemonHealth:
     def __init__(self, client: Any) -> None:
         self.redis = client
 
-    def mark_down(self, daemon: str, error: str, now: float) -> bool:
-        """Open ``daemon``'s breaker; True when this call opened it (it was up)."""
+    def mark_down(self, daemon: str, error: str, now: float, *, hold_s: float = 0.0) -> bool:
+        """Open ``daemon``'s breaker; True when this call opened it (it was up). With ``hold_s`` the
+        breaker stays open at least that long whatever a probe says (a full disk answers probes)."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hsetnx(DAEMONS_DOWN, daemon, repr(now))
         pipe.hset(DAEMONS_ERROR, daemon, error[:ERROR_CHARS])
-        opened, _ = pipe.execute()
+        if hold_s > 0:
+            pipe.set(daemon_hold_key(daemon), "1", px=max(1, int(hold_s * 1000)))
+        opened = pipe.execute()[0]
         return bool(opened)
+
+    def held(self, daemon: str) -> bool:
+        """Whether ``daemon``'s breaker must stay open for now (see :meth:`mark_down`)."""
+        return bool(self.redis.exists(daemon_hold_key(daemon)))
 
     def mark_up(self, daemon: str, now: float) -> float | None:
         """Close ``daemon``'s breaker; the seconds it was down when this call closed it, else None."""

@@ -31,6 +31,8 @@ Shared:
 - ``daemons:down``  hash daemon -> epoch seconds it went down (the open circuit breakers)
 - ``daemons:up``    hash daemon -> epoch seconds it came back; ``daemons:error`` daemon -> last error
 - ``daemons:probe:<daemon>`` the lock of the one probe of a down daemon (expires)
+- ``daemons:hold:<daemon>`` set while a daemon's breaker stays open whatever its probe says (its
+                    own state failed builds: a full disk; expires after ``BUILDQ_DAEMON_HOLD_S``)
 - ``affinity:<cache key>`` the daemon whose last successful build used this cache
 - ``baseline:<cache key>`` list, newest first: the phases of a repository's last successful builds
 
@@ -116,6 +118,11 @@ def affinity_key(cache_key: str) -> str:
 def daemon_probe_key(daemon: str) -> str:
     """The lock held while one worker probes a down daemon."""
     return f"{PREFIX}daemons:probe:{daemon}"
+
+
+def daemon_hold_key(daemon: str) -> str:
+    """Set (with a TTL) while ``daemon``'s breaker must stay open whatever its probe says."""
+    return f"{PREFIX}daemons:hold:{daemon}"
 
 
 def baseline_key(cache_key: str) -> str:

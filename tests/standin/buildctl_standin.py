@@ -176,6 +176,8 @@ def run_build(addr: str, v: dict, info: dict, scenario: dict, rec: dict) -> int:
     if daemon is not None:
         rec["daemon"], rec["cmd"] = daemon, "build"
         daemon.dial()
+        if daemon.state().get("disk_full"):  # its disk is full: every build fails as the genuine one
+            raise BuildctlError(R.capture_error(R.DISK_FULL_CAPTURE))
     capture = scenario.get("capture")
     if daemon is not None and capture is None and kind in ("succeed", "flaky"):
         rec["variant"] = daemon.variant(rec["cache_key"], imports)

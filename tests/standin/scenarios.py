@@ -144,3 +144,14 @@ def genuine_argv(
             word = re.sub(r"=/build/[^,\s]*", "=" + context_dir, word)
         out.append(word)
     return out
+
+
+def daemon_disk_full(daemons_dir: str | Path, addr: str, full: bool = True) -> None:
+    """The daemon at ``addr`` has a full disk (``full=False``: space again): it answers ``debug
+    workers`` and dials, and every build fails as the genuine one did (err_vii_disk_full)."""
+    folder = daemon_dir(daemons_dir, addr)
+    try:
+        state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    _write_state(daemons_dir, addr, {**state, "disk_full": full})

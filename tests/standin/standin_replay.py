@@ -25,6 +25,7 @@ TIME_KEYS = ("started", "completed", "timestamp")
 ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 POLL_S = 0.05  # how often a running build looks at its simulated daemon's state
 GOAWAY_CAPTURE = "err_iii_sigterm_sigkill_plain"
+DISK_FULL_CAPTURE = "err_vii_disk_full_plain"
 LOCAL_CONTEXT_NAME = "[internal] load build context"
 REMOTE_CONTEXT_NAME = "[internal] load remote build context"
 CACHE_EXPORT_NAME = "exporting cache to registry"
