@@ -170,8 +170,13 @@ class Settings(BaseSettings):
 
     #: how long a job waits for a BuildKit daemon to come back when every daemon is down
     daemon_wait_s: float = Field(default=600.0, gt=0)
+    #: how long a job keeps retrying while its registry is away (down, 5xx, 429), backing off
+    registry_wait_s: float = Field(default=600.0, gt=0)
     #: how long a daemon whose own state failed a build (a full disk) gets no builds, probes or not
     daemon_hold_s: float = Field(default=60.0, ge=0)
+    #: a worker checks at start that Redis keeps an append-only file: ``require`` (refuse to start
+    #: without one), ``warn`` (say so loudly and start), ``ignore``
+    redis_persistence: Literal["require", "warn", "ignore"] = "warn"
     #: the name of this deployment: a worker reaps only its own deployment's leftover buildctl runs
     #: (default: derived from the state Redis address and DB)
     deployment: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")

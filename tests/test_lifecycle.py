@@ -415,3 +415,21 @@ def test_a_takeover_from_another_host_waits_until_its_run_is_known_dead(
     thread.join(10)
     assert result["ending"].record["state"] == "succeeded"
     assert [a["outcome"] for a in result["ending"].record["attempts"]] == ["lost", "succeeded"]
+
+
+def test_a_registry_away_is_waited_out_past_the_attempts_then_fails() -> None:
+    away = {"reached_daemon": True, "reason": "registry_unavailable"}
+    history = tuple({**away, "started_at_epoch": NOW - 300 + i} for i in range(6))  # more than 3 attempts
+    s = situation("failed", transient=True, reason="registry_unavailable", history=history, started_at=NOW)
+    got = decide(s, SETTINGS, jitter=1.0)
+    assert isinstance(got, Retry) and got.delay == SETTINGS.retry_backoff_cap_s  # backing off to the cap
+    late = situation("failed", transient=True, reason="registry_unavailable", history=history, now=NOW + 301,
+                     started_at=NOW + 300)  # fmt: skip
+    assert decide(late, SETTINGS, jitter=1.0) == Done("failed")  # BUILDQ_REGISTRY_WAIT_S (600) passed
+
+
+def test_registry_waits_use_none_of_the_attempts() -> None:
+    away = {"reached_daemon": True, "reason": "registry_unavailable", "started_at_epoch": NOW - 5}
+    failed = entry(reason="goaway")
+    s = situation("failed", transient=True, reason="goaway", history=(away, away, away, failed))
+    assert isinstance(decide(s, SETTINGS, jitter=0.5), Retry)  # only the goaway counted: 2 of 3

@@ -116,6 +116,7 @@ def test_a_retry_held_by_a_worker_that_died_is_put_back(
         scen = scenario(kind="flaky", state_dir=str(flaky_state), key=f"k{i}", fail_first=1)
         jobs.append(client.submit({"context": str(context_dir), "tags": [f"reg/held:{i}"],
                                    "build_args": {"STANDIN_SCENARIO": scen}}).job_id)  # fmt: skip
+
     # every job failed once; each waits out its backoff (a jittered 0-8 s) as a message held by
     # worker A, or already ran again
     def settled() -> list[str] | None:
@@ -172,3 +173,56 @@ def test_a_retry_nobody_said_it_holds_is_put_back_only_well_after_its_eta(store:
     held_retry(store, "young", eta=now - 5, holder=None)
     held_retry(store, "old", eta=now - 60, holder=None)
     assert requeue_stalled(store, after_s=10) == ["old"]
+
+
+# -- a Redis without persistence, and what status says of a job it lost ------------------------
+
+
+def test_a_worker_refuses_to_start_on_a_redis_without_an_append_only_file_when_asked(standin: Path) -> None:
+    from tests.harness import run_cli
+
+    env = base_env(18, "np", BUILDQ_BUILDCTL_PATH=str(standin), BUILDQ_REDIS_PERSISTENCE="require")
+    done = run_cli(env, "worker", timeout=60)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "appendonly no" in lines[0] and "BUILDQ_REDIS_PERSISTENCE" in lines[0], lines
+
+
+def test_status_tells_a_job_lost_with_redis_data_from_one_never_seen() -> None:
+    from buildq.contract.job import new_job_id
+    from tests.harness import run_cli
+
+    env = base_env(19, "lost")
+    flush_dbs(env)
+    client = client_for(env)
+    client.store.heartbeat(worker="w", domain="d", ttl_s=5)  # this Redis's data begins now
+    old = new_job_id(time.time() - 3600)  # submitted an hour ago, to a Redis that since lost it
+    assert client.status(old)["state"] == "lost"
+    assert client.status(new_job_id())["state"] == "unknown"
+    assert client.status("my-own-id")["state"] == "unknown"  # a producer's own id: cannot tell
+    out = run_cli(env, "status", old)
+    assert out.returncode == 1 and "is lost" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_celery_control_shutdown_keeps_the_shutdown_grace(
+    tmp_path: Path, standin: Path, context_dir: Path, start_worker: Any
+) -> None:
+    from buildq.celeryapp.app import create_app
+    from tests.harness import settings_from
+
+    log = StandinLog(tmp_path / "standin.jsonl")
+    env = host_env(f"sd{uuid.uuid4().hex[:6]}", standin, tmp_path / "s", log, BUILDQ_SHUTDOWN_GRACE_S="2")
+    flush_dbs(env)
+    worker = start_worker(env, concurrency=1, name="remote")
+    client_for(env).submit({"context": str(context_dir), "tags": ["reg/sd:1"],
+                            "build_args": {"STANDIN_SCENARIO": scenario(kind="hang")}})  # fmt: skip
+    wait_until(lambda: log.starts(), timeout=30)
+    app = create_app(settings_from(env))
+    try:
+        app.control.shutdown(destination=[f"remote@{os.uname().nodename}"])
+    finally:
+        app.close()
+    asked = time.monotonic()
+    worker.proc.wait(timeout=40)  # Celery's own command would wait for the build without a limit
+    assert time.monotonic() - asked < 30
+    assert "warm shutdown, for at most 2s" in worker.log()

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+import redis.exceptions
 from celery import Celery
 from celery.signals import (
     task_postrun,
@@ -50,6 +51,46 @@ def create_worker_app(settings: Settings) -> Celery:
     register(app)
     app.buildq_worker = WorkerProcesses(app, settings)
     return app
+
+
+_GRACE_STARTED: list[threading.Timer] = []
+
+
+def start_grace(grace: float) -> None:
+    """A warm shutdown lets running builds finish, for at most ``grace`` seconds
+    (``BUILDQ_SHUTDOWN_GRACE_S``), however it was asked for (SIGTERM, ``celery control shutdown``).
+
+    After the grace the worker escalates to a cold shutdown: pool processes (and their buildctl,
+    killed by their host's reaper or the next owner of the job's claim) stop, and the
+    unacknowledged messages go back to the queue, so the builds run again elsewhere instead of
+    being lost. Started once per process.
+    """
+    if _GRACE_STARTED:
+        return
+
+    def escalate() -> None:
+        log.warning("builds still running after %.0fs of warm shutdown: cold shutdown", grace)
+        os.kill(os.getpid(), signal.SIGQUIT)
+
+    timer = threading.Timer(grace, escalate)
+    timer.daemon = True
+    timer.start()
+    _GRACE_STARTED.append(timer)
+
+
+def register_remote_shutdown(grace: float) -> None:
+    """``celery control shutdown`` is a warm shutdown with the same grace as SIGTERM (Celery's own
+    command waits for running tasks without a limit)."""
+    from celery.exceptions import WorkerShutdown
+    from celery.platforms import EX_OK
+    from celery.worker.control import control_command
+
+    @control_command(name="shutdown")
+    def shutdown(state: object, msg: str = "Got shutdown from remote", **_: object) -> None:
+        """Shutdown worker(s) (warm, for at most BUILDQ_SHUTDOWN_GRACE_S)."""
+        log.warning("%s: warm shutdown, for at most %.0fs", msg, grace)
+        start_grace(grace)
+        raise WorkerShutdown(EX_OK)
 
 
 def _connect_signals(app: Celery, settings: Settings) -> None:
@@ -107,23 +148,8 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
             processes.main.close()
 
     def on_shutting_down(sig: str = "", how: str = "", exitcode: int = 0, **_: object) -> None:
-        """Warm shutdown lets running builds finish, for at most ``BUILDQ_SHUTDOWN_GRACE_S``.
-
-        After the grace the worker escalates to a cold shutdown: pool processes (and their
-        buildctl, killed by the next owner of the job's lease) stop, and the unacknowledged
-        messages go back to the queue, so the builds run again elsewhere instead of being lost.
-        """
-        if how != "Warm":
-            return
-        grace = settings.shutdown_grace_s
-
-        def escalate() -> None:
-            log.warning("builds still running after %.0fs of warm shutdown: cold shutdown", grace)
-            os.kill(os.getpid(), signal.SIGQUIT)
-
-        timer = threading.Timer(grace, escalate)
-        timer.daemon = True
-        timer.start()
+        if how == "Warm":
+            start_grace(settings.shutdown_grace_s)
 
     worker_process_init.connect(on_process_init, weak=False)
     task_postrun.connect(on_task_postrun, weak=False)
@@ -162,11 +188,39 @@ def worker_argv(
     return argv
 
 
+class PersistenceRefused(Exception):
+    """``BUILDQ_REDIS_PERSISTENCE=require`` and Redis keeps no append-only file."""
+
+
+def check_persistence(settings: Settings) -> None:
+    """Say how the state Redis keeps its data (``BUILDQ_REDIS_PERSISTENCE``): raise
+    :class:`PersistenceRefused` with the reason under ``require``, log a warning under ``warn``."""
+    if settings.redis_persistence == "ignore":
+        return
+    from ..store.connect import persistence_problem, redis_client
+
+    client = redis_client(settings, socket_timeout=5)
+    try:
+        problem = persistence_problem(client)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        log.warning("Redis did not answer at start (%s); its persistence is not checked", exc)
+        return
+    finally:
+        client.close()
+    if problem is None:
+        return
+    if settings.redis_persistence == "require":
+        raise PersistenceRefused(f"{problem} (BUILDQ_REDIS_PERSISTENCE=require)")
+    log.warning("%s; set appendonly yes (docs: operating) or BUILDQ_REDIS_PERSISTENCE=ignore", problem)
+
+
 def run_worker(settings: Settings, argv: list[str]) -> None:
     """Start a Celery worker in this process (blocks until it stops)."""
+    check_persistence(settings)
     if settings.metrics_port is not None:
         # before prometheus_client's values are made: pool processes write samples to this dir
         prepare_multiprocess_dir(settings.metrics_dir)
     app = create_worker_app(settings)
     _connect_signals(app, settings)
+    register_remote_shutdown(settings.shutdown_grace_s)
     app.worker_main(argv)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .common import cli_settings
+from .common import EXIT_INVALID, cli_settings, die
 
 
 def worker(
@@ -29,7 +29,7 @@ def worker(
 ) -> None:
     """Start a build worker (Celery, task events on, late acks, prefetch 1). Other options are
     Celery's worker options, passed through (--max-tasks-per-child N, --logfile F, -O fair …)."""
-    from ..celeryapp.worker import run_worker, worker_argv
+    from ..celeryapp.worker import PersistenceRefused, run_worker, worker_argv
 
     settings = cli_settings()
     argv = worker_argv(
@@ -42,7 +42,10 @@ def worker(
         hostname=hostname,
         extra=list(ctx.args),
     )
-    run_worker(settings, argv)
+    try:
+        run_worker(settings, argv)
+    except PersistenceRefused as exc:
+        die(str(exc), EXIT_INVALID)
 
 
 #: Celery's own worker options are not buildq's to list: unknown ones go through to it

@@ -109,9 +109,10 @@ class BuildqClient:
     def status(self, job_id: str) -> dict[str, Any]:
         """The job in the documented record shape, whatever its state: the final record once there is
         one, else ``job_id``, ``state`` (queued | running; ``unknown`` when buildq has never seen the
-        id), ``phase``, ``attempt``, ``worker``, ``daemon``, ``enqueued_at``, ``started_at``."""
-        record = self.store.result(job_id)
-        return job_status(job_id, {} if record is not None else self.store.info(job_id), record)
+        id, ``lost`` when the id dates from before this Redis's data began), ``phase``, ``attempt``,
+        ``worker``, ``daemon``, ``enqueued_at``, ``started_at``."""
+        record, info, epoch = self.store.status_parts(job_id)
+        return job_status(job_id, info, record, epoch)
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the record is stored; TimeoutError after ``timeout`` seconds."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import uuid
+import secrets
+import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,9 +38,19 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 URL_CONTEXT = re.compile(r"^https?://[A-Za-z0-9._~%-]+(?::[0-9]{1,5})?(?:/[^\s#?]*)?(?:\?[^\s#]*)?$")
 
 
-def new_job_id() -> str:
-    """A fresh random job id (32 hex characters)."""
-    return uuid.uuid4().hex
+def new_job_id(now: float | None = None) -> str:
+    """A fresh job id: 32 hex characters, the first 12 the creation time in milliseconds (so a
+    reader can tell a job submitted before the Redis it asks lost its data), then 80 random bits."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:012x}{secrets.token_hex(10)}"
+
+
+def job_id_time(job_id: str) -> float | None:
+    """When a job id made by :func:`new_job_id` was made (epoch s); None for any other id."""
+    if len(job_id) != 32 or not all(c in "0123456789abcdef" for c in job_id):
+        return None
+    seconds = int(job_id[:12], 16) / 1000
+    return seconds if 1_500_000_000 < seconds < time.time() + 86400 else None
 
 
 def is_git_context(context: str) -> bool:

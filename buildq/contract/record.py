@@ -17,13 +17,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from .job import job_id_time
+
 #: RFC 3339 UTC with milliseconds, as :func:`iso` writes it
 Time = Annotated[
     str,
     Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", json_schema_extra={"format": "date-time"}),
 ]
 Seconds = Annotated[float, Field(ge=0)]
-PENDING_STATES = ("queued", "running", "unknown")
+PENDING_STATES = ("queued", "running", "unknown", "lost")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
 
 
@@ -137,9 +139,11 @@ class _Common(_Closed):
 
 
 class PendingRecord(_Common):
-    """A job that has not finished: queued (also between attempts), running, or unknown to buildq."""
+    """A job that has not finished: queued (also between attempts), running, unknown to buildq, or
+    lost (its id says it was made before the data of the Redis asked began: a restart without
+    persistence lost it)."""
 
-    state: Literal["queued", "running", "unknown"]
+    state: Literal["queued", "running", "unknown", "lost"]
 
 
 class FinishedRecord(_Common):
@@ -258,15 +262,26 @@ def public_record(record: Mapping[str, Any]) -> dict[str, Any]:
 _PENDING_STATES = ("queued", "running")
 
 
-def job_status(job_id: str, info: Mapping[str, str], record: Mapping[str, Any] | None) -> dict[str, Any]:
+#: a job id made this long before the Redis epoch is lost, not merely unknown (clock slack)
+LOST_SLACK_S = 5.0
+
+
+def job_status(
+    job_id: str, info: Mapping[str, str], record: Mapping[str, Any] | None, epoch: float | None = None
+) -> dict[str, Any]:
     """What a reader gets for ``job_id`` in any state: the stored record once finished, else the job
     hash (``buildq:job:<id>``, all strings) in the same shape: ``attempt`` a number, times ISO
-    strings, and none of the hash's internal fields (message, history, claim generation, queue)."""
+    strings, and none of the hash's internal fields (message, history, claim generation, queue).
+    A job buildq has nothing about is ``unknown``, or ``lost`` when its id (one the client made)
+    dates from before ``epoch``, when the Redis asked began holding buildq's data."""
     if record is not None:
         return public_record(record)
     state = info.get("state")
     if state not in _PENDING_STATES:  # never seen (or its hash expired)
-        return {**_common(job_id, "unknown", None, None, None, None), "enqueued_at": None, "started_at": None}
+        made = job_id_time(job_id)
+        lost = epoch is not None and made is not None and made < epoch - LOST_SLACK_S
+        empty = {"enqueued_at": iso(made) if lost else None, "started_at": None}
+        return {**_common(job_id, "lost" if lost else "unknown", None, None, None, None), **empty}
     attempt = info.get("attempt")
     phase = info.get("phase") or ("queued" if state == "queued" else None)
     return {

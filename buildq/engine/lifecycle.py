@@ -136,23 +136,40 @@ class Drop:
 Decision = Done | Retry | WaitForDaemon | GiveUp | Drop
 
 
+#: reasons a build waits out for up to ``BUILDQ_REGISTRY_WAIT_S`` instead of using its attempts: the
+#: registry is away (down, restarting, answering 5xx/429)
+REGISTRY_WAIT_REASONS = frozenset({"registry_unavailable"})
+
+
+def never_reached(entry: Mapping[str, Any]) -> bool:
+    """Whether an attempt never reached its daemon (dialing failed: nothing was built)."""
+    return not entry.get("reached_daemon", True) and entry.get("reason") == NEVER_REACHED_REASON
+
+
 def counts_as_attempt(entry: Mapping[str, Any]) -> bool:
     """Whether an attempt counts against ``BUILDQ_RETRY_MAX_ATTEMPTS``: all but one that never
-    reached its daemon (dialing failed: nothing was built)."""
-    return bool(entry.get("reached_daemon", True)) or entry.get("reason") != NEVER_REACHED_REASON
+    reached its daemon, and one the registry's absence failed (those are bounded by a wait)."""
+    return not never_reached(entry) and entry.get("reason") not in REGISTRY_WAIT_REASONS
 
 
-def unreached_since(history: Sequence[Mapping[str, Any]], current: float | None) -> float | None:
-    """When the trailing run of attempts that never reached a daemon began (``current``: this
-    attempt's start, itself one of them), else None."""
+def trailing_since(
+    history: Sequence[Mapping[str, Any]], current: float | None, alike: Callable[[Mapping[str, Any]], bool]
+) -> float | None:
+    """When the trailing run of attempts ``alike`` began (``current``: this attempt's start,
+    itself one of them), else None."""
     since = current
     for entry in reversed(history):
-        if counts_as_attempt(entry):
+        if not alike(entry):
             break
         started = entry.get("started_at_epoch")
         if isinstance(started, int | float):
             since = started
     return since
+
+
+def unreached_since(history: Sequence[Mapping[str, Any]], current: float | None) -> float | None:
+    """When the trailing run of attempts that never reached a daemon began, else None."""
+    return trailing_since(history, current, never_reached)
 
 
 def decide(s: Situation, settings: Settings, *, jitter: float) -> Decision:
@@ -178,12 +195,19 @@ def decide(s: Situation, settings: Settings, *, jitter: float) -> Decision:
         return Done("cancelled")
     if s.outcome != "failed" or not s.transient or s.cancel_requested:
         return Done("failed")  # a timeout, a permanent failure, or nobody wants it any more
-    counted_now = s.reached_daemon or s.reason != NEVER_REACHED_REASON
-    if not counted_now:  # the daemon never saw it: another daemon at once, no attempt used
+    if not s.reached_daemon and s.reason == NEVER_REACHED_REASON:
+        # the daemon never saw it: another daemon at once, no attempt used, for up to the wait
         unreached = unreached_since(s.history, s.started_at)
         if unreached is not None and s.now - unreached >= settings.daemon_wait_s:
             return GiveUp()
         return Retry(delay=0.0, reason=s.reason or "", avoid_daemon=True)
+    if s.reason in REGISTRY_WAIT_REASONS:  # the registry is away: wait it out, backing off
+        away = [e for e in s.history if e.get("reason") in REGISTRY_WAIT_REASONS]
+        began = trailing_since(s.history, s.started_at, lambda e: e.get("reason") in REGISTRY_WAIT_REASONS)
+        if began is not None and s.now - began >= settings.registry_wait_s:
+            return Done("failed")
+        base, cap = settings.retry_backoff_base_s, settings.retry_backoff_cap_s
+        return Retry(delay=jitter * backoff_ceiling(1 + len(away), base=base, cap=cap), reason=s.reason or "")
     counted = 1 + sum(1 for entry in s.history if counts_as_attempt(entry))
     if counted >= settings.retry_max_attempts:
         return Done("failed")

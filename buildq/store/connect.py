@@ -83,3 +83,22 @@ def redis_client(settings: Settings, url: str | None = None, **options: Any) -> 
     connection.update(options)
     master: redis.Redis = sentinel.master_for(settings.sentinel_master, db=address.db, **connection)
     return master
+
+
+def persistence_problem(client: Any) -> str | None:
+    """What is wrong with how ``client``'s Redis keeps its data across a restart (None: it keeps an
+    append-only file). Without one, a restart loses every queued and running job, and buildq's own
+    copies of their messages with them (they live in the same Redis)."""
+    try:
+        appendonly = client.config_get("appendonly").get("appendonly")
+        save = client.config_get("save").get("save")
+    except redis.exceptions.ResponseError as exc:
+        return f"cannot tell whether Redis keeps its data (CONFIG GET refused: {exc})"
+    if appendonly == "yes":
+        return None
+    kept = (
+        "no RDB snapshots either"
+        if not save
+        else f"only RDB snapshots ({save}): the writes since the last one"
+    )
+    return f"Redis keeps no append-only file (appendonly no; {kept}): a restart loses queued and running jobs"

@@ -39,6 +39,7 @@ from .keys import (
     CANCELS_CHANNEL,
     DAEMONS_DOWN,
     DOMAINS,
+    EPOCH,
     QUEUED_INDEX,
     RECENT_INDEX,
     RECENT_MAX,
@@ -449,7 +450,7 @@ class JobStore:
     def heartbeat(self, *, worker: str, domain: str, ttl_s: float) -> float:
         """This worker (and its domain) lives for ``ttl_s`` more; the server clock (epoch s)."""
         now = self.scripts.call(
-            "heartbeat", workers=WORKERS, domains=DOMAINS, worker=worker, domain=domain,
+            "heartbeat", workers=WORKERS, domains=DOMAINS, epoch=EPOCH, worker=worker, domain=domain,
             ttl_ms=max(1, int(ttl_s * 1000)),
         )  # fmt: skip
         return int(now) / 1000
@@ -475,6 +476,17 @@ class JobStore:
     def info(self, job_id: str) -> dict[str, str]:
         raw: dict[bytes, bytes] = self.redis.hgetall(job_keys(job_id).hash)  # type: ignore[assignment]
         return {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
+
+    def status_parts(self, job_id: str) -> tuple[dict[str, Any] | None, dict[str, str], float | None]:
+        """The job's record, its hash and this Redis's epoch, in one round trip."""
+        k = job_keys(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(k.result)
+        pipe.hgetall(k.hash)
+        pipe.get(EPOCH)
+        raw, fields, epoch = pipe.execute()
+        info = {_text(a): _text(b) for a, b in fields.items()}
+        return (json.loads(raw) if raw else None), info, _float(epoch)
 
     def result(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(job_keys(job_id).result)

@@ -60,6 +60,9 @@ DAEMONS_ERROR = f"{PREFIX}daemons:error"
 #: live worker main processes and live domains (where runs can be killed from): sorted sets scored
 #: by expiry (server clock, ms), written by each worker's heartbeat
 WORKERS = f"{PREFIX}workers"
+#: when this Redis's buildq data began (epoch s, server clock; set by the first heartbeat, so a Redis
+#: that lost its data gets a new one): a job id made before it was lost with that data
+EPOCH = f"{PREFIX}epoch"
 DOMAINS = f"{PREFIX}domains"
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"

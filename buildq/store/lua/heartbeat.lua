@@ -3,6 +3,7 @@
 -- are scored by their expiry on the server clock; expired ones are dropped here.
 local workers = KEYS[1]        -- live workers (sorted set, score: expiry ms)
 local domains = KEYS[2]        -- live domains (sorted set, score: expiry ms)
+local epoch = KEYS[3]          -- when this Redis's buildq data began (set once; a data loss resets it)
 local worker = ARGV[1]
 local domain = ARGV[2]
 local ttl_ms = tonumber(ARGV[3])
@@ -11,4 +12,5 @@ redis.call('ZREMRANGEBYSCORE', workers, '-inf', now)
 redis.call('ZREMRANGEBYSCORE', domains, '-inf', now)
 redis.call('ZADD', workers, now + ttl_ms, worker)
 redis.call('ZADD', domains, now + ttl_ms, domain)
+redis.call('SET', epoch, string.format('%.3f', now / 1000), 'NX')
 return now
