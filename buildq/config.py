@@ -27,6 +27,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from .contract.grants import validate_repository_pattern
+from .errors import SettingsError
 
 ENV_PREFIX = "BUILDQ_"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
@@ -174,6 +175,8 @@ class Settings(BaseSettings):
     registry_wait_s: float = Field(default=600.0, gt=0)
     #: how long a daemon whose own state failed a build (a full disk) gets no builds, probes or not
     daemon_hold_s: float = Field(default=60.0, ge=0)
+    #: how long a command waits for Redis (a restart, a Sentinel failover) before it gives up
+    redis_retry_s: float = Field(default=30.0, ge=0)
     #: a worker checks at start that Redis keeps an append-only file: ``require`` (refuse to start
     #: without one), ``warn`` (say so loudly and start), ``ignore``
     redis_persistence: Literal["require", "warn", "ignore"] = "warn"
@@ -286,10 +289,6 @@ class _MappingEnvSource(EnvSettingsSource):
         return parse_env_vars(
             self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
         )
-
-
-class SettingsError(ValueError):
-    """Settings are invalid; the message names each offending ``BUILDQ_*`` variable."""
 
 
 def _env_name(loc: tuple[object, ...]) -> str:

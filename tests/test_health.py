@@ -76,7 +76,38 @@ def settings(**overrides: Any) -> Settings:
 
 
 def by_name(report: HealthReport) -> dict[str, Check]:
-    return {check.name: check for check in report.checks}
+    """The checks by name, but the workers' (tested on its own below)."""
+    return {check.name: check for check in report.checks if check.name != "workers"}
+
+
+def names(report: HealthReport) -> list[str]:
+    return list(by_name(report))
+
+
+@pytest.fixture(autouse=True)
+def a_live_worker() -> Any:
+    """One worker's heartbeat in the test's Redis (health needs one alive to be ok)."""
+    import redis
+
+    from buildq.store.jobs import JobStore
+
+    client = redis.Redis.from_url(DB_URL)
+    JobStore(client, result_ttl_s=60).heartbeat(worker="w1@test", domain="test", ttl_s=60)
+    yield
+    client.delete("buildq:workers", "buildq:domains", "buildq:epoch")
+    client.close()
+
+
+def test_health_names_the_live_workers_and_fails_without_one(launcher: ScenarioLauncher) -> None:
+    import redis
+
+    report = check_health(settings(buildkit_host=GOOD), launcher=launcher)
+    (workers,) = [c for c in report.checks if c.name == "workers"]
+    assert workers.ok and workers.detail == "1 alive: w1@test"
+    redis.Redis.from_url(DB_URL).delete("buildq:workers")
+    report = check_health(settings(buildkit_host=GOOD), launcher=launcher)
+    (workers,) = [c for c in report.checks if c.name == "workers"]
+    assert not workers.ok and "no worker" in workers.detail and not report.ok
 
 
 def rendered(report: HealthReport) -> str:
@@ -110,13 +141,13 @@ def test_good_and_refused_daemons(launcher: ScenarioLauncher) -> None:
 def test_all_ok(launcher: ScenarioLauncher) -> None:
     report = check_health(settings(buildkit_hosts=[GOOD, "tcp://127.0.0.1:1235"]), launcher=launcher)
     assert report.ok
-    assert [c.name for c in report.checks] == ["broker", f"buildkit {GOOD}", "buildkit tcp://127.0.0.1:1235"]
+    assert names(report) == ["broker", f"buildkit {GOOD}", "buildkit tcp://127.0.0.1:1235"]
     assert all(c.seconds >= 0 for c in report.checks)
 
 
 def test_single_host_setting_used(launcher: ScenarioLauncher) -> None:
     report = check_health(settings(buildkit_host=REFUSED), launcher=launcher)
-    assert [(c.name, c.ok) for c in report.checks] == [("broker", True), (f"buildkit {REFUSED}", False)]
+    assert [(c.name, c.ok) for c in report.checks if c.name != "workers"] == [("broker", True), (f"buildkit {REFUSED}", False)]
 
 
 def test_broker_down(launcher: ScenarioLauncher) -> None:
@@ -137,7 +168,7 @@ def test_state_redis_checked_when_spelled_apart(launcher: ScenarioLauncher) -> N
     # BUILDQ_REDIS_URL must name the broker's Redis and DB; spelled another way, it is checked too
     other = f"{DB_URL}?socket_timeout=5"
     report = check_health(settings(redis_url=other, buildkit_host=GOOD), launcher=launcher)
-    assert [c.name for c in report.checks] == ["broker", "state redis", f"buildkit {GOOD}"]
+    assert names(report) == ["broker", "state redis", f"buildkit {GOOD}"]
     assert report.ok
     with pytest.raises(SettingsError, match="BUILDQ_REDIS_URL must name the broker's Redis and DB"):
         settings(redis_url=f"{REDIS_URL}/12")
@@ -231,7 +262,7 @@ def test_docker_engine_and_image(launcher: ScenarioLauncher) -> None:
         settings(launcher="docker", buildkit_host=GOOD), launcher=launcher, docker_factory=lambda s, t: fake
     )
     checks = by_name(report)
-    assert [c.name for c in report.checks] == ["broker", "docker engine", "docker image", f"buildkit {GOOD}"]
+    assert names(report) == ["broker", "docker engine", "docker image", f"buildkit {GOOD}"]
     assert checks["docker image"].detail == "moby/buildkit:v0.21.0 present"
     assert report.ok and fake.closed
 

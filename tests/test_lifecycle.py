@@ -69,10 +69,10 @@ def test_a_permanent_failure_a_timeout_and_a_cancel_are_done() -> None:
 
 
 def test_a_transient_failure_is_retried_after_a_jittered_backoff() -> None:
-    first = decide(situation("failed", transient=True, reason="registry_unavailable"), SETTINGS, jitter=0.5)
-    assert first == Retry(delay=0.5, reason="registry_unavailable", avoid_daemon=False)
+    first = decide(situation("failed", transient=True, reason="resource_exhausted"), SETTINGS, jitter=0.5)
+    assert first == Retry(delay=0.5, reason="resource_exhausted", avoid_daemon=False)
     second = decide(
-        situation("failed", transient=True, reason="registry_unavailable", history=(entry(),)),
+        situation("failed", transient=True, reason="resource_exhausted", history=(entry(),)),
         SETTINGS, jitter=1.0,
     )  # fmt: skip
     assert isinstance(second, Retry) and second.delay == 2.0  # base 1 s doubles, times the jitter

@@ -4,6 +4,7 @@ mid-run loses no build and runs none twice at once (real redis-server and sentin
 from __future__ import annotations
 
 import collections
+import json
 import os
 import random
 import signal
@@ -23,7 +24,7 @@ from buildq.store.connect import parse_sentinel_url
 from buildq.store.scripts import Replicas
 from tests.conftest import scenario
 from tests.harness import RETRYABLE as HARNESS_RETRYABLE
-from tests.harness import base_env, client_for, submit_retrying, wait_retrying
+from tests.harness import base_env, client_for
 from tests.sentinels import MASTER_NAME, SentinelSetup
 from tests.test_no_loss import overlapping_runs
 
@@ -121,9 +122,14 @@ def test_a_submission_is_acknowledged_only_once_a_replica_has_it(
         os.kill(pid, signal.SIGCONT)
 
 
-def test_sigkill_of_the_master_under_fifty_builds_loses_none_and_doubles_none(
+def test_sigkill_of_the_master_under_fifty_plain_submits_loses_none_and_doubles_none(
     sentinels, standin, context_dir, tmp_path, start_worker, standin_log
 ) -> None:
+    """Producers that do not retry by themselves — half through the CLI, half through BuildqClient —
+    submit 50 builds; the master is SIGKILLed after the 25th. Every submit returns success (the
+    client rides through the failover: BUILDQ_REDIS_RETRY_S), every build succeeds, none twice at once."""
+    from tests.harness import run_cli
+
     env = sentinel_env(sentinels, standin, tmp_path, BUILDQ_REQUEUE_LOST_AFTER_S="3",
                        STANDIN_LOG=str(standin_log.path))  # fmt: skip
     start_worker(env, concurrency=2)
@@ -138,7 +144,12 @@ def test_sigkill_of_the_master_under_fifty_builds_loses_none_and_doubles_none(
         spec = scenario(kind="succeed", sleep_s=round(rng.uniform(0.1, 1.5), 2))
         job = {"context": str(context_dir), "tags": [f"reg/sentinel{i}:1"], "job_id": f"sentinel-{i}",
                "build_args": {"STANDIN_SCENARIO": spec}}  # fmt: skip
-        handles.append(submit_retrying(client, job, retry_on=RETRYABLE))
+        if i % 2:
+            handles.append(client.submit(job).job_id)  # a plain call: no retry of the producer's own
+        else:
+            done = run_cli(env, "submit", "--job-file", "-", stdin=json.dumps(job), timeout=120)
+            assert done.returncode == 0, done.stderr
+            handles.append(done.stdout.strip())
         if killed_at is not None and first_submit_after is None:
             first_submit_after = time.time() - killed_at
         if i == 24:  # midway: builds running, others queued
@@ -151,7 +162,7 @@ def test_sigkill_of_the_master_under_fifty_builds_loses_none_and_doubles_none(
             time.sleep(rng.uniform(0.0, 0.2))
     watcher.join()
     assert killed_at is not None and first_submit_after is not None and failover
-    records = {h: wait_retrying(client, h, timeout=240, retry_on=RETRYABLE) for h in handles}
+    records = {h: client.wait(h, timeout=240) for h in handles}
     states = collections.Counter(rec["state"] for rec in records.values())
     last_done = max(_epoch(rec["finished_at"]) for rec in records.values())
     starts = standin_log.starts()

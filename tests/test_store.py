@@ -342,7 +342,9 @@ def test_a_finish_by_a_holder_that_lost_its_claim_writes_nothing(store: JobStore
     assert store.result("ff") is None and client.exists(job_keys("ff").log) == 0
     assert store.lease_holder("ff") == new.token
     assert finish(store, fence(new, "ff"))
-    assert not finish(store, fence(new, "ff"), state="failed")  # a result stands: no second finish
+    # the same claim again (its reply was lost and it tries again): stored already, nothing rewritten
+    assert finish(store, fence(new, "ff"), state="failed")
+    assert store.result("ff") == {"job_id": "ff", "state": "succeeded"}
 
 
 def test_only_a_success_is_remembered_for_the_cache_and_joins_the_baseline(store: JobStore, client) -> None:
@@ -438,3 +440,23 @@ def test_heartbeats_keep_workers_and_domains_live_by_the_server_clock(store: Job
 
     time.sleep(0.1)
     assert set(store.live(WORKERS)) == {"w1@h"} and set(store.live(DOMAINS)) == {"host-a"}
+
+
+def test_a_claim_requeue_or_finish_whose_reply_was_lost_can_be_sent_again(store: JobStore, client) -> None:
+    """The client tries a command again when the connection dropped after Redis ran it: each script
+    then says what it did the first time, and does nothing twice."""
+    submit(store, "again")
+    got = claimed(store, "again")
+    token = got.token
+    import uuid as _uuid
+
+    orig = _uuid.uuid4
+    try:  # the same claim again, with the same token
+        _uuid.uuid4 = lambda: _uuid.UUID(hex=token)  # type: ignore[assignment]
+        twice = claimed(store, "again")
+    finally:
+        _uuid.uuid4 = orig  # type: ignore[assignment]
+    assert (twice.gen, twice.token, twice.history.running) == (got.gen, token, None)
+    f = fence(got, "again")
+    assert requeue(store, f, delivery="d2") and requeue(store, f, delivery="d2")
+    assert client.llen("q") == 2  # the submit's message and one requeued message, not two

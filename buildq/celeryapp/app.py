@@ -34,7 +34,9 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # a build goes on while the broker is away: its claim's fence, not a cancel, keeps a second
+        # delivery from doubling it, and its outcome is stored once Redis is back
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": broker_transport,
         "result_backend_transport_options": transport,

@@ -31,9 +31,13 @@ from ..contract.wire import read_delivery
 from ..engine.lifecycle import Progress
 from ..engine.runtime import MainRuntime, PoolRuntime
 from ..engine.scheduler import Scheduler
+from ..errors import RedisUnavailable
 from ..names import BUILDING, TASK_NAME
 
 log = logging.getLogger("buildq.tasks")
+
+#: what redis-py raises when Redis is away
+REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 #: unexpected errors in a row after which a pool process stops taking jobs (it exits; Celery
 #: starts another)
@@ -181,7 +185,11 @@ def register(app: Celery) -> None:
         progress = TaskProgress(self, runtime, self.app.buildq_worker.events())
         try:
             ending = runtime.lifecycle.handle(delivery, progress)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as lost_redis:
+        except (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            RedisUnavailable,
+        ) as lost_redis:
             # Redis went away: hand the message back instead of acknowledging a build without a
             # record (if the broker is down too, it stays unacknowledged and comes back)
             raise Reject(f"redis unavailable: {lost_redis}", requeue=True) from None

@@ -10,7 +10,7 @@ import typer
 
 from ..config import Settings, SettingsError, load_settings
 
-EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 1, 2, 3
+EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_REDIS = 1, 2, 3, 4
 
 
 def die(message: str, code: int) -> None:

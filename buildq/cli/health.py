@@ -160,6 +160,32 @@ def check_redis(name: str, url: str, timeout_s: float, settings: Settings) -> Ch
     return Check(name, ok, detail, time.monotonic() - started)
 
 
+def check_workers(timeout_s: float, settings: Settings) -> Check:
+    """At least one worker of the deployment is alive: its heartbeat (``buildq:workers``, written every
+    2 s by each worker's main process, on the Redis server's clock) has not expired."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from ..store.connect import redis_client
+    from ..store.jobs import JobStore
+
+    started = time.monotonic()
+    client = None
+    try:
+        client = redis_client(settings, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+                              retry=Retry(NoBackoff(), 0))  # fmt: skip
+        live = JobStore(client, result_ttl_s=settings.result_ttl_s).live()
+        ok = bool(live)
+        names = ", ".join(sorted(live)[:5]) + (f" and {len(live) - 5} more" if len(live) > 5 else "")
+        detail = f"{len(live)} alive: {names}" if live else "no worker has a heartbeat: none is running"
+    except Exception as exc:  # any failure is the finding
+        ok, detail = False, f"cannot read the heartbeats: {_error_text(exc)}"
+    finally:
+        if client is not None:
+            client.close()
+    return Check("workers", ok, detail, time.monotonic() - started)
+
+
 def check_daemon(n: int, daemon: str, launcher: Launcher, timeout_s: float) -> Check:
     """``buildctl debug workers`` against ``daemon`` (:func:`buildq.engine.probe.probe_daemon`)."""
     from ..engine.probe import probe_daemon
@@ -259,7 +285,8 @@ def check_health(
     timeout_s: float = 5,
     docker_factory: Callable[[Settings, float], Any] | None = None,
 ) -> HealthReport:
-    """Check broker, result backend, state Redis, every daemon and (docker launcher) the engine.
+    """Check broker, result backend, state Redis, that a worker is alive, every daemon and (docker
+    launcher) the engine.
 
     ``launcher`` defaults to the one ``BUILDQ_LAUNCHER`` names; ``docker_factory(settings, timeout)``
     (tests) replaces the docker SDK client constructor.
@@ -277,6 +304,7 @@ def check_health(
         ([name], partial(_listed, check_redis, name, url, timeout_s, settings))
         for name, url in redis_urls.items()
     ]
+    tasks.append((["workers"], partial(_listed, check_workers, timeout_s, settings)))
     daemon_tasks: list[_Task] = [
         ([f"buildkit {d}"], partial(_listed, check_daemon, n, d, launcher, timeout_s))
         for n, d in enumerate(settings.daemons)

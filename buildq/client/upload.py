@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ..errors import InvalidJobError
+from ..errors import BuildqError, InvalidJobError
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _CHUNK = 1024 * 1024
@@ -34,7 +34,7 @@ class ContextTooLarge(InvalidJobError):
     """The packed context is bigger than ``BUILDQ_CONTEXT_MAX_BYTES``; nothing was sent."""
 
 
-class UploadError(Exception):
+class UploadError(BuildqError):
     """The registry refused or failed the upload (the message names the registry and status)."""
 
 

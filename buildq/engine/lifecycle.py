@@ -39,7 +39,7 @@ from ..contract.grants import check_repositories, check_secrets, context_outside
 from ..contract.job import JOB_ID_PATTERN_RE, BuildJob, cache_key, parse_job, url_query_values
 from ..contract.record import summary, validated_record
 from ..contract.wire import Delivery, next_message
-from ..errors import InvalidJobError
+from ..errors import InvalidJobError, RedisUnavailable
 from ..launchers.base import Launcher
 from ..store.daemons import DaemonHealth
 from ..store.jobs import Claimed, Fence, Finished, History, JobStore, NotOurs
@@ -285,6 +285,7 @@ class Lifecycle:
         settings: Settings,
         *,
         store: JobStore,
+        quick: JobStore | None = None,
         launcher: Launcher,
         scheduler: Scheduler,
         hooks: Hooks,
@@ -301,6 +302,8 @@ class Lifecycle:
         slot_wait_s: float = 5.0,
     ) -> None:
         self.settings, self.store, self.launcher, self.scheduler = settings, store, launcher, scheduler
+        #: the same Redis for the scheduler's thread (renewals, progress): it never waits long
+        self.quick = quick or store
         self.hooks, self.worker_id, self.domain, self.environ = hooks, worker_id, domain, environ
         self.logs, self.health, self.clock, self.rand = logs, daemons, clock, rand
         self.daemons = settings.daemons  # read once: the settings object is not consulted per job
@@ -480,6 +483,9 @@ class Lifecycle:
         def commit(writes: EndWrites) -> bool:
             if isinstance(decision, Drop):
                 return False
+            return self._persist(job.job_id, lambda: write(writes))
+
+        def write(writes: EndWrites) -> bool:
             if state is not None:
                 assert concluded.record_json is not None
                 return self.store.finish(
@@ -517,6 +523,21 @@ class Lifecycle:
             phase = "retry_wait" if isinstance(decision, Retry) else "waiting_for_daemon"
             return Ending("requeued", countdown=decision.delay, reason=phase)
         return Ending("finished", record=concluded.record, summary=concluded.summary)
+
+    def _persist(self, job_id: str, write: Callable[[], bool]) -> bool:
+        """``write()`` (an attempt's outcome: its record or its next message), waiting for Redis as
+        long as it takes: the build is done, and it is worth more than the wait. Redis being away
+        longer than ``BUILDQ_REDIS_RETRY_S`` is logged once; the claim's fence keeps a late write
+        from covering what another delivery did meanwhile."""
+        said = False
+        while True:
+            try:
+                return write()
+            except RedisUnavailable as exc:
+                if not said:
+                    logger.warning("job %s: %s; its outcome is stored once Redis is back", job_id, exc)
+                    said = True
+                time.sleep(1.0)
 
     def _requeue(
         self, build: Build, decision: Retry | WaitForDaemon, attempts: Sequence[dict[str, Any]], now: float
@@ -731,7 +752,7 @@ class _BuildWatch(Watch):
     def check(self) -> str | None:
         b, lc = self.build, self.lifecycle
         try:
-            answer = lc.store.renew(b.fence, ttl_s=lc.settings.lease_ttl_s, daemon=b.daemon)
+            answer = lc.quick.renew(b.fence, ttl_s=lc.settings.lease_ttl_s, daemon=b.daemon)
         except Exception as exc:  # noqa: BLE001 - Redis away: keep building, renew next time
             logger.info("job %s: lease not renewed (%s); trying again", b.job.job_id, exc)
             return None
@@ -752,7 +773,7 @@ class _BuildWatch(Watch):
         except ValueError:
             started = self.live.since + b.offset
         try:
-            lc.store.progress(
+            lc.quick.progress(
                 b.fence,
                 {"state": "running", "attempt": b.number, "worker": lc.worker_id, "daemon": b.daemon or "",
                  "started_at": repr(started), "phase": self.live.current},

@@ -60,9 +60,16 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def make_store(settings: Settings) -> JobStore:
-    """The process's store on the state Redis (plain or through Sentinel)."""
-    client = redis_client(settings, socket_timeout=10, health_check_interval=30)
+#: how long a write made on a scheduler thread (renewals, log flushes, heartbeats, the janitor) waits
+#: for Redis before it gives up until its next turn: the thread serves every build of the process
+QUICK_PATIENCE_S = 2.0
+
+
+def make_store(settings: Settings, *, quick: bool = False) -> JobStore:
+    """A store on the state Redis (plain or through Sentinel) that waits ``BUILDQ_REDIS_RETRY_S``
+    for Redis, or, ``quick``, at most :data:`QUICK_PATIENCE_S` (for the scheduler's periodic work)."""
+    patience = min(QUICK_PATIENCE_S, settings.redis_retry_s) if quick else None
+    client = redis_client(settings, patience_s=patience, socket_timeout=10, health_check_interval=30)
     return JobStore(client, result_ttl_s=settings.result_ttl_s, replicas=replicas_for(settings, client))
 
 
@@ -123,7 +130,9 @@ class PoolRuntime:
         env = os.environ if environ is None else environ
         self.settings = settings
         self.store = make_store(settings)
-        client = self.store.redis
+        #: the same Redis for what the scheduler's thread writes: it must never wait long
+        self.quick = make_store(settings, quick=True)
+        client = self.quick.redis
         self.scheduler = Scheduler()
         self.launcher = make_launcher(settings)
         self.metrics: BuildMetrics | NoMetrics = (
@@ -141,7 +150,7 @@ class PoolRuntime:
         stoppers: dict[str, Stopper] = {}
         runs = run_registry(self.launcher)
         self.lifecycle = Lifecycle(
-            settings, store=self.store, launcher=self.launcher, scheduler=self.scheduler,
+            settings, store=self.store, quick=self.quick, launcher=self.launcher, scheduler=self.scheduler,
             hooks=Hooks(hooks), worker_id=worker_id(), domain=launcher_domain(self.launcher), environ=env,
             logs=LogStore(client, maxlen=settings.log_stream_maxlen, ttl_s=settings.log_stream_ttl_s),
             daemons=DaemonHealth(client), redact_values=values, stoppers=stoppers, runs=runs,
@@ -158,6 +167,7 @@ class PoolRuntime:
             self.launcher.close()
         finally:
             self.store.redis.close()
+            self.quick.redis.close()
 
 
 class MainRuntime:
@@ -167,7 +177,7 @@ class MainRuntime:
         self, settings: Settings, *, announce: Announce | None = None, node: str | None = None
     ) -> None:
         self.settings = settings
-        self.store = make_store(settings)
+        self.store = make_store(settings, quick=True)  # all of it runs on the scheduler's thread
         self.scheduler = Scheduler(name="buildq-main")
         self.launcher = make_launcher(settings)
         self.health = DaemonHealth(self.store.redis)

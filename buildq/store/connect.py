@@ -5,18 +5,127 @@ served by redis-py's ``Sentinel(...).master_for(master)``: every command goes to
 master, and after a failover the pool asks the sentinels again (as kombu's ``sentinel://``
 transport and Celery's sentinel result backend do). The URL's password and DB are the master's;
 ``BUILDQ_SENTINEL_PASSWORD`` is the sentinels' own.
+
+Every client rides through a failover or a short outage (:class:`Patience`): a command that finds
+Redis away (refused, reset, timed out, a master just demoted to a replica, Redis still loading its
+data) is tried again with a jittered backoff, on a new connection — through Sentinel that asks for
+the master again — for up to ``BUILDQ_REDIS_RETRY_S``; past that it raises
+:class:`~buildq.errors.RedisUnavailable` naming the Redis (never its password).
 """
 
 from __future__ import annotations
 
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from ..config import Settings
+from ..errors import RedisUnavailable
+
+log = logging.getLogger("buildq.store")
+
+#: what a command meets while Redis restarts or Sentinel elects a new master: tried again
+AWAY = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.BusyLoadingError,
+)
+
+
+#: per thread: whether a :class:`Patience` loop runs (redis-py copies retry objects: not kept on them)
+_INSIDE = threading.local()
+
+
+class Patience(Retry):
+    """redis-py's retry policy with a time budget: try again (jittered backoff from 0.05 s up to
+    1 s, a new connection each time) until ``budget_s`` has passed, then raise
+    :class:`~buildq.errors.RedisUnavailable`. The first failure of a series is logged once."""
+
+    def __init__(self, budget_s: float, where: str) -> None:
+        super().__init__(NoBackoff(), retries=-1, supported_errors=AWAY)
+        self.budget_s, self.where = budget_s, where
+
+    def call_with_retry(
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        # redis-py runs a connection's connect() through the same policy, inside a command's: there
+        # it gets one try, so the command's next try makes a new connection (through Sentinel: to
+        # the master it names now) instead of dialling a dead master again and again
+        if getattr(_INSIDE, "depth", 0):
+            return do()
+        _INSIDE.depth = 1
+        try:
+            return self._patiently(do, fail, is_retryable, with_failure_count)
+        finally:
+            _INSIDE.depth = 0
+
+    def _patiently(
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None,
+        with_failure_count: bool,
+    ) -> Any:
+        started = time.monotonic()
+        failures = 0
+        while True:
+            try:
+                return do()
+            except AWAY as error:
+                if is_retryable is not None and not is_retryable(error):
+                    raise
+                failures += 1
+                fail(error, failures) if with_failure_count else fail(error)
+                waited = time.monotonic() - started
+                pause = min(1.0, 0.05 * 2 ** min(failures, 5)) * (0.5 + random.random() / 2)
+                if waited + pause > self.budget_s:
+                    raise RedisUnavailable(self.where, _cause(error), max(waited, self.budget_s)) from error
+                if failures == 1:
+                    log.warning("Redis at %s does not answer (%s); trying again for up to %.0f s",
+                                self.where, _cause(error), self.budget_s)  # fmt: skip
+                time.sleep(pause)
+
+
+def _cause(error: BaseException) -> str:
+    """The last error, briefly: ``connection refused``, ``timed out``, ``a read-only replica``…"""
+    text = str(error).lower()
+    for needle, said in (
+        ("refused", "connection refused"), ("timed out", "timed out"), ("timeout", "timed out"),
+        ("read only", "a read-only replica answered"), ("readonly", "a read-only replica answered"),
+        ("loading", "Redis is loading its data"), ("no master", "no master known to the sentinels"),
+        ("reset", "connection reset"), ("closed", "connection closed"),
+    ):  # fmt: skip
+        if needle in text:
+            return said
+    return " ".join(str(error).split())[:200] or type(error).__name__
+
+
+def describe(settings: Settings, url: str) -> str:
+    """Where a Redis URL points, for messages: scheme, host, port and DB (no password); for Sentinel
+    also the master's name."""
+    parts = urlsplit(url.split(";")[0])
+    where = (
+        f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path or ''}"
+    )
+    if is_sentinel_url(url):
+        where += f" (Sentinel master {settings.sentinel_master})"
+    return where
+
 
 SENTINEL_SCHEME = "sentinel://"
 DEFAULT_SENTINEL_PORT = 26379
@@ -63,10 +172,15 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     return SentinelAddress(tuple(sentinels), db, username, password)
 
 
-def redis_client(settings: Settings, url: str | None = None, **options: Any) -> redis.Redis:
+def redis_client(
+    settings: Settings, url: str | None = None, *, patience_s: float | None = None, **options: Any
+) -> redis.Redis:
     """A redis-py client on ``url`` (default: the state Redis), through the sentinels when it is a
-    ``sentinel://`` URL; ``options`` are connection options (``socket_timeout``, ``retry``, …)."""
+    ``sentinel://`` URL, that rides through outages for ``patience_s`` (default
+    ``BUILDQ_REDIS_RETRY_S``; see :class:`Patience`); ``options`` are connection options."""
     url = url or settings.state_redis_url
+    budget = settings.redis_retry_s if patience_s is None else patience_s
+    options.setdefault("retry", Patience(budget, describe(settings, url)))
     if not is_sentinel_url(url):
         return redis.Redis.from_url(url, **options)
     if not settings.sentinel_master:

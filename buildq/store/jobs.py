@@ -219,6 +219,9 @@ class JobStore:
             return NotOurs(held=reply[0] == 1)
         _, gen, now_ms, cancelled, position, remembered, full, *history = reply
         enqueued, attempts, window, waiting, running, domain_before = (_text(v) for v in history)
+        run = json.loads(running) if running else None
+        if run is not None and run.get("gen") == int(gen):  # this claim's own (a retried reply)
+            run = None
         return Claimed(
             token=token,
             gen=int(gen),
@@ -228,7 +231,7 @@ class JobStore:
                 attempts=tuple(json.loads(attempts)) if attempts else (),
                 window_start=_float(window),
                 waiting_since=_float(waiting),
-                running=json.loads(running) if running else None,
+                running=run,
                 previous_domain=domain_before or None,
             ),
             daemon=order[position - 1] if position else None,

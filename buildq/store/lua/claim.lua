@@ -31,8 +31,14 @@ local record = redis.call('GET', result_key)
 if record then return {0, record} end
 local current = redis.call('HGET', job_hash, 'delivery')
 if current and current ~= delivery then return {3} end
-if not redis.call('SET', lease_key, token, 'NX', 'PX', ttl_ms) then return {1} end
-local gen = redis.call('HINCRBY', job_hash, 'gen', 1)
+local gen
+if redis.call('GET', lease_key) == token then
+  -- this very claim ran before and its reply was lost (the client tries again): the same claim
+  gen = tonumber(redis.call('HGET', job_hash, 'gen'))
+else
+  if not redis.call('SET', lease_key, token, 'NX', 'PX', ttl_ms) then return {1} end
+  gen = redis.call('HINCRBY', job_hash, 'gen', 1)
+end
 local h = redis.call('HMGET', job_hash, 'enqueued_at', 'attempts', 'window_start', 'waiting_since',
   'running', 'domain', 'avoid', 'job')
 local enqueued_at = h[1]

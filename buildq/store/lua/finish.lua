@@ -26,7 +26,8 @@ local baseline_ttl = tonumber(ARGV[12])
 local log_maxlen = ARGV[13]
 local log_ttl = tonumber(ARGV[14])
 local log_entries = {unpack(ARGV, 15)}  -- the log's last entries, (attempt, kind, line) triples
--- -> 1 stored | 0 fenced out (nothing written)
+-- -> 1 stored | 2 stored already by this very claim (its reply was lost) | 0 fenced out (nothing written)
+if redis.call('EXISTS', result_key) == 1 and redis.call('HGET', job_hash, 'done_gen') == gen then return 2 end
 if not still_holds(job_hash, result_key, lease_key, token, gen) then return 0 end
 for i = 1, #log_entries, 3 do
   redis.call('XADD', log_stream, 'MAXLEN', '~', log_maxlen, '*',
@@ -34,6 +35,7 @@ for i = 1, #log_entries, 3 do
 end
 if #log_entries > 0 then redis.call('EXPIRE', log_stream, log_ttl) end
 store_result(result_key, job_hash, queued_index, done_channel, job_id, record, state, ttl)
+redis.call('HSET', job_hash, 'done_gen', gen)
 if state == 'succeeded' and affinity_key ~= '' and daemon ~= '' then
   redis.call('SET', affinity_key, daemon, 'EX', remember_ttl)
 end

@@ -22,7 +22,8 @@ local window_start = ARGV[10]  -- epoch s (server clock): where the next attempt
 local waiting_since = ARGV[11] -- epoch s since every daemon is down, '' when not waiting for that
 local avoid = ARGV[12]         -- the daemon the last attempt lost, '' for none
 local ttl = tonumber(ARGV[13])
--- -> 1 published | 0 fenced out (nothing published)
+-- -> 1 published (now, or by this very call before: its reply was lost) | 0 fenced out (nothing published)
+if redis.call('HGET', job_hash, 'delivery') == delivery then return 1 end
 if not still_holds(job_hash, result_key, lease_key, token, gen) then return 0 end
 redis.call('LPUSH', queue, message)
 redis.call('HSET', job_hash, 'state', 'queued', 'phase', phase, 'delivery', delivery,
