@@ -34,7 +34,7 @@ from buildq.store.jobs import (  # noqa: E402
     baseline_write,
     read_baseline,
 )
-from buildq.store.keys import baseline_key, job_key, result_key  # noqa: E402
+from buildq.store.keys import baseline_key, job_key  # noqa: E402
 
 PHASES = {
     "queued": 0.004,
@@ -92,13 +92,13 @@ def main() -> None:
 
     # 2. finish with and without the baseline write (alternating), wall time per call
     finish(store, None, f"{prefix}-warm", "t", None, rec)
-    made += [result_key(f"{prefix}-warm"), job_key(f"{prefix}-warm")]
+    made += [job_key(f"{prefix}-warm")]
     plain: list[float] = []
     with_write: list[float] = []
     for i in range(args.n):
         for write in (i % 2 == 0, i % 2 == 1):
             job_id = f"{prefix}-{i}-{int(write)}"
-            made += [result_key(job_id), job_key(job_id)]
+            made += [job_key(job_id)]
             write_args = baseline_write(key, baseline_entry(rec), 50) if write else None
             t = time.perf_counter()
             finish(store, None, job_id, "t", None, rec, baseline=write_args)

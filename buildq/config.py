@@ -168,6 +168,12 @@ class Settings(BaseSettings):
 
     log_stream_maxlen: int = Field(default=20000, ge=100)
     log_stream_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    #: where finished jobs' logs and records are kept (a folder every worker and reader shares);
+    #: unset: logs stay in Redis (capped) and records until BUILDQ_RESULT_TTL_S
+    archive_dir: str | None = None
+    #: also write Celery's result backend (the BUILDING state, the task's result) for producers
+    #: that poll AsyncResult; buildq's own record needs none of it
+    task_results: bool = False
 
     #: how long a job waits for a BuildKit daemon to come back when every daemon is down
     daemon_wait_s: float = Field(default=600.0, gt=0)

@@ -25,7 +25,7 @@ from buildq.engine.recording import routing_reason
 from buildq.engine.runtime import PoolRuntime
 from buildq.store.daemons import DaemonHealth
 from buildq.store.jobs import Claimed, Fence, JobStore
-from buildq.store.keys import affinity_key, job_key, slot_key
+from buildq.store.keys import affinity_key, job_key, load_key
 from tests.conftest import scenario
 from tests.harness import (
     REDIS_URL,
@@ -95,7 +95,7 @@ KEY = "reg/app:buildcache"
 def take(store: JobStore, job_id: str, **kw: Any) -> Claimed:
     """Claim ``job_id`` (a raw producer's message) with its slot, as the lifecycle does."""
     options: dict[str, Any] = {
-        "daemons": [A, B], "limit": 2, "ttl_s": 30, "prefer": 0, "cache_key": KEY, "affinity_wait": True,
+        "daemons": [A, B], "limit": 2, "ttl_s": 30, "cache_key": KEY, "affinity_wait": True,
         "worker": "w:1", "domain": "host", "body": "{}", "queue": "q",
     }  # fmt: skip
     got = store.claim(job_id, delivery="", **{**options, **kw})
@@ -106,8 +106,8 @@ def take(store: JobStore, job_id: str, **kw: Any) -> Claimed:
 def finish(store: JobStore, job_id: str, daemon: str | None, state: str, remember: str | None) -> bool:
     got = take(store, job_id, daemons=[daemon] if daemon else [A], cache_key=None)
     record = json.dumps({"job_id": job_id, "state": state})
-    return store.finish(Fence(job_id, got.token, got.gen), record=record, state=state, daemon=daemon,
-                        remember=remember)  # fmt: skip
+    return store.finish(Fence(job_id, got.token, got.gen), record=record, state=state,
+                        remember=(remember, daemon) if remember and daemon else None)  # fmt: skip
 
 
 def test_a_success_remembers_its_daemon_in_the_finish_round_trip(store, client) -> None:
@@ -116,7 +116,7 @@ def test_a_success_remembers_its_daemon_in_the_finish_round_trip(store, client) 
     client.calls.clear()
     record = json.dumps({"job_id": "f1", "state": "succeeded"})
     assert store.finish(
-        Fence("f1", got.token, got.gen), record=record, state="succeeded", daemon=B, remember=KEY
+        Fence("f1", got.token, got.gen), record=record, state="succeeded", remember=(KEY, B)
     )
     assert client.calls == ["EVALSHA"]
     assert client.get(affinity_key(KEY)) == B.encode()
@@ -138,15 +138,17 @@ def test_the_claim_prefers_the_remembered_daemon_in_its_one_round_trip(store, cl
     assert routing_reason(got.preferred, got.daemon) == "affinity"
     # B is more loaded than A now (1 against 1, then 2 against 1), still preferred while it has room
     assert take(store, "j2").daemon == B
-    assert client.zcard(slot_key(B)) == 2 and client.zcard(slot_key(A)) == 1
+    index = load_key([A, B])
+    assert client.zscore(index, B) == 2 and client.zscore(index, A) == 1
 
 
 def test_a_full_remembered_daemon_takes_nothing_so_the_caller_can_wait(store, client) -> None:
     client.set(affinity_key(KEY), B)
-    client.zadd(slot_key(B), {"x": 9e15, "y": 9e15})  # full (limit 2), far from expiring
+    store.register_daemons([A, B])
+    client.zadd(load_key([A, B]), {B: 2})  # full (limit 2)
     got = take(store, "j1")
     assert (got.daemon, got.preferred, got.preferred_full) == (None, B, True)
-    assert client.zscore(slot_key(A), got.token) is None  # no slot held while waiting
+    assert client.zscore(load_key([A, B]), A) == 0  # no slot held while waiting
     # without the wait (BUILDQ_AFFINITY_WAIT_S=0) it falls back at once
     at_once = take(store, "j2", affinity_wait=False)
     assert (at_once.daemon, at_once.preferred, at_once.preferred_full) == (A, B, False)
@@ -219,7 +221,8 @@ def test_the_wait_for_the_remembered_daemon_never_passes_the_setting(pool, conte
     rt, no_wait = pool(affinity_wait_s=1.0), pool(affinity_wait_s=0.0)  # one deployment, two settings
     r = rt.store.redis
     r.set(affinity_key(HOME_KEY), B)
-    r.zadd(slot_key(B), {"busy": 9e15})  # B stays full; A is free all along
+    rt.store.register_daemons([A, B])
+    r.zadd(load_key([A, B]), {B: 1})  # B stays full; A is free all along
     ending, seconds = handle(rt, context_dir, "t1")
     assert 1.0 <= seconds < 2.5  # polled B for the setting, then fell back
     record = ending.record
@@ -234,8 +237,9 @@ def test_the_remembered_daemon_is_taken_when_it_frees_within_the_wait(pool, cont
     rt = pool(affinity_wait_s=2.0)
     r = rt.store.redis
     r.set(affinity_key(HOME_KEY), B)
-    r.zadd(slot_key(B), {"busy": 9e15})
-    threading.Timer(0.5, lambda: r.zrem(slot_key(B), "busy")).start()
+    rt.store.register_daemons([A, B])
+    r.zadd(load_key([A, B]), {B: 1})
+    threading.Timer(0.5, lambda: r.zincrby(load_key([A, B]), -1, B)).start()
     ending, seconds = handle(rt, context_dir, "t1")
     assert 0.5 <= seconds < 2.0  # A had room all along: it waited for B instead
     assert (ending.record["daemon"], ending.record["routing"]) == (B, "affinity")
@@ -246,8 +250,8 @@ def test_after_the_affinity_wait_the_ordinary_wait_has_only_what_is_left(pool, c
     rt.lifecycle.slot_wait_s = 2.0
     r = rt.store.redis
     r.set(affinity_key(HOME_KEY), B)
-    r.zadd(slot_key(A), {"busy-a": 9e15})
-    r.zadd(slot_key(B), {"busy-b": 9e15})  # everything full
+    rt.store.register_daemons([A, B])
+    r.zadd(load_key([A, B]), {A: 1, B: 1})  # everything full
     ending, seconds = handle(rt, context_dir, "t1")
     assert (ending.kind, ending.reason) == ("requeued", "waiting_for_daemon")  # back to the queue
     assert 2.0 <= seconds < 2.9  # 1 s for B, then 1 s for any: the usual wait in all

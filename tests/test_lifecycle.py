@@ -37,7 +37,7 @@ from buildq.engine.lifecycle import (
 )
 from buildq.engine.runtime import PoolRuntime
 from buildq.store.jobs import Fence
-from buildq.store.keys import SLOTS_PREFIX, job_keys
+from buildq.store.keys import job_key, load_key
 from tests.harness import StandinLog, base_env, wait_until
 from tests.standin.scenarios import fail, flaky, hang, scenario_json, succeed
 
@@ -239,9 +239,9 @@ def test_a_stale_holder_is_fenced_out_and_stores_nothing(runtime, env, context_d
     thread.start()
     wait_until(lambda: standin_log.starts(), timeout=10)
     r = runtime.store.redis
-    r.delete(job_keys("st1").lease)  # as if the holder stalled past its lease
+    r.hset(job_key("st1"), "lease_until", 0)  # as if the holder stalled past its lease
     took = runtime.store.claim(
-        "st1", delivery=d.delivery, daemons=["tcp://d0:1", "tcp://d1:1"], prefer=0, limit=2, ttl_s=30,
+        "st1", delivery=d.delivery, daemons=["tcp://d0:1", "tcp://d1:1"], limit=2, ttl_s=30,
         worker="other:1", domain="other", body="{}", queue="lc",
     )  # fmt: skip
     thread.join(10)
@@ -260,13 +260,18 @@ def test_the_lease_is_held_throughout_a_build_longer_than_its_ttl(runtime, env, 
     thread = threading.Thread(target=lambda: runtime.lifecycle.handle(d))
     thread.start()
     r = runtime.store.redis
-    wait_until(lambda: r.exists(job_keys("ls1").lease), timeout=5)
-    while r.exists(job_keys("ls1").result) == 0 and thread.is_alive():
-        seen.append(int(r.pttl(job_keys("ls1").lease)))
+    def left_ms() -> int:  # how long the lease has to run, by the server clock
+        until, _ = r.hmget(job_key("ls1"), ["lease_until", "record"])
+        sec, usec = r.time()
+        return int(until or 0) - (sec * 1000 + usec // 1000)
+
+    wait_until(lambda: left_ms() > 0, timeout=5)
+    while not r.hexists(job_key("ls1"), "record") and thread.is_alive():
+        seen.append(left_ms())
         time.sleep(0.05)
     thread.join(10)
     assert runtime.store.result("ls1")["state"] == "succeeded"
-    during = [ms for ms in seen if ms != -2][:-3]  # the lease goes with the result
+    during = seen[:-3]  # the lease goes with the result
     assert len(during) > 20 and min(during) > 0, seen
 
 
@@ -302,15 +307,11 @@ def test_a_retry_waiting_for_a_slot_avoids_the_daemon_that_dropped_it(env, conte
         assert first.kind == "requeued"
         lost_on = json.loads(rt.store.info("av1")["attempts"])[0]["daemon"]
         r = rt.store.redis
-        far = (r.time()[0] + 60) * 1000
-        for daemon in daemons:  # every daemon full at the claim: the retry waits for a slot
-            r.zadd(SLOTS_PREFIX + daemon, {"x1": far, "x2": far})
+        index = load_key(daemons)
+        r.zadd(index, {daemon: 2 for daemon in daemons})  # every daemon full: the retry waits for a slot
 
         def free() -> None:  # the dropped daemon empties, the others keep one build each
-            for daemon in daemons:
-                r.zrem(SLOTS_PREFIX + daemon, "x1", "x2") if daemon == lost_on else r.zrem(
-                    SLOTS_PREFIX + daemon, "x1"
-                )
+            r.zadd(index, {daemon: 0 if daemon == lost_on else 1 for daemon in daemons})
 
         threading.Timer(0.5, free).start()
         assert rt.lifecycle.handle(deliver(rt.store.redis)).kind == "requeued"  # it fails again
@@ -327,10 +328,10 @@ def test_an_attempt_lost_with_its_worker_is_recorded_and_counted(env, context_di
         client.submit(job("lw1", context_dir))
         d = deliver(rt.store.redis)
         dead = rt.store.claim(
-            "lw1", delivery=d.delivery, daemons=["tcp://d0:1"], prefer=0, limit=1, ttl_s=30, worker="dead:1",
+            "lw1", delivery=d.delivery, daemons=["tcp://d0:1"], limit=1, ttl_s=30, worker="dead:1",
             domain="elsewhere", body="{}", queue="lc",
         )  # fmt: skip
-        rt.store.redis.delete(job_keys("lw1").lease)  # its worker died: the lease expired
+        rt.store.redis.hset(job_key("lw1"), "lease_until", 0)  # its worker died: the lease expired
         assert dead is not None
         ending = rt.lifecycle.handle(d)
         record = ending.record or {}
@@ -371,7 +372,7 @@ def test_an_invalid_job_is_rejected_without_a_launch(runtime, env, standin_log) 
     ending = runtime.lifecycle.handle(d)
     assert ending.record is not None and ending.record["error"]["field"] == "tags"
     assert runtime.store.result("bad1")["error"]["kind"] == "invalid"
-    assert standin_log.starts() == [] and r.exists(job_keys("bad1").lease) == 0
+    assert standin_log.starts() == [] and runtime.store.lease_holder("bad1") is None
 
 
 def test_a_forged_invalid_message_cannot_fail_another_job(runtime, env, context_dir, standin_log) -> None:
@@ -391,7 +392,7 @@ def test_a_forged_invalid_message_cannot_fail_another_job(runtime, env, context_
 
 
 def test_a_release_after_a_stale_fence_changes_nothing(runtime) -> None:
-    assert not runtime.store.release(Fence("none", "tok", 9), daemon=None)
+    assert not runtime.store.release(Fence("none", "tok", 9))
 
 
 def test_a_takeover_from_another_host_waits_until_its_run_is_known_dead(
@@ -401,11 +402,11 @@ def test_a_takeover_from_another_host_waits_until_its_run_is_known_dead(
     client.submit(job("tk1", context_dir))
     d = deliver(runtime.store.redis)
     runtime.store.claim(
-        "tk1", delivery=d.delivery, daemons=["tcp://d0:1"], prefer=0, limit=1, ttl_s=30, worker="b@other",
+        "tk1", delivery=d.delivery, daemons=["tcp://d0:1"], limit=1, ttl_s=30, worker="b@other",
         domain="other-host", body="{}", queue="lc",
     )  # fmt: skip
     runtime.store.heartbeat(worker="b@other", domain="other-host", ttl_s=30)  # that host still lives
-    runtime.store.redis.delete(job_keys("tk1").lease)  # its claim expired: the job is up for grabs
+    runtime.store.redis.hset(job_key("tk1"), "lease_until", 0)  # its claim expired: the job is up for grabs
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(ending=runtime.lifecycle.handle(d)))
     thread.start()

@@ -1,9 +1,10 @@
 """The store's named protocol against a real Redis: every script, and every fence it keeps.
 
 Each fence is tested directly: a holder whose claim generation moved on (another delivery claimed
-the job) or whose job has a result can never renew, requeue, finish or release; the affinity
+the job) or whose job has a record can never renew, requeue, finish or release; the affinity
 memory keeps only successes; a slot wait honours the daemon to avoid; a message that is not the
-job's current delivery can neither claim nor reject it.
+job's current delivery can neither claim nor reject it; a daemon slot is counted once while a claim
+holds it and given back exactly once, whichever step ends the claim.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ from typing import Any
 import pytest
 
 from buildq.contract.wire import build_message
-from buildq.store.jobs import Claimed, Fence, Finished, JobStore, NotOurs
+from buildq.store.jobs import Claimed, Fence, Finished, JobStore, LogEnd, NotOurs
 from buildq.store.keys import (
+    ACTIVE_INDEX,
     AFFINITY_PREFIX,
     BASELINE_PREFIX,
     CANCELS_CHANNEL,
-    QUEUED_INDEX,
-    RECENT_INDEX,
-    SLOTS_PREFIX,
+    DOWN_LOAD,
+    finished_key,
+    job_key,
     job_keys,
+    load_key,
 )
+from buildq.store.logs import decode_lines
 from buildq.store.scripts import LUA_DIR, PARTS, Script, read_names
 from tests.harness import REDIS_URL, CountingRedis, counting_client
 
@@ -54,9 +58,19 @@ def submit(store: JobStore, job_id: str, *, delivery: str = "d1", queue: str = "
 
 def claim(store: JobStore, job_id: str, *, delivery: str = "d1", **kw: Any) -> Any:
     options: dict[str, Any] = dict(
-        daemons=D, prefer=0, limit=1, ttl_s=30, worker="host:1", domain="dom-a", body="{}", queue="q"
+        daemons=D, limit=1, ttl_s=30, worker="host:1", domain="dom-a", body="{}", queue="q"
     )
     return store.claim(job_id, delivery=delivery, **{**options, **kw})
+
+
+def load(client: Any, daemon: str, daemons: list[str] = D) -> float:
+    """The builds ``daemon`` runs, as its load index counts them."""
+    return float(client.zscore(load_key(daemons), daemon) or 0)
+
+
+def expire_lease(client: Any, job_id: str) -> None:
+    """The holder stopped renewing and its lease ran out."""
+    client.hset(job_key(job_id), "lease_until", 0)
 
 
 def claimed(store: JobStore, job_id: str, **kw: Any) -> Claimed:
@@ -71,13 +85,13 @@ def fence(got: Claimed, job_id: str) -> Fence:
 
 def finish(store: JobStore, f: Fence, state: str = "succeeded", **kw: Any) -> bool:
     record = json.dumps({"job_id": f.job_id, "state": state})
-    return store.finish(f, record=record, state=state, daemon=kw.pop("daemon", None), **kw)
+    return store.finish(f, record=record, state=state, **kw)
 
 
 def requeue(store: JobStore, f: Fence, **kw: Any) -> bool:
     options: dict[str, Any] = dict(
-        queue="q", message=b"next", tag="t2", delivery="d2", countdown=0.0, phase="retry_wait",
-        attempts=[{"number": 1}], window_start=5.0, waiting_since=None, avoid=None, daemon=None,
+        queue="q", message=b"next", tag="t2", delivery="d2", phase="retry_wait",
+        attempts=[{"number": 1}], window_start=5.0, waiting_since=None, avoid=None,
     )  # fmt: skip
     return store.requeue(f, **{**options, **kw})
 
@@ -87,7 +101,7 @@ def requeue(store: JobStore, f: Fence, **kw: Any) -> bool:
 
 def test_every_script_names_its_keys_and_arguments_at_the_top() -> None:
     for path in sorted(LUA_DIR.glob("*.lua")):
-        if path.stem in {"prelude", "slots_fn", "result_fn"}:
+        if path.stem in {"prelude", "job_fn", "load_fn"}:
             continue
         text = path.read_text()
         script = Script(path.stem)
@@ -101,10 +115,10 @@ def test_every_script_names_its_keys_and_arguments_at_the_top() -> None:
 def test_a_name_missing_or_unknown_fails_at_once_naming_it() -> None:
     script = Script("release")
     with pytest.raises(TypeError, match=r"missing \['error'\]"):
-        script.positional({"lease_key": "l", "job_hash": "h", "slot_set": "", "token": "t", "gen": 1})
-    with pytest.raises(TypeError, match=r"unknown \['tokn'\]"):
-        script.positional({"lease_key": "l", "job_hash": "h", "slot_set": "", "token": "t", "gen": 1,
-                           "error": "", "tokn": "x"})  # fmt: skip
+        script.positional({"job_hash": "h", "active_index": "a", "gen": 1, "job_id": "j"})
+    with pytest.raises(TypeError, match=r"unknown \['gne'\]"):
+        script.positional({"job_hash": "h", "active_index": "a", "gen": 1, "job_id": "j", "error": "",
+                           "gne": 1})  # fmt: skip
 
 
 def test_names_out_of_order_are_refused() -> None:
@@ -117,10 +131,16 @@ def test_names_out_of_order_are_refused() -> None:
 def test_the_shared_parts_are_where_they_are_used() -> None:
     for name, parts in PARTS.items():
         text = (LUA_DIR / f"{name}.lua").read_text()
-        if "result_fn" in parts:
-            assert "store_result(" in text or "still_holds(" in text, name
-        if "slots_fn" in parts:
-            assert "take_any(" in text or "take_remembered(" in text, name
+        if "job_fn" in parts:
+            assert "read(" in text or "give_back(" in text, name
+        if "load_fn" in parts:
+            assert "least_loaded(" in text or "DOWN_LOAD" in text, name
+        if "prelude" in parts:
+            assert re.search(r"\bnow\b", text), name
+
+
+def test_the_down_load_is_the_same_in_lua_and_python() -> None:
+    assert f"local DOWN_LOAD = {DOWN_LOAD}" in (LUA_DIR / "load_fn.lua").read_text()
 
 
 # -- submit ------------------------------------------------------------------------------------
@@ -131,9 +151,11 @@ def test_a_submit_pushes_once_and_times_the_job_by_the_server(store: JobStore, c
     assert client.lrange("q", 0, -1) == [message]
     info = store.info("s1")
     server_now = client.time()[0]
-    assert info["state"] == "queued" and info["delivery"] == "d1" and info["msg"].encode() == message
+    assert info["state"] == "queued" and info["delivery"] == "d1" and info["tag"] == "tag-d1"
+    assert "msg" not in info  # the message is kept once, in the queue; the job hash keeps the job
     assert abs(float(info["enqueued_at"]) - server_now) < 5
-    assert client.zscore(QUEUED_INDEX, "s1") and client.zscore(RECENT_INDEX, "s1")
+    assert abs(int(info["pushed_at"]) / 1000 - server_now) < 5
+    assert client.zscore(ACTIVE_INDEX, "s1") == float(info["enqueued_at"])
     # the same job id again (a producer retrying a submit whose reply it lost): nothing more
     again = build_message("s1", "q", {"job_id": "s1"}, delivery="other", delivery_tag="t9")
     assert not store.submit("s1", queue="q", message=again, tag="t9", delivery="other", body="{}")
@@ -145,24 +167,26 @@ def test_a_submit_pushes_once_and_times_the_job_by_the_server(store: JobStore, c
 
 def test_a_claim_takes_lease_generation_and_slot_in_one_round_trip(store: JobStore, client) -> None:
     submit(store, "c1")
-    warm = claimed(store, "warm", delivery="")  # loads the script
-    store.release(fence(warm, "warm"), daemon=warm.daemon)
+    warm = claimed(store, "warm", delivery="")  # loads the script, registers the daemons
+    store.release(fence(warm, "warm"))
     client.calls.clear()
     got = claimed(store, "c1")
     assert client.calls == ["EVALSHA"]
-    assert (got.gen, got.daemon, got.cancelled) == (1, D[0], False)
-    assert client.get(job_keys("c1").lease) == got.token.encode()
-    assert client.zscore(SLOTS_PREFIX + D[0], got.token) is not None
+    assert (got.gen, got.daemon, got.cancelled, got.attempt) == (1, D[0], False, 1)
+    assert store.lease_holder("c1") == got.token
+    assert load(client, D[0]) == 1 and load(client, D[1]) == 0
     assert abs(got.redis_now - client.time()[0]) < 5
     assert got.history.attempts == () and got.history.running is None
     info = store.info("c1")
     assert info["gen"] == "1" and info["holder"] == "host:1" and json.loads(info["running"])["daemon"] == D[0]
+    assert (info["state"], info["daemon"], info["attempt"], info["slot"]) == ("running", D[0], "1", D[0])
+    assert client.zscore(ACTIVE_INDEX, "c1") == -float(info["enqueued_at"])  # claimed: below zero
 
 
 def test_a_finished_job_returns_its_record_and_touches_nothing(store: JobStore, client) -> None:
-    client.set(job_keys("f").result, json.dumps({"job_id": "f", "state": "succeeded"}))
+    client.hset(job_key("f"), "record", json.dumps({"job_id": "f", "state": "succeeded"}))
     assert claim(store, "f") == Finished({"job_id": "f", "state": "succeeded"})
-    assert client.exists(job_keys("f").lease, job_keys("f").hash, SLOTS_PREFIX + D[0]) == 0
+    assert set(store.info("f")) == {"record"} and load(client, D[0]) == 0
 
 
 def test_a_message_that_is_not_the_current_delivery_cannot_claim(store: JobStore) -> None:
@@ -185,10 +209,10 @@ def test_a_raw_message_without_a_submit_is_timed_at_its_first_claim(store: JobSt
 
 
 def test_a_cancelled_job_gets_the_lease_but_no_slot(store: JobStore, client) -> None:
-    client.set(job_keys("x").cancel, "1")
+    assert store.request_cancel("x")  # before its first claim: remembered
     got = claimed(store, "x")
     assert got.cancelled and got.daemon is None
-    assert client.exists(SLOTS_PREFIX + D[0], SLOTS_PREFIX + D[1]) == 0
+    assert load(client, D[0]) == load(client, D[1]) == 0
 
 
 def test_the_least_loaded_daemon_and_none_when_all_are_full(store: JobStore) -> None:
@@ -196,21 +220,41 @@ def test_the_least_loaded_daemon_and_none_when_all_are_full(store: JobStore) -> 
     assert claimed(store, "b").daemon == D[1]
     full = claimed(store, "c")
     assert full.daemon is None and store.lease_holder("c") == full.token
+    assert store.info("c")["state"] == "queued"  # claimed, but not running anywhere yet
 
 
-def test_a_claim_after_a_dead_holder_gets_its_run_and_domain(store: JobStore) -> None:
+def test_the_claim_finds_the_least_loaded_of_a_fleet_without_reading_every_daemon(
+    store: JobStore, client
+) -> None:
+    fleet = [f"tcp://bk-{i:03d}:1" for i in range(300)]
+    store.register_daemons(fleet)
+    client.zadd(load_key(fleet), {d: 1 for d in fleet[:-1]})  # every daemon but the last runs a build
+
+    def calls() -> int:
+        return sum(v["calls"] for v in client.info("commandstats").values())
+
+    before = calls()
+    got = claimed(store, "big", daemons=fleet, limit=1)
+    assert got.daemon == fleet[-1]
+    assert calls() - before < 20  # the claim's own commands: a handful, not one per daemon
+
+
+def test_a_claim_after_a_dead_holder_gets_its_run_and_domain(store: JobStore, client) -> None:
     first = claimed(store, "lost")
-    store.redis.delete(job_keys("lost").lease)  # its worker died: the lease expired
+    expire_lease(client, "lost")  # its worker died
+    assert load(client, first.daemon) == 1  # its slot still counts ...
     second = claimed(store, "lost", domain="dom-b")
-    assert second.gen == 2
+    assert (second.gen, second.attempt) == (2, 2)  # the lost one was attempt 1
     assert second.history.running is not None and second.history.running["daemon"] == first.daemon
     assert second.history.previous_domain == "dom-a"
+    # ... until the takeover gave it back (and took one of its own)
+    assert load(client, D[0]) + load(client, D[1]) == 1
 
 
 def test_the_claim_avoids_the_daemon_its_last_attempt_lost(store: JobStore) -> None:
     got = claimed(store, "av")
     assert got.daemon == D[0]
-    assert requeue(store, fence(got, "av"), avoid=D[0], daemon=got.daemon)
+    assert requeue(store, fence(got, "av"), avoid=D[0])
     again = claimed(store, "av", delivery="d2")
     assert again.daemon == D[1]  # D[0] is free too, but was the one that dropped the build
     assert again.history.attempts == ({"number": 1},) and again.history.window_start == 5.0
@@ -224,166 +268,235 @@ def test_affinity_prefers_the_remembered_daemon_and_waits_for_it_when_asked(stor
     assert (full.daemon, full.preferred, full.preferred_full) == (None, D[1], True)
     other = claimed(store, "af3", cache_key="repo:cache")
     assert (other.daemon, other.preferred_full) == (D[0], False)
+    client.set(AFFINITY_PREFIX + "elsewhere", "tcp://not-mine:1")  # not one of this worker's daemons
+    assert claimed(store, "af4", cache_key="elsewhere", limit=2).preferred is None
 
 
 # -- the holder's steps and their fences -------------------------------------------------------
 
 
-def test_renewal_extends_the_lease_and_the_slot_each_time(store: JobStore, client) -> None:
+def lease_until(client: Any, job_id: str) -> float:
+    return float(client.hget(job_key(job_id), "lease_until")) / 1000
+
+
+def test_renewal_extends_the_lease_each_time_and_writes_the_phase(store: JobStore, client) -> None:
     got = claimed(store, "rn", ttl_s=0.5)
     f = fence(got, "rn")
-    for _ in range(3):  # every renewal extends it again (not only the first)
-        client.pexpire(f.keys.lease, 50)
-        assert store.renew(f, ttl_s=5, daemon=got.daemon) == "ok"
-        assert client.pttl(f.keys.lease) > 1000
-        slot_expiry = client.zscore(SLOTS_PREFIX + D[0], got.token)
-        assert slot_expiry is not None and slot_expiry > (client.time()[0] + 4) * 1000
+    for phase in ("build", "push", ""):  # every renewal extends it again (not only the first)
+        expire_lease(client, "rn")
+        assert store.renew(f, ttl_s=5, phase=phase) == "ok"
+        assert lease_until(client, "rn") > client.time()[0] + 4
+    assert store.info("rn")["phase"] == "push"  # '' leaves the phase as it is
+    assert load(client, got.daemon) == 1  # the slot is the claim's until it ends: nothing to renew
 
 
 def test_renewal_retakes_an_expired_lease_only_while_nobody_claimed_since(store: JobStore, client) -> None:
     got = claimed(store, "gen")
     f = fence(got, "gen")
-    client.delete(f.keys.lease)
-    assert store.renew(f, ttl_s=5, daemon=None) == "ok"  # same generation: still ours
-    client.delete(f.keys.lease)
+    expire_lease(client, "gen")
+    assert store.renew(f, ttl_s=5) == "ok"  # same generation: still ours
+    expire_lease(client, "gen")
     newer = claimed(store, "gen", domain="dom-b")  # a takeover: generation 2
-    client.delete(f.keys.lease)  # even with the lease free again, the old holder is out for good
-    assert store.renew(f, ttl_s=5, daemon=None) == "fenced"
-    assert store.lease_holder("gen") is None
-    assert store.renew(fence(newer, "gen"), ttl_s=5, daemon=None) == "ok"
+    expire_lease(client, "gen")  # even with the lease free again, the old holder is out for good
+    assert store.renew(f, ttl_s=5, phase="build") == "fenced"
+    assert store.lease_holder("gen") is None and store.info("gen").get("phase") == "launch"
+    assert store.renew(fence(newer, "gen"), ttl_s=5) == "ok"
+
+
+def test_renewal_never_brings_back_a_job_that_is_gone(store: JobStore, client) -> None:
+    got = claimed(store, "gone")
+    client.delete(job_key("gone"))  # expired, or deleted by an operator
+    assert store.renew(fence(got, "gone"), ttl_s=5, phase="build") == "fenced"
+    assert client.exists(job_key("gone")) == 0
 
 
 def test_renewal_reports_a_cancel(store: JobStore, client) -> None:
     got = claimed(store, "cn")
-    client.set(job_keys("cn").cancel, "1")
-    assert store.renew(fence(got, "cn"), ttl_s=5, daemon=None) == "cancel"
+    assert store.request_cancel("cn")
+    assert store.renew(fence(got, "cn"), ttl_s=5) == "cancel"
 
 
 def test_a_cancel_sets_the_flag_and_tells_the_workers(store: JobStore, client) -> None:
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(CANCELS_CHANNEL)
     pubsub.get_message(timeout=1)  # the subscription's confirmation
-    store.request_cancel("cc")
+    assert store.request_cancel("cc")
     message = pubsub.get_message(timeout=2)
     pubsub.close()
     assert message is not None and message["data"] == b"cc"
     assert store.cancel_requested("cc")
+    assert 0 < client.ttl(job_key("cc")) <= 60  # a job never seen: the flag expires with the result TTL
+
+
+def test_a_cancel_leaves_a_finished_job_alone(store: JobStore, client) -> None:
+    got = claimed(store, "done")
+    assert finish(store, fence(got, "done"))
+    assert not store.request_cancel("done")
+    assert not store.cancel_requested("done")
 
 
 def test_a_requeue_publishes_the_next_message_and_gives_the_claim_back(store: JobStore, client) -> None:
     submit(store, "rq")
     got = claimed(store, "rq")
     f = fence(got, "rq")
-    assert requeue(store, f, countdown=2.0, avoid=D[0], daemon=got.daemon, waiting_since=7.5)
+    assert requeue(store, f, avoid=D[0], waiting_since=7.5)
     assert client.lrange("q", 0, 0) == [b"next"]
     info = store.info("rq")
-    assert (info["state"], info["phase"], info["delivery"], info["avoid"], info["waiting_since"]) == (
+    assert (info["state"], info["phase"], info["delivery"], info["tag"], info["avoid"], info["waiting_since"]) == (
         "queued",
         "retry_wait",
         "d2",
+        "t2",
         D[0],
         "7.5",
     )
-    assert json.loads(info["attempts"]) == [{"number": 1}] and "running" not in info
-    assert store.lease_holder("rq") is None and client.zscore(SLOTS_PREFIX + D[0], got.token) is None
-    assert client.zscore(QUEUED_INDEX, "rq") > client.time()[0]  # due after its countdown
+    assert json.loads(info["attempts"]) == [{"number": 1}] and "running" not in info and "lease" not in info
+    assert store.lease_holder("rq") is None and load(client, D[0]) == 0 and info["slot"] == ""
+    assert client.zscore(ACTIVE_INDEX, "rq") == float(info["enqueued_at"])  # queued again: above zero
+    assert abs(int(info["pushed_at"]) / 1000 - client.time()[0]) < 5
 
 
 def test_a_requeue_by_a_holder_that_lost_its_claim_publishes_nothing(store: JobStore, client) -> None:
     submit(store, "rf")
     old = claimed(store, "rf")
-    client.delete(job_keys("rf").lease)
-    claimed(store, "rf", domain="dom-b")  # generation 2 holds it now
+    expire_lease(client, "rf")
+    newer = claimed(store, "rf", domain="dom-b")  # generation 2 holds it now
     before = client.llen("q")
     assert not requeue(store, fence(old, "rf"))
     assert client.llen("q") == before and store.info("rf")["delivery"] == "d1"
-    stolen = Fence("rf", "not-the-token", 2)  # right generation, wrong lease token
-    assert not requeue(store, stolen)
+    assert load(client, newer.daemon) == 1  # the new holder's slot is untouched
 
 
 def test_finish_stores_everything_in_one_round_trip(store: JobStore, client) -> None:
     submit(store, "fi")
     got = claimed(store, "fi")
     other = claimed(store, "fi2")  # holds the other daemon's slot: must keep it
-    finish(store, fence(claimed(store, "warm"), "warm"), state="failed")  # loads the script
+    finish(store, fence(claimed(store, "warm", limit=3), "warm"), state="failed")  # loads the script
     pubsub = client.pubsub()
     pubsub.subscribe(job_keys("fi").done)
     client.calls.clear()
-    entries = [(1, "plain", "#1 DONE 0.1s"), (1, "mark", "final: succeeded")]
-    assert finish(store, fence(got, "fi"), daemon=got.daemon, log_entries=entries, log_maxlen=100,
-                  log_ttl_s=50)  # fmt: skip
+    end = LogEnd(attempt=1, lines="r#1 DONE 0.1s\nefinal: succeeded", maxlen=100, ttl_s=50)
+    assert finish(store, fence(got, "fi"), log=end)
     assert client.calls == ["EVALSHA"]
     assert store.result("fi") == {"job_id": "fi", "state": "succeeded"}
     info = store.info("fi")
-    assert (
-        (info["state"], info["phase"]) == ("succeeded", "done")
-        and "msg" not in info
-        and "running" not in info
-    )
+    assert (info["state"], info["phase"], info["done_gen"]) == ("succeeded", "done", "1")
     stream = client.xrange(job_keys("fi").log)
-    assert [(int(f[b"a"]), f[b"k"].decode(), f[b"l"].decode()) for _, f in stream] == [
-        (1, "plain", "#1 DONE 0.1s"), (1, "mark", "final: succeeded")
-    ]  # fmt: skip
+    assert [(int(f[b"a"]), decode_lines(f[b"l"].decode())) for _, f in stream] == [
+        (1, [("raw", "#1 DONE 0.1s"), ("end", "final: succeeded")])
+    ]
     assert 0 < client.ttl(job_keys("fi").log) <= 50
-    assert store.lease_holder("fi") is None and client.zscore(QUEUED_INDEX, "fi") is None
-    assert client.zscore(SLOTS_PREFIX + got.daemon, got.token) is None
-    assert client.zscore(SLOTS_PREFIX + other.daemon, other.token) is not None
+    assert store.lease_holder("fi") is None
+    assert client.zscore(ACTIVE_INDEX, "fi") is None
+    assert client.zscore(finished_key("succeeded"), "fi") == float(info["enqueued_at"])
+    assert load(client, got.daemon) == 0 and load(client, other.daemon) == 1
     messages = [m for m in iter(lambda: pubsub.get_message(timeout=1), None) if m["type"] == "message"]
     pubsub.close()
     assert [m["data"] for m in messages] == [b"succeeded"]
 
 
+def test_a_finish_trims_an_archived_log_to_its_tail(store: JobStore, client) -> None:
+    got = claimed(store, "tl")
+    for i in range(10):
+        client.xadd(job_keys("tl").log, {"a": 1, "l": f"rline {i}"})
+    assert finish(store, fence(got, "tl"), log=LogEnd(attempt=1, lines="efinal: succeeded", maxlen=3, exact=True))
+    assert client.xlen(job_keys("tl").log) == 3
+
+
 def test_a_finish_by_a_holder_that_lost_its_claim_writes_nothing(store: JobStore, client) -> None:
     old = claimed(store, "ff")
-    client.delete(job_keys("ff").lease)
+    expire_lease(client, "ff")
     new = claimed(store, "ff", domain="dom-b")
-    assert not finish(store, fence(old, "ff"), state="failed", log_entries=[(1, "mark", "x")], log_maxlen=10,
-                      log_ttl_s=10)  # fmt: skip
+    assert not finish(store, fence(old, "ff"), state="failed", log=LogEnd(1, "mx", 10, False, 10))
     assert store.result("ff") is None and client.exists(job_keys("ff").log) == 0
-    assert store.lease_holder("ff") == new.token
+    assert store.lease_holder("ff") == new.token and load(client, new.daemon) == 1
     assert finish(store, fence(new, "ff"))
+    assert load(client, new.daemon) == 0
     # the same claim again (its reply was lost and it tries again): stored already, nothing rewritten
     assert finish(store, fence(new, "ff"), state="failed")
     assert store.result("ff") == {"job_id": "ff", "state": "succeeded"}
+    assert load(client, D[0]) == load(client, D[1]) == 0  # and the slot was given back once
 
 
 def test_only_a_success_is_remembered_for_the_cache_and_joins_the_baseline(store: JobStore, client) -> None:
     base = (BASELINE_PREFIX + "repo:cache", b'{"p":{}}', 5, 100)
     failed = claimed(store, "m1")
-    assert finish(store, fence(failed, "m1"), state="failed", daemon=failed.daemon, remember="repo:cache",
+    assert finish(store, fence(failed, "m1"), state="failed", remember=("repo:cache", failed.daemon),
                   baseline=base)  # fmt: skip
     assert client.get(AFFINITY_PREFIX + "repo:cache") is None
     assert client.llen(BASELINE_PREFIX + "repo:cache") == 0
     ok = claimed(store, "m2")
-    assert finish(store, fence(ok, "m2"), daemon=ok.daemon, remember="repo:cache", baseline=base)
+    assert finish(store, fence(ok, "m2"), remember=("repo:cache", ok.daemon), baseline=base)
     assert client.get(AFFINITY_PREFIX + "repo:cache") == ok.daemon.encode()
     assert client.lrange(BASELINE_PREFIX + "repo:cache", 0, -1) == [b'{"p":{}}']
 
 
-def test_progress_is_written_only_while_the_claim_is_ours(store: JobStore, client) -> None:
-    old = claimed(store, "pg")
-    assert store.progress(fence(old, "pg"), {"phase": "build"})
-    client.delete(job_keys("pg").lease)
-    claimed(store, "pg", domain="dom-b")
-    assert not store.progress(fence(old, "pg"), {"phase": "push"})
-    assert store.info("pg")["phase"] == "build"
+def test_a_baseline_keeps_between_n_and_2n_entries(store: JobStore, client) -> None:
+    key = BASELINE_PREFIX + "repo:trim"
+    for i in range(12):
+        got = claimed(store, f"b{i}", limit=20)
+        assert finish(store, fence(got, f"b{i}"), baseline=(key, str(i).encode(), 5, 100))
+    # trimmed to 5 when it passed 10 (at the 11th), then one more
+    assert client.lrange(key, 0, -1) == [b"11", b"10", b"9", b"8", b"7", b"6"]
+    assert 0 < client.ttl(key) <= 100
 
 
 def test_release_gives_back_only_what_is_ours_and_keeps_the_error(store: JobStore, client) -> None:
     got = claimed(store, "rl")
-    assert store.release(fence(got, "rl"), daemon=got.daemon, error="OSError: disk full")
-    assert store.lease_holder("rl") is None and client.zscore(SLOTS_PREFIX + D[0], got.token) is None
+    assert store.release(fence(got, "rl"), error="OSError: disk full")
+    assert store.lease_holder("rl") is None and load(client, D[0]) == 0
     assert json.loads(store.info("rl")["running"])["error"] == "OSError: disk full"
     again = claimed(store, "rl")
-    assert not store.release(fence(got, "rl"), daemon=None)  # generation 1 is not the holder now
-    assert store.lease_holder("rl") == again.token
+    assert not store.release(fence(got, "rl"))  # generation 1 is not the holder now
+    assert store.lease_holder("rl") == again.token and load(client, again.daemon) == 1
 
 
-def test_take_slot_honours_the_daemon_to_avoid(store: JobStore) -> None:
-    f = Fence("ts", "tok", 1)
-    assert store.take_slot(f, D, prefer=0, limit=2, ttl_s=30, avoid=D[0]) == D[1]
-    g = Fence("ts2", "tok2", 1)
-    assert store.take_slot(g, D, prefer=0, limit=1, ttl_s=30, avoid=D[0]) == D[0]  # no other has room
+def test_take_slot_honours_the_daemon_to_avoid(store: JobStore, client) -> None:
+    f = fence(claimed(store, "ts", limit=0), "ts")  # claimed with no room anywhere
+    assert store.take_slot(f, D, limit=2, attempt=1, worker="w", avoid=D[0]) == D[1]
+    g = fence(claimed(store, "ts2", limit=0), "ts2")
+    assert store.take_slot(g, D, limit=1, attempt=1, worker="w", avoid=D[0]) == D[0]  # no other has room
+    assert store.info("ts2")["state"] == "running" and store.info("ts2")["daemon"] == D[0]
+    h = fence(claimed(store, "ts3", limit=0), "ts3")
+    assert store.take_slot(h, D, limit=1, attempt=1, worker="w") is None  # all full
+    assert store.take_slot(h, D, limit=3, attempt=1, worker="w", only=D[0]) == D[0]
+    assert load(client, D[0]) == 2 and load(client, D[1]) == 1
+
+
+def test_take_slot_grants_nothing_to_a_holder_that_lost_its_claim(store: JobStore, client) -> None:
+    old = fence(claimed(store, "tso", limit=0), "tso")
+    expire_lease(client, "tso")
+    claimed(store, "tso", limit=0)
+    assert store.take_slot(old, D, limit=2, attempt=1, worker="w") is None
+    assert load(client, D[0]) == load(client, D[1]) == 0
+
+
+def test_a_down_daemon_is_never_the_least_loaded(store: JobStore, client) -> None:
+    from buildq.store.daemons import DaemonHealth
+
+    health = DaemonHealth(client)
+    store.register_daemons(D)
+    assert health.mark_down(D[0], "refused", 1.0)
+    assert load(client, D[0]) == DOWN_LOAD
+    assert claimed(store, "dn1", limit=2).daemon == D[1]
+    assert claimed(store, "dn2", limit=2).daemon == D[1]
+    assert claimed(store, "dn3", limit=2).daemon is None  # D[1] full, D[0] down
+    assert not health.mark_down(D[0], "refused", 2.0)  # already open: moved once
+    assert health.mark_up(D[0], 3.0) == 2.0
+    assert load(client, D[0]) == 0
+    assert claimed(store, "dn4", limit=2).daemon == D[0]
+
+
+def test_a_load_index_that_lost_a_breaker_is_corrected(store: JobStore, client) -> None:
+    from buildq.store.keys import DAEMONS_DOWN
+
+    store.register_daemons(D)
+    client.hset(DAEMONS_DOWN, D[1], "1")  # opened while the index was gone, say
+    assert load(client, D[1]) == 0
+    store.register_daemons(D, again=True)
+    assert load(client, D[1]) == DOWN_LOAD
+    client.delete(load_key(D))  # a Redis that lost it: the claim registers it again
+    assert claimed(store, "again-idx").daemon == D[0]
 
 
 # -- reject ------------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "broker_transport_options": broker_transport,
         "result_backend_transport_options": transport,
         "result_expires": settings.result_ttl_s,
+        # buildq's record is the outcome (buildq status/wait); Celery's result backend is written
+        # only when asked for (BUILDQ_TASK_RESULTS: producers polling AsyncResult)
+        "task_ignore_result": not settings.task_results,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "task_time_limit": hard_limit,

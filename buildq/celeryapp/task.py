@@ -77,6 +77,8 @@ class TaskProgress(Progress):
 
     def __init__(self, task: Task, runtime: Any, events: PhaseEvents) -> None:
         self.backend, self.runtime, self.events = task.backend, runtime, events
+        #: the task's live state is written only with BUILDQ_TASK_RESULTS (Celery's result backend)
+        self.states = bool(runtime.settings.task_results)
         self.task_id: str = task.request.id
         self.hostname: str = task.request.hostname or "buildq"
         self._lock = threading.Lock()
@@ -89,7 +91,8 @@ class TaskProgress(Progress):
             self._closed = True
 
     def phase(self, job_id: str, attempt: int, phase: str) -> None:
-        self.runtime.scheduler.soon(self._state, job_id, attempt, phase)
+        if self.states:
+            self.runtime.scheduler.soon(self._state, job_id, attempt, phase)
 
     def phases_ended(self, job_id: str, attempt: int, ended: Sequence[tuple[str, float]]) -> None:
         try:
@@ -222,10 +225,10 @@ def register(app: Celery) -> None:
 #
 # :meth:`PhaseEvents.send` only buffers (no I/O). A flush publishes everything buffered as one
 # ``task.multi`` message (Celery's own event batching, which Flower and other event receivers
-# unpack). It runs on the process's :class:`~buildq.engine.scheduler.Scheduler` 250 ms after the
-# first event buffered since the last flush, at once when 50 are waiting, and when the worker
-# process stops. Under load one message carries the events of many builds, instead of one
-# message per build; the price is that an event is seen up to 250 ms after its phase ended.
+# unpack). It runs on the process's :class:`~buildq.engine.scheduler.Scheduler` every second while
+# events wait, at once when 50 are waiting, and when the worker process stops: one message carries
+# the phases that ended within a second, instead of one message per phase; the price is that an
+# event is seen up to a second after its phase ended.
 log = logging.getLogger("buildq.events")
 
 #: custom event type sent as each phase ends (``job_id``, ``attempt``, ``phase``, ``seconds``)
@@ -235,8 +238,8 @@ DAEMON_DOWN_EVENT = "buildq-daemon-down"
 DAEMON_UP_EVENT = "buildq-daemon-up"
 #: buffered events that make a flush happen at once
 BUFFER_LIMIT = 50
-#: how long an event may wait in the buffer
-FLUSH_AFTER_S = 0.25
+#: how long an event may wait in the buffer (a build's phases cost at most one message a second)
+FLUSH_AFTER_S = 1.0
 
 
 class PhaseEvents:
@@ -252,7 +255,7 @@ class PhaseEvents:
         scheduler.every(FLUSH_AFTER_S, self.flush)
 
     def send(self, hostname: str, **fields: Any) -> None:
-        """Buffer one ``task-phase`` event from worker ``hostname``; it is out within 250 ms."""
+        """Buffer one ``task-phase`` event from worker ``hostname``; it is out within a second."""
         with self._lock:
             self._dispatcher(hostname).send(PHASE_EVENT, **fields)  # publishes past BUFFER_LIMIT
 

@@ -137,7 +137,9 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
             except Exception as exc:  # noqa: BLE001 - best effort
                 log.warning("daemon event not sent: %s", exc)
 
-        main = processes.main = MainRuntime(settings, announce=announce, node=hostname)
+        consumer = getattr(sender, "task_consumer", None)
+        queues = [str(q.name) for q in getattr(consumer, "queues", None) or ()]
+        main = processes.main = MainRuntime(settings, announce=announce, node=hostname, queues=queues)
         if settings.metrics_port is not None:
             serve_metrics(settings.metrics_port, DaemonUpCollector(main.health, settings.daemons))
             log.info("serving Prometheus metrics on :%d/metrics", settings.metrics_port)

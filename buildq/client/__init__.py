@@ -29,6 +29,7 @@ from ..store.logs import LogEntry, LogStore
 from ..store.scripts import replicas_for
 
 if TYPE_CHECKING:
+    from ..store.archive import Archive
     from .upload import Uploaded
 
 
@@ -112,7 +113,16 @@ class BuildqClient:
         id, ``lost`` when the id dates from before this Redis's data began), ``phase``, ``attempt``,
         ``worker``, ``daemon``, ``enqueued_at``, ``started_at``."""
         record, info, epoch = self.store.status_parts(job_id)
+        if record is None and not info and self.archive is not None:
+            record = self.archive.record(job_id)  # left Redis: the archive has it
         return job_status(job_id, info, record, epoch)
+
+    @cached_property
+    def archive(self) -> Archive | None:
+        """Where finished jobs' logs and records are kept (``BUILDQ_ARCHIVE_DIR``), when set."""
+        from ..store.archive import Archive
+
+        return Archive(self.settings.archive_dir) if self.settings.archive_dir else None
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the record is stored; TimeoutError after ``timeout`` seconds."""
@@ -133,18 +143,33 @@ class BuildqClient:
         )
 
     def logs(self, job_id: str, *, raw: bool = False) -> list[LogEntry]:
-        """The stored log: plain lines and attempt marks (``raw``: the rawjson lines instead)."""
-        return self.log_store.read(job_id, kinds=_kinds(raw))
+        """The log: plain lines and attempt marks (``raw``: the rawjson lines instead), from the
+        archive for the attempts it holds and from Redis for the others, attempt by attempt."""
+        entries = self.log_store.read(job_id)
+        archived = self.archive.attempts(job_id) if self.archive is not None else []
+        if archived:
+            assert self.archive is not None
+            kept = [
+                LogEntry("archive", n, "mark" if kind == "end" else kind, line, kind == "end")
+                for n in archived
+                for kind, line in self.archive.read_attempt(job_id, n)
+            ]
+            live = [e for e in entries if e.attempt not in archived]
+            entries = sorted(kept + live, key=lambda e: e.attempt)
+        if raw:
+            return entries
+        from .logview import plain
+
+        return plain(entries)
 
     def follow_logs(self, job_id: str, *, raw: bool = False) -> Iterator[LogEntry]:
         """Log entries as they are written, across retries, until the build ends."""
-        return self.log_store.follow(
-            job_id, kinds=_kinds(raw), is_finished=lambda: self.store.result(job_id) is not None
-        )
+        entries = self.log_store.follow(job_id, is_finished=lambda: self.store.result(job_id) is not None)
+        if raw:
+            return entries
+        from .logview import PlainView
 
-
-def _kinds(raw: bool) -> tuple[str, ...]:
-    return ("raw", "mark") if raw else ("plain", "mark")
+        return PlainView().feed(entries)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
-"""The log of one running attempt: rendered, redacted and written to the job's stream as it happens.
+"""The log of one running attempt: redacted and written to the job's stream as it happens.
 
-:class:`AttemptLog` is what the worker feeds from the stderr reader thread: ``feed`` only renders
-and buffers; the process's scheduler calls :meth:`AttemptLog.flush` every second, which writes
-the buffer in one round trip (:class:`~buildq.store.logs.LogStore`) and counts, never raises,
-Redis errors. The end of the log goes with the result (:meth:`AttemptLog.ending`) or, before a
-retry, is written at once (:meth:`AttemptLog.close`). :class:`RawRedactor` masks secrets in the
-rawjson lines.
+:class:`AttemptLog` is what the worker feeds from the stderr reader thread: ``feed`` only redacts
+and buffers (each line is stored once, raw; the plain view is rendered when read, and the worker's
+own renderer only keeps the failing step's tail for the record); the process's scheduler calls
+:meth:`AttemptLog.flush` every :data:`~buildq.store.logs.FLUSH_EVERY_S`, which writes the buffer as
+one stream entry (:class:`~buildq.store.logs.LogStore`) and counts, never raises, Redis errors.
+The end of the log goes with the result (:meth:`AttemptLog.ending`) or, before a retry, is written
+at once (:meth:`AttemptLog.close`). With an archive, everything the attempt stored is also kept
+compressed in memory (:meth:`AttemptLog.archived`) for the worker to archive when it ends.
+:class:`RawRedactor` masks secrets in the rawjson lines.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import base64
 import json
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..buildkit.plainlog import MAX_PARTIAL_BYTES, PlainLogRenderer
 from ..buildkit.progress import SolveStatus, b64decode_lenient, parse_line
+from ..store.archive import GzipLines
 from ..store.logs import FINAL_PREFIX, Entry, LogStore
 from .redact import Redactor
 
@@ -142,21 +146,22 @@ class _Lines:
 
     def entries(self, line: str, status: SolveStatus | None) -> list[Entry]:
         a = self.attempt
-        if status is None:  # buildctl's own text (error line, Dockerfile excerpt): both plain and raw
-            text = self.redact(line)
-            return [(a, "raw", text), (a, "plain", text)]
+        if status is None:  # buildctl's own text (error line, Dockerfile excerpt)
+            return [(a, "raw", self.redact(line))]
         raw = self.raw.line(line) if self.raw is not None else [line]
-        return [(a, "raw", r) for r in raw] + [(a, "plain", p) for p in self.renderer.feed(status)]
+        self.renderer.feed(status)  # for the failing step's tail only: plain is rendered when read
+        return [(a, "raw", r) for r in raw]
 
     def finish(self) -> tuple[list[Entry], list[str]]:
-        """What the end of the stream still prints (held output, error summary), and the failing
-        step's last 30 output lines."""
+        """What the end of the stream still holds (held output), and the failing step's last 30
+        output lines."""
         raw = self.raw.finish() if self.raw is not None else []
-        plain, tail = self.renderer.end(30)
-        return [(self.attempt, "raw", r) for r in raw] + [(self.attempt, "plain", p) for p in plain], tail
+        _plain, tail = self.renderer.end(30)
+        return [(self.attempt, "raw", r) for r in raw], tail
 
-    def mark(self, text: str) -> Entry:
-        return (self.attempt, "mark", self.redact(text))
+    def mark(self, text: str, *, closes: bool = False) -> Entry:
+        """A mark line; ``closes``: the one that closes the attempt (its log ends there)."""
+        return (self.attempt, "end" if closes else "mark", self.redact(text))
 
 
 class AttemptLog:
@@ -176,8 +181,13 @@ class AttemptLog:
         *,
         redactor: Redactor | None = None,
         max_buffered: int | None = None,
+        archive: bool = False,
     ) -> None:
         self.store, self.job_id, self.attempt = store, job_id, attempt
+        #: everything stored, compressed, for the archive (None without one)
+        self._gz = GzipLines() if archive else None
+        #: a batch reached the stream (its TTL is set)
+        self.written = False
         self._lines = _Lines(attempt, redactor)
         self._max_buffered = max(max_buffered or store.maxlen, 1)
         self._lock = threading.Lock()
@@ -211,20 +221,27 @@ class AttemptLog:
         self._write(batch)
 
     def ending(self, final_state: str) -> tuple[list[Entry], list[str]]:
-        """Close the log: the entries not written yet (the renderer's end, then the ``final:
-        <state>`` mark), to be stored with the result, and the failing step's last output lines."""
+        """Close the log: the entries not written yet (held output, then the ``final: <state>``
+        mark that closes it), to be stored with the result, and the failing step's last output
+        lines."""
         with self._lock:
             end, tail = self._closing_entries()
-            pending = [*self._buffer, *end, (self.attempt, "mark", f"{FINAL_PREFIX} {final_state}")]
+            pending = [*self._buffer, *end, (self.attempt, "end", f"{FINAL_PREFIX} {final_state}")]
             self._buffer = deque(maxlen=self._max_buffered)
+            self._keep(pending)
             return pending, tail
+
+    def archived(self) -> bytes | None:
+        """The attempt's whole stored log as a gzip file (once closed; None without an archive)."""
+        with self._lock:
+            return self._gz.finish() if self._gz is not None and self._closed else None
 
     def close(self, note: str | None = None) -> None:
         """Close the log and write everything now, ``note`` (a mark) last. Idempotent; never raises."""
         with self._lock:
             end, _ = self._closing_entries()
             if note is not None:
-                end.append(self._lines.mark(note))
+                end.append(self._lines.mark(note, closes=True))
             batch = deque([*self._buffer, *end])
             self._buffer = deque(maxlen=self._max_buffered)
         self._write(batch)
@@ -244,11 +261,19 @@ class AttemptLog:
         self.dropped += max(0, len(self._buffer) + len(entries) - self._max_buffered)
         self._buffer.extend(entries)
 
+    def _keep(self, batch: Iterable[Entry]) -> None:
+        if self._gz is not None:
+            self._gz.add([(kind, line) for _, kind, line in batch])
+
     def _write(self, batch: deque[Entry]) -> None:
         if not batch:
             return
+        with self._lock:
+            self._keep(batch)
+            first = not self.written
         try:
-            self.store.append(self.job_id, batch)
+            self.store.append(self.job_id, batch, first=first)
+            self.written = True
             ok = True
         except Exception:  # Redis down or slow: the build goes on, the lines are lost
             ok = False

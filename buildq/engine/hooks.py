@@ -39,10 +39,11 @@ logger = logging.getLogger("buildq.engine")
 
 @dataclass
 class EndWrites:
-    """What hooks add to the write that ends an attempt: the cache key whose daemon to remember
-    (stored for a success only) and the repository baseline's new entry (list key, entry, N, TTL s)."""
+    """What hooks add to the write that ends an attempt: the cache key and the daemon to remember
+    for it (stored for a success only) and the repository baseline's new entry (list key, entry, N,
+    TTL s)."""
 
-    remember: str | None = None
+    remember: tuple[str, str] | None = None
     baseline: tuple[str, bytes, int, int] | None = None
 
 
@@ -185,7 +186,8 @@ class AffinityHook(Hook):
     script stores it only for a success), so the next build with that cache goes there."""
 
     def finishing(self, build: Build, concluded: Concluded, writes: EndWrites) -> None:
-        writes.remember = build.cache_key
+        if build.daemon:
+            writes.remember = (build.cache_key, build.daemon)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import time
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,10 +40,11 @@ from ..contract.record import summary, validated_record
 from ..contract.wire import Delivery, next_message
 from ..errors import InvalidJobError, RedisUnavailable
 from ..launchers.base import Launcher
+from ..store.archive import Archive, ArchiveError
 from ..store.daemons import DaemonHealth
-from ..store.jobs import Claimed, Fence, Finished, History, JobStore, NotOurs
+from ..store.jobs import Claimed, Fence, Finished, History, JobStore, LogEnd, NotOurs
 from ..store.keys import BASELINE_PREFIX, DOMAINS
-from ..store.logs import LogStore
+from ..store.logs import ARCHIVED_TAIL, FINAL_PREFIX, FLUSH_EVERY_S, Entry, LogStore, encode_lines
 from . import recording
 from .attemptlog import AttemptLog
 from .backoff import backoff_ceiling
@@ -297,6 +297,7 @@ class Lifecycle:
         redact_values: Sequence[str] = (),
         stoppers: dict[str, Stopper] | None = None,
         runs: RunRegistry | None = None,
+        archive: Archive | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         slot_wait_s: float = 5.0,
@@ -314,6 +315,8 @@ class Lifecycle:
         self.stoppers = stoppers if stoppers is not None else {}
         #: this host's run files (stamped while a run's claim is renewed; the reaper reads them)
         self.runs = runs
+        #: where finished attempts' logs and records are kept (None: they stay in Redis)
+        self.archive = archive
         self.slot_wait_s = slot_wait_s
 
     # -- the delivery --------------------------------------------------------------------------
@@ -326,7 +329,6 @@ class Lifecycle:
             return self._reject(delivery, exc)
         s = self.settings
         key = cache_key(job)
-        prefer = zlib.crc32(job.job_id.encode())
         body = job.to_message()
         queue = delivery.queue or (s.high_priority_queue if job.priority == "high" else s.queue)
         # a lease held elsewhere may be a dead worker's (Celery redelivers at once when a pool
@@ -335,8 +337,8 @@ class Lifecycle:
         while True:
             claimed_at = self.clock()
             claim = self.store.claim(
-                job.job_id, delivery=delivery.delivery, daemons=self.daemons, prefer=prefer,
-                limit=s.buildkit_max_builds, ttl_s=s.lease_ttl_s, worker=self.worker_id, domain=self.domain,
+                job.job_id, delivery=delivery.delivery, daemons=self.daemons, limit=s.buildkit_max_builds,
+                ttl_s=s.lease_ttl_s, worker=self.worker_id, domain=self.domain,
                 body=json.dumps(body, separators=(",", ":")), queue=queue,
                 cache_key=key if s.cache_affinity else None, affinity_wait=s.affinity_wait_s > 0,
             )  # fmt: skip
@@ -350,7 +352,7 @@ class Lifecycle:
             return Ending("dropped", reason=f"job {job.job_id}: {why}")
         build = self._build(job, claim, delivery, progress, key, body, queue, claimed_at)
         try:
-            return self._run(build, prefer)
+            return self._run(build)
         except BaseException as exc:  # give the claim back; the janitor brings the job back
             if build.ended:  # the outcome is stored; what failed after it changes nothing
                 raise
@@ -359,7 +361,7 @@ class Lifecycle:
                 build.log.close(f"attempt {build.number} interrupted on the worker ({what})")
             try:
                 masked = build.redactor(what) if build.redactor is not None else what
-                self.store.release(build.fence, daemon=build.daemon, error=masked)
+                self.store.release(build.fence, error=masked)
             except Exception as again:  # noqa: BLE001 - the error that got us here matters more
                 logger.warning("job %s: claim not given back: %s", job.job_id, again)
             raise
@@ -395,7 +397,7 @@ class Lifecycle:
             daemon=claim.daemon,
         )  # fmt: skip
 
-    def _run(self, build: Build, prefer: int) -> Ending:
+    def _run(self, build: Build) -> Ending:
         claim = build.claim
         if claim.cancelled:
             return self._conclude(build, self._situation(build, CANCELLED_BEFORE_START))
@@ -404,7 +406,7 @@ class Lifecycle:
             if isinstance(decide(lost, self.settings, jitter=0.0), Done):
                 return self._conclude(build, lost)
         if build.daemon is None:
-            build.daemon = self._wait_for_daemon(build, prefer)
+            build.daemon = self._wait_for_daemon(build)
             if build.daemon is None:
                 why = NO_DAEMON_DOWN if self._all_down() else NO_DAEMON_BUSY
                 return self._conclude(build, self._situation(build, why))
@@ -466,12 +468,13 @@ class Lifecycle:
         job, now, history = build.job, situation.now, build.history
         final = isinstance(decision, Done | GiveUp)
         state = decision.state if isinstance(decision, Done) else "failed" if final else None
-        log_entries: list[tuple[int, str, str]] = []
+        log_entries: list[Entry] = []
         tail: list[str] = []
         if state is not None:
             log_entries, tail = self._log_ending(build, state)
         elif build.log is not None:
             build.log.close(_log_note(build, decision))
+        log_end = self._log_end(build, log_entries)
         concluded = recording.conclude(
             job, outcome, build.attempts, offset=build.offset,
             window_start=history.window_start or history.enqueued_at, window_end=now, routing=build.routing,
@@ -489,16 +492,16 @@ class Lifecycle:
             if state is not None:
                 assert concluded.record_json is not None
                 return self.store.finish(
-                    build.fence, record=concluded.record_json, state=state, daemon=build.daemon,
-                    log_entries=log_entries, log_maxlen=self.logs.maxlen if self.logs else 0,
-                    log_ttl_s=self.logs.ttl_s if self.logs else 0, remember=writes.remember,
-                    baseline=writes.baseline,
+                    build.fence, record=concluded.record_json, state=state, log=log_end,
+                    remember=writes.remember, baseline=writes.baseline,
                 )  # fmt: skip
             assert isinstance(decision, Retry | WaitForDaemon)
             return self._requeue(build, decision, concluded.attempts, now)
 
         stored = self.hooks.ended(build, concluded, commit, launched=build.launched)
         build.ended = True
+        if stored and self.archive is not None:
+            self._archive(build, concluded.record_json if state is not None else None)
         if isinstance(decision, Drop):
             logger.warning("job %s: fenced out (%s); its result is not stored", job.job_id, decision.reason)
             if build.launched:  # its buildctl was killed when the renewal said so: a takeover may go
@@ -553,11 +556,10 @@ class Lifecycle:
         history = build.history
         return self.store.requeue(
             build.fence, queue=build.queue, message=message, tag=tag, delivery=delivery,
-            countdown=decision.delay, phase="retry_wait" if retry else "waiting_for_daemon",
-            attempts=[_public(a) for a in attempts],
+            phase="retry_wait" if retry else "waiting_for_daemon", attempts=[_public(a) for a in attempts],
             window_start=now if retry else (history.window_start or history.enqueued_at),
             waiting_since=decision.waiting_since if isinstance(decision, WaitForDaemon) else None,
-            avoid=avoid, daemon=build.daemon,
+            avoid=avoid,
         )  # fmt: skip
 
     # -- the parts -----------------------------------------------------------------------------
@@ -587,7 +589,7 @@ class Lifecycle:
         self.hooks.rejected(record)
         return Ending("finished", record=record, summary=brief)
 
-    def _wait_for_daemon(self, build: Build, prefer: int) -> str | None:
+    def _wait_for_daemon(self, build: Build) -> str | None:
         """A daemon slot: the remembered daemon alone first when it is up but full (for at most
         ``BUILDQ_AFFINITY_WAIT_S``), then any, polling for at most ``slot_wait_s``; None when all
         stayed full (or all are down: then at once)."""
@@ -596,17 +598,17 @@ class Lifecycle:
             return None
         started = time.monotonic()
         avoid = build.attempts[-1].get("daemon") if build.attempts else None
-        stages: list[tuple[Sequence[str], float, str | None]] = []
+        stages: list[tuple[str | None, float, str | None]] = []
         if claim.preferred is not None and claim.preferred_full and s.affinity_wait_s > 0:
-            stages.append(([claim.preferred], s.affinity_wait_s, None))
-        stages.append((self.daemons, self.slot_wait_s, avoid))
-        for daemons, budget, avoided in stages:
+            stages.append((claim.preferred, s.affinity_wait_s, None))
+        stages.append((None, self.slot_wait_s, avoid))
+        for only, budget, avoided in stages:
             left_s = self.slot_wait_s - (time.monotonic() - started)
             deadline = time.monotonic() + max(0.0, min(budget, left_s))
             while True:
                 daemon = self.store.take_slot(
-                    build.fence, daemons, prefer=prefer + build.number - 1, limit=s.buildkit_max_builds,
-                    ttl_s=s.lease_ttl_s, avoid=avoided,
+                    build.fence, self.daemons, limit=s.buildkit_max_builds, attempt=build.number,
+                    worker=self.worker_id, avoid=avoided, only=only,
                 )  # fmt: skip
                 if daemon is not None:
                     return daemon
@@ -676,18 +678,46 @@ class Lifecycle:
     def _attempt_log(self, build: Build) -> AttemptLog | None:
         if self.logs is None:
             return None
-        log = AttemptLog(self.logs, build.job.job_id, build.number, redactor=build.redactor)
+        archive = self.archive is not None
+        log = AttemptLog(self.logs, build.job.job_id, build.number, redactor=build.redactor, archive=archive)
         log.mark(f"attempt {build.number} started on {self.worker_id}")
         return log
 
-    def _log_ending(self, build: Build, state: str) -> tuple[list[tuple[int, str, str]], list[str]]:
+    def _log_ending(self, build: Build, state: str) -> tuple[list[Entry], list[str]]:
         """The attempt log's unwritten end and its ``final:`` mark (for the finishing write), and
         the failing step's output tail."""
         if build.log is not None:
             return build.log.ending(state)
         if self.logs is None:
             return [], []
-        return [(build.number, "mark", f"final: {state}")], []
+        return [(build.number, "end", f"{FINAL_PREFIX} {state}")], []
+
+    def _log_end(self, build: Build, entries: Sequence[Entry]) -> LogEnd | None:
+        """How the finishing write ends the log: its last lines, the stream trimmed to a short tail
+        once the attempt is archived (else to ``BUILDQ_LOG_STREAM_MAXLEN``), its TTL set unless a
+        flush set it."""
+        if self.logs is None or not entries:
+            return None
+        archived = self.archive is not None and build.log is not None
+        return LogEnd(
+            attempt=build.number, lines=encode_lines((kind, line) for _, kind, line in entries),
+            maxlen=ARCHIVED_TAIL if archived else self.logs.maxlen, exact=archived,
+            ttl_s=0 if build.log is not None and build.log.written else self.logs.ttl_s,
+        )  # fmt: skip
+
+    def _archive(self, build: Build, record: str | None) -> None:
+        """Keep the attempt's log (and, at the end, the record) in the archive. A failure is logged:
+        the log stays in Redis for ``BUILDQ_LOG_STREAM_TTL_S``, the record for the result TTL."""
+        assert self.archive is not None
+        job_id = build.job.job_id
+        try:
+            gz = build.log.archived() if build.log is not None else None
+            if gz is not None:
+                self.archive.write_attempt(job_id, build.number, gz)
+            if record is not None:
+                self.archive.write_record(job_id, record)
+        except ArchiveError as exc:
+            logger.warning("job %s: not archived: %s", job_id, exc)
 
 
 def _log_note(build: Build, decision: Decision) -> str:
@@ -733,10 +763,11 @@ class _BuildWatch(Watch):
         window = b.history.window_start or b.history.enqueued_at
         queued = max(0.0, started_at + b.offset - window)
         b.progress.phases_ended(b.job.job_id, b.number, [("queued", queued)])
-        # a build that ends within 250 ms shows no running state and costs no progress writes
+        # the claim wrote the job `running`; the task's live state (Celery's) is shown from 250 ms
+        # in, so a build that ends sooner costs nothing more
         handles = [sched.later(0.25, self._go_live)]
         if self.log is not None:
-            handles.append(sched.every(1.0, self.log.flush))
+            handles.append(sched.every(FLUSH_EVERY_S, self.log.flush))
         return handles
 
     def line(self, line: str, status: SolveStatus | None) -> None:
@@ -750,9 +781,10 @@ class _BuildWatch(Watch):
                 b.progress.phase(b.job.job_id, b.number, self.live.current)
 
     def check(self) -> str | None:
+        """The renewal (every ``BUILDQ_LEASE_TTL_S`` / 3): the lease kept, the phase written."""
         b, lc = self.build, self.lifecycle
         try:
-            answer = lc.quick.renew(b.fence, ttl_s=lc.settings.lease_ttl_s, daemon=b.daemon)
+            answer = lc.quick.renew(b.fence, ttl_s=lc.settings.lease_ttl_s, phase=self.live.current)
         except Exception as exc:  # noqa: BLE001 - Redis away: keep building, renew next time
             logger.info("job %s: lease not renewed (%s); trying again", b.job.job_id, exc)
             return None
@@ -765,21 +797,8 @@ class _BuildWatch(Watch):
         return None
 
     def _go_live(self) -> None:
-        b, lc = self.build, self.lifecycle
+        b = self.build
         self._shown = True
-        first = b.attempts[0].get("started_at") if b.attempts else None
-        try:
-            started = datetime.fromisoformat(first).timestamp() if first else self.live.since + b.offset
-        except ValueError:
-            started = self.live.since + b.offset
-        try:
-            lc.quick.progress(
-                b.fence,
-                {"state": "running", "attempt": b.number, "worker": lc.worker_id, "daemon": b.daemon or "",
-                 "started_at": repr(started), "phase": self.live.current},
-            )  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - progress is best effort
-            logger.info("job %s: progress not written: %s", b.job.job_id, exc)
         b.progress.phase(b.job.job_id, b.number, self.live.current)
 
 

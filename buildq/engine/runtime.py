@@ -15,7 +15,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from ..config import Settings
 from ..contract.grants import granted_values
 from ..launchers import make_launcher
 from ..launchers.base import Launcher
+from ..store.archive import Archive
 from ..store.connect import redis_client
 from ..store.daemons import DaemonHealth
 from ..store.janitor import Janitor
@@ -154,6 +155,7 @@ class PoolRuntime:
             hooks=Hooks(hooks), worker_id=worker_id(), domain=launcher_domain(self.launcher), environ=env,
             logs=LogStore(client, maxlen=settings.log_stream_maxlen, ttl_s=settings.log_stream_ttl_s),
             daemons=DaemonHealth(client), redact_values=values, stoppers=stoppers, runs=runs,
+            archive=Archive(settings.archive_dir) if settings.archive_dir else None,
         )  # fmt: skip
         self.cancels = CancelListener(client, stoppers)
         self.scheduler.listen(self.cancels)
@@ -174,20 +176,30 @@ class MainRuntime:
     """The worker main process's periodic work: the janitor, the daemon watch, leftovers."""
 
     def __init__(
-        self, settings: Settings, *, announce: Announce | None = None, node: str | None = None
+        self,
+        settings: Settings,
+        *,
+        announce: Announce | None = None,
+        node: str | None = None,
+        queues: Sequence[str] = (),
     ) -> None:
         self.settings = settings
+        #: the queues this worker consumes (its heartbeat names them: the janitor reads their heads)
+        self.queues = list(queues) or [settings.high_priority_queue, settings.queue]
         self.store = make_store(settings, quick=True)  # all of it runs on the scheduler's thread
         self.scheduler = Scheduler(name="buildq-main")
         self.launcher = make_launcher(settings)
         self.health = DaemonHealth(self.store.redis)
         self.watch = DaemonWatch(self.health, self.launcher, settings.daemons, announce=announce)
-        self.janitor = Janitor(self.store, after_s=settings.requeue_lost_after_s)
         self.runs = RunRegistry(
             Path(str(getattr(self.launcher, "state_dir", tempfile.gettempdir()))) / "runs"
         )
         #: this worker (its Celery node name when given) and where its runs can be killed from
         self.worker = node or worker_id()
+        self.janitor = Janitor(
+            self.store, after_s=settings.requeue_lost_after_s, owner=self.worker, daemons=settings.daemons,
+            slot_grace_s=settings.lease_ttl_s,
+        )  # fmt: skip
         self.domain = launcher_domain(self.launcher)
 
     def start(self) -> None:
@@ -250,7 +262,9 @@ class MainRuntime:
 
     def _heartbeat(self) -> None:
         try:
-            self.store.heartbeat(worker=self.worker, domain=self.domain, ttl_s=3 * HEARTBEAT_EVERY_S)
+            self.store.heartbeat(
+                worker=self.worker, domain=self.domain, ttl_s=3 * HEARTBEAT_EVERY_S, queues=self.queues
+            )
         except Exception as exc:  # noqa: BLE001 - Redis away: the next beat says it again
             log.info("heartbeat not written: %s", exc)
 

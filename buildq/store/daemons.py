@@ -1,9 +1,10 @@
 """The circuit breaker of each BuildKit daemon, shared by every worker of the deployment.
 
 A daemon that does not answer (dial refused, GOAWAY, connection lost) is marked down
-(:meth:`DaemonHealth.mark_down`): the claim script then skips it, so no build is launched against
-it. One probe at a time (:meth:`DaemonHealth.try_probe`, a lock that expires) checks whether it
-answers again; :meth:`DaemonHealth.mark_up` closes the breaker. Each transition is reported once:
+(:meth:`DaemonHealth.mark_down`, ``lua/breaker.lua``): it moves past every limit in each load
+index, so no claim picks it and no build is launched against it. One probe at a time
+(:meth:`DaemonHealth.try_probe`, a lock that expires) checks whether it answers again;
+:meth:`DaemonHealth.mark_up` closes the breaker. Each transition is reported once:
 the call that made it returns True (or the seconds it was down).
 """
 
@@ -13,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .keys import DAEMONS_DOWN, DAEMONS_ERROR, DAEMONS_UP, daemon_hold_key, daemon_probe_key
+from .keys import DAEMONS_DOWN, DAEMONS_ERROR, DAEMONS_UP, LOADS, daemon_hold_key, daemon_probe_key
+from .scripts import Scripts
 
 ERROR_CHARS = 300
 
@@ -37,17 +39,19 @@ class DaemonHealth:
 
     def __init__(self, client: Any) -> None:
         self.redis = client
+        self.scripts = Scripts(client)
+
+    def _breaker(self, action: str, daemon: str, now: float, error: str = "", hold_s: float = 0.0) -> Any:
+        return self.scripts.call(
+            "breaker", down_hash=DAEMONS_DOWN, up_hash=DAEMONS_UP, error_hash=DAEMONS_ERROR,
+            hold_key=daemon_hold_key(daemon), loads=LOADS, action=action, daemon=daemon, at=repr(now),
+            error=error[:ERROR_CHARS], hold_ms=max(0, int(hold_s * 1000)),
+        )  # fmt: skip
 
     def mark_down(self, daemon: str, error: str, now: float, *, hold_s: float = 0.0) -> bool:
         """Open ``daemon``'s breaker; True when this call opened it (it was up). With ``hold_s`` the
         breaker stays open at least that long whatever a probe says (a full disk answers probes)."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hsetnx(DAEMONS_DOWN, daemon, repr(now))
-        pipe.hset(DAEMONS_ERROR, daemon, error[:ERROR_CHARS])
-        if hold_s > 0:
-            pipe.set(daemon_hold_key(daemon), "1", px=max(1, int(hold_s * 1000)))
-        opened = pipe.execute()[0]
-        return bool(opened)
+        return bool(self._breaker("down", daemon, now, error, hold_s))
 
     def held(self, daemon: str) -> bool:
         """Whether ``daemon``'s breaker must stay open for now (see :meth:`mark_down`)."""
@@ -55,14 +59,10 @@ class DaemonHealth:
 
     def mark_up(self, daemon: str, now: float) -> float | None:
         """Close ``daemon``'s breaker; the seconds it was down when this call closed it, else None."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hget(DAEMONS_DOWN, daemon)
-        pipe.hdel(DAEMONS_DOWN, daemon)
-        since, closed = pipe.execute()
-        if not closed:
+        since = _text(self._breaker("up", daemon, now))
+        if not since:
             return None
-        self.redis.hset(DAEMONS_UP, daemon, repr(now))
-        return max(0.0, now - float(_text(since) or now))
+        return max(0.0, now - float(since))
 
     def down(self) -> dict[str, float]:
         """The daemons that are down, with the time each went down."""

@@ -5,10 +5,9 @@ The producer side: :meth:`JobStore.submit` (message and job hash at once, exactl
 The worker side, every step fenced by the claim generation the claim hands out:
 
 =================  ============================================================================
-``claim``          take the job (lease, generation, history, cancel flag, a daemon slot)
+``claim``          take the job (lease, generation, history, cancel flag, a daemon slot): running
 ``take_slot``      a daemon slot for a claim that found every daemon full (polled)
-``renew``          keep the lease and the slot while buildctl runs; learn of a cancel
-``progress``       what the build is doing (running, phase, the run in flight)
+``renew``          keep the lease while buildctl runs, say the phase; learn of a cancel
 ``requeue``        put the job back on its queue with its history (retry, wait for a daemon)
 ``finish``         the final record, the log's end, the claim given back
 ``reject``         the record of an invalid job (for its own delivery only)
@@ -18,6 +17,12 @@ The worker side, every step fenced by the claim generation the claim hands out:
 Each script's ``KEYS``/``ARGV`` are named at the top of its ``lua/*.lua`` file and passed here by
 those names (:mod:`buildq.store.scripts`). Times the worker needs to agree on come from the Redis
 server's clock (``TIME`` in the scripts), never a producer's or another worker's.
+
+Everything about a job is in its one hash (:mod:`buildq.store.keys`): the lease, the cancel flag and
+the record are fields, so a step reads them with one ``HMGET`` and writes with one ``HSET``. Daemon
+slots are counted in a load index per daemon list (a sorted set, ``lua/load_fn.lua``): a claim takes
+the least loaded daemon with room in O(log n) of the fleet, and the job hash says which slot it
+holds, so every step that ends a claim gives exactly that slot back.
 """
 
 from __future__ import annotations
@@ -35,18 +40,20 @@ from typing import Any
 import redis
 
 from .keys import (
+    ACTIVE_INDEX,
     AFFINITY_PREFIX,
     CANCELS_CHANNEL,
     DAEMONS_DOWN,
     DOMAINS,
     EPOCH,
-    QUEUED_INDEX,
-    RECENT_INDEX,
-    RECENT_MAX,
-    SLOTS_PREFIX,
+    LOADS,
+    QUEUES,
     WORKERS,
     JobKeys,
+    finished_key,
+    job_key,
     job_keys,
+    load_key,
 )
 from .scripts import Scripts
 
@@ -55,15 +62,6 @@ FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 JOB_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 #: a repository not built for this long loses its baseline (renewed by every successful build)
 BASELINE_TTL_S = 30 * 24 * 3600
-
-
-def rotate(daemons: Sequence[str], prefer: int) -> list[str]:
-    """``daemons`` without duplicates, starting at index ``prefer`` (modulo their number)."""
-    unique = list(dict.fromkeys(daemons))
-    if not unique:
-        return []
-    start = prefer % len(unique)
-    return unique[start:] + unique[:start]
 
 
 def _text(value: Any) -> str:
@@ -108,6 +106,8 @@ class Claimed:
     preferred: str | None = None
     #: ``preferred`` is up but full and the caller asked to wait for it: no slot was taken
     preferred_full: bool = False
+    #: the number of the attempt this claim runs (after the recorded ones and one a dead holder lost)
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,19 @@ class NotOurs:
 
 
 ClaimReply = Claimed | Finished | NotOurs
+
+
+@dataclass(frozen=True)
+class LogEnd:
+    """The log's last lines as the finishing write stores them: one stream entry (``lines``, see
+    :func:`buildq.store.logs.encode_lines`; '' for none) of ``attempt``, the stream then trimmed to
+    ``maxlen`` entries (``exact``: exactly, else about), its TTL set to ``ttl_s`` (0: as it is)."""
+
+    attempt: int = 0
+    lines: str = ""
+    maxlen: int = 0
+    exact: bool = False
+    ttl_s: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,8 @@ class JobStore:
         self.result_ttl_s = result_ttl_s
         self.scripts = Scripts(client, replicas)  # replicas: see buildq.store.connect.Replicas
         self._local = threading.local()
+        #: the load indexes this process registered (:meth:`register_daemons`)
+        self._registered: dict[str, tuple[str, ...]] = {}
 
     # -- producers ---------------------------------------------------------------------------
     def submit(
@@ -165,31 +180,43 @@ class JobStore:
         """Push ``message`` to ``queue`` and write the job hash, at once, timed by the server
         clock; False (nothing pushed) when the job id was submitted before. ``WAIT`` ends it when
         replicas are wanted (:class:`~buildq.errors.NotReplicatedError` when too few confirm)."""
-        k = job_keys(job_id)
         reply = self.scripts.durable(
             "submit", what=f"submission of job {job_id}", strict_job=job_id,
-            queue=queue, job_hash=k.hash, queued_index=QUEUED_INDEX, recent_index=RECENT_INDEX,
-            message=message, tag=tag, delivery=delivery, job_id=job_id, queue_name=queue, body=body,
-            retry_of=retry_of or "", ttl=self.result_ttl_s, recent_max=RECENT_MAX,
+            queue=queue, job_hash=job_key(job_id), active_index=ACTIVE_INDEX, message=message, tag=tag,
+            delivery=delivery, job_id=job_id, queue_name=queue, body=body, retry_of=retry_of or "",
+            ttl=self.result_ttl_s,
         )  # fmt: skip
         return bool(reply[0])
 
-    def request_cancel(self, job_id: str) -> None:
-        """Set the job's cancel flag and tell the workers (a queued job never starts, a running one
-        is killed)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(job_keys(job_id).cancel, "1", ex=self.result_ttl_s)
-        pipe.publish(CANCELS_CHANNEL, job_id)
-        pipe.execute()
+    def request_cancel(self, job_id: str, *, reason: str = "1") -> bool:
+        """Ask for the job's cancellation (a queued job never starts, a running one is killed, see
+        ``lua/cancel.lua``); False when it has its record already."""
+        return bool(
+            self.scripts.call(
+                "cancel", job_hash=job_key(job_id), job_id=job_id, reason=reason, cancels=CANCELS_CHANNEL,
+                ttl=self.result_ttl_s,
+            )  # fmt: skip
+        )
 
     # -- the claim and its holder --------------------------------------------------------------
+    def register_daemons(self, daemons: Sequence[str], *, again: bool = False) -> str:
+        """The load index of ``daemons``, registered (``lua/register_load.lua``) once per process
+        (``again``: anyway, correcting what it shows of the breakers); its key."""
+        unique = tuple(dict.fromkeys(daemons))
+        key = load_key(unique)
+        if again or key not in self._registered:
+            self.scripts.call(
+                "register_load", load_index=key, loads=LOADS, down_hash=DAEMONS_DOWN, daemons=list(unique)
+            )
+            self._registered[key] = unique
+        return key
+
     def claim(
         self,
         job_id: str,
         *,
         delivery: str,
         daemons: Sequence[str],
-        prefer: int,
         limit: int,
         ttl_s: float,
         worker: str,
@@ -199,25 +226,27 @@ class JobStore:
         cache_key: str | None = None,
         affinity_wait: bool = False,
     ) -> ClaimReply:
-        """Take ``job_id`` for the message whose delivery id is ``delivery`` (see ``lua/claim.lua``).
-        Daemons are tried from ``daemons[prefer % n]`` on among equally loaded ones."""
-        k = job_keys(job_id)
-        order = rotate(daemons, prefer)
+        """Take ``job_id`` for the message whose delivery id is ``delivery`` (see ``lua/claim.lua``),
+        with a slot on the least loaded of ``daemons`` that is up and has room."""
         token = uuid.uuid4().hex
-        reply = self.scripts.durable(
-            "claim", what=f"claim of job {job_id}",
-            result_key=k.result, lease_key=k.lease, job_hash=k.hash, cancel_key=k.cancel,
-            affinity_key=AFFINITY_PREFIX + cache_key if cache_key else "", down_hash=DAEMONS_DOWN,
-            slot_sets=[SLOTS_PREFIX + d for d in order], job_id=job_id, delivery=delivery, token=token,
-            ttl_ms=max(1, int(ttl_s * 1000)), limit=limit, prefix_len=len(SLOTS_PREFIX),
-            affinity_wait=1 if affinity_wait else 0, job_ttl=self.result_ttl_s, worker=worker,
-            domain=domain, body=body, queue_name=queue,
-        )  # fmt: skip
+        for _ in range(2):
+            load = self.register_daemons(daemons)
+            reply = self.scripts.durable(
+                "claim", what=f"claim of job {job_id}",
+                job_hash=job_key(job_id), active_index=ACTIVE_INDEX, load_index=load,
+                affinity_key=AFFINITY_PREFIX + cache_key if cache_key else "", job_id=job_id,
+                delivery=delivery, token=token, ttl_ms=max(1, int(ttl_s * 1000)), limit=limit,
+                affinity_wait=1 if affinity_wait else 0, job_ttl=self.result_ttl_s, worker=worker,
+                domain=domain, body=body, queue_name=queue,
+            )  # fmt: skip
+            if reply[0] != 4:
+                break
+            self._registered.pop(load, None)  # the index is gone (a Redis that lost its data)
         if reply[0] == 0:
             return Finished(dict(json.loads(reply[1])))
         if reply[0] in (1, 3):
             return NotOurs(held=reply[0] == 1)
-        _, gen, now_ms, cancelled, position, remembered, full, *history = reply
+        _, gen, now_ms, cancelled, daemon, remembered, full, attempt, *history = reply
         enqueued, attempts, window, waiting, running, domain_before = (_text(v) for v in history)
         run = json.loads(running) if running else None
         if run is not None and run.get("gen") == int(gen):  # this claim's own (a retried reply)
@@ -234,10 +263,11 @@ class JobStore:
                 running=run,
                 previous_domain=domain_before or None,
             ),
-            daemon=order[position - 1] if position else None,
+            daemon=_text(daemon) or None,
             cancelled=bool(cancelled),
-            preferred=order[remembered - 1] if remembered else None,
+            preferred=_text(remembered) or None,
             preferred_full=bool(full),
+            attempt=int(attempt),
         )
 
     def take_slot(
@@ -245,57 +275,36 @@ class JobStore:
         fence: Fence,
         daemons: Sequence[str],
         *,
-        prefer: int,
         limit: int,
-        ttl_s: float,
+        attempt: int,
+        worker: str,
         avoid: str | None = None,
+        only: str | None = None,
     ) -> str | None:
-        """A slot on the least loaded daemon that is up and has room (``avoid`` only when no other
-        has); None when all that are up are full."""
-        order = rotate(daemons, prefer)
-        if not order:
+        """A slot on the least loaded of ``daemons`` that is up and has room (``avoid`` only when no
+        other has; ``only``: that daemon alone); None when none has room, or the claim is no longer
+        ours."""
+        if not daemons:
             return None
-        position = int(
-            self.scripts.call(
-                "take_slot",
-                down_hash=DAEMONS_DOWN,
-                slot_sets=[SLOTS_PREFIX + d for d in order],
-                token=fence.token,
-                ttl_ms=max(1, int(ttl_s * 1000)),
-                limit=limit,
-                prefix_len=len(SLOTS_PREFIX),
-                avoid=avoid or "",
+        for _ in range(2):
+            load = self.register_daemons(daemons)
+            reply = self.scripts.call(
+                "take_slot", job_hash=fence.keys.hash, load_index=load, gen=fence.gen, limit=limit,
+                avoid=avoid or "", only=only or "", attempt=attempt, worker=worker,
             )  # fmt: skip
-        )
-        return order[position - 1] if position else None
+            if reply[0] != 4:
+                break
+            self._registered.pop(load, None)
+        return (_text(reply[1]) or None) if reply[0] == 1 else None
 
-    def renew(self, fence: Fence, *, ttl_s: float, daemon: str | None) -> str:
-        """Keep the lease (and the slot on ``daemon``): ``ok``, ``cancel`` (kept, and a cancel was
-        asked for) or ``fenced`` (another delivery claimed the job, or it finished: stop)."""
-        k = fence.keys
+    def renew(self, fence: Fence, *, ttl_s: float, phase: str | None = None) -> str:
+        """Keep the lease (and write the build's ``phase``): ``ok``, ``cancel`` (kept, and a cancel
+        was asked for) or ``fenced`` (another delivery claimed the job, or it finished: stop)."""
         reply = self.scripts.call(
-            "renew", lease_key=k.lease, job_hash=k.hash, result_key=k.result, cancel_key=k.cancel,
-            slot_set=SLOTS_PREFIX + daemon if daemon else "", token=fence.token, gen=fence.gen,
-            ttl_ms=max(1, int(ttl_s * 1000)),
+            "renew", job_hash=fence.keys.hash, gen=fence.gen, ttl_ms=max(1, int(ttl_s * 1000)),
+            phase=phase or "",
         )  # fmt: skip
         return {0: "fenced", 1: "ok", 2: "cancel"}[int(reply)]
-
-    def progress(self, fence: Fence, fields: dict[str, Any]) -> bool:
-        """Write ``fields`` into the job hash while the claim is still ours; False otherwise."""
-        flat: list[Any] = []
-        for name, value in fields.items():
-            flat += [name, value if isinstance(value, str | bytes) else str(value)]
-        k = fence.keys
-        return bool(
-            self.scripts.call(
-                "progress",
-                job_hash=k.hash,
-                result_key=k.result,
-                gen=fence.gen,
-                ttl=self.result_ttl_s,
-                fields=flat,
-            )  # fmt: skip
-        )
 
     def requeue(
         self,
@@ -305,40 +314,23 @@ class JobStore:
         message: bytes,
         tag: str,
         delivery: str,
-        countdown: float,
         phase: str,
         attempts: Sequence[dict[str, Any]],
         window_start: float,
         waiting_since: float | None,
         avoid: str | None,
-        daemon: str | None,
     ) -> bool:
         """Publish the job's next message and give back the claim, at once (see ``lua/requeue.lua``);
         False (nothing published) when the claim is no longer ours."""
-        k = fence.keys
         return bool(
             self.scripts.durable(
-                "requeue",
-                what=f"requeue of job {fence.job_id}",
-                queue=queue,
-                job_hash=k.hash,
-                lease_key=k.lease,
-                result_key=k.result,
-                slot_set=SLOTS_PREFIX + daemon if daemon else "",
-                queued_index=QUEUED_INDEX,
-                message=message,
-                tag=tag,
-                delivery=delivery,
-                token=fence.token,
-                gen=fence.gen,
-                job_id=fence.job_id,
-                countdown=repr(max(0.0, countdown)),
-                phase=phase,
+                "requeue", what=f"requeue of job {fence.job_id}",
+                queue=queue, job_hash=fence.keys.hash, active_index=ACTIVE_INDEX, message=message,
+                tag=tag, delivery=delivery, gen=fence.gen, job_id=fence.job_id, phase=phase,
                 attempts=json.dumps(list(attempts), separators=(",", ":")),
                 window_start=repr(window_start),
                 waiting_since=repr(waiting_since) if waiting_since is not None else "",
-                avoid=avoid or "",
-                ttl=self.result_ttl_s,
+                avoid=avoid or "", ttl=self.result_ttl_s,
             )  # fmt: skip
         )
 
@@ -348,95 +340,61 @@ class JobStore:
         *,
         record: str,
         state: str,
-        daemon: str | None,
-        log_entries: Sequence[tuple[int, str, str]] = (),
-        log_maxlen: int = 0,
-        log_ttl_s: int = 0,
-        remember: str | None = None,
+        log: LogEnd | None = None,
+        remember: tuple[str, str] | None = None,
         baseline: tuple[str, bytes, int, int] | None = None,
     ) -> bool:
         """Store the final ``record`` and end the claim, at once (see ``lua/finish.lua``); False
-        (nothing written) when the claim is no longer ours. ``remember``: the cache key whose
-        daemon to remember (a success only); ``baseline``: (list key, entry, N, TTL s)."""
+        (nothing written) when the claim is no longer ours. ``log``: the log's last lines and how
+        the stream is kept; ``remember``: (cache key, daemon) to remember (a success only);
+        ``baseline``: (list key, entry, N, TTL s)."""
         k = fence.keys
-        tail: list[Any] = []
-        for attempt, kind, line in log_entries:
-            tail += [attempt, kind, line.encode("utf-8", errors="replace")]
+        end = log or LogEnd()
         base_key, base_entry, base_n, base_ttl = baseline or ("", b"", 0, 0)
+        cache, daemon = remember or ("", "")
         return bool(
             self.scripts.durable(
-                "finish",
-                what=f"result of job {fence.job_id}",
-                result_key=k.result,
-                job_hash=k.hash,
-                lease_key=k.lease,
-                slot_set=SLOTS_PREFIX + daemon if daemon else "",
-                queued_index=QUEUED_INDEX,
-                log_stream=k.log,
-                affinity_key=AFFINITY_PREFIX + remember if remember else "",
-                baseline_list=base_key,
-                record=record,
-                state=state,
-                token=fence.token,
-                gen=fence.gen,
-                job_id=fence.job_id,
-                done_channel=k.done,
-                ttl=self.result_ttl_s,
-                daemon=daemon or "",
-                remember_ttl=self.result_ttl_s,
-                baseline_entry=base_entry,
-                baseline_n=base_n,
-                baseline_ttl=base_ttl,
-                log_maxlen=log_maxlen,
-                log_ttl=log_ttl_s,
-                log_entries=tail,
+                "finish", what=f"result of job {fence.job_id}",
+                job_hash=k.hash, active_index=ACTIVE_INDEX, finished_index=finished_key(state),
+                log_stream=k.log, affinity_key=AFFINITY_PREFIX + cache if cache else "",
+                baseline_list=base_key, record=record, state=state, gen=fence.gen, job_id=fence.job_id,
+                done_channel=k.done, daemon=daemon, remember_ttl=self.result_ttl_s,
+                baseline_entry=base_entry, baseline_n=base_n, baseline_ttl=base_ttl,
+                log_trim="=" if end.exact else "~", log_maxlen=end.maxlen, log_ttl=end.ttl_s,
+                log_attempt=end.attempt, log_lines=end.lines,
             )  # fmt: skip
         )
 
     def reject(self, job_id: str, *, delivery: str, record: str, state: str = "failed") -> bool:
         """Store the record of a job found invalid, only for its current delivery while it has no
-        result and no live lease; True when stored. ``job_id`` must be a valid job id."""
+        record and no live lease; True when stored. ``job_id`` must be a valid job id."""
         k = job_keys(job_id)
         return bool(
             self.scripts.durable(
-                "reject",
-                what=f"record of job {job_id}",
-                result_key=k.result,
-                job_hash=k.hash,
-                lease_key=k.lease,
-                queued_index=QUEUED_INDEX,
-                record=record,
-                state=state,
-                job_id=job_id,
-                delivery=delivery,
-                done_channel=k.done,
+                "reject", what=f"record of job {job_id}",
+                job_hash=k.hash, active_index=ACTIVE_INDEX, finished_index=finished_key(state),
+                record=record, state=state, job_id=job_id, delivery=delivery, done_channel=k.done,
                 ttl=self.result_ttl_s,
             )  # fmt: skip
         )
 
-    def release(self, fence: Fence, *, daemon: str | None, error: str = "") -> bool:
-        """Give back the lease and the slot (the lease only while still ours); ``error`` (what
-        interrupted the claim) is what the next claim's lost attempt will say."""
-        k = fence.keys
+    def release(self, fence: Fence, *, error: str = "") -> bool:
+        """Give back the lease and the slot while still ours; ``error`` (what interrupted the claim)
+        is what the next claim's lost attempt will say."""
         return bool(
             self.scripts.call(
-                "release",
-                lease_key=k.lease,
-                job_hash=k.hash,
-                slot_set=SLOTS_PREFIX + daemon if daemon else "",
-                token=fence.token,
-                gen=fence.gen,
-                error=error[:500],
+                "release", job_hash=fence.keys.hash, active_index=ACTIVE_INDEX, gen=fence.gen,
+                error=error[:500], job_id=fence.job_id,
             )  # fmt: skip
         )
 
     def mark_dead(self, job_id: str, gen: int) -> None:
         """The run of claim generation ``gen`` is over (killed): a takeover waiting for it may go."""
-        self.scripts.call("dead", job_hash=job_keys(job_id).hash, gen=gen)
+        self.scripts.call("dead", job_hash=job_key(job_id), gen=gen)
 
     def dead_gen(self, job_id: str) -> int:
         """The highest claim generation whose run is known to be over (0: none)."""
-        raw = self.redis.hget(job_keys(job_id).hash, "dead_gen")
+        raw = self.redis.hget(job_key(job_id), "dead_gen")
         return int(raw) if raw else 0
 
     def held_by(self, job_id: str, worker: str) -> None:
@@ -444,17 +402,18 @@ class JobStore:
         if not JOB_ID_RE.match(job_id):
             return
         pipe = self.redis.pipeline(transaction=False)
-        key = job_keys(job_id).hash
+        key = job_key(job_id)
         pipe.hset(key, "held_by", worker)
         pipe.expire(key, self.result_ttl_s)
         pipe.execute()
 
     # -- workers -------------------------------------------------------------------------------
-    def heartbeat(self, *, worker: str, domain: str, ttl_s: float) -> float:
-        """This worker (and its domain) lives for ``ttl_s`` more; the server clock (epoch s)."""
+    def heartbeat(self, *, worker: str, domain: str, ttl_s: float, queues: Sequence[str] = ()) -> float:
+        """This worker (and its domain) lives for ``ttl_s`` more, consuming ``queues``; the server
+        clock (epoch s)."""
         now = self.scripts.call(
-            "heartbeat", workers=WORKERS, domains=DOMAINS, epoch=EPOCH, worker=worker, domain=domain,
-            ttl_ms=max(1, int(ttl_s * 1000)),
+            "heartbeat", workers=WORKERS, domains=DOMAINS, epoch=EPOCH, queues=QUEUES, worker=worker,
+            domain=domain, ttl_ms=max(1, int(ttl_s * 1000)), names=list(queues),
         )  # fmt: skip
         return int(now) / 1000
 
@@ -468,31 +427,37 @@ class JobStore:
         now_ms = sec * 1000 + usec // 1000
         return {_text(m): score / 1000 for m, score in members if score > now_ms}
 
-    # -- reads ---------------------------------------------------------------------------------
+    # -- reads ----------------------------------------------------------------------------------
     def lease_holder(self, job_id: str) -> str | None:
-        raw = self.redis.get(job_keys(job_id).lease)
-        return _text(raw) if raw is not None else None
+        """The token of the job's live lease (by the server clock), None when nobody holds it."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hmget(job_key(job_id), ["lease", "lease_until"])
+        (sec, usec), (token, until) = pipe.execute()
+        if token is None or float(until or 0) <= sec * 1000 + usec // 1000:
+            return None
+        return _text(token)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.redis.exists(job_keys(job_id).cancel))
+        return bool(self.redis.hexists(job_key(job_id), "cancel"))
 
     def info(self, job_id: str) -> dict[str, str]:
-        raw: dict[bytes, bytes] = self.redis.hgetall(job_keys(job_id).hash)  # type: ignore[assignment]
+        """The job hash's fields (the record among them, once stored)."""
+        raw: dict[bytes, bytes] = self.redis.hgetall(job_key(job_id))  # type: ignore[assignment]
         return {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
 
     def status_parts(self, job_id: str) -> tuple[dict[str, Any] | None, dict[str, str], float | None]:
-        """The job's record, its hash and this Redis's epoch, in one round trip."""
-        k = job_keys(job_id)
+        """The job's record, its hash's other fields and this Redis's epoch, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.get(k.result)
-        pipe.hgetall(k.hash)
+        pipe.hgetall(job_key(job_id))
         pipe.get(EPOCH)
-        raw, fields, epoch = pipe.execute()
+        fields, epoch = pipe.execute()
         info = {_text(a): _text(b) for a, b in fields.items()}
+        raw = info.pop("record", None)
         return (json.loads(raw) if raw else None), info, _float(epoch)
 
     def result(self, job_id: str) -> dict[str, Any] | None:
-        raw = self.redis.get(job_keys(job_id).result)
+        raw = self.redis.hget(job_key(job_id), "record")
         return json.loads(raw) if raw else None
 
     def wait_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:

@@ -2,32 +2,48 @@
 
 Per job (:class:`JobKeys`, made once per job by :func:`job_keys`):
 
-- ``job:<id>``      hash, written by the client at submit and by the workers after: ``state``
-                    (queued | running | succeeded | failed | cancelled), ``phase``, ``queue``,
-                    ``enqueued_at`` (epoch s, server clock), ``delivery`` (the current message's
-                    id), ``job`` (the job's JSON), ``retry_of``; the claim's ``gen`` (claim
-                    generation), ``holder`` and ``domain`` (who holds it, where its runs can be
-                    killed from); between attempts the history: ``attempts`` (JSON), ``window_start``,
-                    ``waiting_since``, ``avoid``; while building ``attempt``, ``worker``, ``daemon``,
-                    ``started_at`` and ``running`` (the run in flight, JSON); until the job ends
-                    ``msg``/``tag`` (its last message, for the janitor). Readers get it through
-                    :func:`buildq.contract.record.job_status`, which shows none of the internal fields.
-- ``result:<id>``   the final JSON record (written once; its presence means "done")
-- ``lease:<id>``    the token of the claim that runs the build; expires unless renewed
-- ``cancel:<id>``   set by ``buildq cancel``: a queued job never starts, a running one is killed
-- ``done:<id>``     pub/sub channel told the final state when the result is stored
+- ``job:<id>``      hash, the one place a job's state lives (written by the client at submit, by
+                    the workers after). Readers get it through :func:`buildq.contract.record.job_status`,
+                    which shows none of the internal fields. Fields:
+
+                    * what was asked: ``job`` (its JSON as sent), ``queue``, ``retry_of``;
+                      ``enqueued_at`` (epoch s, server clock)
+                    * its current message: ``delivery`` (id), ``tag`` (delivery tag), ``pushed_at``
+                      (server ms; see :mod:`buildq.store.janitor` for why it is kept)
+                    * the claim: ``gen`` (claim generation), ``lease`` (the holder's token) and
+                      ``lease_until`` (server ms), ``holder`` and ``domain`` (who holds it, where its
+                      runs can be killed from), ``slot`` and ``slot_load`` (the daemon slot the claim
+                      holds and the load index it counts in; '' when none), ``dead_gen``
+                    * while building: ``state`` running, ``phase``, ``attempt``, ``worker``,
+                      ``daemon``, ``started_at``, ``running`` (the run in flight, JSON)
+                    * between attempts: ``attempts`` (JSON), ``window_start``, ``waiting_since``,
+                      ``avoid``, ``held_by`` (the worker holding a retry's message until its ETA)
+                    * ``cancel``: set by ``buildq cancel`` (a queued job never starts, a running one
+                      is killed)
+                    * at the end: ``record`` (the final JSON record; its presence means "done"),
+                      ``done_gen`` (the claim that stored it; ``0`` for a rejected job)
+- ``done:<id>``     pub/sub channel told the final state when the record is stored
 - ``log:<id>``      the build log stream (see :mod:`buildq.store.logs`)
+
+Indexes (sorted sets of job ids; each entry written in the script that changes the job's state):
+
+- ``active``        the jobs not finished: score ``+enqueued_at`` while queued, ``-enqueued_at``
+                    while claimed (so ``--state queued`` and ``--state running`` read only theirs)
+- ``finished:<state>`` succeeded / failed / cancelled jobs (score: enqueued_at), trimmed by the
+                    janitor to :data:`RECENT_MAX` ids and to ``BUILDQ_RESULT_TTL_S``
 
 Shared:
 
-- ``slots:<daemon>`` sorted set of the daemon's build slots (see :mod:`buildq.store.slots`)
-- ``queued``        sorted set of the jobs whose message the janitor keeps (score: when it is due)
-- ``recent``        sorted set of the job ids submitted through the client (score: enqueued_at),
-                    for ``buildq list``; trimmed at each submit to :data:`RECENT_MAX` ids and to
-                    ``BUILDQ_RESULT_TTL_S``
+- ``load:<id>``     the build slots in use on each daemon of one daemon list (``<id>``: a digest of
+                    the list); a daemon whose breaker is open counts :data:`DOWN_LOAD` more, so the
+                    least loaded daemon with room is the first member under the limit
+- ``loads``         set of the load indexes in use (a breaker moves its daemon in each)
+- ``janitor``       the lease of the one worker that runs the janitor for the deployment
+- ``queues``        set of the queues the workers consume (heartbeats; the janitor reads their heads)
 - ``cancels``       pub/sub channel told the id of every job a cancel was asked for
 - ``workers``, ``domains`` sorted sets of the live worker main processes and of the places their
                     runs can be killed from (score: expiry on the server clock, ms; heartbeats)
+- ``epoch``         when this Redis's buildq data began (set by the first heartbeat)
 - ``daemons:down``  hash daemon -> epoch seconds it went down (the open circuit breakers)
 - ``daemons:up``    hash daemon -> epoch seconds it came back; ``daemons:error`` daemon -> last error
 - ``daemons:probe:<daemon>`` the lock of the one probe of a down daemon (expires)
@@ -42,14 +58,23 @@ delivery times in ``unacked_index`` (sorted set); the janitor reads them.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import NamedTuple
 
 PREFIX = "buildq:"
-QUEUED_INDEX = f"{PREFIX}queued"
-RECENT_INDEX = f"{PREFIX}recent"
-#: ids kept in :data:`RECENT_INDEX`
+JOB_PREFIX = f"{PREFIX}job:"
+ACTIVE_INDEX = f"{PREFIX}active"
+FINISHED_PREFIX = f"{PREFIX}finished:"
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+#: ids kept in each ``finished:<state>`` index
 RECENT_MAX = 10000
-SLOTS_PREFIX = f"{PREFIX}slots:"
+LOAD_PREFIX = f"{PREFIX}load:"
+LOADS = f"{PREFIX}loads"
+#: what an open breaker adds to its daemon's load (more than any limit: never the least loaded)
+DOWN_LOAD = 1_000_000
+JANITOR_LEASE = f"{PREFIX}janitor"
+QUEUES = f"{PREFIX}queues"
 AFFINITY_PREFIX = f"{PREFIX}affinity:"
 BASELINE_PREFIX = f"{PREFIX}baseline:"
 LOG_PREFIX = f"{PREFIX}log:"
@@ -72,35 +97,17 @@ class JobKeys(NamedTuple):
     """The keys and channel of one job."""
 
     hash: str
-    result: str
-    lease: str
-    cancel: str
     log: str
     done: str
 
 
 def job_keys(job_id: str) -> JobKeys:
     """All of ``job_id``'s keys at once."""
-    return JobKeys(
-        f"{PREFIX}job:{job_id}",
-        f"{PREFIX}result:{job_id}",
-        f"{PREFIX}lease:{job_id}",
-        f"{PREFIX}cancel:{job_id}",
-        LOG_PREFIX + job_id,
-        f"{PREFIX}done:{job_id}",
-    )
+    return JobKeys(JOB_PREFIX + job_id, LOG_PREFIX + job_id, f"{PREFIX}done:{job_id}")
 
 
 def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
-
-
-def result_key(job_id: str) -> str:
-    return f"{PREFIX}result:{job_id}"
-
-
-def lease_key(job_id: str) -> str:
-    return f"{PREFIX}lease:{job_id}"
+    return JOB_PREFIX + job_id
 
 
 def log_key(job_id: str) -> str:
@@ -108,9 +115,15 @@ def log_key(job_id: str) -> str:
     return LOG_PREFIX + job_id
 
 
-def slot_key(daemon: str) -> str:
-    """The sorted set holding ``daemon``'s build slots."""
-    return SLOTS_PREFIX + daemon
+def finished_key(state: str) -> str:
+    """The index of the recent jobs that ended in ``state``."""
+    return FINISHED_PREFIX + state
+
+
+def load_key(daemons: Sequence[str]) -> str:
+    """The load index of one daemon list (the same list, in any order, gives the same key)."""
+    digest = hashlib.sha256("\n".join(sorted(set(daemons))).encode()).hexdigest()[:12]
+    return LOAD_PREFIX + digest
 
 
 def affinity_key(cache_key: str) -> str:

@@ -1,7 +1,9 @@
-"""``buildq list``: the recent jobs (from the ``recent`` index) and the depth of each queue.
+"""``buildq list``: the recent jobs (from the state indexes) and the depth of each queue.
 
-:func:`job_row` is pure (one job's hash fields and record → a row); :func:`recent_jobs` reads
-batches of ids newest first, two commands per id in one pipeline per batch.
+:func:`job_row` is pure (one job's hash fields and record → a row). :func:`recent_jobs` reads the
+ids of the wanted states only, newest first (``active``: queued jobs score ``+enqueued_at``,
+claimed ones ``-enqueued_at``; ``finished:<state>``), then one ``HMGET`` per job: ``--state failed``
+over ten thousand recent jobs reads the failed ones, not the ten thousand.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import redis
 
-from .keys import RECENT_INDEX, job_key, result_key
+from .keys import ACTIVE_INDEX, FINAL_STATES, finished_key, job_key
 
 _FIELDS = ("state", "phase", "enqueued_at", "started_at", "retry_of")
 _BATCH = 100
@@ -54,29 +56,39 @@ def job_row(
     }
 
 
+def _ids(client: redis.Redis, state: str, n: int) -> list[tuple[float, str]]:
+    """Up to ``n`` (enqueued_at, job id) of the jobs indexed under ``state``, newest first."""
+    if state == "queued":
+        got = client.zrevrangebyscore(ACTIVE_INDEX, "+inf", "(0", start=0, num=n, withscores=True)
+    elif state == "running":
+        got = client.zrangebyscore(ACTIVE_INDEX, "-inf", "(0", start=0, num=n, withscores=True)
+    else:
+        got = client.zrevrange(finished_key(state), 0, n - 1, withscores=True)
+    pairs: list[tuple[Any, Any]] = list(got)  # type: ignore[arg-type]
+    return [(abs(float(score)), (m.decode() if isinstance(m, bytes) else str(m))) for m, score in pairs]
+
+
 def recent_jobs(client: redis.Redis, *, limit: int, states: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Up to ``limit`` rows, newest first, of jobs in one of ``states`` (any when empty)."""
-    wanted = set(states)
+    wanted = set(states) or {"queued", "running", *FINAL_STATES}
+    reach = limit + 20  # a few claimed jobs still wait for a slot (queued), and the like
+    ids = sorted((i for state in sorted(wanted) for i in _ids(client, state, reach)), reverse=True)
     rows: list[dict[str, Any]] = []
-    start = 0
-    while len(rows) < limit:
-        ids = [i.decode() for i in client.zrevrange(RECENT_INDEX, start, start + _BATCH - 1)]  # type: ignore[union-attr]
-        if not ids:
-            break
-        start += _BATCH
+    seen: set[str] = set()
+    for start in range(0, len(ids), _BATCH):
+        batch = [job_id for _, job_id in ids[start : start + _BATCH] if job_id not in seen]
+        seen.update(batch)
         pipe = client.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hmget(job_key(job_id), _FIELDS)
-            pipe.get(result_key(job_id))
-        replies = pipe.execute()
-        for index, job_id in enumerate(ids):
-            values, raw = replies[2 * index], replies[2 * index + 1]
-            fields = {name: (v.decode() if v else None) for name, v in zip(_FIELDS, values, strict=True)}
+        for job_id in batch:
+            pipe.hmget(job_key(job_id), [*_FIELDS, "record"])
+        for job_id, values in zip(batch, pipe.execute(), strict=True):
+            fields = {name: (v.decode() if v else None) for name, v in zip(_FIELDS, values, strict=False)}
+            raw = values[-1]
             row = job_row(job_id, fields, json.loads(raw) if raw else None)
-            if row is not None and (not wanted or row["state"] in wanted):
+            if row is not None and row["state"] in wanted:
                 rows.append(row)
                 if len(rows) == limit:
-                    break
+                    return rows
     return rows
 
 

@@ -1,14 +1,18 @@
 """Per-job build logs in a capped Redis Stream: written live by the worker, read or followed by clients.
 
-One stream per job (:func:`~buildq.store.keys.log_key`); each entry has fields ``a`` (attempt number),
-``k`` (kind) and ``l`` (the line). Kinds: ``plain`` (``--progress=plain``-like text rendered by
-:class:`~buildq.buildkit.plainlog.PlainLogRenderer`, plus buildctl's non-JSON stderr lines),
-``raw`` (the rawjson stderr line, redacted) and ``mark`` (attempt started / failed / retrying, and
-``final: <state>`` as the last entry of a finished job). Attempts of a retried job share the stream.
+One stream per job (:func:`~buildq.store.keys.log_key`), shared by a retried job's attempts. Each
+stream entry is one batch of one attempt's lines: fields ``a`` (the attempt number) and ``l``
+(:func:`encode_lines`: the lines, each with a one-letter kind in front, joined by newlines). Kinds:
+``raw`` (buildctl's stderr line as it came, redacted: the rawjson progress or buildctl's own text),
+``mark`` (attempt started, the log cut) and ``end`` (a mark that closes its attempt: failed and
+retrying, interrupted, ``final: <state>`` as the last line of a finished job). Each line is stored
+once, raw; the ``--progress=plain`` view is rendered from it when read
+(:class:`buildq.client.logview.PlainView`).
 
-:class:`LogStore` writes a batch in one pipelined round trip (``XADD MAXLEN ~`` each, then
-``EXPIRE``); the worker side that renders and buffers an attempt's lines is
-:class:`buildq.engine.attemptlog.AttemptLog`.
+:class:`LogStore` writes a batch with one ``XADD`` (the stream's TTL is set with the first batch of
+an attempt); the worker side that buffers an attempt's lines and flushes them every
+:data:`FLUSH_EVERY_S` is :class:`buildq.engine.attemptlog.AttemptLog`. A finished job's log moves to
+the archive when one is set up (:mod:`buildq.store.archive`) and the stream keeps a short tail.
 """
 
 from __future__ import annotations
@@ -20,27 +24,59 @@ from typing import Any
 from .keys import log_key
 
 FINAL_PREFIX = "final:"
-_PAGE = 1000
+#: how often a running build's buffered lines are written (one XADD per running build each time)
+FLUSH_EVERY_S = 2.0
+#: the stream entries (batches) a finished job keeps in Redis once its log is archived
+ARCHIVED_TAIL = 3
+_PAGE = 200
 
 Entry = tuple[int, str, str]  # (attempt, kind, line)
+
+_CODES = {"raw": "r", "mark": "m", "end": "e", "plain": "p"}
+_KINDS = {code: kind for kind, code in _CODES.items()}
 
 
 @dataclass(frozen=True, slots=True)
 class LogEntry:
+    """One line: the stream entry it came in (``id``), its attempt, kind and text. An ``end``
+    line is shown as a mark (``kind`` is ``mark``, ``closes`` True)."""
+
     id: str
     attempt: int
     kind: str
     line: str
+    closes: bool = False
+
+
+def encode_lines(entries: Iterable[tuple[str, str]]) -> str:
+    """(kind, line) pairs as one stream field: ``<letter><line>`` joined by newlines (a line's own
+    newlines become spaces)."""
+    return "\n".join(_CODES[kind] + line.replace("\n", " ").replace("\r", " ") for kind, line in entries)
+
+
+def decode_lines(text: str) -> list[tuple[str, str]]:
+    """What :func:`encode_lines` made: (kind, line) pairs; a line of an unknown kind is raw."""
+    out = []
+    for item in text.split("\n") if text else ():
+        kind = _KINDS.get(item[:1])
+        out.append((kind, item[1:]) if kind else ("raw", item))
+    return out
 
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _entry(entry_id: Any, fields: dict[Any, Any]) -> LogEntry:
+def entries_of(entry_id: Any, fields: dict[Any, Any]) -> list[LogEntry]:
+    """The lines of one stream entry."""
     got = {_text(k): _text(v) for k, v in fields.items()}
     a = got.get("a", "")
-    return LogEntry(_text(entry_id), int(a) if a.isdigit() else 0, got.get("k", ""), got.get("l", ""))
+    attempt = int(a) if a.isdigit() else 0
+    sid = _text(entry_id)
+    return [
+        LogEntry(sid, attempt, "mark" if kind == "end" else kind, line, kind == "end")
+        for kind, line in decode_lines(got.get("l", ""))
+    ]
 
 
 class LogStore:
@@ -51,44 +87,47 @@ class LogStore:
         self.maxlen = maxlen
         self.ttl_s = ttl_s
 
-    def append(self, job_id: str, entries: Iterable[Entry]) -> None:
-        """Add entries in order, trimming to about ``maxlen``, and refresh the TTL: one round trip
-        (nothing is sent when there are no entries). The end of a build's log is written by
-        :func:`buildq.store.claim.finish` instead, with the result."""
-        key, pipe = log_key(job_id), None
+    def append(self, job_id: str, entries: Iterable[Entry], *, first: bool = False) -> None:
+        """Add the entries as one stream entry per attempt (in order), trimming to about ``maxlen``
+        entries; ``first`` (an attempt's first batch) also sets the stream's TTL. One round trip;
+        nothing is sent when there are no entries."""
+        groups: list[tuple[int, list[tuple[str, str]]]] = []
         for attempt, kind, line in entries:
-            if pipe is None:
-                pipe = self.redis.pipeline(transaction=False)
-            fields = {"a": attempt, "k": kind, "l": line.encode("utf-8", errors="replace")}
-            pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
-        if pipe is not None:
+            if not groups or groups[-1][0] != attempt:
+                groups.append((attempt, []))
+            groups[-1][1].append((kind, line))
+        if not groups:
+            return
+        key = log_key(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for attempt, lines in groups:
+            pipe.xadd(key, {"a": attempt, "l": encode_lines(lines).encode("utf-8", "replace")},
+                      maxlen=self.maxlen, approximate=True)  # fmt: skip
+        if first:
             pipe.expire(key, self.ttl_s)
-            pipe.execute()
-
-    def mark(self, job_id: str, attempt: int, text: str) -> None:
-        """Append one ``mark`` line (attempt started / failed / retrying, ``final: <state>``)."""
-        self.append(job_id, [(attempt, "mark", text)])
+        pipe.execute()
 
     def read(
         self,
         job_id: str,
         *,
-        kinds: Iterable[str] = ("plain", "mark"),
+        kinds: Iterable[str] = ("raw", "mark"),
         after: str = "0-0",
         count: int | None = None,
     ) -> list[LogEntry]:
-        """Stored entries of the given kinds with ids after ``after``, oldest first (at most ``count``)."""
+        """Stored lines of the given kinds in entries after ``after``, oldest first (at most
+        ``count``)."""
         wanted = frozenset(kinds)
         out: list[LogEntry] = []
         start = f"({after}"
         while True:
             page = self.redis.xrange(log_key(job_id), min=start, max="+", count=_PAGE)
             for entry_id, fields in page:
-                entry = _entry(entry_id, fields)
-                if entry.kind in wanted:
-                    out.append(entry)
-                    if count is not None and len(out) >= count:
-                        return out
+                for entry in entries_of(entry_id, fields):
+                    if entry.kind in wanted:
+                        out.append(entry)
+                        if count is not None and len(out) >= count:
+                            return out
             if len(page) < _PAGE:
                 return out
             start = f"({_text(page[-1][0])}"
@@ -97,14 +136,14 @@ class LogStore:
         self,
         job_id: str,
         *,
-        kinds: Iterable[str] = ("plain", "mark"),
+        kinds: Iterable[str] = ("raw", "mark"),
         is_finished: Callable[[], bool],
         block_ms: int = 500,
         after: str = "0-0",
     ) -> Iterator[LogEntry]:
-        """Yield entries as they arrive (``XREAD BLOCK``), across attempts.
+        """Yield lines as they arrive (``XREAD BLOCK``), across attempts.
 
-        Ends after the ``final: <state>`` mark (yielded when ``mark`` is among ``kinds``), or when a
+        Ends after the ``final: <state>`` line (yielded when ``mark`` is among ``kinds``), or when a
         block period passes with no new entry while ``is_finished()`` is true (a worker that died
         before writing the final mark). The client's socket timeout must exceed ``block_ms``.
         """
@@ -115,17 +154,18 @@ class LogStore:
                 batches = [batch for value in reply.values() for batch in value]
             else:  # RESP2: [[key, [(id, fields), ...]]]
                 batches = [batch for _, batch in reply or ()]
-            entries = [_entry(i, f) for batch in batches for i, f in batch]
-            if not entries:
+            stream = [(i, f) for batch in batches for i, f in batch]
+            if not stream:
                 if is_finished():
                     return
                 continue
-            for entry in entries:
-                last = entry.id
-                if entry.kind in wanted:
-                    yield entry
-                if entry.kind == "mark" and entry.line.startswith(FINAL_PREFIX):
-                    return
+            for entry_id, fields in stream:
+                last = _text(entry_id)
+                for entry in entries_of(entry_id, fields):
+                    if entry.kind in wanted:
+                        yield entry
+                    if entry.closes and entry.line.startswith(FINAL_PREFIX):
+                        return
 
 
 def final_state(entries: Iterable[LogEntry]) -> str | None:

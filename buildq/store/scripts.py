@@ -4,8 +4,8 @@ A script's main file opens with one ``local <name> = KEYS[i]`` (or ``ARGV[i]``, 
 ``tonumber(...)``) per key and argument, and at most one variadic tail
 ``local <name> = {unpack(KEYS|ARGV, i)}``. :class:`Script` reads those lines, so a caller passes
 every key and argument by name (:meth:`Script.call`), and a name missing, unknown or in the
-wrong place fails at once, naming it. Shared parts (the server-clock prelude, the slot functions,
-the result block) are put in front of the main file as :data:`PARTS` says.
+wrong place fails at once, naming it. Shared parts (the server-clock prelude, reading a job hash
+and giving back its slot, the load index) are put in front of the main file as :data:`PARTS` says.
 
 :class:`Scripts` runs them on one Redis client with ``EVALSHA`` (loading a script again where
 Redis lost it, e.g. on a new master) and, for the writes that must survive a failover
@@ -39,14 +39,20 @@ LUA_DIR = Path(__file__).with_name("lua")
 #: the shared parts each script is put together with, in front of its own file
 PARTS: dict[str, tuple[str, ...]] = {
     "submit": ("prelude",),
-    "claim": ("prelude", "slots_fn"),
-    "renew": ("prelude", "result_fn"),
-    "requeue": ("prelude", "result_fn"),
-    "finish": ("result_fn",),
-    "reject": ("result_fn",),
-    "take_slot": ("prelude", "slots_fn"),
+    "claim": ("prelude", "job_fn", "load_fn"),
+    "take_slot": ("prelude", "job_fn", "load_fn"),
+    "renew": ("prelude",),
+    "requeue": ("prelude", "job_fn"),
+    "finish": ("job_fn",),
+    "reject": ("prelude", "job_fn"),
+    "release": ("prelude", "job_fn"),
     "heartbeat": ("prelude",),
     "restore_stalled": ("prelude",),
+    "lost": ("prelude",),
+    "push_lost": ("prelude",),
+    "expired_slots": ("prelude", "job_fn"),
+    "register_load": ("load_fn",),
+    "breaker": ("load_fn",),
 }
 
 _NAMED = re.compile(r"^local (\w+)\s*=\s*(?:tonumber\()?(KEYS|ARGV)\[(\d+)\]")

@@ -1,11 +1,10 @@
 -- reject: the record of a job a worker found invalid (it claimed nothing, launched nothing). Written
--- only for the job's current delivery while it has no result and no live lease: a forged message
+-- only for the job's current delivery while it has no record and no live lease: a forged message
 -- naming another job's id (its delivery id is not the job's), or a duplicate delivery on a
 -- misconfigured worker, never ends or overwrites a job that another delivery owns.
-local result_key = KEYS[1]
-local job_hash = KEYS[2]
-local lease_key = KEYS[3]
-local queued_index = KEYS[4]
+local job_hash = KEYS[1]
+local active_index = KEYS[2]
+local finished_index = KEYS[3]
 local record = ARGV[1]
 local state = ARGV[2]
 local job_id = ARGV[3]
@@ -13,8 +12,15 @@ local delivery = ARGV[4]       -- the delivery id of the rejected message
 local done_channel = ARGV[5]
 local ttl = tonumber(ARGV[6])
 -- -> 1 stored | 0 nothing written
-if redis.call('EXISTS', result_key) == 1 or redis.call('EXISTS', lease_key) == 1 then return 0 end
-local current = redis.call('HGET', job_hash, 'delivery')
-if current and current ~= delivery then return 0 end
-store_result(result_key, job_hash, queued_index, done_channel, job_id, record, state, ttl)
+local h = read(job_hash, {'record', 'delivery', 'lease', 'lease_until', 'enqueued_at', 'slot', 'slot_load'})
+if h.record then return 0 end
+if h.lease and tonumber(h.lease_until or '0') > now then return 0 end
+if h.delivery and h.delivery ~= delivery then return 0 end
+local enqueued_at = h.enqueued_at or string.format('%.3f', now / 1000)
+redis.call('HSET', job_hash, unpack(extend({'state', state, 'phase', 'done', 'record', record,
+  'done_gen', '0', 'enqueued_at', enqueued_at}, give_back(h))))
+redis.call('EXPIRE', job_hash, ttl)
+redis.call('ZREM', active_index, job_id)
+redis.call('ZADD', finished_index, tonumber(enqueued_at), job_id)
+redis.call('PUBLISH', done_channel, state)
 return 1
