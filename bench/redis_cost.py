@@ -41,6 +41,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from buildq.config import Settings  # noqa: E402
 from tests.harness import (  # noqa: E402 - a redis-server of the benchmark's own starts here
     REDIS_URL,
     WorkerProcess,
@@ -48,12 +49,9 @@ from tests.harness import (  # noqa: E402 - a redis-server of the benchmark's ow
     client_for,
     flush_dbs,
     free_port,
-    settings_from,
     wait_until,
 )
 from tests.standin import FIXTURES, write_standin_executable  # noqa: E402
-
-from buildq.config import Settings  # noqa: E402
 
 CAPTURE_S = 0.592  # ctx_oci_rawjson_cold: 39 rawjson lines over 0.592 s
 
@@ -222,7 +220,7 @@ def part_claim() -> None:
         daemons = [f"tcp://10.0.{i // 250}.{i % 250}:1234" for i in range(fleet)]
         _register(store, daemons)
         # every daemon holds builds (3 of 4 slots) but one; claims land on it and on the others
-        for i, daemon in enumerate(daemons):
+        for i in range(len(daemons)):
             for b in range(3 if i else 0):
                 store.claim(f"f{i}-{b}", **_claim_args(daemons, i, 4))
         samples = []
@@ -233,8 +231,7 @@ def part_claim() -> None:
             after = commandstats(r)["evalsha"]
             samples.append(after[1] - before[1])
             assert getattr(reply, "daemon", None), reply
-            if hasattr(store, "finish"):
-                store.release(_fence(store, job_id, reply), daemon=reply.daemon)
+            _release(store, _fence(store, job_id, reply), reply.daemon)
         print(f"  {fleet:5} daemons: claim p50 {statistics.median(samples):6.0f} µs, "
               f"max {max(samples):6.0f} µs (server time, {len(samples)} claims)")
     r.flushdb()
@@ -247,8 +244,24 @@ def _register(store: Any, daemons: list[str]) -> None:
 
 
 def _claim_args(daemons: list[str], prefer: int, limit: int) -> dict[str, Any]:
-    return dict(delivery=uuid.uuid4().hex, daemons=daemons, prefer=prefer, limit=limit, ttl_s=600,
-                worker="bench:1", domain="bench", body="{}", queue="q")
+    import inspect
+
+    from buildq.store.jobs import JobStore
+
+    args: dict[str, Any] = dict(delivery=uuid.uuid4().hex, daemons=daemons, limit=limit, ttl_s=600,
+                                worker="bench:1", domain="bench", body="{}", queue="q")
+    if "prefer" in inspect.signature(JobStore.claim).parameters:  # an older checkout
+        args["prefer"] = prefer
+    return args
+
+
+def _release(store: Any, fence: Any, daemon: str) -> None:
+    import inspect
+
+    if "daemon" in inspect.signature(store.release).parameters:  # an older checkout
+        store.release(fence, daemon=daemon)
+    else:
+        store.release(fence)
 
 
 def _fence(store: Any, job_id: str, reply: Any) -> Any:
@@ -320,7 +333,9 @@ def part_cli(tmp: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--builds", type=int, default=200)
     parser.add_argument("--running", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=["build", "running", "claim", "janitor", "cli"])

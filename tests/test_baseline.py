@@ -39,7 +39,7 @@ def read_baseline(client: redis.Redis, key: str, n: int) -> list[dict[str, Any]]
 def finish(store: JobStore, job_id: str, state: str, entry: dict[str, Any] | None, n: int) -> None:
     """Claim ``job_id`` and finish it in ``state`` with the write :class:`BaselineHook` adds for a
     record whose baseline entry is ``entry`` (None: it adds none)."""
-    got = store.claim(job_id, delivery="", daemons=["tcp://bk:1"], prefer=0, limit=100, ttl_s=30,
+    got = store.claim(job_id, delivery="", daemons=["tcp://bk:1"], limit=100, ttl_s=30,
                       worker="h:1", domain="h", body="{}", queue="q")  # fmt: skip
     assert isinstance(got, Claimed)
     writes = EndWrites()
@@ -51,7 +51,7 @@ def finish(store: JobStore, job_id: str, state: str, entry: dict[str, Any] | Non
         store.redis.calls.clear()
     record = json.dumps({"job_id": job_id, "state": state})
     fence = Fence(job_id, got.token, got.gen)
-    assert store.finish(fence, record=record, state=state, daemon=got.daemon, baseline=writes.baseline)
+    assert store.finish(fence, record=record, state=state, baseline=writes.baseline)
 
 
 def test_finish_adds_the_entry_in_its_round_trip_capped_and_expiring(client: CountingRedis) -> None:
@@ -61,15 +61,17 @@ def test_finish_adds_the_entry_in_its_round_trip_capped_and_expiring(client: Cou
         finish(store, f"b{i}", "succeeded", {"p": {"push": float(i)}, "s": {}}, 3)
         assert client.calls == ["EVALSHA"]  # no round trip of its own
     assert read_baseline(client, KEY, 3) == [{"p": {"push": p}, "s": {}} for p in (4.0, 3.0, 2.0)]
-    assert client.llen(baseline_key(KEY)) == 3
+    assert client.llen(baseline_key(KEY)) == 5  # kept between N and 2N: trimmed once past 2N
     assert BASELINE_TTL_S - 5 < client.ttl(baseline_key(KEY)) <= BASELINE_TTL_S
-    assert read_baseline(client, KEY, 2) == [{"p": {"push": 4.0}, "s": {}}, {"p": {"push": 3.0}, "s": {}}]
+    for i in range(5, 7):
+        finish(store, f"b{i}", "succeeded", {"p": {"push": float(i)}, "s": {}}, 3)
+    assert client.llen(baseline_key(KEY)) == 3  # the 7th passed 2N: back to N
     # a build that adds nothing (failed, retried) leaves the baseline alone
     finish(store, "f", "failed", None, 3)
     assert client.llen(baseline_key(KEY)) == 3
     # and a failed record never joins it, whatever the write carries
     finish(store, "f2", "failed", {"p": {"push": 9.0}, "s": {}}, 3)
-    assert read_baseline(client, KEY, 3)[0] == {"p": {"push": 4.0}, "s": {}}
+    assert read_baseline(client, KEY, 3)[0] == {"p": {"push": 6.0}, "s": {}}
     assert read_baseline(client, "other:buildcache", 3) == []
 
 

@@ -69,7 +69,8 @@ def test_follow_sees_lines_before_the_build_ends_and_exits_with_its_outcome(
         {
             "context": str(context_dir),
             "tags": ["reg/follow:1"],
-            "build_args": {"STANDIN_SCENARIO": scenario(kind="succeed", sleep_s=2.0)},
+            # a pause longer than a flush period (FLUSH_EVERY_S): the lines before it arrive first
+            "build_args": {"STANDIN_SCENARIO": scenario(kind="succeed", sleep_s=4.0)},
         }
     )
     seen: list[tuple[float, str]] = []

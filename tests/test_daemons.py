@@ -26,7 +26,7 @@ from buildq.engine.lifecycle import counts_as_attempt, unreached_since
 from buildq.launchers.local import LocalLauncher
 from buildq.store.daemons import DaemonHealth, DaemonState
 from buildq.store.jobs import Claimed, JobStore
-from buildq.store.keys import job_key
+from buildq.store.keys import job_key, load_key
 from tests.conftest import FIXTURES, scenario
 from tests.harness import REDIS_URL, StandinLog, client_for, simulated_deployment, wait_until
 from tests.inprocess import deliver, pool_env, pool_runtime
@@ -116,7 +116,7 @@ def test_the_claim_skips_a_down_daemon_and_a_retry_avoids_the_lost_one(client: r
     def claim(job_id: str, avoid: str | None = None) -> Claimed:
         if avoid is not None:  # written by the worker that requeued the job after losing it there
             client.hset(job_key(job_id), "avoid", avoid)
-        got = store.claim(job_id, delivery="", daemons=[A, B], prefer=0, limit=2, ttl_s=30, worker="w:1",
+        got = store.claim(job_id, delivery="", daemons=[A, B], limit=2, ttl_s=30, worker="w:1",
                           domain="h", body="{}", queue="q")  # fmt: skip
         assert isinstance(got, Claimed)
         return got
@@ -128,8 +128,8 @@ def test_the_claim_skips_a_down_daemon_and_a_retry_avoids_the_lost_one(client: r
     assert all_down.daemon is None and store.lease_holder("j2") == all_down.token  # all down
     health.mark_up(A, 2.0)
     health.mark_up(B, 2.0)
-    # equally loaded would pick A (prefer=0); A is avoided while B has room, taken when B is full
-    client.delete(*[k for k in client.keys("buildq:slots:*")])
+    # equally loaded would pick A (first in the index); A is avoided while B has room, taken when B is full
+    client.zadd(load_key([A, B]), {A: 0, B: 0})
     assert claim("j3", avoid=A).daemon == B
     assert claim("j4", avoid=A).daemon == B
     assert claim("j5", avoid=A).daemon == A

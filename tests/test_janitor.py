@@ -165,3 +165,20 @@ def test_a_pass_costs_the_same_whatever_the_backlog(buildq_env, context_dir) -> 
     for i in range(400):
         client.submit(job(context_dir, f"big-{i}"))
     assert commands_of_a_pass() == small  # the backlog sits behind the queue's head: not even read
+
+
+def test_messages_put_back_are_never_called_lost_again(buildq_env, context_dir) -> None:
+    """Put back at the queue's head, a message is stamped below the head it goes in front of: the
+    next pass, with both still in the queue, finds nothing lost."""
+    client = client_for(buildq_env)
+    queue = buildq_env["BUILDQ_QUEUE"]
+    r = redis.Redis.from_url(buildq_env["BUILDQ_BROKER_URL"])
+    handles = [client.submit(job(context_dir, f"twice-{i}")) for i in range(3)]
+    for handle in handles:
+        r.rpop(queue)
+        age(r, handle.job_id, 30)
+    assert sorted(requeue_lost(client.store, after_s=0, now=time.time() + 1)) == sorted(
+        h.job_id for h in handles
+    )
+    assert requeue_lost(client.store, after_s=0, now=time.time() + 1) == []
+    assert r.llen(queue) == 3

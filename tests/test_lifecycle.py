@@ -366,7 +366,6 @@ def test_an_unexpected_error_gives_the_claim_back_and_the_next_claim_records_it(
 
 
 def test_an_invalid_job_is_rejected_without_a_launch(runtime, env, standin_log) -> None:
-    r = runtime.store.redis
     d = read_delivery((), {"job": {"job_id": "bad1", "context": "/nope", "tags": ["x:1\n"]}},
                       task_id="bad1", queue="lc")  # fmt: skip
     ending = runtime.lifecycle.handle(d)

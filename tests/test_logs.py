@@ -18,6 +18,7 @@ from redis.retry import Retry
 
 from buildq.buildkit.plainlog import PlainLogRenderer
 from buildq.buildkit.progress import parse_line
+from buildq.client.logview import PlainView, plain
 from buildq.engine.attemptlog import AttemptLog, RawRedactor
 from buildq.engine.redact import Redactor
 from buildq.engine.scheduler import Scheduler
@@ -64,6 +65,11 @@ def texts(entries: list[LogEntry], kind: str) -> list[str]:
     return [e.line for e in entries if e.kind == kind]
 
 
+def plain_texts(entries: list[LogEntry]) -> list[str]:
+    """The plain view of stored (raw) entries, as ``buildq logs`` renders it."""
+    return texts(plain(entries), "plain")
+
+
 def wait_until(r: redis.Redis, job_id: str, done: Callable[[], bool], timeout_s: float = 5.0) -> None:
     """Block on the stream (XREAD) until ``done()``; fail after ``timeout_s``."""
     last, deadline = "0-0", time.monotonic() + timeout_s
@@ -81,7 +87,7 @@ def replay(
     for i, line in enumerate(lines):
         log.feed(line)
         if i % 50 == 49:
-            log.flush()  # as the process's scheduler does every second
+            log.flush()  # as the process's scheduler does every FLUSH_EVERY_S
     log.close()
     return log
 
@@ -112,16 +118,17 @@ def vertex_output(raw_lines: list[str]) -> dict[str, bytes]:
     return out
 
 
-# -- stored log equals the renderer's output ------------------------------------------------------
+# -- each line stored once, raw; the plain view rendered from it ---------------------------------
 @pytest.mark.parametrize("path", [CTX, TRACE], ids=["ctx_oci_cold", "trace_cold"])
-def test_replayed_capture_stores_the_renderers_plain_lines_and_the_raw_lines(
+def test_replayed_capture_stores_the_raw_lines_once_and_reads_as_the_renderers_plain_lines(
     store: LogStore, path: Path
 ) -> None:
     lines = lines_of(path)
     log = replay(store, lines)
     entries = store.read(JOB, kinds=("plain", "raw", "mark"))
-    assert texts(entries, "plain") == render(lines)
+    assert texts(entries, "plain") == []  # nothing stored twice
     assert texts(entries, "raw") == lines
+    assert plain_texts(entries) == render(lines)
     assert {e.attempt for e in entries} == {1}
     assert log.flushes >= 1 and log.failed_flushes == log.dropped == 0
 
@@ -132,22 +139,22 @@ def test_with_a_redactor_raw_lines_still_replay_to_the_stored_plain_lines(
 ) -> None:
     lines, redactor = lines_of(path), Redactor(["no-such-secret-anywhere"])
     replay(store, lines, redactor=redactor)
-    entries = store.read(JOB, kinds=("plain", "raw"))
-    plain, raw = texts(entries, "plain"), texts(entries, "raw")
-    assert plain == render(lines, redactor)
-    assert render(raw, redactor) == plain
+    entries = store.read(JOB)
+    shown, raw = plain_texts(entries), texts(entries, "raw")
+    assert shown == render(lines, redactor)
+    assert render(raw, redactor) == shown
     assert vertex_output(raw) == vertex_output(lines)
 
 
-def test_buildctl_text_lines_are_stored_as_plain_and_raw(store: LogStore) -> None:
+def test_buildctl_text_lines_are_stored_once_and_shown_as_they_are(store: LogStore) -> None:
     lines = lines_of(SYNTAX)
     text = [ln for ln in lines if parse_line(ln) is None]
     assert text[-1].startswith("error: ")
     replay(store, lines)
-    entries = store.read(JOB, kinds=("plain", "raw"))
-    plain = texts(entries, "plain")
-    assert [ln for ln in plain if ln not in text] == render(lines)
-    assert [ln for ln in plain if ln in text] == text  # in arrival order (before the finish() summary)
+    entries = store.read(JOB)
+    shown = plain_texts(entries)
+    assert [ln for ln in shown if ln not in text] == render(lines)
+    assert [ln for ln in shown if ln in text] == text  # in arrival order (before the finish() summary)
     assert texts(entries, "raw") == lines
 
 
@@ -157,7 +164,7 @@ def test_feed_accepts_an_already_parsed_status(store: LogStore) -> None:
     for line in lines:
         log.feed(line, parse_line(line))
     log.close()
-    assert texts(store.read(JOB), "plain") == render(lines)
+    assert plain_texts(store.read(JOB)) == render(lines)
 
 
 # -- live: batches while the build runs ---------------------------------------------------------
@@ -168,15 +175,16 @@ def test_lines_are_readable_before_close(store: LogStore, r: redis.Redis, schedu
     expected = [out for line in half for out in feed_line(renderer, line)]
     assert len(expected) > 10
     log = AttemptLog(store, JOB, 1, redactor=None)
-    scheduler.every(0.02, log.flush)  # the lifecycle has the process's scheduler flush it each second
+    scheduler.every(0.02, log.flush)  # the lifecycle has the process's scheduler flush it
     for line in half:
         log.feed(line)
-    wait_until(r, JOB, lambda: len(store.read(JOB)) >= len(expected))
-    assert texts(store.read(JOB), "plain") == expected
+    wait_until(r, JOB, lambda: len(store.read(JOB)) >= len(half))
+    view = PlainView()
+    assert texts(list(view.feed(store.read(JOB))), "plain") == expected  # read while it runs
     for line in lines[len(half) :]:
         log.feed(line)
     log.close()
-    assert texts(store.read(JOB), "plain") == render(lines)
+    assert plain_texts(store.read(JOB)) == render(lines)
 
 
 def test_a_flush_writes_what_is_buffered_in_one_round_trip_and_nothing_when_empty(
@@ -184,15 +192,16 @@ def test_a_flush_writes_what_is_buffered_in_one_round_trip_and_nothing_when_empt
 ) -> None:
     log = AttemptLog(store, JOB, 1, redactor=None)
     for i in range(10):
-        log.feed(f"text line {i}")  # two entries each (plain and raw)
+        log.feed(f"text line {i}")  # one entry each (raw)
     assert store.read(JOB) == []  # feeding writes nothing: the scheduler's flush does
     log.flush()
-    assert log.flushes == 1 and texts(store.read(JOB), "plain") == [f"text line {i}" for i in range(10)]
-    assert len(store.read(JOB, kinds=("plain", "raw"))) == 20
+    assert log.flushes == 1 and plain_texts(store.read(JOB)) == [f"text line {i}" for i in range(10)]
+    assert r.xlen(log_key(JOB)) == 1  # the batch is one stream entry
+    assert 0 < r.ttl(log_key(JOB)) <= 3600  # set with the attempt's first batch
     log.flush()
     assert log.flushes == 1  # nothing buffered: no round trip
     log.close()
-    assert texts(store.read(JOB), "plain") == [f"text line {i}" for i in range(10)]
+    assert plain_texts(store.read(JOB)) == [f"text line {i}" for i in range(10)]
 
 
 def test_close_is_idempotent_and_the_final_mark_goes_with_the_result_once(store: LogStore) -> None:
@@ -201,12 +210,12 @@ def test_close_is_idempotent_and_the_final_mark_goes_with_the_result_once(store:
     log.close()
     log.close()
     log.feed("late line")  # ignored after close
-    assert [(e.attempt, e.kind, e.line) for e in store.read(JOB)] == [(2, "plain", "error: boom")]
+    assert [(e.attempt, e.kind, e.line) for e in store.read(JOB)] == [(2, "raw", "error: boom")]
     end(store, log, "failed")  # after close: only the final mark is left to store
     entries = store.read(JOB)
-    assert [(e.attempt, e.kind, e.line) for e in entries] == [
-        (2, "plain", "error: boom"),
-        (2, "mark", "final: failed"),
+    assert [(e.attempt, e.kind, e.line, e.closes) for e in entries] == [
+        (2, "raw", "error: boom", False),
+        (2, "mark", "final: failed", True),
     ]
     assert final_state(entries) == "failed"
 
@@ -216,16 +225,16 @@ def test_close_before_a_retry_writes_its_note_last(store: LogStore) -> None:
     log.feed("error: goaway")
     log.close("attempt 1 failed (goaway); retrying in 0.80s")
     entries = store.read(JOB)
-    assert [(e.kind, e.line) for e in entries] == [
-        ("plain", "error: goaway"),
-        ("mark", "attempt 1 failed (goaway); retrying in 0.80s"),
+    assert [(e.kind, e.line, e.closes) for e in entries] == [
+        ("raw", "error: goaway", False),
+        ("mark", "attempt 1 failed (goaway); retrying in 0.80s", True),
     ]
     assert final_state(entries) is None  # the job goes on
 
 
 def test_an_ending_without_any_line_still_has_the_final_mark(store: LogStore) -> None:
     pending, tail = AttemptLog(store, JOB, 1, redactor=None).ending("cancelled")
-    assert pending == [(1, "mark", "final: cancelled")] and tail == []
+    assert pending == [(1, "end", "final: cancelled")] and tail == []
     store.append(JOB, pending)
     assert texts(store.read(JOB), "mark") == ["final: cancelled"]
 
@@ -257,7 +266,8 @@ def test_follow_sees_lines_live_and_ends_after_the_final_mark_across_attempts(st
     writer = threading.Thread(target=write)
     writer.start()
     got: list[LogEntry] = []
-    for entry in store.follow(JOB, kinds=("plain", "mark"), is_finished=lambda: False, block_ms=100):
+    view = PlainView()
+    for entry in view.feed(store.follow(JOB, is_finished=lambda: False, block_ms=100)):
         got.append(entry)
         seen_live.set()
     writer.join()
@@ -266,6 +276,7 @@ def test_follow_sees_lines_live_and_ends_after_the_final_mark_across_attempts(st
     expected.append((1, "mark", "attempt 1 failed (goaway); retrying in 0.8s"))
     expected += [(2, "plain", ln) for ln in render(second)]
     expected.append((2, "mark", "final: succeeded"))
+    got = [e for e in got if " started on " not in e.line or e.kind != "mark"]
     assert [(e.attempt, e.kind, e.line) for e in got] == expected
     assert final_state(got) == "succeeded" and show_attempts(got)
 
@@ -274,7 +285,7 @@ def test_follow_sees_the_first_lines_before_the_writer_goes_on(store: LogStore) 
     log = AttemptLog(store, JOB, 1, redactor=None)
     log.feed("step one")
     log.flush()
-    follower = store.follow(JOB, kinds=("plain",), is_finished=lambda: False, block_ms=100)
+    follower = store.follow(JOB, kinds=("raw",), is_finished=lambda: False, block_ms=100)
     assert next(follower).line == "step one"  # nothing else was written yet: it came live
     log.feed("step two")
     log.flush()
@@ -284,21 +295,20 @@ def test_follow_sees_the_first_lines_before_the_writer_goes_on(store: LogStore) 
 
 
 def test_follow_ends_when_the_job_is_finished_and_nothing_more_arrives(store: LogStore) -> None:
-    store.append(JOB, [(1, "plain", "a"), (1, "plain", "b")])  # a worker that died: no final mark
-    got = list(store.follow(JOB, kinds=("plain", "mark"), is_finished=lambda: True, block_ms=50))
+    store.append(JOB, [(1, "raw", "a"), (1, "raw", "b")])  # a worker that died: no final mark
+    got = list(store.follow(JOB, is_finished=lambda: True, block_ms=50))
     assert [e.line for e in got] == ["a", "b"]
     assert final_state(got) is None
 
 
 def test_read_pages_and_filters(store: LogStore) -> None:
-    store.append(JOB, [(1, "raw" if i % 2 else "plain", f"l{i}") for i in range(2500)])
-    plain = store.read(JOB)
-    assert [e.line for e in plain] == [f"l{i}" for i in range(0, 2500, 2)]
-    assert [e.line for e in store.read(JOB, count=3)] == ["l0", "l2", "l4"]
-    assert [e.line for e in store.read(JOB, kinds=("raw",), after=plain[600].id, count=2)] == [
-        "l1201",
-        "l1203",
-    ]
+    for batch in range(500):  # 500 stream entries of 5 lines: several pages
+        store.append(JOB, [(1, "raw" if i % 2 else "mark", f"l{i}") for i in range(batch * 5, batch * 5 + 5)])
+    marks = store.read(JOB, kinds=("mark",))
+    assert [e.line for e in marks] == [f"l{i}" for i in range(0, 2500, 2)]
+    assert [e.line for e in store.read(JOB, kinds=("mark",), count=3)] == ["l0", "l2", "l4"]
+    after = marks[600].id  # the stream entry of l1200: read from the next entry on
+    assert [e.line for e in store.read(JOB, kinds=("raw",), after=after, count=2)] == ["l1205", "l1207"]
     assert store.read("no-such-job") == []
 
 
@@ -307,9 +317,8 @@ def test_stream_is_capped_approximately_and_expires(r: redis.Redis) -> None:
     store = LogStore(r, maxlen=100, ttl_s=60)
     log = AttemptLog(store, JOB, 1, redactor=None)
     for i in range(2500):
-        log.feed(f"line {i}")  # 5,000 entries (plain + raw)
-        if i % 100 == 99:
-            log.flush()
+        log.feed(f"line {i}")
+        log.flush()  # 2,500 stream entries
     end(store, log, "succeeded")
     # MAXLEN ~ only drops whole stream nodes: at least maxlen entries stay, and fewer than maxlen
     # plus one node (stream-node-max-entries, 100 by default)
@@ -371,16 +380,16 @@ def test_secret_in_step_output_is_masked_in_plain_raw_and_failing_tail(store: Lo
     for line in lines:
         log.feed(line)
     tail = end(store, log, "failed")
-    entries = store.read(JOB, kinds=("plain", "raw"))
-    plain, raw = texts(entries, "plain"), texts(entries, "raw")
-    assert not [ln for ln in plain + raw if SECRET in ln]
+    entries = store.read(JOB)
+    shown, raw = plain_texts(entries), texts(entries, "raw")
+    assert not [ln for ln in shown + raw if SECRET in ln]
     output = vertex_output(raw)["a"]
     assert SECRET.encode() not in output
     assert output.count(b"***") == 6  # three offsets, two splits, the unterminated line
-    assert plain == render(lines, redactor)
-    assert render(raw, redactor) == plain
-    assert "#1 0.500 split *** done" in plain
-    assert "#1 0.700 three ***" in plain
+    assert shown == render(lines, redactor)
+    assert render(raw, redactor) == shown
+    assert "#1 0.500 split *** done" in shown
+    assert "#1 0.700 three ***" in shown
     assert tail == [
         "*** tail",
         "x*** tail",
@@ -418,7 +427,7 @@ def test_redis_failure_in_a_flush_never_reaches_feed_flush_or_close() -> None:
     log.feed("error: after the first failure")
     log.close("retrying")
     assert log.failed_flushes == 2 and log.flushes == 0
-    assert log.dropped == len(lines_of(CTX)) + len(render(lines_of(CTX))) + 2 + 1
+    assert log.dropped == len(lines_of(CTX)) + 1 + 1  # each line once, the error line, the note
 
 
 class GatedStore(LogStore):
@@ -428,10 +437,10 @@ class GatedStore(LogStore):
         super().__init__(*args, **kwargs)
         self.entered, self.gate = threading.Event(), threading.Event()
 
-    def append(self, job_id: str, entries: Any) -> None:
+    def append(self, job_id: str, entries: Any, *, first: bool = False) -> None:
         self.entered.set()
         assert self.gate.wait(10)
-        super().append(job_id, entries)
+        super().append(job_id, entries, first=first)
 
 
 def test_when_redis_falls_behind_only_the_newest_maxlen_entries_wait(r: redis.Redis) -> None:
@@ -442,14 +451,12 @@ def test_when_redis_falls_behind_only_the_newest_maxlen_entries_wait(r: redis.Re
     flushing.start()
     assert store.entered.wait(10)  # the flush is stuck writing line 0
     for i in range(1, 201):
-        log.feed(f"line {i}")  # 400 entries; 50 may wait, the older ones would be trimmed anyway
+        log.feed(f"line {i}")  # 200 entries; 50 may wait, the older ones would be trimmed anyway
     store.gate.set()
     flushing.join(10)
     end(store, log, "failed")
-    assert log.dropped == 400 - 50 and log.failed_flushes == 0
-    assert texts(store.read(JOB, kinds=("plain", "mark")), "plain") == [
-        f"line {i}" for i in [0, *range(176, 201)]
-    ]
+    assert log.dropped == 200 - 50 and log.failed_flushes == 0
+    assert plain_texts(store.read(JOB)) == [f"line {i}" for i in [0, *range(151, 201)]]
     assert final_state(store.read(JOB)) == "failed"
 
 

@@ -23,8 +23,8 @@ from buildq.contract.wire import build_message
 from buildq.launchers.base import LaunchSpec
 from buildq.launchers.local import LocalLauncher
 from buildq.store.janitor import Janitor, requeue_lost
-from buildq.store.jobs import Claimed, Fence, JobStore
-from buildq.store.keys import QUEUED_INDEX, RECENT_INDEX, job_key, lease_key, result_key
+from buildq.store.jobs import Claimed, Fence, JobStore, LogEnd
+from buildq.store.keys import ACTIVE_INDEX, QUEUES, UNACKED_KEY, finished_key, job_key
 from tests.conftest import scenario
 from tests.harness import (
     REDIS_URL,
@@ -144,7 +144,7 @@ def test_docker_reaper_sees_only_its_own_deployments_containers(
 
 def take(store: JobStore, job_id: str, *, domain: str = "host-a") -> Fence:
     """Claim ``job_id`` as a worker would for a message without a delivery id (a raw producer's)."""
-    got = store.claim(job_id, delivery="", daemons=["tcp://d:1"], prefer=0, limit=1, ttl_s=30, worker="w:1",
+    got = store.claim(job_id, delivery="", daemons=["tcp://d:1"], limit=1, ttl_s=30, worker="w:1",
                       domain=domain, body="{}", queue="q")  # fmt: skip
     assert isinstance(got, Claimed), got
     return Fence(job_id, got.token, got.gen)
@@ -152,32 +152,34 @@ def take(store: JobStore, job_id: str, *, domain: str = "host-a") -> Fence:
 
 def finish(store: JobStore, fence: Fence, state: str) -> bool:
     record = json.dumps({"job_id": fence.job_id, "state": state})
-    return store.finish(fence, record=record, state=state, daemon="tcp://d:1")
+    return store.finish(fence, record=record, state=state)
+
+
+def expire(r, job_id: str) -> None:
+    """The holder's lease ran out."""
+    r.hset(job_key(job_id), "lease_until", 0)
 
 
 def test_a_stale_holder_cannot_store_its_result(r) -> None:
     store = JobStore(r, result_ttl_s=60)
     old = take(store, "fenced")
-    r.delete(lease_key("fenced"))  # the old lease was lost and another delivery took over
+    expire(r, "fenced")  # the old lease was lost and another delivery took over
     new = take(store, "fenced", domain="host-b")
     assert finish(store, old, "failed") is False
-    assert r.get(result_key("fenced")) is None and r.get(lease_key("fenced")) == new.token.encode()
-    r.delete(lease_key("fenced"))  # even with the new holder's lease gone, the old claim is out
+    assert store.result("fenced") is None and store.lease_holder("fenced") == new.token
+    expire(r, "fenced")  # even with the new holder's lease gone, the old claim is out
     assert finish(store, old, "failed") is False
     assert finish(store, new, "succeeded") is True
-    assert json.loads(r.get(result_key("fenced")))["state"] == "succeeded"
+    assert store.result("fenced")["state"] == "succeeded"
 
 
 def test_an_expired_lease_with_no_new_owner_is_taken_again(r) -> None:
     store = JobStore(r, result_ttl_s=60)
     mine = take(store, "blip")
-    r.delete(lease_key("blip"))  # expired during a Redis blip or a stalled scheduler
-    assert store.renew(mine, ttl_s=30, daemon=None) == "ok"
-    assert r.get(lease_key("blip")) == mine.token.encode()
-    r.set(lease_key("blip"), "someone-else")
-    assert store.renew(mine, ttl_s=30, daemon=None) == "fenced"
-    assert r.get(lease_key("blip")) == b"someone-else"
-    r.delete(lease_key("blip"))  # missing again at the end: the result is still ours to store
+    expire(r, "blip")  # expired during a Redis blip or a stalled scheduler
+    assert store.renew(mine, ttl_s=30) == "ok"
+    assert store.lease_holder("blip") == mine.token
+    expire(r, "blip")  # expired again at the end: the result is still ours to store
     assert finish(store, mine, "succeeded") is True
 
 
@@ -186,14 +188,14 @@ def test_a_worker_that_rejects_a_job_never_overwrites_its_record(
 ) -> None:
     r = redis.Redis.from_url(buildq_env["BUILDQ_BROKER_URL"])
     done = {"job_id": "dup-1", "state": "succeeded", "image": {"digest": "sha256:" + "a" * 64}}
-    r.set(result_key("dup-1"), json.dumps(done))
+    r.hset(job_key("dup-1"), "record", json.dumps(done))
     start_worker(buildq_env)
     job = {"job_id": "dup-1", "context": "/nonexistent/on/this/worker", "tags": ["reg/dup:1"]}
     queue = buildq_env["BUILDQ_QUEUE"]
     r.lpush(queue, raw_celery_message("dup-1", queue, {"job": job}))
     wait_until(lambda: r.llen(queue) == 0 and r.hlen("unacked") == 0, timeout=30)
     time.sleep(0.5)
-    assert json.loads(r.get(result_key("dup-1")))["state"] == "succeeded"
+    assert json.loads(r.hget(job_key("dup-1"), "record"))["state"] == "succeeded"
     assert standin_log.events() == []
 
 
@@ -206,12 +208,18 @@ def test_the_janitor_walks_the_whole_backlog_in_slices(r) -> None:
         assert store.submit(job_id, queue="q-lost", message=message, tag=f"t{i}", delivery=f"d{i}",
                             body=json.dumps(job))  # fmt: skip
         r.delete("q-lost")
+    r.sadd(QUEUES, "q-lost")
     later = float(r.time()[0]) + 100  # the jobs were submitted (server clock) 100 s before this
     janitor = Janitor(store, after_s=60, batch=200)
-    seen = [janitor.run_once(now=later) for _ in range(3)]
+    seen = []
+    for _ in range(3):
+        seen.append(janitor.run_once(now=later))
+        while message := r.rpop("q-lost"):  # the workers take what came back
+            r.hset(UNACKED_KEY, json.loads(message)["properties"]["delivery_tag"], message)
     assert [len(s) for s in seen] == [200, 200, 50]
-    assert r.llen("q-lost") == 450
-    assert requeue_lost(store, after_s=60, now=later) == []  # all back in the queue: nothing twice
+    assert len({job_id for s in seen for job_id in s}) == 450 and r.hlen(UNACKED_KEY) == 450
+    assert requeue_lost(store, after_s=60, now=later) == []  # all delivered now: nothing twice
+    r.delete(UNACKED_KEY)
 
 
 def test_a_redelivery_waits_out_a_dead_holders_lease_and_takes_over(
@@ -228,7 +236,7 @@ def test_a_redelivery_waits_out_a_dead_holders_lease_and_takes_over(
         job = {"job_id": "raw-killed", "context": str(context_dir), "tags": ["reg/nl:1"]}
         r.lpush("nl", build_message("raw-killed", "nl", job, delivery="d-raw"))  # a raw producer's message
         delivery = deliver(r, "nl")
-        dead = rt.store.claim("raw-killed", delivery="d-raw", daemons=["tcp://127.0.0.1:1234"], prefer=0,
+        dead = rt.store.claim("raw-killed", delivery="d-raw", daemons=["tcp://127.0.0.1:1234"],
                               limit=4, ttl_s=1.0, worker="dead:1", domain="elsewhere", body="{}",
                               queue="nl")  # fmt: skip
         assert isinstance(dead, Claimed)  # ... and its worker was SIGKILLed mid-build
@@ -251,13 +259,13 @@ def test_a_duplicate_of_a_live_build_is_dropped_after_one_lease_ttl(
         client.submit({"job_id": "live-1", "context": str(context_dir), "tags": ["reg/nl:2"]})
         delivery = deliver(rt.store.redis, "nl")
         live = rt.store.claim("live-1", delivery=delivery.delivery, daemons=["tcp://127.0.0.1:1234"],
-                              prefer=0, limit=4, ttl_s=1.0, worker="live:1", domain="elsewhere", body="{}",
+                              limit=4, ttl_s=1.0, worker="live:1", domain="elsewhere", body="{}",
                               queue="nl")  # fmt: skip
         assert isinstance(live, Claimed)
         fence = Fence("live-1", live.token, live.gen)
 
         def renew() -> None:  # the live holder renews its lease as its build goes on
-            rt.store.renew(fence, ttl_s=1.0, daemon=live.daemon)
+            rt.store.renew(fence, ttl_s=1.0)
 
         renewing = rt.scheduler.every(0.2, renew)
         try:
@@ -277,21 +285,22 @@ def test_every_job_key_expires(r) -> None:
     store = JobStore(r, result_ttl_s=600)
     first = take(store, "lpush-only")  # a producer that only LPUSHes: the claim creates the hash
     assert 0 < r.ttl(job_key("lpush-only")) <= 600
-    assert store.progress(first, {"state": "running", "phase": "build"})
-    assert store.requeue(first, queue="q", message=b"next", tag="t2", delivery="d2", countdown=0.0,
+    assert store.renew(first, ttl_s=30, phase="build") == "ok"
+    assert store.requeue(first, queue="q", message=b"next", tag="t2", delivery="d2",
                          phase="retry_wait", attempts=[{"number": 1}], window_start=1.0, waiting_since=None,
-                         avoid="tcp://d:1", daemon="tcp://d:1")  # fmt: skip
-    second = store.claim("lpush-only", delivery="d2", daemons=["tcp://d:1"], prefer=0, limit=1,
+                         avoid="tcp://d:1")  # fmt: skip
+    second = store.claim("lpush-only", delivery="d2", daemons=["tcp://d:1"], limit=1,
                          ttl_s=30, worker="w:2", domain="host-a", body="{}", queue="q",
                          cache_key="r/a:cache")  # fmt: skip
     assert isinstance(second, Claimed)
     assert store.finish(Fence("lpush-only", second.token, second.gen), record='{"state":"succeeded"}',
-                        state="succeeded", daemon="tcp://d:1", log_entries=[(2, "mark", "final: succeeded")],
-                        log_maxlen=100, log_ttl_s=300, remember="r/a:cache",
+                        state="succeeded", log=LogEnd(2, "efinal: succeeded", 100, False, 300),
+                        remember=("r/a:cache", "tcp://d:1"),
                         baseline=("buildq:baseline:r/a:cache", b"{}", 5, 900))  # fmt: skip
     assert store.reject("raw-invalid", delivery="", record='{"state":"failed"}')
     store.request_cancel("cancelled-before-submit")
-    shared = {QUEUED_INDEX, RECENT_INDEX, "q"}
+    shared = {ACTIVE_INDEX, finished_key("succeeded"), finished_key("failed"), "q", "buildq:loads"}
+    shared |= {k.decode() for k in r.scan_iter("buildq:load:*")}
     keys = sorted(k.decode() for k in r.scan_iter("*"))
     assert "buildq:job:raw-invalid" in keys and "buildq:log:lpush-only" in keys
     assert {k: r.ttl(k) for k in keys if k not in shared and r.ttl(k) < 0} == {}

@@ -6,6 +6,7 @@ import threading
 import time
 import urllib.request
 
+import redis
 from celery.result import AsyncResult
 
 from buildq.buildkit.phases import ALL_KEYS, PHASES
@@ -55,6 +56,9 @@ def test_record_phases_steps_and_retried_attempts(buildq_env, start_worker, cont
 
 
 def test_phase_events_and_current_phase_while_running(buildq_env, start_worker, context_dir):
+    """With BUILDQ_TASK_RESULTS (producers that poll AsyncResult), Celery's result backend shows the
+    running build as BUILDING; the phase events go out either way."""
+    buildq_env = {**buildq_env, "BUILDQ_TASK_RESULTS": "true"}
     start_worker(buildq_env)
     client = client_for(buildq_env)
     app = create_app(settings_from(buildq_env))  # Celery's view: events and the result backend
@@ -82,7 +86,7 @@ def test_phase_events_and_current_phase_while_running(buildq_env, start_worker, 
     info = result.info
     assert info["job_id"] == handle.job_id and info["attempt"] == 1
     assert info["phase"] in ("launch", "context", "cache_import", "build")
-    assert client.status(handle.job_id)["phase"] in ("launch", "context", "cache_import", "build")
+    assert client.status(handle.job_id)["state"] == "running"
     record = handle.wait(timeout=60)
     wait_until(lambda: any(e["phase"] == "finalize" for e in events), timeout=10)
     receivers[0].should_stop = True
@@ -94,6 +98,24 @@ def test_phase_events_and_current_phase_while_running(buildq_env, start_worker, 
     # the step that slept 2 s shows in both the live events and the record
     assert max(e["seconds"] for e in mine) >= 1.5
     assert record["phases"]["total"] >= 2.0
+    assert result.state == "SUCCESS"
+
+
+def test_without_task_results_celerys_backend_is_never_written(buildq_env, start_worker, context_dir):
+    """buildq's record is the outcome: by default a build writes nothing to Celery's result backend
+    (and costs no command there), and its running state and phase are in `buildq status`."""
+    start_worker({**buildq_env, "BUILDQ_LEASE_TTL_S": "1.5"})
+    client = client_for(buildq_env)
+    backend = redis.Redis.from_url(buildq_env["BUILDQ_RESULT_BACKEND"])
+    slow = scenario(kind="succeed", sleep_s=1.5)
+    handle = client.submit(
+        {"context": str(context_dir), "tags": ["reg/nores:1"], "build_args": {"STANDIN_SCENARIO": slow}}
+    )
+    wait_until(lambda: client.status(handle.job_id)["state"] == "running", timeout=20)
+    # the renewal (every lease / 3) writes the phase the build is in
+    wait_until(lambda: client.status(handle.job_id)["phase"] not in (None, "launch"), timeout=10)
+    assert handle.wait(timeout=60)["state"] == "succeeded"
+    assert backend.dbsize() == 0
 
 
 def test_prometheus_metrics_after_real_builds(buildq_env, start_worker, context_dir, tmp_path):

@@ -44,8 +44,10 @@ def test_daemon_caps_hold_and_waiting_shows_as_queue_time(buildq_env, start_work
     assert len(standin_log.starts()) == 6
 
 
-def test_health_command_reports_broker_and_daemons(buildq_env):
+def test_health_command_reports_broker_and_daemons(buildq_env, start_worker):
     import os
+
+    start_worker(buildq_env)  # the "workers" check wants one live worker
 
     full = {k: v for k, v in os.environ.items() if not k.startswith("BUILDQ_")}
     full.update(buildq_env)

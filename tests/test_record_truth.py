@@ -141,7 +141,8 @@ def _retry_message(broker_url: str, job_id: str) -> dict[str, Any] | None:
 def test_a_secret_in_a_transient_error_is_masked_in_record_retry_message_and_celery(
     buildq_env, start_worker, context_dir, standin_log
 ):
-    # a registry credential in the URL of a failing request: transient, so it is retried once
+    # a registry credential in the URL of a failing request: the registry is away, so the build is
+    # tried again until BUILDQ_REGISTRY_WAIT_S has passed (here: once more)
     text = (
         'failed to solve: failed to do request: Head "https://ci:' + SECRET + "@registry.example/v2/app/"
         'blobs/sha256:0f": dial tcp 10.0.0.1:443: connect: connection refused'
@@ -149,6 +150,7 @@ def test_a_secret_in_a_transient_error_is_masked_in_record_retry_message_and_cel
     env = {
         **buildq_env,
         "BUILDQ_RETRY_MAX_ATTEMPTS": "2",
+        "BUILDQ_REGISTRY_WAIT_S": "2.5",
         "BQ_TEST_TOKEN": SECRET,
         "BUILDQ_SECRET_ENV": "BQ_TEST_TOKEN",  # granted: a job may name it
         "STANDIN_SCENARIO": scenario(kind="fail", error=text, sleep_s=1.5),
@@ -253,12 +255,12 @@ def test_expected_failure_is_one_warning_line_a_crash_is_an_error(
     # a real crash (the job's state in Redis is corrupt) still logs an error with its traceback
     crash_id = "crash-1"
     r = client.store.redis
-    r.set(f"buildq:result:{crash_id}", "{not json")
+    r.hset(f"buildq:job:{crash_id}", "record", "{not json")
     job = {"job_id": crash_id, "context": str(context_dir), "tags": ["reg/log:2"]}
     app.send_task("buildq.build", kwargs={"job": job}, task_id=crash_id, queue=buildq_env["BUILDQ_QUEUE"])
     wait_until(lambda: re.search(r"ERROR.*crash-1", worker.log()), timeout=30)
     assert "Traceback" in worker.log()
     # the message went back to the queue (not acknowledged as if built): with the state repaired,
     # the job is built
-    r.delete(f"buildq:result:{crash_id}")
+    r.hdel(f"buildq:job:{crash_id}", "record")
     assert client.wait(crash_id, timeout=60)["state"] == "succeeded"

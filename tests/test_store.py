@@ -101,7 +101,7 @@ def requeue(store: JobStore, f: Fence, **kw: Any) -> bool:
 
 def test_every_script_names_its_keys_and_arguments_at_the_top() -> None:
     for path in sorted(LUA_DIR.glob("*.lua")):
-        if path.stem in {"prelude", "job_fn", "load_fn"}:
+        if path.stem in {"prelude", "job_fn", "load_fn", "queue_fn"}:
             continue
         text = path.read_text()
         script = Script(path.stem)
@@ -135,6 +135,8 @@ def test_the_shared_parts_are_where_they_are_used() -> None:
             assert "read(" in text or "give_back(" in text, name
         if "load_fn" in parts:
             assert "least_loaded(" in text or "DOWN_LOAD" in text, name
+        if "queue_fn" in parts:
+            assert "head_stamp(" in text or "put_back(" in text, name
         if "prelude" in parts:
             assert re.search(r"\bnow\b", text), name
 
@@ -342,14 +344,8 @@ def test_a_requeue_publishes_the_next_message_and_gives_the_claim_back(store: Jo
     assert requeue(store, f, avoid=D[0], waiting_since=7.5)
     assert client.lrange("q", 0, 0) == [b"next"]
     info = store.info("rq")
-    assert (info["state"], info["phase"], info["delivery"], info["tag"], info["avoid"], info["waiting_since"]) == (
-        "queued",
-        "retry_wait",
-        "d2",
-        "t2",
-        D[0],
-        "7.5",
-    )
+    fields = ("state", "phase", "delivery", "tag", "avoid", "waiting_since")
+    assert [info[f] for f in fields] == ["queued", "retry_wait", "d2", "t2", D[0], "7.5"]
     assert json.loads(info["attempts"]) == [{"number": 1}] and "running" not in info and "lease" not in info
     assert store.lease_holder("rq") is None and load(client, D[0]) == 0 and info["slot"] == ""
     assert client.zscore(ACTIVE_INDEX, "rq") == float(info["enqueued_at"])  # queued again: above zero
@@ -399,7 +395,8 @@ def test_a_finish_trims_an_archived_log_to_its_tail(store: JobStore, client) -> 
     got = claimed(store, "tl")
     for i in range(10):
         client.xadd(job_keys("tl").log, {"a": 1, "l": f"rline {i}"})
-    assert finish(store, fence(got, "tl"), log=LogEnd(attempt=1, lines="efinal: succeeded", maxlen=3, exact=True))
+    end = LogEnd(attempt=1, lines="efinal: succeeded", maxlen=3, exact=True)
+    assert finish(store, fence(got, "tl"), log=end)
     assert client.xlen(job_keys("tl").log) == 3
 
 

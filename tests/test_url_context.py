@@ -117,7 +117,8 @@ def test_worker_builds_an_archive_url(buildq_env, start_worker, archive_server, 
 
 
 def test_presigned_token_is_masked_in_error_record_and_log(buildq_env, start_worker) -> None:
-    env = dict(buildq_env, BUILDQ_RETRY_MAX_ATTEMPTS="1")
+    # an unreachable URL is waited out like a registry that is away: for half a second here
+    env = dict(buildq_env, BUILDQ_RETRY_MAX_ATTEMPTS="1", BUILDQ_REGISTRY_WAIT_S="0.5")
     start_worker(env)
     url = f"http://127.0.0.1:{free_port()}/ctx.tar.gz?X-Amz-Signature={TOKEN}&X-Amz-Expires=60"
     handle = client_for(env).submit(_job(url))

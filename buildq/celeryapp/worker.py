@@ -47,10 +47,41 @@ PAUSE_BEFORE_EXIT_S = 5.0
 
 def create_worker_app(settings: Settings) -> Celery:
     """The app with ``buildq.build`` registered and this worker's processes attached."""
+    survive_restore_on_a_lost_connection()
     app = create_app(settings)
     register(app)
     app.buildq_worker = WorkerProcesses(app, settings)
     return app
+
+
+def survive_restore_on_a_lost_connection() -> None:
+    """Keep the worker alive when its broker connection dies with messages delivered to it.
+
+    When the connection to Redis is lost (a Sentinel failover, a restart), Celery closes the
+    channel, and kombu's Redis transport tries to hand back the messages it delivered
+    (``QoS.restore_unacked``) through that same, torn-down connection: ``_connparams`` reads the
+    connection's ``client``, which is None by then, and the ``AttributeError`` ends the worker
+    ("Unrecoverable error", kombu issues #582 and #970; kombu 5.7 still does it). Here that hand-back
+    is skipped with a warning instead: the messages stay in kombu's ``unacked`` hash, the builds
+    running in the pool go on and acknowledge them, and a message whose worker is gone is put back
+    by the janitor (or by kombu's visibility timeout). Applied once per process."""
+    from kombu.transport import redis as kombu_redis
+
+    qos = kombu_redis.QoS
+    if getattr(qos.restore_unacked, "_buildq", False):
+        return
+    restore = qos.restore_unacked
+
+    def restore_unacked(self: kombu_redis.QoS, client: object = None) -> object:
+        try:
+            return restore(self, client)
+        except AttributeError as exc:  # the connection is gone: see above
+            log.warning("delivered messages not handed back on a lost broker connection (%s); "
+                        "they stay unacknowledged for the janitor", exc)  # fmt: skip
+            return None
+
+    restore_unacked._buildq = True  # type: ignore[attr-defined]
+    qos.restore_unacked = restore_unacked  # type: ignore[method-assign]
 
 
 _GRACE_STARTED: list[threading.Timer] = []

@@ -27,7 +27,10 @@ def _wait_plain(client: Any, job_id: str, timeout: float | None) -> dict[str, An
             deadline is not None and time.monotonic() > deadline
         )
 
-    for entry in client.log_store.follow(job_id, is_finished=over):
+    from ..client.logview import PlainView
+
+    followed = client.log_store.follow(job_id, is_finished=over)
+    for entry in PlainView().feed(followed):
         print(format_entry(entry, show_attempt=entry.kind == "mark"), file=sys.stderr, flush=True)
         if deadline is not None and time.monotonic() > deadline:
             break
@@ -38,12 +41,13 @@ def _wait_plain(client: Any, job_id: str, timeout: float | None) -> dict[str, An
 def _wait_live(client: Any, job_id: str, timeout: float | None) -> dict[str, Any]:
     from rich.console import Console
 
+    from ..client.logview import PlainView
     from .views import StepCounter, live_wait
 
-    counter, last = StepCounter(), ["0-0"]
+    counter, last, view = StepCounter(), ["0-0"], PlainView()
 
     def steps() -> tuple[int, int, int] | None:
-        for entry in client.log_store.read(job_id, after=last[0]):
+        for entry in view.feed(client.log_store.read(job_id, after=last[0])):
             last[0] = entry.id
             if entry.kind == "mark" and " started on " in entry.line:  # a new attempt
                 counter.reset()

@@ -53,6 +53,13 @@ class PlainView:
                 yield LogEntry(mark.id, mark.attempt, "plain", line)
 
 
+    def end(self) -> Iterator[LogEntry]:
+        """What the attempts not closed yet still print (a read of the log as it stands now)."""
+        for attempt in sorted(set(self._renderers) - self._ended):
+            yield from self._end(LogEntry("end", attempt, "mark", "", True))
+
+
 def plain(entries: Iterable[LogEntry]) -> list[LogEntry]:
-    """A whole stored log's plain view."""
-    return list(PlainView().feed(entries))
+    """A stored log's plain view as it stands (each attempt's pending lines printed at its end)."""
+    view = PlainView()
+    return [*view.feed(entries), *view.end()]

@@ -10,8 +10,8 @@ O(1) Redis work. A pass:
    writes a restart did not keep) loses it. A queued job (the ``active`` index, score > 0) older
    than ``after_s`` whose message is neither in its queue nor unacknowledged, and that has no live
    lease and no record, is pushed back (``lua/lost.lua`` finds them without searching the queue:
-   see its comment on ``pushed_at``; ``lua/push_lost.lua`` pushes the message, made again from the
-   job). A spurious push could only lead to a duplicate delivery, which the claim drops.
+   see ``lua/queue_fn.lua`` on ``pushed_at``; ``lua/push_lost.lua`` pushes the message, made again
+   from the job). A spurious push could only lead to a duplicate delivery, which the claim drops.
 2. **Stalled messages.** Delivered messages whose worker is gone (killed, or cut off from Redis
    when Celery tried to hand them back): still unacknowledged while their job has no live lease and
    no record (``lua/restore_stalled.lua``). Celery would restore them only after the visibility
@@ -106,7 +106,7 @@ def _push_back(store: JobStore, job_id: str, stamp: str) -> bool:
     return bool(
         store.scripts.call(
             "push_lost", job_hash=job_key(job_id), unacked=UNACKED_KEY, queue=queue, message=message,
-            delivery=delivery, pushed_at=stamp,
+            delivery=delivery, pushed_at=stamp, job_prefix=JOB_PREFIX,
         )  # fmt: skip
     )
 
@@ -140,7 +140,7 @@ def requeue_stalled(
     restored = store.scripts.call(
         "restore_stalled", unacked=UNACKED_KEY, unacked_index=UNACKED_INDEX_KEY, workers=WORKERS,
         job_hashes=[job_key(job_id) for _, job_id, _, _ in picked], grace_ms=int(after_s * 1000),
-        entries=entries,
+        job_prefix=JOB_PREFIX, entries=entries,
     )  # fmt: skip
     requeued = [picked[int(i) - 1][1] for i in restored]
     if requeued:
