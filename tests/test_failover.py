@@ -158,3 +158,27 @@ def test_health_fails_naming_the_missing_workers() -> None:
     workers = [c for c in report["checks"] if c["name"] == "workers"]
     assert done.returncode == 1 and workers and not workers[0]["ok"]
     assert "no worker" in workers[0]["detail"]
+
+
+def test_a_connection_lost_with_messages_delivered_does_not_end_the_worker(caplog) -> None:
+    """kombu hands delivered messages back through the connection it is closing; when that
+    connection is already torn down (a failover) it raised AttributeError and the worker died
+    ("Unrecoverable error"). The worker now skips that hand-back with a warning."""
+    from kombu import Connection
+
+    from buildq.celeryapp.worker import survive_restore_on_a_lost_connection
+    from tests.harness import REDIS_URL
+
+    survive_restore_on_a_lost_connection()
+    with Connection(f"{REDIS_URL}/14") as conn:
+        channel = conn.default_channel
+        channel.qos._delivered["delivered-tag"] = object()  # a build running in the pool
+        channel._pool = None  # what a lost connection leaves behind
+        transport, channel.connection.client = channel.connection.client, None
+        try:
+            with caplog.at_level("WARNING", logger="buildq.worker"):
+                channel.qos.restore_unacked()  # raised AttributeError before
+        finally:
+            channel.connection.client = transport
+            channel.qos._delivered.clear()
+    assert "not handed back on a lost broker connection" in caplog.text
