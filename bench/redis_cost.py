@@ -143,8 +143,9 @@ def part_build(tmp: Path, n: int) -> None:
     print(f"\n== build: {n} builds of ~1 s, 39 progress lines each")
     metrics_port = free_port()
     env = deployment(tmp, 2, BUILDQ_METRICS_PORT=str(metrics_port), BUILDQ_METRICS_DIR=str(tmp / "m"))
-    if "archive_dir" in Settings.model_fields:  # older checkouts (--tree) have no archive
+    if "archive_dir" in Settings.model_fields:  # older checkouts have no archive
         env["BUILDQ_ARCHIVE_DIR"] = str(tmp / "archive")
+        env["BUILDQ_LOG_ARCHIVED_TTL_S"] = "2"  # measured once the archived logs left Redis
     ctx = context(tmp)
     worker = WorkerProcess(env, concurrency=2, log_dir=tmp)
     worker.wait_ready()

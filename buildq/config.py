@@ -171,6 +171,8 @@ class Settings(BaseSettings):
     #: where finished jobs' logs and records are kept (a folder every worker and reader shares);
     #: unset: logs stay in Redis (capped) and records until BUILDQ_RESULT_TTL_S
     archive_dir: str | None = None
+    #: how long Redis keeps a finished job's log once it is archived (followers read its end there)
+    log_archived_ttl_s: int = Field(default=300, ge=1)
     #: also write Celery's result backend (the BUILDING state, the task's result) for producers
     #: that poll AsyncResult; buildq's own record needs none of it
     task_results: bool = False

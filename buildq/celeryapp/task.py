@@ -225,10 +225,11 @@ def register(app: Celery) -> None:
 #
 # :meth:`PhaseEvents.send` only buffers (no I/O). A flush publishes everything buffered as one
 # ``task.multi`` message (Celery's own event batching, which Flower and other event receivers
-# unpack). It runs on the process's :class:`~buildq.engine.scheduler.Scheduler` every second while
-# events wait, at once when 50 are waiting, and when the worker process stops: one message carries
-# the phases that ended within a second, instead of one message per phase; the price is that an
-# event is seen up to a second after its phase ended.
+# unpack). It runs on the process's :class:`~buildq.engine.scheduler.Scheduler` every
+# FLUSH_AFTER_S (5 s) while events wait, at once when 50 are waiting, and when the worker process
+# stops: one message carries the phases that ended meanwhile, of every build of the process,
+# instead of one message per phase; the price is that an event is seen up to 5 s after its phase
+# ended (often after the task's ``task-succeeded``: receivers keep the final state).
 log = logging.getLogger("buildq.events")
 
 #: custom event type sent as each phase ends (``job_id``, ``attempt``, ``phase``, ``seconds``)
@@ -238,8 +239,9 @@ DAEMON_DOWN_EVENT = "buildq-daemon-down"
 DAEMON_UP_EVENT = "buildq-daemon-up"
 #: buffered events that make a flush happen at once
 BUFFER_LIMIT = 50
-#: how long an event may wait in the buffer (a build's phases cost at most one message a second)
-FLUSH_AFTER_S = 1.0
+#: how long an event may wait in the buffer: one message carries every phase that ended meanwhile,
+#: in every build of the process (a short build's phases cost no message of their own)
+FLUSH_AFTER_S = 5.0
 
 
 class PhaseEvents:
@@ -255,7 +257,7 @@ class PhaseEvents:
         scheduler.every(FLUSH_AFTER_S, self.flush)
 
     def send(self, hostname: str, **fields: Any) -> None:
-        """Buffer one ``task-phase`` event from worker ``hostname``; it is out within a second."""
+        """Buffer one ``task-phase`` event from worker ``hostname``; it is out within FLUSH_AFTER_S."""
         with self._lock:
             self._dispatcher(hostname).send(PHASE_EVENT, **fields)  # publishes past BUFFER_LIMIT
 

@@ -27,10 +27,7 @@ def _wait_plain(client: Any, job_id: str, timeout: float | None) -> dict[str, An
             deadline is not None and time.monotonic() > deadline
         )
 
-    from ..client.logview import PlainView
-
-    followed = client.log_store.follow(job_id, is_finished=over)
-    for entry in PlainView().feed(followed):
+    for entry in client.follow_logs(job_id, is_finished=over):
         print(format_entry(entry, show_attempt=entry.kind == "mark"), file=sys.stderr, flush=True)
         if deadline is not None and time.monotonic() > deadline:
             break

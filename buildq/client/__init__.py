@@ -13,7 +13,7 @@ invalid job never reaches the queue; with the workers' ``BUILDQ_SECRET_ENV`` /
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ from ..contract.record import job_status, public_record
 from ..contract.wire import build_message, new_delivery
 from ..store.connect import redis_client
 from ..store.jobs import JobStore
-from ..store.logs import LogEntry, LogStore
+from ..store.logs import FINAL_PREFIX, LogEntry, LogStore
 from ..store.scripts import replicas_for
 
 if TYPE_CHECKING:
@@ -162,14 +162,33 @@ class BuildqClient:
 
         return plain(entries)
 
-    def follow_logs(self, job_id: str, *, raw: bool = False) -> Iterator[LogEntry]:
-        """Log entries as they are written, across retries, until the build ends."""
-        entries = self.log_store.follow(job_id, is_finished=lambda: self.store.result(job_id) is not None)
+    def follow_logs(
+        self, job_id: str, *, raw: bool = False, is_finished: Callable[[], bool] | None = None
+    ) -> Iterator[LogEntry]:
+        """Log entries as they are written, across retries, until the build ends (or
+        ``is_finished()``); then what the archive has that the stream did not carry (an attempt's
+        end, when the finishing worker archived it instead of writing it to Redis)."""
+        done = is_finished or (lambda: self.store.result(job_id) is not None)
+        entries = self._follow(job_id, done)
         if raw:
             return entries
         from .logview import PlainView
 
         return PlainView().feed(entries)
+
+    def _follow(self, job_id: str, is_finished: Callable[[], bool]) -> Iterator[LogEntry]:
+        seen: dict[int, int] = {}
+        final = False
+        for entry in self.log_store.follow(job_id, is_finished=is_finished):
+            seen[entry.attempt] = seen.get(entry.attempt, 0) + 1
+            final = final or (entry.closes and entry.line.startswith(FINAL_PREFIX))
+            yield entry
+        if final or self.archive is None:
+            return
+        for n in self.archive.attempts(job_id):
+            kept = self.archive.read_attempt(job_id, n)
+            for kind, line in kept[seen.get(n, 0) :]:
+                yield LogEntry("archive", n, "mark" if kind == "end" else kind, line, kind == "end")
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def build_message(
             "argsrepr": "()",
             "kwargsrepr": job_kwargsrepr(job),
             "origin": f"{os.getpid()}@{socket.gethostname()}",
-            "ignore_result": False,
+            "ignore_result": None,  # the worker decides (BUILDQ_TASK_RESULTS)
         },
         "properties": {
             "correlation_id": job_id,

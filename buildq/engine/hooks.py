@@ -183,10 +183,12 @@ class BaselineHook(Hook):
 
 class AffinityHook(Hook):
     """Cache affinity: the daemon of a successful build is remembered for its cache key (the finish
-    script stores it only for a success), so the next build with that cache goes there."""
+    script stores it only for a success), so the next build with that cache goes there. A build
+    that ran where its cache was remembered writes nothing (the memory lasts BUILDQ_RESULT_TTL_S
+    from when it was written)."""
 
     def finishing(self, build: Build, concluded: Concluded, writes: EndWrites) -> None:
-        if build.daemon:
+        if build.daemon and build.daemon != build.claim.preferred:
             writes.remember = (build.cache_key, build.daemon)
 
 

@@ -44,7 +44,7 @@ from ..store.archive import Archive, ArchiveError
 from ..store.daemons import DaemonHealth
 from ..store.jobs import Claimed, Fence, Finished, History, JobStore, LogEnd, NotOurs
 from ..store.keys import BASELINE_PREFIX, DOMAINS
-from ..store.logs import ARCHIVED_TAIL, FINAL_PREFIX, FLUSH_EVERY_S, Entry, LogStore, encode_lines
+from ..store.logs import FINAL_PREFIX, FLUSH_EVERY_S, Entry, LogStore, encode_lines
 from . import recording
 from .attemptlog import AttemptLog
 from .backoff import backoff_ceiling
@@ -474,7 +474,10 @@ class Lifecycle:
             log_entries, tail = self._log_ending(build, state)
         elif build.log is not None:
             build.log.close(_log_note(build, decision))
-        log_end = self._log_end(build, log_entries)
+        # the attempt's log goes to the archive before the write that ends it: a reader told the job
+        # ended finds it whole there
+        archived = self._archive_attempt(build)
+        log_end = self._log_end(build, log_entries, archived)
         concluded = recording.conclude(
             job, outcome, build.attempts, offset=build.offset,
             window_start=history.window_start or history.enqueued_at, window_end=now, routing=build.routing,
@@ -500,8 +503,8 @@ class Lifecycle:
 
         stored = self.hooks.ended(build, concluded, commit, launched=build.launched)
         build.ended = True
-        if stored and self.archive is not None:
-            self._archive(build, concluded.record_json if state is not None else None)
+        if stored and state is not None and concluded.record_json is not None:
+            self._archive_record(job.job_id, concluded.record_json)
         if isinstance(decision, Drop):
             logger.warning("job %s: fenced out (%s); its result is not stored", job.job_id, decision.reason)
             if build.launched:  # its buildctl was killed when the renewal said so: a takeover may go
@@ -586,6 +589,7 @@ class Lifecycle:
             if existing is not None:
                 return Ending("finished", record=existing, summary=summary(existing))
             return Ending("dropped", reason=f"job {job_id} belongs to another delivery")
+        self._archive_record(job_id, text)
         self.hooks.rejected(record)
         return Ending("finished", record=record, summary=brief)
 
@@ -692,32 +696,43 @@ class Lifecycle:
             return [], []
         return [(build.number, "end", f"{FINAL_PREFIX} {state}")], []
 
-    def _log_end(self, build: Build, entries: Sequence[Entry]) -> LogEnd | None:
-        """How the finishing write ends the log: its last lines, the stream trimmed to a short tail
-        once the attempt is archived (else to ``BUILDQ_LOG_STREAM_MAXLEN``), its TTL set unless a
-        flush set it."""
+    def _log_end(self, build: Build, entries: Sequence[Entry], archived: bool) -> LogEnd | None:
+        """How the finishing write ends the log. Archived: nothing more is written (the archive has
+        it all; followers read the end there), and a stream the flushes made is kept only
+        ``BUILDQ_LOG_ARCHIVED_TTL_S``. Else its last lines, and its TTL set unless a flush set it."""
         if self.logs is None or not entries:
             return None
-        archived = self.archive is not None and build.log is not None
+        written = build.log is not None and build.log.written
+        if archived:
+            return LogEnd(ttl_s=self.settings.log_archived_ttl_s if written else 0)
         return LogEnd(
             attempt=build.number, lines=encode_lines((kind, line) for _, kind, line in entries),
-            maxlen=ARCHIVED_TAIL if archived else self.logs.maxlen, exact=archived,
-            ttl_s=0 if build.log is not None and build.log.written else self.logs.ttl_s,
+            maxlen=self.logs.maxlen, exact=False, ttl_s=0 if written else self.logs.ttl_s,
         )  # fmt: skip
 
-    def _archive(self, build: Build, record: str | None) -> None:
-        """Keep the attempt's log (and, at the end, the record) in the archive. A failure is logged:
-        the log stays in Redis for ``BUILDQ_LOG_STREAM_TTL_S``, the record for the result TTL."""
+    def _archive_attempt(self, build: Build) -> bool:
+        """Keep the attempt's whole log in the archive (once it is closed); False when there is no
+        archive or it could not be written (then the log stays in Redis, as without one)."""
+        gz = build.log.archived() if self.archive is not None and build.log is not None else None
+        if gz is None:
+            return False
         assert self.archive is not None
-        job_id = build.job.job_id
         try:
-            gz = build.log.archived() if build.log is not None else None
-            if gz is not None:
-                self.archive.write_attempt(job_id, build.number, gz)
-            if record is not None:
-                self.archive.write_record(job_id, record)
+            self.archive.write_attempt(build.job.job_id, build.number, gz)
         except ArchiveError as exc:
-            logger.warning("job %s: not archived: %s", job_id, exc)
+            logger.warning("job %s: attempt %d's log not archived (kept in Redis): %s",
+                           build.job.job_id, build.number, exc)  # fmt: skip
+            return False
+        return True
+
+    def _archive_record(self, job_id: str, record: str) -> None:
+        """Keep the final record in the archive too (Redis keeps it for the result TTL)."""
+        if self.archive is None:
+            return
+        try:
+            self.archive.write_record(job_id, record)
+        except ArchiveError as exc:
+            logger.warning("job %s: record not archived: %s", job_id, exc)
 
 
 def _log_note(build: Build, decision: Decision) -> str:

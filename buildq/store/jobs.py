@@ -60,8 +60,10 @@ from .scripts import Scripts
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 #: a job id as the contract allows it (checked again here: keys are made from it)
 JOB_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
-#: a repository not built for this long loses its baseline (renewed by every successful build)
+#: a repository not built for this long loses its baseline (renewed when it is trimmed)
 BASELINE_TTL_S = 30 * 24 * 3600
+#: how often a wait for a record reads it again while no message came (see :meth:`JobStore.wait_result`)
+RECHECK_S = 10.0
 
 
 def _text(value: Any) -> str:
@@ -473,20 +475,23 @@ class JobStore:
         try:
             pubsub.subscribe(channel)
             deadline = None if timeout is None else time.monotonic() + timeout
-            check = True
+            # read after subscribing (a record stored before is not missed); then the job's message
+            # says when to read again, and a re-read every RECHECK_S covers one lost with a connection
+            check, recheck_at = True, 0.0
             while True:
-                if check:
+                now = time.monotonic()
+                if check or now >= recheck_at:
                     record = self.result(job_id)
                     if record is not None:
                         clean = True
                         return record
-                left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-                if left <= 0:
+                    check, recheck_at = False, now + RECHECK_S
+                until = recheck_at if deadline is None else min(recheck_at, deadline)
+                if deadline is not None and now >= deadline:
                     clean = True
                     return None
-                # re-check at least every second: a publish before we subscribed is not lost
-                message = pubsub.get_message(timeout=left)
-                check = message is None or message.get("channel") == channel
+                message = pubsub.get_message(timeout=max(0.0, until - now))
+                check = message is not None and message.get("channel") == channel
         finally:
             if clean:
                 pubsub.unsubscribe(channel)

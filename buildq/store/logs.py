@@ -12,7 +12,8 @@ once, raw; the ``--progress=plain`` view is rendered from it when read
 :class:`LogStore` writes a batch with one ``XADD`` (the stream's TTL is set with the first batch of
 an attempt); the worker side that buffers an attempt's lines and flushes them every
 :data:`FLUSH_EVERY_S` is :class:`buildq.engine.attemptlog.AttemptLog`. A finished job's log moves to
-the archive when one is set up (:mod:`buildq.store.archive`) and the stream keeps a short tail.
+the archive when one is set up (:mod:`buildq.store.archive`); the stream then stays only for
+``BUILDQ_LOG_ARCHIVED_TTL_S``, long enough for followers to read its end.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from .keys import log_key
 FINAL_PREFIX = "final:"
 #: how often a running build's buffered lines are written (one XADD per running build each time)
 FLUSH_EVERY_S = 2.0
-#: the stream entries (batches) a finished job keeps in Redis once its log is archived
-ARCHIVED_TAIL = 3
 _PAGE = 200
 
 Entry = tuple[int, str, str]  # (attempt, kind, line)

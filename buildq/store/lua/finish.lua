@@ -23,9 +23,9 @@ local baseline_n = tonumber(ARGV[9])
 local baseline_ttl = tonumber(ARGV[10])
 local log_trim = ARGV[11]      -- '=' exactly or '~' about `log_maxlen` entries
 local log_maxlen = ARGV[12]
-local log_ttl = tonumber(ARGV[13])  -- 0: the stream's TTL was set when it was first written
+local log_ttl = tonumber(ARGV[13])  -- 0: leave the stream's TTL as it is
 local log_attempt = ARGV[14]
-local log_lines = ARGV[15]     -- the log's last lines, one entry (logs.py); '' for none
+local log_lines = ARGV[15]     -- the log's last lines, one entry (logs.py); '' for none (archived)
 -- -> 1 stored | 2 stored already by this very claim (its reply was lost) | 0 fenced out (nothing written)
 local h = read(job_hash, {'gen', 'done_gen', 'slot', 'slot_load', 'enqueued_at'})
 if h.done_gen then
@@ -35,8 +35,8 @@ end
 if h.gen ~= gen then return 0 end
 if log_lines ~= '' then
   redis.call('XADD', log_stream, 'MAXLEN', log_trim, log_maxlen, '*', 'a', log_attempt, 'l', log_lines)
-  if log_ttl > 0 then redis.call('EXPIRE', log_stream, log_ttl) end
 end
+if log_ttl > 0 then redis.call('EXPIRE', log_stream, log_ttl) end
 redis.call('HSET', job_hash, unpack(extend({'state', state, 'phase', 'done', 'record', record,
   'done_gen', gen, 'lease_until', 0}, give_back(h))))
 redis.call('ZREM', active_index, job_id)
