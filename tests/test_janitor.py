@@ -10,7 +10,7 @@ import time
 import redis
 
 from buildq.store.janitor import Janitor, requeue_lost, requeue_stalled
-from buildq.store.keys import ACTIVE_INDEX, QUEUES, UNACKED_INDEX_KEY, UNACKED_KEY, job_key
+from buildq.store.keys import JOBS_INDEX, QUEUES, UNACKED_INDEX_KEY, UNACKED_KEY, job_key
 from tests.harness import client_for
 
 
@@ -79,11 +79,11 @@ def test_messages_in_the_queue_unacked_or_claimed_are_left_alone(buildq_env, con
     got = client.store.claim(claimed.job_id, delivery=r.hget(job_key(claimed.job_id), "delivery").decode(),
                              daemons=["tcp://d:1"], limit=1, ttl_s=60, worker="w", domain="d", body="{}",
                              queue=queue)  # fmt: skip
-    assert r.zscore(ACTIVE_INDEX, claimed.job_id) < 0  # claimed: not among the queued the janitor reads
+    assert r.zscore(JOBS_INDEX, claimed.job_id) < 0  # claimed: not among the queued the janitor reads
     try:
         assert requeue_lost(client.store, after_s=0, now=time.time() + 1) == []
         assert r.llen(queue) == 1  # only waiting-1, still where it was
-        assert r.zscore(ACTIVE_INDEX, waiting.job_id) > 0
+        assert r.zscore(JOBS_INDEX, waiting.job_id) > 0
         del got
     finally:
         r.hdel(UNACKED_KEY, tag)

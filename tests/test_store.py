@@ -20,12 +20,12 @@ import pytest
 from buildq.contract.wire import build_message
 from buildq.store.jobs import Claimed, Fence, Finished, JobStore, LogEnd, NotOurs
 from buildq.store.keys import (
-    ACTIVE_INDEX,
     AFFINITY_PREFIX,
     BASELINE_PREFIX,
     CANCELS_CHANNEL,
     DOWN_LOAD,
-    finished_key,
+    JOBS_INDEX,
+    final_band,
     job_key,
     job_keys,
     load_key,
@@ -115,9 +115,9 @@ def test_every_script_names_its_keys_and_arguments_at_the_top() -> None:
 def test_a_name_missing_or_unknown_fails_at_once_naming_it() -> None:
     script = Script("release")
     with pytest.raises(TypeError, match=r"missing \['error'\]"):
-        script.positional({"job_hash": "h", "active_index": "a", "gen": 1, "job_id": "j"})
+        script.positional({"job_hash": "h", "jobs_index": "a", "gen": 1, "job_id": "j"})
     with pytest.raises(TypeError, match=r"unknown \['gne'\]"):
-        script.positional({"job_hash": "h", "active_index": "a", "gen": 1, "job_id": "j", "error": "",
+        script.positional({"job_hash": "h", "jobs_index": "a", "gen": 1, "job_id": "j", "error": "",
                            "gne": 1})  # fmt: skip
 
 
@@ -157,7 +157,7 @@ def test_a_submit_pushes_once_and_times_the_job_by_the_server(store: JobStore, c
     assert "msg" not in info  # the message is kept once, in the queue; the job hash keeps the job
     assert abs(float(info["enqueued_at"]) - server_now) < 5
     assert abs(int(info["pushed_at"]) / 1000 - server_now) < 5
-    assert client.zscore(ACTIVE_INDEX, "s1") == float(info["enqueued_at"])
+    assert client.zscore(JOBS_INDEX, "s1") == float(info["enqueued_at"])
     # the same job id again (a producer retrying a submit whose reply it lost): nothing more
     again = build_message("s1", "q", {"job_id": "s1"}, delivery="other", delivery_tag="t9")
     assert not store.submit("s1", queue="q", message=again, tag="t9", delivery="other", body="{}")
@@ -182,7 +182,7 @@ def test_a_claim_takes_lease_generation_and_slot_in_one_round_trip(store: JobSto
     info = store.info("c1")
     assert info["gen"] == "1" and info["holder"] == "host:1" and json.loads(info["running"])["daemon"] == D[0]
     assert (info["state"], info["daemon"], info["attempt"], info["slot"]) == ("running", D[0], "1", D[0])
-    assert client.zscore(ACTIVE_INDEX, "c1") == -float(info["enqueued_at"])  # claimed: below zero
+    assert client.zscore(JOBS_INDEX, "c1") == -float(info["enqueued_at"])  # claimed: below zero
 
 
 def test_a_finished_job_returns_its_record_and_touches_nothing(store: JobStore, client) -> None:
@@ -348,7 +348,7 @@ def test_a_requeue_publishes_the_next_message_and_gives_the_claim_back(store: Jo
     assert [info[f] for f in fields] == ["queued", "retry_wait", "d2", "t2", D[0], "7.5"]
     assert json.loads(info["attempts"]) == [{"number": 1}] and "running" not in info and "lease" not in info
     assert store.lease_holder("rq") is None and load(client, D[0]) == 0 and info["slot"] == ""
-    assert client.zscore(ACTIVE_INDEX, "rq") == float(info["enqueued_at"])  # queued again: above zero
+    assert client.zscore(JOBS_INDEX, "rq") == float(info["enqueued_at"])  # queued again: above zero
     assert abs(int(info["pushed_at"]) / 1000 - client.time()[0]) < 5
 
 
@@ -383,8 +383,7 @@ def test_finish_stores_everything_in_one_round_trip(store: JobStore, client) -> 
     ]
     assert 0 < client.ttl(job_keys("fi").log) <= 50
     assert store.lease_holder("fi") is None
-    assert client.zscore(ACTIVE_INDEX, "fi") is None
-    assert client.zscore(finished_key("succeeded"), "fi") == float(info["enqueued_at"])
+    assert client.zscore(JOBS_INDEX, "fi") == float(info["enqueued_at"]) + final_band("succeeded")
     assert load(client, got.daemon) == 0 and load(client, other.daemon) == 1
     messages = [m for m in iter(lambda: pubsub.get_message(timeout=1), None) if m["type"] == "message"]
     pubsub.close()

@@ -7,7 +7,7 @@ O(1) Redis work. A pass:
 
 1. **Lost messages.** Celery's Redis transport moves a message from the queue list to its
    ``unacked`` hash in two steps (``BRPOP``, then ``HSET``); a Redis restart between them (or
-   writes a restart did not keep) loses it. A queued job (the ``active`` index, score > 0) older
+   writes a restart did not keep) loses it. A queued job (the index's queued band) older
    than ``after_s`` whose message is neither in its queue nor unacknowledged, and that has no live
    lease and no record, is pushed back (``lua/lost.lua`` finds them without searching the queue:
    see ``lua/queue_fn.lua`` on ``pushed_at``; ``lua/push_lost.lua`` pushes the message, made again
@@ -19,8 +19,8 @@ O(1) Redis work. A pass:
 3. **Slots of dead claims.** A claim whose lease ran out (its holder died) still counts on its
    daemon until a takeover claims the job; past a grace period its slot is given back
    (``lua/expired_slots.lua``).
-4. **Housekeeping.** The ``finished:<state>`` indexes are trimmed (to :data:`RECENT_MAX` ids and
-   the result TTL), and every tenth pass the load index of the worker's daemons is checked against
+4. **Housekeeping.** The index's final bands are trimmed (to :data:`RECENT_MAX` ids and the result
+   TTL), and every tenth pass the load index of the worker's daemons is checked against
    the breakers (``lua/register_load.lua``).
 """
 
@@ -36,17 +36,17 @@ from ..contract.wire import build_message
 from ..names import TASK_NAME
 from .jobs import JobStore
 from .keys import (
-    ACTIVE_INDEX,
     FINAL_STATES,
     JANITOR_LEASE,
     JOB_PREFIX,
+    JOBS_INDEX,
     QUEUES,
     RECENT_MAX,
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
     WORKERS,
-    finished_key,
     job_key,
+    state_band,
 )
 
 log = logging.getLogger("buildq.janitor")
@@ -74,11 +74,13 @@ def _requeue_lost(store: JobStore, upto: float, batch: int, offset: int) -> tupl
     """One slice, from ``offset``, of the queued jobs enqueued before ``upto`` (epoch s): (job ids
     pushed back, where the next slice starts)."""
     r = store.redis
-    entries = [_text(v) for v in r.zrangebyscore(ACTIVE_INDEX, 0, upto, start=offset, num=batch)]
+    low, high = state_band("queued")
+    top = min(upto, high - 1)
+    entries = [_text(v) for v in r.zrangebyscore(JOBS_INDEX, low, top, start=offset, num=batch)]
     if not entries:
         return [], 0
     found = store.scripts.call(
-        "lost", unacked=UNACKED_KEY, active_index=ACTIVE_INDEX, job_hashes=[job_key(j) for j in entries],
+        "lost", unacked=UNACKED_KEY, jobs_index=JOBS_INDEX, job_hashes=[job_key(j) for j in entries],
         margin_ms=int(HEAD_MARGIN_S * 1000), job_prefix=JOB_PREFIX, job_ids=entries,
     )  # fmt: skip
     requeued = []
@@ -168,11 +170,11 @@ def _build_message_job(payload: object) -> tuple[str, str, float | None] | None:
 
 def release_expired_slots(store: JobStore, *, grace_s: float, batch: int = 200, offset: int = 0) -> list[str]:
     """Give back the slots of claims whose lease ran out more than ``grace_s`` ago; their job ids."""
-    ids = [_text(v) for v in store.redis.zrangebyscore(ACTIVE_INDEX, "-inf", "(0", start=offset, num=batch)]
+    ids = [_text(v) for v in store.redis.zrangebyscore(JOBS_INDEX, "-inf", "(0", start=offset, num=batch)]
     if not ids:
         return []
     freed = store.scripts.call(
-        "expired_slots", active_index=ACTIVE_INDEX, job_hashes=[job_key(j) for j in ids],
+        "expired_slots", jobs_index=JOBS_INDEX, job_hashes=[job_key(j) for j in ids],
         grace_ms=int(grace_s * 1000), job_ids=ids,
     )  # fmt: skip
     out = [_text(j) for j in freed]
@@ -182,13 +184,21 @@ def release_expired_slots(store: JobStore, *, grace_s: float, batch: int = 200, 
 
 
 def trim_finished(store: JobStore, *, now: float) -> None:
-    """Keep at most :data:`RECENT_MAX` ids, none older than the result TTL, in each final index."""
-    pipe = store.redis.pipeline(transaction=False)
-    for state in FINAL_STATES:
-        key = finished_key(state)
-        pipe.zremrangebyrank(key, 0, -RECENT_MAX - 1)
-        pipe.zremrangebyscore(key, "-inf", f"({now - store.result_ttl_s}")
-    pipe.execute()
+    """Keep at most :data:`RECENT_MAX` ids, none enqueued before the result TTL, in each final
+    band of the index (jobs whose hash expired with it)."""
+    r = store.redis
+    pipe = r.pipeline(transaction=False)
+    bands = [state_band(state) for state in FINAL_STATES]
+    for low, high in bands:
+        pipe.zremrangebyscore(JOBS_INDEX, low, f"({low + now - store.result_ttl_s}")
+        pipe.zcount(JOBS_INDEX, low, f"({high}")
+    counts = pipe.execute()[1::2]
+    for (low, high), count in zip(bands, counts, strict=True):
+        if count > RECENT_MAX:  # the score of the oldest id to keep
+            oldest = count - RECENT_MAX
+            keep = r.zrangebyscore(JOBS_INDEX, low, f"({high}", start=oldest, num=1, withscores=True)
+            if keep:
+                r.zremrangebyscore(JOBS_INDEX, low, f"({keep[0][1]}")
 
 
 class Janitor:
@@ -237,7 +247,7 @@ class Janitor:
             self.store, after_s=self.after_s, now=clock, batch=self.batch, offset=self._stalled_offset
         )
         self._stalled_offset += self.batch
-        claimed = self.store.redis.zcount(ACTIVE_INDEX, "-inf", "(0")
+        claimed = self.store.redis.zcount(JOBS_INDEX, "-inf", "(0")
         if self._slots_offset >= claimed:
             self._slots_offset = 0
         release_expired_slots(

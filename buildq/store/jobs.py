@@ -40,17 +40,17 @@ from typing import Any
 import redis
 
 from .keys import (
-    ACTIVE_INDEX,
     AFFINITY_PREFIX,
     CANCELS_CHANNEL,
     DAEMONS_DOWN,
     DOMAINS,
     EPOCH,
+    JOBS_INDEX,
     LOADS,
     QUEUES,
     WORKERS,
     JobKeys,
-    finished_key,
+    final_band,
     job_key,
     job_keys,
     load_key,
@@ -184,7 +184,7 @@ class JobStore:
         replicas are wanted (:class:`~buildq.errors.NotReplicatedError` when too few confirm)."""
         reply = self.scripts.durable(
             "submit", what=f"submission of job {job_id}", strict_job=job_id,
-            queue=queue, job_hash=job_key(job_id), active_index=ACTIVE_INDEX, message=message, tag=tag,
+            queue=queue, job_hash=job_key(job_id), jobs_index=JOBS_INDEX, message=message, tag=tag,
             delivery=delivery, job_id=job_id, queue_name=queue, body=body, retry_of=retry_of or "",
             ttl=self.result_ttl_s,
         )  # fmt: skip
@@ -235,7 +235,7 @@ class JobStore:
             load = self.register_daemons(daemons)
             reply = self.scripts.durable(
                 "claim", what=f"claim of job {job_id}",
-                job_hash=job_key(job_id), active_index=ACTIVE_INDEX, load_index=load,
+                job_hash=job_key(job_id), jobs_index=JOBS_INDEX, load_index=load,
                 affinity_key=AFFINITY_PREFIX + cache_key if cache_key else "", job_id=job_id,
                 delivery=delivery, token=token, ttl_ms=max(1, int(ttl_s * 1000)), limit=limit,
                 affinity_wait=1 if affinity_wait else 0, job_ttl=self.result_ttl_s, worker=worker,
@@ -327,7 +327,7 @@ class JobStore:
         return bool(
             self.scripts.durable(
                 "requeue", what=f"requeue of job {fence.job_id}",
-                queue=queue, job_hash=fence.keys.hash, active_index=ACTIVE_INDEX, message=message,
+                queue=queue, job_hash=fence.keys.hash, jobs_index=JOBS_INDEX, message=message,
                 tag=tag, delivery=delivery, gen=fence.gen, job_id=fence.job_id, phase=phase,
                 attempts=json.dumps(list(attempts), separators=(",", ":")),
                 window_start=repr(window_start),
@@ -357,13 +357,13 @@ class JobStore:
         return bool(
             self.scripts.durable(
                 "finish", what=f"result of job {fence.job_id}",
-                job_hash=k.hash, active_index=ACTIVE_INDEX, finished_index=finished_key(state),
-                log_stream=k.log, affinity_key=AFFINITY_PREFIX + cache if cache else "",
+                job_hash=k.hash, jobs_index=JOBS_INDEX, log_stream=k.log,
+                affinity_key=AFFINITY_PREFIX + cache if cache else "",
                 baseline_list=base_key, record=record, state=state, gen=fence.gen, job_id=fence.job_id,
                 done_channel=k.done, daemon=daemon, remember_ttl=self.result_ttl_s,
                 baseline_entry=base_entry, baseline_n=base_n, baseline_ttl=base_ttl,
                 log_trim="=" if end.exact else "~", log_maxlen=end.maxlen, log_ttl=end.ttl_s,
-                log_attempt=end.attempt, log_lines=end.lines,
+                log_attempt=end.attempt, log_lines=end.lines, band=final_band(state),
             )  # fmt: skip
         )
 
@@ -374,9 +374,8 @@ class JobStore:
         return bool(
             self.scripts.durable(
                 "reject", what=f"record of job {job_id}",
-                job_hash=k.hash, active_index=ACTIVE_INDEX, finished_index=finished_key(state),
-                record=record, state=state, job_id=job_id, delivery=delivery, done_channel=k.done,
-                ttl=self.result_ttl_s,
+                job_hash=k.hash, jobs_index=JOBS_INDEX, record=record, state=state, job_id=job_id,
+                delivery=delivery, done_channel=k.done, ttl=self.result_ttl_s, band=final_band(state),
             )  # fmt: skip
         )
 
@@ -385,7 +384,7 @@ class JobStore:
         is what the next claim's lost attempt will say."""
         return bool(
             self.scripts.call(
-                "release", job_hash=fence.keys.hash, active_index=ACTIVE_INDEX, gen=fence.gen,
+                "release", job_hash=fence.keys.hash, jobs_index=JOBS_INDEX, gen=fence.gen,
                 error=error[:500], job_id=fence.job_id,
             )  # fmt: skip
         )

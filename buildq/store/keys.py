@@ -25,12 +25,15 @@ Per job (:class:`JobKeys`, made once per job by :func:`job_keys`):
 - ``done:<id>``     pub/sub channel told the final state when the record is stored
 - ``log:<id>``      the build log stream (see :mod:`buildq.store.logs`)
 
-Indexes (sorted sets of job ids; each entry written in the script that changes the job's state):
+The index:
 
-- ``active``        the jobs not finished: score ``+enqueued_at`` while queued, ``-enqueued_at``
-                    while claimed (so ``--state queued`` and ``--state running`` read only theirs)
-- ``finished:<state>`` succeeded / failed / cancelled jobs (score: enqueued_at), trimmed by the
-                    janitor to :data:`RECENT_MAX` ids and to ``BUILDQ_RESULT_TTL_S``
+- ``jobs``          sorted set of the recent jobs, written by the script that changes a job's state:
+                    the score says the state and when the job was enqueued (:func:`state_score`):
+                    ``-enqueued_at`` while claimed, ``enqueued_at`` while queued, plus
+                    :data:`BAND` × 1, 2, 3 once succeeded, failed, cancelled. So ``--state failed``
+                    reads the failed band only, and a step moves a job with one ``ZADD``. The
+                    janitor trims each final band to :data:`RECENT_MAX` ids and to
+                    ``BUILDQ_RESULT_TTL_S``.
 
 Shared:
 
@@ -64,10 +67,11 @@ from typing import NamedTuple
 
 PREFIX = "buildq:"
 JOB_PREFIX = f"{PREFIX}job:"
-ACTIVE_INDEX = f"{PREFIX}active"
-FINISHED_PREFIX = f"{PREFIX}finished:"
+JOBS_INDEX = f"{PREFIX}jobs"
 FINAL_STATES = ("succeeded", "failed", "cancelled")
-#: ids kept in each ``finished:<state>`` index
+#: the width of one state's band in :data:`JOBS_INDEX` (more than any epoch seconds for centuries)
+BAND = 10_000_000_000
+#: ids kept in each final band of :data:`JOBS_INDEX`
 RECENT_MAX = 10000
 LOAD_PREFIX = f"{PREFIX}load:"
 LOADS = f"{PREFIX}loads"
@@ -115,9 +119,19 @@ def log_key(job_id: str) -> str:
     return LOG_PREFIX + job_id
 
 
-def finished_key(state: str) -> str:
-    """The index of the recent jobs that ended in ``state``."""
-    return FINISHED_PREFIX + state
+def final_band(state: str) -> int:
+    """What a job that ended in ``state`` adds to its score in :data:`JOBS_INDEX`."""
+    return BAND * (FINAL_STATES.index(state) + 1)
+
+
+def state_band(state: str) -> tuple[float, float]:
+    """The scores (low, high: high excluded) of the jobs in ``state`` in :data:`JOBS_INDEX`."""
+    if state == "running":
+        return (-BAND, 0)
+    if state == "queued":
+        return (0, BAND)
+    low = final_band(state)
+    return (low, low + BAND)
 
 
 def load_key(daemons: Sequence[str]) -> str:

@@ -1,9 +1,9 @@
 """``buildq list``: the recent jobs (from the state indexes) and the depth of each queue.
 
 :func:`job_row` is pure (one job's hash fields and record → a row). :func:`recent_jobs` reads the
-ids of the wanted states only, newest first (``active``: queued jobs score ``+enqueued_at``,
-claimed ones ``-enqueued_at``; ``finished:<state>``), then one ``HMGET`` per job: ``--state failed``
-over ten thousand recent jobs reads the failed ones, not the ten thousand.
+ids of the wanted states' bands of the index only, newest first (:func:`~buildq.store.keys.state_band`),
+then one ``HMGET`` per job: ``--state failed`` over ten thousand recent jobs reads the failed ones,
+not the ten thousand.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from .keys import ACTIVE_INDEX, FINAL_STATES, finished_key, job_key
+from .keys import BAND, FINAL_STATES, JOBS_INDEX, job_key, state_band
 
 _FIELDS = ("state", "phase", "enqueued_at", "started_at", "retry_of")
 _BATCH = 100
@@ -58,14 +58,13 @@ def job_row(
 
 def _ids(client: redis.Redis, state: str, n: int) -> list[tuple[float, str]]:
     """Up to ``n`` (enqueued_at, job id) of the jobs indexed under ``state``, newest first."""
-    if state == "queued":
-        got = client.zrevrangebyscore(ACTIVE_INDEX, "+inf", "(0", start=0, num=n, withscores=True)
-    elif state == "running":
-        got = client.zrangebyscore(ACTIVE_INDEX, "-inf", "(0", start=0, num=n, withscores=True)
+    low, high = state_band(state)
+    if state == "running":  # scored -enqueued_at: the newest is the lowest
+        got = client.zrangebyscore(JOBS_INDEX, low, f"({high}", start=0, num=n, withscores=True)
     else:
-        got = client.zrevrange(finished_key(state), 0, n - 1, withscores=True)
+        got = client.zrevrangebyscore(JOBS_INDEX, f"({high}", low, start=0, num=n, withscores=True)
     pairs: list[tuple[Any, Any]] = list(got)  # type: ignore[arg-type]
-    return [(abs(float(score)), (m.decode() if isinstance(m, bytes) else str(m))) for m, score in pairs]
+    return [(abs(float(s)) % BAND, m.decode() if isinstance(m, bytes) else str(m)) for m, s in pairs]
 
 
 def recent_jobs(client: redis.Redis, *, limit: int, states: Iterable[str] = ()) -> list[dict[str, Any]]:

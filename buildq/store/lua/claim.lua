@@ -8,7 +8,7 @@
 -- with room (or, full and `affinity_wait` set, nothing: the caller waits for it), else the least
 -- loaded daemon with room (load_fn.lua). The job is then `running` on it.
 local job_hash = KEYS[1]
-local active_index = KEYS[2]   -- the jobs not finished (score < 0 while claimed)
+local jobs_index = KEYS[2]     -- the recent jobs (score -enqueued_at while claimed)
 local load_index = KEYS[3]     -- this worker's daemons, scored by their builds
 local affinity_key = KEYS[4]   -- '' when cache affinity is off
 local job_id = ARGV[1]
@@ -89,6 +89,6 @@ if cancelled == 0 then
 end
 redis.call('HSET', job_hash, unpack(set))
 if not h.enqueued_at then redis.call('EXPIRE', job_hash, job_ttl) end
-redis.call('ZADD', active_index, -tonumber(enqueued_at), job_id)
+redis.call('ZADD', jobs_index, -tonumber(enqueued_at), job_id)
 return {2, gen, now, cancelled, daemon, remembered, full, attempt, enqueued_at, h.attempts or '',
   h.window_start or '', h.waiting_since or '', h.running or '', h.domain or ''}

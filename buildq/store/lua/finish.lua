@@ -1,16 +1,15 @@
 -- finish: the holder of claim `gen` stores the job's final record and ends its claim, in one step:
 -- the log's last lines (one stream entry; the stream trimmed to `log_maxlen`), the record and the
--- final state in the job hash, the job moved from the active index to its final state's, the slot
+-- final state in the job hash, the job moved to its final state's band of the index, the slot
 -- given back, waiters told; for a build that succeeded also the daemon to remember for its cache,
 -- and its entry in its repository's baseline (kept between N and 2N entries, trimmed and its TTL
 -- renewed when it passes 2N). A holder that was fenced out stores nothing: the record of the
 -- delivery that owns the job stands.
 local job_hash = KEYS[1]
-local active_index = KEYS[2]
-local finished_index = KEYS[3] -- the recent jobs that ended in `state`
-local log_stream = KEYS[4]
-local affinity_key = KEYS[5]   -- '' when there is nothing to remember
-local baseline_list = KEYS[6]  -- '' when the build adds nothing to a baseline
+local jobs_index = KEYS[2]     -- the recent jobs (score: enqueued_at + the band of `state`)
+local log_stream = KEYS[3]
+local affinity_key = KEYS[4]   -- '' when there is nothing to remember
+local baseline_list = KEYS[5]  -- '' when the build adds nothing to a baseline
 local record = ARGV[1]         -- the final record (JSON)
 local state = ARGV[2]          -- succeeded | failed | cancelled
 local gen = ARGV[3]
@@ -26,6 +25,7 @@ local log_maxlen = ARGV[12]
 local log_ttl = tonumber(ARGV[13])  -- 0: leave the stream's TTL as it is
 local log_attempt = ARGV[14]
 local log_lines = ARGV[15]     -- the log's last lines, one entry (logs.py); '' for none (archived)
+local band = tonumber(ARGV[16])  -- what `state` adds to a score in the jobs index
 -- -> 1 stored | 2 stored already by this very claim (its reply was lost) | 0 fenced out (nothing written)
 local h = read(job_hash, {'gen', 'done_gen', 'slot', 'slot_load', 'enqueued_at'})
 if h.done_gen then
@@ -39,8 +39,7 @@ end
 if log_ttl > 0 then redis.call('EXPIRE', log_stream, log_ttl) end
 redis.call('HSET', job_hash, unpack(extend({'state', state, 'phase', 'done', 'record', record,
   'done_gen', gen, 'lease_until', 0}, give_back(h))))
-redis.call('ZREM', active_index, job_id)
-redis.call('ZADD', finished_index, tonumber(h.enqueued_at or '0'), job_id)
+redis.call('ZADD', jobs_index, tonumber(h.enqueued_at or '0') + band, job_id)
 redis.call('PUBLISH', done_channel, state)
 if state == 'succeeded' and affinity_key ~= '' and daemon ~= '' then
   redis.call('SET', affinity_key, daemon, 'EX', remember_ttl)

@@ -2,7 +2,7 @@
 -- interrupted it, and kombu pushes the message back to the queue right after); the next claim
 -- records the attempt as lost with `error` (the run in flight stays, with the error written in).
 local job_hash = KEYS[1]
-local active_index = KEYS[2]
+local jobs_index = KEYS[2]     -- the recent jobs (score enqueued_at while queued)
 local gen = ARGV[1]
 local error = ARGV[2]          -- what interrupted it ('' for nothing to say)
 local job_id = ARGV[3]
@@ -18,5 +18,5 @@ if h.running and error ~= '' then
 end
 redis.call('HSET', job_hash, unpack(set))
 redis.call('HDEL', job_hash, 'lease')
-redis.call('ZADD', active_index, tonumber(h.enqueued_at or '0'), job_id)
+redis.call('ZADD', jobs_index, tonumber(h.enqueued_at or '0'), job_id)
 return 1

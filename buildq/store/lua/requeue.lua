@@ -5,7 +5,7 @@
 -- daemon to avoid) is written by this worker here; the next message carries only the job.
 local queue = KEYS[1]
 local job_hash = KEYS[2]
-local active_index = KEYS[3]
+local jobs_index = KEYS[3]     -- the recent jobs (score enqueued_at while queued)
 local message = ARGV[1]        -- the next message (due after its countdown)
 local tag = ARGV[2]            -- its delivery tag
 local delivery = ARGV[3]       -- its delivery id: the job's current delivery from now on
@@ -31,5 +31,5 @@ if avoid ~= '' then extend(set, {'avoid', avoid}) else gone[#gone + 1] = 'avoid'
 redis.call('HSET', job_hash, unpack(set))
 redis.call('HDEL', job_hash, unpack(gone))
 redis.call('EXPIRE', job_hash, ttl)
-redis.call('ZADD', active_index, tonumber(h.enqueued_at or '0'), job_id)
+redis.call('ZADD', jobs_index, tonumber(h.enqueued_at or '0'), job_id)
 return 1

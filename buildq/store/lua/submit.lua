@@ -4,7 +4,7 @@
 -- kept only in the queue: the job hash keeps the job, from which the janitor can make it again.
 local queue = KEYS[1]          -- the broker's queue list
 local job_hash = KEYS[2]
-local active_index = KEYS[3]   -- the jobs not finished (`buildq list`, the janitor)
+local jobs_index = KEYS[3]     -- the recent jobs, scored by state and enqueue time (keys.py)
 local message = ARGV[1]        -- the Celery message (contract/wire.py)
 local tag = ARGV[2]            -- its delivery tag
 local delivery = ARGV[3]       -- the delivery id the message carries
@@ -27,5 +27,5 @@ if retry_of ~= '' then
 end
 redis.call('HSET', job_hash, unpack(fields))
 redis.call('EXPIRE', job_hash, ttl)
-redis.call('ZADD', active_index, at, job_id)
+redis.call('ZADD', jobs_index, at, job_id)
 return {1, at}
