@@ -107,7 +107,7 @@ Csv = Annotated[list[str], NoDecode, BeforeValidator(_split_csv)]
 
 
 class Settings(BaseSettings):
-    """Validated configuration; see the README's settings table for each field."""
+    """Validated configuration; see docs/settings.md for each field."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
@@ -299,7 +299,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
     unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
     if unknown:
         raise SettingsError(
-            "unknown setting(s): " + ", ".join(unknown) + " (see the README's settings table)"
+            "unknown setting(s): " + ", ".join(unknown) + " (see docs/settings.md)"
         )
     token = _ENVIRON.set(env)
     try:
