@@ -22,6 +22,8 @@ DOCKERD_SCRIPT = ROOT / ".ci" / "dockerd.sh"
 DOCKER_URL = "unix:///run/buildq-dockerd/docker.sock"
 STANDIN_IMAGE = "buildq/buildctl-standin:test"
 MANAGED_FILTER = {"label": ["buildq.managed=true"]}
+#: the deployment of this test run's docker launchers: another run's reapers never see their containers
+RUN_DEPLOYMENT = f"tests-{uuid.uuid4().hex[:8]}"
 
 
 def _engine_answers(url: str) -> bool:
@@ -72,6 +74,7 @@ def docker_settings_for(docker_url: str, **overrides: Any) -> Any:
         "buildctl_image": STANDIN_IMAGE,
         "docker_url": docker_url,
         "docker_network": "none",
+        "deployment": RUN_DEPLOYMENT,
     }
     values.update(overrides)
     return load_settings({}, **values)
