@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.harness import clean_environ
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERD_SCRIPT = ROOT / ".ci" / "dockerd.sh"
 DOCKER_URL = "unix:///run/buildq-dockerd/docker.sock"
@@ -48,6 +50,7 @@ def docker_url() -> str:
         timeout=600,
         check=False,
         stdin=subprocess.DEVNULL,
+        env=clean_environ(),  # the engine must not inherit a terminal's COLUMNS (the script drops it too)
     )
     if proc.returncode != 0 or not _engine_answers(DOCKER_URL):
         pytest.fail(

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import clean_environ
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".ci" / "with-developer-redis.sh"
 
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace o
 
 def beside_a_developers_redis(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` through the script, without this run's BUILDQ_* (the inner run starts its own)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BUILDQ_", "PYTEST_"))}
+    env = clean_environ("BUILDQ_", "PYTEST_")
     return subprocess.run(
         ["bash", str(SCRIPT), *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
