@@ -22,7 +22,8 @@ Shared:
 
 - ``slots:<daemon>`` sorted set of the daemon's build slots (see :mod:`buildq.store.slots`)
 - ``queued``        sorted set of the jobs whose message the janitor keeps (score: when it is due)
-- ``recent``        sorted set of the job ids submitted through the client (score: enqueued_at),
+- ``recent``        sorted set of the job ids submitted through the client (score: the submission
+                    on the server clock, in seconds to the microsecond: newest first, no ties),
                     for ``buildq list``; trimmed at each submit to :data:`RECENT_MAX` ids and to
                     ``BUILDQ_RESULT_TTL_S``
 - ``cancels``       pub/sub channel told the id of every job a cancel was asked for

@@ -25,7 +25,10 @@ redis.call('HSET', job_hash, 'state', 'queued', 'enqueued_at', at, 'queue', queu
 if retry_of ~= '' then redis.call('HSET', job_hash, 'retry_of', retry_of) end
 redis.call('EXPIRE', job_hash, ttl)
 redis.call('ZADD', queued_index, at, job_id)
-redis.call('ZADD', recent_index, at, job_id)
+-- `buildq list` is newest first: ordered to the microsecond, so jobs submitted within one
+-- millisecond (common: a submit is a fraction of one) keep their order
+local clock = redis.call('TIME')
+redis.call('ZADD', recent_index, clock[1] .. '.' .. string.format('%06d', tonumber(clock[2])), job_id)
 redis.call('ZREMRANGEBYRANK', recent_index, 0, -recent_max - 1)
 redis.call('ZREMRANGEBYSCORE', recent_index, '-inf', '(' .. (now / 1000 - ttl))
 return {1, at}
