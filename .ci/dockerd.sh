@@ -22,6 +22,11 @@ START_TIMEOUT_S=60
 
 say() { echo "dockerd.sh: $*"; }
 
+# A terminal's size is no business of the engine: dockerd runs its host's ps for `docker top`, and
+# ps cuts command lines to the width in COLUMNS (Python's readline exports COLUMNS=80 LINES=24 to
+# every child of a process that imported it, pytest's among them).
+unset COLUMNS LINES
+
 docker_cli() { DOCKER_HOST="$HOST_URL" docker "$@"; }
 
 answers() { docker_cli info >/dev/null 2>&1; }
@@ -50,6 +55,12 @@ dockerd_alive() { proc_alive "$1" && [[ "$(cat "/proc/$1/comm" 2>/dev/null)" == 
 start_engine() {
     if answers; then
         say "engine already answers on $HOST_URL"
+        local running
+        running="$(cat "$PIDFILE" 2>/dev/null || true)"
+        if dockerd_alive "$running" && tr '\0' '\n' <"/proc/$running/environ" | grep -qE '^(COLUMNS|LINES)='; then
+            say "note: dockerd pid $running was started with COLUMNS/LINES in its environment (buildq reads" \
+                "docker top with whole lines anyway); restart it when nobody uses it to drop them"
+        fi
         return
     fi
     local pid=

@@ -1,8 +1,11 @@
 """How often a rebuild finds its cache on the daemon that runs it, with cache affinity on and off.
 
 Run by hand as root on a machine with genuine BuildKit v0.21.0 (not part of the tests):
-    BUILDQ_TEST_REDIS=redis://127.0.0.1:6379 .venv/bin/python bench/affinity.py \
-        [--bins /work/buildkit-bin] [--projects 4] [--rebuilds 20] [--change-source]
+    .venv/bin/python bench/affinity.py [--bins /work/buildkit-bin] [--projects 4] [--rebuilds 20] \
+        [--change-source]
+
+Redis: a ``redis-server`` of its own on a free port (tests/harness.py), or ``BUILDQ_TEST_REDIS``
+(whose DBs ``--db`` and the next one it flushes: never name a Redis whose data you keep).
 
 For each mode (affinity on, then off) it starts two fresh buildkitd (OCI worker, own roots), a
 buildq worker (local launcher, one process) against both, builds each project once, then the

@@ -1,7 +1,9 @@
 """What ``explain`` and the baselines add to a build's exit → result path, measured in one process.
 
 Run by hand (not part of the tests):
-    .venv/bin/python bench/explain_cost.py [--redis redis://127.0.0.1:6379/15] [--n 3000]
+    .venv/bin/python bench/explain_cost.py [--redis URL] [--n 3000]
+
+Redis: a ``redis-server`` of its own on a free port (tests/harness.py), unless ``--redis`` names one.
 
 - every build: ``explain`` for a build without a phase of 2 s (the baseline is not read) and the
   baseline entry made and encoded (pool-process CPU per build);
@@ -72,9 +74,13 @@ def pct(values: list[float], p: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/15")
+    parser.add_argument("--redis", help="a Redis URL (default: a redis-server of its own, on a free port)")
     parser.add_argument("--n", type=int, default=3000)
     args = parser.parse_args()
+    if args.redis is None:
+        from tests.harness import REDIS_URL  # starts it; it stops when this process exits
+
+        args.redis = f"{REDIS_URL}/15"
     client = redis.Redis.from_url(args.redis)
     store = JobStore(client, result_ttl_s=60)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"

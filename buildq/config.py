@@ -2,16 +2,19 @@
 
 Every knob is an environment variable with the prefix ``BUILDQ_`` (``BUILDQ_BROKER_URL`` …), read
 by pydantic-settings. :func:`load_settings` builds it once at start (rejecting unknown ``BUILDQ_*``
-variables first); everything else receives it as an argument. An unknown variable or an invalid
-value fails at start with an error that names the variable.
+variables first, with the closest setting's name when one is close); everything else receives it
+as an argument. An unknown variable or an invalid value fails at start with an error that names
+the variable. ``BUILDQ_STACK_*`` (the compose stack's own variables) and ``BUILDQ_TEST_*`` (the
+test suite's) are outside the settings: no setting is named so, and they are never read here.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -30,6 +33,10 @@ from .contract.grants import validate_repository_pattern
 from .errors import SettingsError
 
 ENV_PREFIX = "BUILDQ_"
+#: variables with these prefixes are not settings (the compose stack's, the test suite's): ignored
+NOT_SETTINGS_PREFIXES = ("BUILDQ_STACK_", "BUILDQ_TEST_")
+#: the compose stack's variables (docker-compose.yml), suggested when an unknown name is close to one
+STACK_VARIABLES = ("BUILDQ_STACK_REGISTRY_PORT",)
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
 _ENV_PATTERN = re.compile(r"^[A-Za-z0-9_*?\[\]!]+$")
 
@@ -108,7 +115,7 @@ Csv = Annotated[list[str], NoDecode, BeforeValidator(_split_csv)]
 
 
 class Settings(BaseSettings):
-    """Validated configuration; see the README's settings table for each field."""
+    """Validated configuration; see docs/settings.md for each field."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
@@ -303,6 +310,28 @@ def _env_name(loc: tuple[object, ...]) -> str:
     return ENV_PREFIX + str(loc[0]).upper()
 
 
+def closest_name(name: str, candidates: Sequence[str]) -> str | None:
+    """The candidate ``name`` was most likely meant to be (compared without the ``BUILDQ_``
+    prefix, which every candidate shares), None when none is close."""
+    bare = {c.removeprefix(ENV_PREFIX): c for c in candidates}
+    found = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), list(bare), n=1, cutoff=0.6)
+    return bare[found[0]] if found else None
+
+
+def unknown_settings_message(unknown: Sequence[str], known: Sequence[str]) -> str:
+    """One line naming each unknown ``BUILDQ_*`` variable, with the closest known name when one is
+    close (a setting, or one of the compose stack's variables, which are not settings)."""
+    named = []
+    for name in unknown:
+        closest = closest_name(name, [*known, *STACK_VARIABLES])
+        if closest in STACK_VARIABLES:
+            named.append(f"{name} (did you mean {closest}? a variable of the compose stack, not a setting)")
+        else:
+            named.append(f"{name} (did you mean {closest}?)" if closest else name)
+    what = "unknown setting" if len(unknown) == 1 else "unknown settings"
+    return f"{what}: " + ", ".join(named) + "; the settings are listed in docs/settings.md"
+
+
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Build the settings from ``environ`` (default ``os.environ``) plus explicit overrides.
 
@@ -310,11 +339,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
     """
     env = os.environ if environ is None else environ
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+    ours = [k for k in env if k.startswith(ENV_PREFIX) and not k.startswith(NOT_SETTINGS_PREFIXES)]
+    unknown = sorted(k for k in ours if k not in known)
     if unknown:
-        raise SettingsError(
-            "unknown setting(s): " + ", ".join(unknown) + " (see the README's settings table)"
-        )
+        raise SettingsError(unknown_settings_message(unknown, sorted(known)))
+    env = {k: v for k, v in env.items() if not k.startswith(NOT_SETTINGS_PREFIXES)}
     token = _ENVIRON.set(env)
     try:
         return Settings(**overrides)  # type: ignore[arg-type]

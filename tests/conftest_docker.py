@@ -17,11 +17,15 @@ from typing import Any
 
 import pytest
 
+from tests.harness import clean_environ
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERD_SCRIPT = ROOT / ".ci" / "dockerd.sh"
 DOCKER_URL = "unix:///run/buildq-dockerd/docker.sock"
 STANDIN_IMAGE = "buildq/buildctl-standin:test"
 MANAGED_FILTER = {"label": ["buildq.managed=true"]}
+#: the deployment of this test run's docker launchers: another run's reapers never see their containers
+RUN_DEPLOYMENT = f"tests-{uuid.uuid4().hex[:8]}"
 
 
 def _engine_answers(url: str) -> bool:
@@ -46,6 +50,7 @@ def docker_url() -> str:
         timeout=600,
         check=False,
         stdin=subprocess.DEVNULL,
+        env=clean_environ(),  # the engine must not inherit a terminal's COLUMNS (the script drops it too)
     )
     if proc.returncode != 0 or not _engine_answers(DOCKER_URL):
         pytest.fail(
@@ -72,6 +77,7 @@ def docker_settings_for(docker_url: str, **overrides: Any) -> Any:
         "buildctl_image": STANDIN_IMAGE,
         "docker_url": docker_url,
         "docker_network": "none",
+        "deployment": RUN_DEPLOYMENT,
     }
     values.update(overrides)
     return load_settings({}, **values)

@@ -1,7 +1,7 @@
 """Genuine BuildKit v0.21.0 for the opt-in ``buildkit`` tests: a buildkitd and a registry of their own.
 
 ``BUILDQ_TEST_BUILDKIT_BIN`` names a folder holding ``buildctl`` and ``buildkitd`` built from the
-v0.21.0 source (README: development); the tests are skipped, saying why, when it is unset. They
+v0.21.0 source (docs/development.md); the tests are skipped, saying why, when it is unset. They
 need root (buildkitd's OCI worker), Debian's ``runc``, ``docker-registry`` and ``busybox-static``.
 Everything runs on loopback ports of its own, under the test's temporary folder, and only the
 processes started here are stopped.

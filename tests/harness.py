@@ -57,11 +57,24 @@ def counting_client(url: str) -> Iterator[CountingRedis]:
     r.close()
 
 
+#: what a terminal puts in a process's environment; a process the tests start never gets it (an
+#: engine started with COLUMNS=80 cuts ``docker top``'s command lines at 32 characters). Python's
+#: readline exports them at the C level, so a child started without an explicit ``env`` gets them.
+TERMINAL_VARS = ("COLUMNS", "LINES")
+
+
+def clean_environ(*drop_prefixes: str) -> dict[str, str]:
+    """This process's environment for a process the tests start: without :data:`TERMINAL_VARS` and
+    without the variables named with any of ``drop_prefixes``."""
+    dropped = (lambda k: k.startswith(drop_prefixes)) if drop_prefixes else (lambda k: False)
+    return {k: v for k, v in os.environ.items() if k not in TERMINAL_VARS and not dropped(k)}
+
+
 def run_cli(
     env: Mapping[str, str], *args: str, timeout: float = 120, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m buildq ARGS`` with exactly the given BUILDQ_* environment (``stdin``: its input)."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("BUILDQ_")}
+    full = clean_environ("BUILDQ_")
     full.update(env)
     return subprocess.run(
         [sys.executable, "-m", "buildq", *args],
@@ -185,7 +198,7 @@ class WorkerProcess:
         log_dir: Path | None = None,
     ) -> None:
         self.name = name or f"w{uuid.uuid4().hex[:6]}"
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("BUILDQ_", "STANDIN_"))}
+        full_env = clean_environ("BUILDQ_", "STANDIN_")
         full_env.update(env)
         full_env["PYTHONUNBUFFERED"] = "1"
         self.log_path = (log_dir or Path("/tmp")) / f"buildq-{self.name}.log"

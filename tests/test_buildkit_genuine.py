@@ -1,6 +1,6 @@
 """Builds through the queue against genuine buildctl/buildkitd v0.21.0 (opt-in: ``buildkit`` marker).
 
-Run on a development machine with ``BUILDQ_TEST_BUILDKIT_BIN=/path/to/bin`` (README: development);
+Run on a development machine with ``BUILDQ_TEST_BUILDKIT_BIN=/path/to/bin`` (docs/development.md);
 skipped otherwise. A cold and a warm build with a real registry, and a daemon restart in the
 middle of a RUN step (SIGTERM, SIGKILL after 2 s, back after 20 s and after 60 s) that the build
 survives, two daemons of which one is killed: new builds go to the live one, and a context uploaded

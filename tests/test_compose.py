@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shlex
 import subprocess
 import tomllib
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from buildq.config import load_settings
+from buildq.config import ENV_PREFIX, STACK_VARIABLES, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -103,8 +104,8 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, Any]:
-    """The stack as Compose renders it with the ``demo`` profile on, as JSON."""
-    proc = run_compose("--profile", "demo", "config", "--format", "json")
+    """The stack as Compose renders it with the ``demo`` and ``cli`` profiles on, as JSON."""
+    proc = run_compose("--profile", "demo", "--profile", "cli", "config", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     config: dict[str, Any] = json.loads(proc.stdout)
     return config
@@ -125,12 +126,15 @@ def test_plain_config_renders_without_engine() -> None:
     assert proc.stdout.startswith("name: buildq\n")
 
 
-def test_submit_is_only_in_demo_profile() -> None:
+def test_submit_and_the_cli_are_only_in_their_profiles() -> None:
     default = run_compose("config", "--services")
     demo = run_compose("--profile", "demo", "config", "--services")
-    assert default.returncode == 0 and demo.returncode == 0, default.stderr + demo.stderr
+    cli = run_compose("--profile", "cli", "config", "--services")
+    for proc in (default, demo, cli):
+        assert proc.returncode == 0, proc.stderr
     assert set(default.stdout.split()) == {"redis", "registry", "buildkitd", "worker", "flower"}
     assert set(demo.stdout.split()) == {"redis", "registry", "buildkitd", "worker", "flower", "submit"}
+    assert set(cli.stdout.split()) == {"redis", "registry", "buildkitd", "worker", "flower", "buildq"}
 
 
 def test_project_name_and_network(rendered: dict[str, Any]) -> None:
@@ -146,10 +150,14 @@ def test_images(rendered: dict[str, Any]) -> None:
     assert services["redis"]["command"][1:5] == ["--appendonly", "yes", "--appendfsync", "everysec"]
     assert services["registry"]["image"] == "registry:2"
     assert services["buildkitd"]["image"] == "moby/buildkit:v0.21.0"
-    for name in ("worker", "flower", "submit"):
-        assert services[name]["image"] == "buildq:local", name
-        assert services[name]["build"]["context"] == str(ROOT), name
-        assert services[name]["build"]["dockerfile"] == "Dockerfile", name
+    ours = [name for name, service in services.items() if service["image"] == "buildq:local"]
+    assert sorted(ours) == ["buildq", "flower", "submit", "worker"]
+    # one build of buildq:local, by the worker: compose builds every service with a build section,
+    # even under one image name (a second build, and a dangling image); the others never pull it
+    assert [name for name, service in services.items() if "build" in service] == ["worker"]
+    assert services["worker"]["build"]["context"] == str(ROOT)
+    assert services["worker"]["build"]["dockerfile"] == "Dockerfile"
+    assert {services[name].get("pull_policy") for name in ours} == {"never"}
 
 
 def test_worker_env_is_exact_and_valid_settings(rendered: dict[str, Any]) -> None:
@@ -223,6 +231,25 @@ def test_registry_and_flower_ports(rendered: dict[str, Any]) -> None:
     assert services["flower"]["command"] == flower_command
 
 
+def test_flowers_api_answers_and_only_on_the_hosts_loopback(rendered: dict[str, Any]) -> None:
+    flower = rendered["services"]["flower"]
+    # Flower 2 refuses /api/* (401) without authentication unless this is set
+    assert flower["environment"]["FLOWER_UNAUTHENTICATED_API"] == "true"
+    (port,) = flower["ports"]
+    assert port["host_ip"] == "127.0.0.1"  # as open as its pages, so not beyond this host
+
+
+def test_the_buildq_service_runs_the_cli_against_the_stack(rendered: dict[str, Any]) -> None:
+    cli = rendered["services"]["buildq"]
+    assert cli["profiles"] == ["cli"] and cli["entrypoint"] == ["buildq"]
+    env = {k: v for k, v in cli["environment"].items() if k.startswith("BUILDQ_")}
+    assert env == {**EXPECTED_WORKER_ENV, "BUILDQ_CONTEXT_REPOSITORY": "registry:5000/buildq/contexts"}
+    load_settings(env)
+    assert {m["target"]: m["source"] for m in cli["volumes"]}["/examples"] == str(ROOT / "examples")
+    # `docker compose run buildq …` must not start (and so re-scale) the workers
+    assert set(cli["depends_on"]) == {"redis"}
+
+
 def test_submit_demo_builds_bundled_context(rendered: dict[str, Any]) -> None:
     submit = rendered["services"]["submit"]
     assert submit["profiles"] == ["demo"]
@@ -249,9 +276,19 @@ def test_network_name_holds_under_another_project_name() -> None:
 
 
 def test_registry_host_port_is_a_variable() -> None:
-    env_port = run_compose_env({"BUILDQ_REGISTRY_PORT": "5055"}, "config", "--format", "json")
+    env_port = run_compose_env({"BUILDQ_STACK_REGISTRY_PORT": "5055"}, "config", "--format", "json")
     (port,) = json.loads(env_port)["services"]["registry"]["ports"]
     assert (port["target"], port["published"]) == (5000, "5055")
+
+
+def test_the_stacks_own_variables_are_outside_the_settings() -> None:
+    """Every variable the compose file reads is PWD or one of the stack's ``BUILDQ_STACK_*``: none
+    is a setting's name, and exporting one for ``docker compose`` stops no ``buildq`` command."""
+    read = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_FILE.read_text()))
+    assert read - {"PWD"} == set(STACK_VARIABLES)
+    settings = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    assert not read & settings
+    load_settings(dict.fromkeys(STACK_VARIABLES, "5001"))
 
 
 def test_broken_compose_file_fails(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from buildq.launchers.docker.plan import (
     container_name,
     inside,
     job_of,
+    jobs_in_listing,
     jobs_in_top,
     metadata_path,
     parse_exec_output,
@@ -116,6 +117,12 @@ def test_jobs_in_top_finds_buildctl_runs_only() -> None:
     }  # fmt: skip
     assert jobs_in_top(top) == ["job.a", "other-7"]
     assert jobs_in_top({"Titles": [], "Processes": None}) == []
+
+
+def test_jobs_in_listing_reads_the_runners_runs() -> None:
+    listing = b"job.a.1\nother-7.12\njob.a.2\n\nnot a run\n/buildq/run/b/x.1\nno-number\n"
+    assert jobs_in_listing(listing) == ["job.a", "other-7"]
+    assert jobs_in_listing(b"") == []
 
 
 @pytest.mark.parametrize(

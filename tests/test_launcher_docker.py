@@ -19,6 +19,7 @@ from buildq.buildkit.progress import parse_line
 from buildq.errors import PermanentBuildError, TransientBuildError
 from buildq.launchers.base import BuildPaths, LaunchSpec
 from buildq.launchers.docker import DockerLauncher
+from buildq.launchers.docker.reap import top
 from tests.conftest_docker import docker_settings_for
 from tests.standin.scenarios import fail, hang, scenario_opt, succeed
 
@@ -254,7 +255,7 @@ def test_secrets_are_private_files_never_container_environment(
         (path,) = [a.split("src=")[1] for a in build_args(docker_api, build.box.id) if "src=" in a]
         assert exec_in(docker_api, build.box.id, ["cat", path]) == (0, value)
         assert exec_in(docker_api, build.box.id, ["stat", "-c", "%a", path]) == (0, "600\n")
-        seen_by_engine = [docker_api.inspect_container(build.box.id), docker_api.top(build.box.id)]
+        seen_by_engine = [docker_api.inspect_container(build.box.id), top(docker_api, build.box.id)]
         if channel == "exec":
             seen_by_engine.append(docker_api.exec_inspect(build.exec_id))
         assert value not in repr(seen_by_engine)
@@ -265,9 +266,10 @@ def test_secrets_are_private_files_never_container_environment(
 
 
 def build_args(api: Any, container: str) -> list[str]:
-    top = api.top(container)
-    col = [t.upper() for t in top["Titles"]].index("CMD")
-    return next(row[col] for row in top["Processes"] if "/usr/bin/buildctl " in row[col]).split()
+    """The argv of the buildctl running in the container, as the engine shows it (whole lines)."""
+    seen = top(api, container)
+    col = [t.upper() for t in seen["Titles"]].index("COMMAND")
+    return next(row[col] for row in seen["Processes"] if "/usr/bin/buildctl " in row[col]).split()
 
 
 @pytest.mark.docker

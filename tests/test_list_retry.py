@@ -68,6 +68,13 @@ def test_list_shows_recent_jobs_and_queue_depths(buildq_env, context_dir) -> Non
     assert json.loads(cli(buildq_env, "list", "--json", "--state", "failed").stdout)["jobs"] == []
 
 
+def test_jobs_submitted_within_one_millisecond_are_listed_newest_first(buildq_env, context_dir) -> None:
+    client = client_for(buildq_env)  # a submit takes a fraction of a millisecond: many share one
+    ids = [client.submit({"context": str(context_dir), "tags": [TAG]}).job_id for _ in range(20)]
+    listed = client.list_jobs(limit=20)
+    assert [row["job_id"] for row in listed] == ids[::-1]
+
+
 def test_retry_a_failed_job_names_the_old_one(buildq_env, start_worker, context_dir) -> None:
     start_worker(buildq_env)
     client = client_for(buildq_env)

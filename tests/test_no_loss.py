@@ -120,8 +120,9 @@ def test_docker_reaper_sees_only_its_own_deployments_containers(
     from tests.conftest_docker import docker_settings_for
     from tests.standin.scenarios import hang, scenario_opt
 
-    ours = DockerLauncher(docker_settings_for(docker_url, deployment="deploy-a"))
-    theirs = DockerLauncher(docker_settings_for(docker_url, deployment="deploy-b"))
+    run = uuid.uuid4().hex[:8]  # another test run's deployments are not these
+    ours = DockerLauncher(docker_settings_for(docker_url, deployment=f"deploy-a-{run}"))
+    theirs = DockerLauncher(docker_settings_for(docker_url, deployment=f"deploy-b-{run}"))
     job = docker_job_id()
     paths = theirs.prepare(job, str(build_context), str(build_context))
     argv = ["build", "--frontend", "dockerfile.v0", "--local", f"context={paths.context_dir}",

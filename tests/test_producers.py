@@ -15,7 +15,7 @@ from tests.harness import client_for, wait_until
 
 
 def raw_celery_message(task_id: str, queue: str, kwargs: dict) -> bytes:
-    """Celery message protocol v2 as the Redis transport stores it (see README, "Producers")."""
+    """Celery message protocol v2 as the Redis transport stores it (see docs/api.md)."""
     body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
     return json.dumps(
         {

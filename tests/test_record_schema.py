@@ -1,5 +1,5 @@
 """One documented record shape in every state: real outputs (CLI and Python client) of a real worker
-validated against ``buildq schema --record``; the README's examples too; the hash → record view."""
+validated against ``buildq schema --record``; the examples in docs/jobs.md too; the hash → record view."""
 
 from __future__ import annotations
 
@@ -97,14 +97,14 @@ def test_every_state_has_the_documented_shape(buildq_env, start_worker, context_
     assert rejected["attempt"] is None and rejected["worker"] and rejected["image"] is None
 
 
-def readme_record_examples() -> list[dict[str, Any]]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### Result record", 1)[1].split("\n## ", 1)[0]
+def documented_record_examples() -> list[dict[str, Any]]:
+    text = (ROOT / "docs" / "jobs.md").read_text()
+    section = text.split("\n## Result record\n", 1)[1].split("\n## ", 1)[0]
     return [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.S)]
 
 
-def test_the_readme_examples_match_the_schema(validator) -> None:
-    examples = readme_record_examples()
+def test_the_documented_examples_match_the_schema(validator) -> None:
+    examples = documented_record_examples()
     assert {e["state"] for e in examples} >= {"succeeded", "running"}
     for example in examples:
         check(validator, example, example["state"])

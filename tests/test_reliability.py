@@ -278,7 +278,7 @@ def test_redis_restart_loses_no_queued_job(buildq_env, start_worker, context_dir
     assert [client_for(env).wait(h.job_id, timeout=60)["state"] for h in queued] == ["succeeded"] * 12
 
     # the worker is connected and idle: every delivery acknowledged (a restart in the middle of an
-    # ack is another story: Celery 5.x may exit with "Unrecoverable error", see the README)
+    # ack is another story: Celery 5.x may exit with "Unrecoverable error", see docs/reliability.md)
     broker = redis.Redis.from_url(env["BUILDQ_BROKER_URL"])
     wait_until(lambda: broker.hlen("unacked") == 0, timeout=30)
     time.sleep(0.5)

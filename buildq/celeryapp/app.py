@@ -14,7 +14,7 @@ from ..config import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
-    """Celery settings that make builds neither lost nor doubled (see the README's reliability section)."""
+    """Celery settings that make builds neither lost nor doubled (see docs/reliability.md)."""
     # hard limit: the job's own watcher kills buildctl first; this is the backstop
     hard_limit = settings.max_timeout_s + 120
     transport: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}

@@ -97,7 +97,7 @@ class SecretRef(BaseModel):
 
 
 class BuildJob(BaseModel):
-    """One image build. See the README's job contract for each field."""
+    """One image build. See docs/jobs.md for each field."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 

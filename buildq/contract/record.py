@@ -37,7 +37,7 @@ class _Closed(BaseModel):
 
 
 class Phases(_Closed):
-    """Seconds per phase (README "Timings"); the named phases plus ``other`` add up to ``total``."""
+    """Seconds per phase (docs/timings.md); the named phases plus ``other`` add up to ``total``."""
 
     queued: Seconds
     launch: Seconds

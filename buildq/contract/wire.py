@@ -1,6 +1,6 @@
 """The message on the queue: Celery message protocol v2 on the Redis transport (pure).
 
-This is the whole wire contract for a producer in another language (README "Producers in other
+This is the whole wire contract for a producer in another language (docs/api.md "Producers in other
 languages"): ``LPUSH <queue> <message>`` where ``message`` is the JSON :func:`build_message` makes
 and its ``body`` is base64 of ``[[], {"job": <job per buildq schema>, "delivery": <id>}, {...}]``.
 

@@ -28,7 +28,7 @@ Per job (:class:`JobKeys`, made once per job by :func:`job_keys`):
 The index:
 
 - ``jobs``          sorted set of the recent jobs, written by the script that changes a job's state:
-                    the score says the state and when the job was enqueued (:func:`state_score`):
+                    the score says the state and when the job was enqueued (to the microsecond):
                     ``-enqueued_at`` while claimed, ``enqueued_at`` while queued, plus
                     :data:`BAND` × 1, 2, 3 once succeeded, failed, cancelled. So ``--state failed``
                     reads the failed band only, and a step moves a job with one ``ZADD``. The

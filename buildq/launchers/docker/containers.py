@@ -189,10 +189,12 @@ class NotShared(Exception):
     """The container does not see the worker's folder: the fifo channel cannot be used."""
 
 
-def exec_runner(api: Any, container_id: str, *args: str) -> None:
-    """Run ``runner.sh ARGS`` in the container and wait for it (the ``kill`` command)."""
-    exec_id = api.exec_create(container_id, runner_argv(*args), stdout=True, stderr=True)["Id"]
-    api.exec_start(exec_id)
+def exec_runner(api: Any, container_id: str, *args: str) -> tuple[str, bytes]:
+    """Run ``runner.sh ARGS`` in the container and wait for it (the ``kill`` and ``list``
+    commands); the exec's id (for its exit status) and its stdout."""
+    exec_id = api.exec_create(container_id, runner_argv(*args), stdout=True, stderr=False)["Id"]
+    out = api.exec_start(exec_id)
+    return exec_id, out if isinstance(out, bytes) else b""
 
 
 class RunnerContainer:

@@ -37,6 +37,7 @@ CONFIG_LABEL = "buildq.warm.config"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_RUN = re.compile(r"[A-Za-z0-9_.-]+\.[0-9]+")
 _RUN_IN_ARGS = re.compile(re.escape(RUN_DIR) + r"/b/([A-Za-z0-9_.-]+)\.[0-9]+/metadata\.json")
 
 
@@ -125,8 +126,19 @@ def parse_exec_output(stdout: bytes) -> tuple[int | None, dict[str, Any] | None]
     return int(match.group(1)), data if isinstance(data, dict) else None
 
 
+def jobs_in_listing(stdout: bytes) -> list[str]:
+    """Job ids of the runs ``runner.sh list`` printed (one ``<job id>.<n>`` a line; others skipped)."""
+    jobs: list[str] = []
+    for line in stdout.decode("utf-8", "replace").splitlines():
+        run = line.strip()
+        if _RUN.fullmatch(run) and job_of(run) not in jobs:
+            jobs.append(job_of(run))
+    return jobs
+
+
 def jobs_in_top(top: Mapping[str, Any]) -> list[str]:
-    """Job ids of the buildctl processes in a ``docker top`` answer (from their metadata path)."""
+    """Job ids of the buildctl processes in a ``docker top`` answer (from their metadata path; the
+    command column must be whole: see ``reap.TOP_PS_ARGS``)."""
     titles = [str(t).upper() for t in top.get("Titles") or []]
     col = next((i for i, t in enumerate(titles) if t in ("CMD", "COMMAND", "ARGS")), len(titles) - 1)
     jobs: list[str] = []

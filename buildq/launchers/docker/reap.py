@@ -1,9 +1,11 @@
 """Leftovers of the docker launcher: one-shot containers, builds in warm containers, warm
 containers of worker processes that are gone, worker-side folders of ended containers.
 
-A build in a warm container is found through ``docker top`` (its buildctl's ``--metadata-file``
-path names the job) and killed with the runner's ``kill`` command in a ``docker exec``: the
-container and the other builds in it stay.
+One-shot containers are found by their labels. A build in a warm container is found by the
+runner's own pid files (its ``list`` command in a ``docker exec``: each running build's folder is
+named after its job), and only when that exec cannot be made through ``docker top`` with whole
+command lines (its buildctl's ``--metadata-file`` path names the job). It is killed with the
+runner's ``kill`` command in a ``docker exec``: the container and the other builds in it stay.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import time
 from typing import Any
 
 from .containers import exec_runner, worker_gone
-from .plan import DEPLOYMENT_LABEL, JOB_LABEL, MANAGED_LABEL, WARM_LABEL, jobs_in_top
+from .plan import DEPLOYMENT_LABEL, JOB_LABEL, MANAGED_LABEL, WARM_LABEL, jobs_in_listing, jobs_in_top
 
 #: a worker-side folder whose container has ended is removed once it is this old
 STALE_FOLDER_S = 60.0
+#: ``docker top``'s ps options: each process's pid and whole command line. The engine runs its
+#: host's ps, which cuts lines to the width in the engine's COLUMNS without ``ww``; busybox's ps
+#: knows no ``-w`` (the engine then answers an error), so the second is tried after the first.
+TOP_PS_ARGS = ("-ww -o pid,args", "-o pid,args")
 
 
 def managed(api: Any, *labels: str) -> list[dict[str, Any]]:
@@ -32,10 +38,38 @@ def warm_jobs(api: Any, deployment: str) -> list[tuple[str, list[str]]]:
         if c.get("State") != "running":
             continue
         try:
-            found.append((c["Id"], jobs_in_top(api.top(c["Id"]))))
+            found.append((c["Id"], running_jobs(api, c["Id"])))
         except Exception:  # noqa: BLE001 - it ended meanwhile
             continue
     return found
+
+
+def running_jobs(api: Any, container_id: str) -> list[str]:
+    """Job ids of the builds running in a runner container: from the runner's pid files (``list``),
+    else (the exec refused, or the runner failed) from :func:`top`."""
+    import docker.errors
+
+    try:
+        exec_id, out = exec_runner(api, container_id, "list")
+        if api.exec_inspect(exec_id).get("ExitCode") == 0:
+            return jobs_in_listing(out)
+    except docker.errors.APIError as exc:
+        if exc.status_code in (404, 409):  # removed, or not running
+            raise
+    return jobs_in_top(top(api, container_id))
+
+
+def top(api: Any, container_id: str) -> dict[str, Any]:
+    """``docker top`` of the container with whole command lines (:data:`TOP_PS_ARGS`)."""
+    import docker.errors
+
+    wide, plain = TOP_PS_ARGS
+    try:
+        return dict(api.top(container_id, ps_args=wide))
+    except docker.errors.APIError as exc:
+        if exc.status_code in (404, 409):
+            raise
+    return dict(api.top(container_id, ps_args=plain))
 
 
 def find_orphans(api: Any, state_dir: str, deployment: str) -> list[str]:

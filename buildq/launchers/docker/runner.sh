@@ -13,6 +13,8 @@
 #                       first come as a tar on stdin. Prints "rc <status>" and then the metadata
 #                       file on stdout, and removes b/<run>.
 #   kill <glob>         Kill the buildctl of every run matching <glob> (a job id followed by .*).
+#   list                Print the run of every build whose buildctl is running (its pid file names a
+#                       live process, no exit status yet), one a line: the reaper reads this, not ps.
 R=/buildq/run
 S=
 ! command -v setsid >/dev/null 2>&1 || S=setsid
@@ -66,5 +68,13 @@ exec)
     exit "$rc"
     ;;
 kill) stop "$2" ;;
+list)
+    for d in "$R"/b/*; do
+        [ -f "$d/pid" ] && [ ! -e "$d/rc" ] || continue
+        s=$(sed 's/.*) //' "/proc/$(cat "$d/pid")/stat" 2>/dev/null | cut -c1)
+        [ -z "$s" ] || [ "$s" = Z ] || echo "${d##*/}"
+    done
+    exit 0
+    ;;
 *) echo "buildq runner: unknown command $1" >&2; exit 2 ;;
 esac

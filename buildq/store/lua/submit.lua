@@ -17,7 +17,9 @@ local ttl = tonumber(ARGV[8])
 if redis.call('HEXISTS', job_hash, 'enqueued_at') == 1 then
   return {0, redis.call('HGET', job_hash, 'enqueued_at')}
 end
-local at = string.format('%.3f', now / 1000)
+-- to the microsecond: `buildq list` is newest first, and jobs submitted within one millisecond
+-- (common: a submit takes a fraction of one) keep their order
+local at = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 redis.call('LPUSH', queue, message)
 local fields = {'state', 'queued', 'enqueued_at', at, 'queue', queue_name, 'delivery', delivery,
   'tag', tag, 'job', body, 'pushed_at', now}
