@@ -168,6 +168,8 @@ class Settings(BaseSettings):
 
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_dir: str | None = None
+    #: the worker's log lines: Celery's text, or one JSON object per line
+    log_format: Literal["text", "json"] = "text"
 
     #: names of worker environment variables whose values are masked in logs and records
     #: (registry passwords and the like; ``--secret`` values are always masked)

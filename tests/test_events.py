@@ -1,4 +1,4 @@
-"""Batched task-phase events: a real Celery app and the real Redis broker (DB 12)."""
+"""Batched buildq-phase events: a real Celery app and the real Redis broker (DB 12)."""
 
 from __future__ import annotations
 
@@ -90,9 +90,9 @@ def test_events_of_many_builds_go_out_as_one_message_within_an_interval(
     assert len(batches) == 1
     got = batches[0]
     assert [(e["type"], e["job_id"], e["phase"]) for e in got][:3] == [
-        ("task-phase", "job-0", "queued"),
-        ("task-phase", "job-0", "launch"),
-        ("task-phase", "job-0", "finalize"),
+        ("buildq-phase", "job-0", "queued"),
+        ("buildq-phase", "job-0", "launch"),
+        ("buildq-phase", "job-0", "finalize"),
     ]
     assert len(got) == 30 and all(e["hostname"] == "celery@test" for e in got)
     send(events, "job-late", "queued")  # the next interval's flush sends it

@@ -18,22 +18,27 @@ TAG = "127.0.0.1:5000/demo/list:1"
 
 
 def test_job_row_from_hash_and_record() -> None:
-    pending = job_row("a", {"state": "queued", "phase": None, "enqueued_at": "100.5", "retry_of": None}, None)
+    body = '{"job_id":"a","tags":["r/a:1","r/a:latest"]}'
+    pending = job_row(
+        "a", {"state": "queued", "phase": None, "enqueued_at": "100.5", "retry_of": None, "job": body}, None
+    )
     assert pending == {
-        "job_id": "a", "state": "queued", "phase": "queued", "enqueued_at": 100.5,
-        "duration_s": None, "image": None, "retry_of": None,
+        "job_id": "a", "state": "queued", "phase": "queued", "enqueued_at": "1970-01-01T00:01:40.500Z",
+        "duration_s": None, "image": "r/a:1", "tags": ["r/a:1", "r/a:latest"], "worker": None, "daemon": None,
+        "retry_of": None,
     }  # fmt: skip
-    record = {"state": "succeeded", "phase": "done", "duration_s": 1.5, "retry_of": "old",
+    record = {"state": "succeeded", "phase": "done", "duration_s": 1.5, "retry_of": "old", "worker": "h:1",
               "image": {"names": ["r/a:1"], "digest": "sha256:ab"}}  # fmt: skip
     row = job_row("b", {"state": "succeeded", "enqueued_at": "100"}, record)
     assert row is not None and row["image"] == "r/a:1@sha256:ab" and row["retry_of"] == "old"
+    assert row["tags"] == ["r/a:1"] and row["worker"] == "h:1"
     assert job_row("gone", {"state": None}, None) is None
 
 
 def test_list_lines_and_age() -> None:
     assert [ago(5), ago(125), ago(7300), ago(200000), ago(None)] == ["5s", "2m", "2h", "2d", "-"]
-    rows = [{"job_id": "j", "state": "failed", "phase": "done", "enqueued_at": 40.0, "duration_s": 2.25,
-             "image": None, "retry_of": "i"}]  # fmt: skip
+    rows = [{"job_id": "j", "state": "failed", "phase": "done", "enqueued_at": "1970-01-01T00:00:40.000Z",
+             "duration_s": 2.25, "image": None, "retry_of": "i"}]  # fmt: skip
     assert list_lines(rows, {}, 100.0) == [["j", "failed", "done", "1m", "2.2s", "-  (retry of i)"]]
 
 
@@ -60,7 +65,10 @@ def test_list_shows_recent_jobs_and_queue_depths(buildq_env, context_dir) -> Non
     out = cli(buildq_env, "list", "--json", "--limit", "2")
     assert out.returncode == 0, out.stderr
     listed = json.loads(out.stdout)
-    assert [row["job_id"] for row in listed["jobs"]] == ids[::-1][:2]
+    # newest first (jobs submitted within the same millisecond tie: any order among them)
+    times = [row["enqueued_at"] for row in listed["jobs"]]
+    assert len(times) == 2 and times == sorted(times, reverse=True)
+    assert {row["job_id"] for row in listed["jobs"]} <= set(ids)
     assert all(row["state"] == "queued" and row["phase"] == "queued" for row in listed["jobs"])
     assert listed["queues"] == {buildq_env["BUILDQ_QUEUE"]: 3, buildq_env["BUILDQ_HIGH_PRIORITY_QUEUE"]: 0}
     human = cli(buildq_env, "list", "--state", "queued")

@@ -68,7 +68,7 @@ def test_phase_events_and_current_phase_while_running(buildq_env, start_worker, 
 
     def listen() -> None:
         with app.connection_for_read() as conn:
-            recv = app.events.Receiver(conn, handlers={"task-phase": events.append, "*": lambda e: None})
+            recv = app.events.Receiver(conn, handlers={"buildq-phase": events.append, "*": lambda e: None})
             receivers.append(recv)
             ready.set()
             recv.capture(limit=None, timeout=None, wakeup=False)
@@ -146,7 +146,14 @@ def test_prometheus_metrics_after_real_builds(buildq_env, start_worker, context_
     )
     for handle in [*ok, bad, flaky]:
         handle.wait(timeout=60)
-    samples = scrape(port)
+    # the metrics of a build are written just after its record (a hook): wait for the last one
+    done = 'buildq_build_phase_seconds_count{outcome="failed",phase="total"}'
+    samples = wait_until(
+        lambda: (s := scrape(port)).get(done) == 1.0
+        and s.get('buildq_build_phase_seconds_count{outcome="succeeded",phase="total"}') == 4.0
+        and s,
+        timeout=10,
+    )
     assert samples['buildq_builds_total{outcome="succeeded"}'] == 4.0
     assert samples['buildq_builds_total{outcome="failed"}'] == 1.0
     assert samples['buildq_build_attempts_total{outcome="failed",reason="dockerfile_syntax"}'] == 1.0
@@ -157,7 +164,9 @@ def test_prometheus_metrics_after_real_builds(buildq_env, start_worker, context_
     ]
     assert sum(samples[k] for k in transient) == 1.0
     assert samples['buildq_build_attempts_total{outcome="succeeded",reason="none"}'] == 4.0
-    assert samples['buildq_build_phase_seconds_count{phase="total"}'] == 5.0
-    assert samples['buildq_build_phase_seconds_bucket{le="3600.0",phase="build"}'] == 5.0
+    # the phase histogram by the build's outcome
+    assert samples['buildq_build_phase_seconds_count{outcome="succeeded",phase="total"}'] == 4.0
+    assert samples['buildq_build_phase_seconds_count{outcome="failed",phase="total"}'] == 1.0
+    assert samples['buildq_build_phase_seconds_bucket{le="3600.0",outcome="succeeded",phase="build"}'] == 4.0
     assert samples['buildq_build_steps_total{kind="executed"}'] == 8.0
     assert samples["buildq_builds_in_progress"] == 0.0

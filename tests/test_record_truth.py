@@ -242,8 +242,9 @@ def test_expected_failure_is_one_warning_line_a_crash_is_an_error(
     wait_until(lambda: "WARNING" in worker.log() and bad.job_id in worker.log(), timeout=10)
     log = worker.log()
     mine = [line for line in log.splitlines() if bad.job_id in line and "received" not in line]
-    assert len(mine) == 1, mine
-    assert "WARNING" in mine[0] and "failed (permanent" in mine[0]
+    started, ended = mine  # the build's start line, and its end: one WARNING line
+    assert "INFO" in started and "attempt 1 started" in started
+    assert "WARNING" in ended and "failed (permanent" in ended
     assert "ERROR" not in log and "Traceback" not in log
     # a message field of an older producer is read past, never believed: no crash
     app = create_app(settings_from(buildq_env))

@@ -11,7 +11,10 @@ the message goes back too, so a task never ends as FAILURE beside a job still ``
 
 A build that ends failed or cancelled raises :class:`BuildFailed` (an expected exception of the
 task: Celery stores FAILURE, Flower shows it with the summary); the worker log gets one WARNING
-line for it instead of Celery's line per failure (:class:`ExpectedFailureFilter`).
+line for it (from the engine's :class:`~buildq.engine.hooks.LogHook`) instead of Celery's line per
+failure (:class:`ExpectedFailureFilter`). A requeued build raises Celery's ``Retry`` with the
+attempts so far and their reasons (:func:`requeue_text`): Celery's ``retry:`` log line and
+Flower's task view (its exception field) show why.
 """
 
 from __future__ import annotations
@@ -57,6 +60,34 @@ def failure_text(record: dict[str, Any]) -> str:
     error = record.get("error") or {}
     text = f"{record['state']}: {error.get('kind')}: {error.get('message')}"
     return " ".join(text.split())
+
+
+class BuildRetried(Exception):
+    """What a requeued build tells Celery (``Retry(exc=...)``): Flower shows it as the task's
+    exception while the build waits and runs again."""
+
+
+def attempts_text(attempts: Sequence[dict[str, Any]]) -> str:
+    """``#1 failed (goaway), #2 lost (worker_lost)``."""
+    return ", ".join(
+        f"#{a.get('number', i + 1)} {a.get('outcome')}" + (f" ({a['reason']})" if a.get("reason") else "")
+        for i, a in enumerate(attempts)
+    )
+
+
+def requeue_text(phase: str, attempts: Sequence[dict[str, Any]], countdown: float) -> str:
+    """One line on why a build went back to its queue: the attempt that failed and its reason and
+    error (a retry), or the wait for a daemon; then every attempt so far."""
+    if phase == "retry_wait" and attempts:
+        last = attempts[-1]
+        error = " ".join(str(last.get("error") or "").split())[:300]
+        text = (
+            f"attempt {last.get('number', len(attempts))} {last.get('outcome')} "
+            f"({last.get('reason') or 'unknown'}); retry in {countdown:.2f}s"
+        ) + (f": {error}" if error else "")
+    else:
+        text = f"waiting for a BuildKit daemon (all full or down); next try in {countdown:.2f}s"
+    return f"{text} [attempts: {attempts_text(attempts)}]" if attempts else text
 
 
 class ExpectedFailureFilter(logging.Filter):
@@ -207,24 +238,26 @@ def register(app: Celery) -> None:
             progress.close()  # progress states end before the task's result is stored
         self.app.buildq_worker.succeeded()
         if ending.kind == "requeued":
-            raise Retry(when=ending.countdown)
+            text = requeue_text(ending.reason, ending.attempts, ending.countdown)
+            raise Retry(message=text, exc=BuildRetried(text), when=ending.countdown)
         if ending.kind == "dropped":
             raise Reject(ending.reason, requeue=False)
         record, brief = ending.record, ending.summary
         assert record is not None and brief is not None
-        if record["state"] != "succeeded":
-            error = record.get("error") or {}
-            message = " ".join(str(error.get("message")).split())
-            log.warning("build %s %s (%s): %s", record["job_id"], record["state"], error.get("kind"), message)
+        if record["state"] != "succeeded":  # its WARNING line is the engine's (LogHook)
             raise BuildFailed(failure_text(record), brief)
         return brief
 
 
 # ----------------------------------------------------------------------------------------------
-# ``task-phase`` Celery events, published in batches.
+# ``buildq-phase`` Celery events, published in batches.
+#
+# Not a ``task-…`` event: Celery's event state (Flower's) makes any ``task-<x>`` event the task's
+# state ``<X>``, so a running build would leave Flower's ``STARTED`` filter; a ``buildq-…`` event
+# carries the same fields (``uuid`` is the task id) and leaves the task ``STARTED``.
 #
 # :meth:`PhaseEvents.send` only buffers (no I/O). A flush publishes everything buffered as one
-# ``task.multi`` message (Celery's own event batching, which Flower and other event receivers
+# ``buildq.multi`` message (Celery's own event batching, which Flower and other event receivers
 # unpack). It runs on the process's :class:`~buildq.engine.scheduler.Scheduler` every
 # FLUSH_AFTER_S (5 s) while events wait, at once when 50 are waiting, and when the worker process
 # stops: one message carries the phases that ended meanwhile, of every build of the process,
@@ -233,7 +266,7 @@ def register(app: Celery) -> None:
 log = logging.getLogger("buildq.events")
 
 #: custom event type sent as each phase ends (``job_id``, ``attempt``, ``phase``, ``seconds``)
-PHASE_EVENT = "task-phase"
+PHASE_EVENT = "buildq-phase"
 #: sent when a worker opens (``…-down``) or closes (``…-up``) a daemon's circuit breaker
 DAEMON_DOWN_EVENT = "buildq-daemon-down"
 DAEMON_UP_EVENT = "buildq-daemon-up"
@@ -257,14 +290,16 @@ class PhaseEvents:
         scheduler.every(FLUSH_AFTER_S, self.flush)
 
     def send(self, hostname: str, **fields: Any) -> None:
-        """Buffer one ``task-phase`` event from worker ``hostname``; it is out within FLUSH_AFTER_S."""
+        """Buffer one ``buildq-phase`` event from worker ``hostname``; it is out within FLUSH_AFTER_S."""
         with self._lock:
             self._dispatcher(hostname).send(PHASE_EVENT, **fields)  # publishes past BUFFER_LIMIT
 
     def send_now(self, hostname: str, event_type: str, **fields: Any) -> None:
-        """Publish one event of another type at once (not buffered: daemon up/down)."""
+        """Publish one event of another type at once (daemon up/down), with what is buffered."""
         with self._lock:
-            self._dispatcher(hostname).send(event_type, **fields)
+            dispatcher = self._dispatcher(hostname)
+            dispatcher.send(event_type, **fields)
+            dispatcher.flush()
 
     def flush(self) -> None:
         """Publish everything buffered now (errors are logged: events are best effort)."""
@@ -283,7 +318,7 @@ class PhaseEvents:
                 self.app.connection_for_write(),
                 hostname=hostname,
                 enabled=True,
-                buffer_group=["task"],
+                buffer_group=[PHASE_EVENT.split("-", 1)[0]],
                 buffer_limit=BUFFER_LIMIT,
             )
             self._dispatchers[hostname] = dispatcher

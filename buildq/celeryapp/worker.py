@@ -37,6 +37,7 @@ from ..config import Settings
 from ..engine.hooks import DaemonUpCollector, mark_process_dead, prepare_multiprocess_dir, serve_metrics
 from ..engine.runtime import MainRuntime
 from .app import create_app
+from .jsonlog import install_json_logging
 from .task import DAEMON_UP_EVENT, WorkerProcesses, register
 
 log = logging.getLogger("buildq.worker")
@@ -172,7 +173,8 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
         queues = [str(q.name) for q in getattr(consumer, "queues", None) or ()]
         main = processes.main = MainRuntime(settings, announce=announce, node=hostname, queues=queues)
         if settings.metrics_port is not None:
-            serve_metrics(settings.metrics_port, DaemonUpCollector(main.health, settings.daemons))
+            up = DaemonUpCollector(main.health, settings.daemons)
+            serve_metrics(settings.metrics_port, up, main.gauges)
             log.info("serving Prometheus metrics on :%d/metrics", settings.metrics_port)
         main.start()
 
@@ -204,8 +206,10 @@ def worker_argv(
     hostname: str | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The ``celery worker`` argv for these options (events on, late acks from the app config)."""
-    argv = ["worker", "--events", f"--loglevel={loglevel}"]
+    """The ``celery worker`` argv for these options (events on, late acks from the app config; with
+    ``BUILDQ_LOG_FORMAT=json`` no banner: every line of the log is JSON)."""
+    argv = ["--quiet"] if settings.log_format == "json" else []
+    argv += ["worker", "--events", f"--loglevel={loglevel}"]
     argv.append("--queues=" + ",".join(queues or [settings.high_priority_queue, settings.queue]))
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
@@ -253,6 +257,8 @@ def run_worker(settings: Settings, argv: list[str]) -> None:
     if settings.metrics_port is not None:
         # before prometheus_client's values are made: pool processes write samples to this dir
         prepare_multiprocess_dir(settings.metrics_dir)
+    if settings.log_format == "json":
+        install_json_logging()
     app = create_worker_app(settings)
     _connect_signals(app, settings)
     register_remote_shutdown(settings.shutdown_grace_s)

@@ -13,6 +13,7 @@ docker, celery, the client) when it runs, so ``buildq --help`` stays quick.
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -21,6 +22,28 @@ from . import cancel, health, jobs, logs, retry, schema, status, submit, worker
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="buildq: container-image builds through a Celery queue."
 )
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"buildq {version('buildq')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("buildq (not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    shown: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print buildq's version and exit"),
+    ] = False,
+) -> None:
+    """buildq: container-image builds through a Celery queue."""
+
 
 # in the order ``buildq --help`` lists them
 for _name, _command in (

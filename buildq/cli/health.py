@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 import typer
 
 from ..config import is_redis_url
+from ..contract.record import iso
 from .common import EXIT_FAILED, cli_settings
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def health(as_json: Annotated[bool, typer.Option("--json", help="print the check
             for c in report.checks
         ]
         daemons = [
-            {"daemon": d.daemon, "up": d.up, "since": d.since, "error": d.error} for d in report.daemons
+            {"daemon": d.daemon, "up": d.up, "since": iso(d.since), "error": d.error} for d in report.daemons
         ]
         typer.echo(json.dumps({"ok": report.ok, "checks": checks, "daemons": daemons}, indent=2))
     else:

@@ -4,16 +4,18 @@ loop)."""
 
 from __future__ import annotations
 
+import io
+import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..contract.record import sentence
+from ..contract.record import epoch, sentence
 
 #: timeline order of the phases in the waterfall
 PHASE_ORDER = (
@@ -29,6 +31,8 @@ PHASE_ORDER = (
     "other",
 )
 BAR_WIDTH = 40
+#: the console width for a pipe: wide enough that nothing is ever wrapped
+PIPE_WIDTH = 100_000
 
 
 def waterfall_rows(phases: dict[str, float], width: int = BAR_WIDTH) -> list[tuple[str, float, int, int]]:
@@ -59,12 +63,22 @@ def explain_lines(explain: dict[str, Any] | None) -> list[str]:
     return [f"unusually slow for {explain.get('key')}:", *(f"  {sentence(f)}" for f in flagged)]
 
 
-def render_record(record: dict[str, Any], console: Console | None = None) -> None:
-    if console is None:
-        import sys
+def for_pipe(draw: Callable[[Console], None], out: TextIO) -> None:
+    """What ``draw`` prints, for a pipe: never wrapped or cut (however long a digest or a tag), no
+    colour, no trailing blanks (a table pads its cells to the column's width)."""
+    buffer = io.StringIO()
+    draw(Console(file=buffer, width=PIPE_WIDTH, soft_wrap=True, color_system=None, highlight=False))
+    for line in buffer.getvalue().splitlines():
+        out.write(line.rstrip() + "\n")
 
-        # piped output is read by programs and people alike: never cut digests at 80 columns
-        console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
+
+def render_record(record: dict[str, Any], console: Console | None = None) -> None:
+    """A record as its terminal view (on stdout: for a pipe when it is not a terminal)."""
+    if console is None:
+        if not sys.stdout.isatty():
+            for_pipe(lambda piped: render_record(record, piped), sys.stdout)
+            return
+        console = Console()
     state = record.get("state", "?")
     colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(state, "cyan")
     summary = Table.grid(padding=(0, 2))
@@ -139,11 +153,14 @@ def ago(seconds: float | None) -> str:
     return f"{int(seconds)}s"
 
 
+LIST_COLUMNS = ("JOB", "STATE", "PHASE", "AGE", "DURATION", "IMAGE")
+
+
 def list_lines(rows: list[dict[str, Any]], depths: Mapping[str, int], now: float) -> list[list[str]]:
     """The cells of ``buildq list``: job, state, phase, age, duration, image (one row per job)."""
     out = []
     for row in rows:
-        enqueued = row.get("enqueued_at")
+        enqueued = _epoch(row.get("enqueued_at"))
         duration = row.get("duration_s")
         image = row.get("image") or "-"
         if row.get("retry_of"):
@@ -161,15 +178,38 @@ def list_lines(rows: list[dict[str, Any]], depths: Mapping[str, int], now: float
     return out
 
 
+def _epoch(value: object) -> float | None:
+    """An RFC 3339 time (or epoch seconds) as epoch seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return epoch(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def queued_line(depths: Mapping[str, int]) -> str:
+    waiting = ", ".join(f"{queue} {n}" for queue, n in depths.items())
+    return f"queued messages: {waiting if waiting else 'n/a (broker is not Redis)'}"
+
+
 def render_list(rows: list[dict[str, Any]], depths: Mapping[str, int], now: float, console: Console) -> None:
+    """``buildq list`` on a terminal: a table (the image column folds to the width)."""
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for name in ("JOB", "STATE", "PHASE", "AGE", "DURATION", "IMAGE"):
+    for name in LIST_COLUMNS:
         table.add_column(name, no_wrap=name != "IMAGE", overflow="fold")
     for cells in list_lines(rows, depths, now):
         table.add_row(*(escape(c) for c in cells))
     console.print(table)
-    waiting = ", ".join(f"{queue} {n}" for queue, n in depths.items())
-    console.print(f"queued messages: {escape(waiting) if waiting else 'n/a (broker is not Redis)'}")
+    console.print(escape(queued_line(depths)))
+
+
+def list_for_pipe(rows: list[dict[str, Any]], depths: Mapping[str, int], now: float) -> list[str]:
+    """``buildq list`` for a pipe: one line per job, its cells separated by a tab (no padding, no
+    wrapping: ``cut -f1`` gives the job ids), after a header line; the queues' line last."""
+    lines = ["\t".join(LIST_COLUMNS)]
+    lines += ["\t".join(" ".join(cell.split()) for cell in cells) for cells in list_lines(rows, depths, now)]
+    return [*lines, queued_line(depths)]
 
 
 def progress_line(status: Mapping[str, Any], steps: tuple[int, int, int] | None, elapsed: float) -> str:

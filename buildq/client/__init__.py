@@ -13,7 +13,7 @@ invalid job never reaches the queue; with the workers' ``BUILDQ_SECRET_ENV`` /
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -87,11 +87,27 @@ class BuildqClient:
         parsed, self.last_upload = upload_job(self.settings, job, self._check_grants)
         return parsed
 
-    def list_jobs(self, *, limit: int = 20, states: list[str] | None = None) -> list[dict[str, Any]]:
-        """Recent jobs submitted through this client library, newest first (see ``buildq list``)."""
-        from ..store.listing import recent_jobs
+    def list_jobs(
+        self,
+        *,
+        limit: int = 20,
+        states: list[str] | None = None,
+        since: float | None = None,
+        repos: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        workers: Sequence[str] = (),
+    ) -> list[dict[str, Any]]:
+        """Recent jobs submitted through this client library, newest first (see ``buildq list``):
+        in one of ``states``, enqueued at ``since`` (epoch s) or later, with a tag in one of the
+        ``repos`` or one of the ``tags``, last run by one of the ``workers`` (shell-style patterns;
+        what is not given is not filtered)."""
+        from ..store.listing import JobFilter, recent_jobs
 
-        return recent_jobs(self.store.redis, limit=limit, states=states or ())
+        wanted = JobFilter(tuple(repos), tuple(tags), tuple(workers))
+        return recent_jobs(
+            self.store.redis, limit=limit, states=states or (), since=since,
+            keep=wanted if wanted != JobFilter() else None,
+        )  # fmt: skip
 
     def queue_depths(self) -> dict[str, int]:
         """Messages waiting in the normal and high-priority queues."""

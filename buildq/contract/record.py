@@ -300,8 +300,9 @@ def job_status(
 
 
 def summary(record: Mapping[str, Any]) -> dict[str, Any]:
-    """What Celery stores as the task result (Flower shows it): the outcome, the phases and the step
-    counts; the full record is ``buildq status --json``."""
+    """What Celery stores as the task result (Flower shows it): the outcome, the attempts (their
+    number, and ``history``: each one's outcome and reason, ``#1 failed (goaway)``), the phases and
+    the step counts; the full record is ``buildq status --json``."""
     image = record.get("image") or {}
     cache = record.get("cache") or {}
     error = record.get("error") or {}
@@ -313,6 +314,10 @@ def summary(record: Mapping[str, Any]) -> dict[str, Any]:
         "names": image.get("names"),
         "cache_exported": cache.get("exported"),
         "attempts": len(record.get("attempts") or []),
+        "history": [
+            f"#{a.get('number')} {a.get('outcome')}" + (f" ({a['reason']})" if a.get("reason") else "")
+            for a in record.get("attempts") or []
+        ],
         "duration_s": record.get("duration_s"),
         "phases": record.get("phases"),
         "steps": record.get("steps"),

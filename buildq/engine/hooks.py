@@ -8,7 +8,9 @@ never decide anything. Each is one concern:
 - :class:`BreakerHook`: opens a daemon's circuit breaker when buildctl could not dial it;
 - :class:`BaselineHook`: a build that succeeded in one attempt joins its repository's baseline
   (what the next builds' ``explain`` compares with);
-- :class:`AffinityHook`: remembers the daemon a build succeeded on, for its cache.
+- :class:`AffinityHook`: remembers the daemon a build succeeded on, for its cache;
+- :class:`LogHook`: the worker log's lines of a build (its start, a retry and its reason, its end),
+  each with its fields for the JSON log format.
 
 :class:`Hooks` calls them in order, once per ending (:meth:`Hooks.ended`): what a hook adds to the
 write that ends the attempt (:class:`EndWrites`) is stored in the same round trip as the record or
@@ -21,12 +23,15 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..buildkit.classify import DAEMON_STATE_REASONS
+from ..buildkit.classify import DAEMON_STATE_REASONS, PERMANENT_REASONS, TRANSIENT_REASONS
+from ..buildkit.phases import ALL_KEYS, PHASES
 from ..store.daemons import DaemonHealth
+from ..store.gauges import GaugeRead
 from ..store.jobs import BASELINE_TTL_S
 from ..store.keys import BASELINE_PREFIX
 
@@ -58,6 +63,13 @@ class Hook:
 
     def attempt_ended(self, build: Build, entry: dict[str, Any]) -> None:
         """An attempt ended with this ``attempts`` entry (before a retry or the final record)."""
+
+    def requeued(
+        self, build: Build, entry: dict[str, Any] | None, *, phase: str, delay: float, reason: str
+    ) -> None:
+        """The job went back to its queue after this delivery (its next message is published):
+        ``phase`` ``retry_wait`` (``entry``: the attempt that failed, ``reason`` why) or
+        ``waiting_for_daemon``; the next delivery is due in ``delay`` seconds."""
 
     def finishing(self, build: Build, concluded: Concluded, writes: EndWrites) -> None:
         """The final record is about to be stored; a hook may add to the same write."""
@@ -108,6 +120,12 @@ class Hooks:
                     logger.exception("hook %s failed after job %s was stored", type(hook).__name__,
                                      build.job.job_id)  # fmt: skip
         return stored
+
+    def requeued(
+        self, build: Build, entry: dict[str, Any] | None, *, phase: str, delay: float, reason: str
+    ) -> None:
+        for hook in self.hooks:
+            hook.requeued(build, entry, phase=phase, delay=delay, reason=reason)
 
     def rejected(self, record: dict[str, Any]) -> None:
         for hook in self.hooks:
@@ -192,6 +210,83 @@ class AffinityHook(Hook):
             writes.remember = (build.cache_key, build.daemon)
 
 
+#: the logger of the build lines (:class:`LogHook`)
+build_log = logging.getLogger("buildq.builds")
+#: characters of an error kept in a log line
+LOG_ERROR_CHARS = 300
+
+
+def _one_line(text: object, limit: int = LOG_ERROR_CHARS) -> str:
+    return " ".join(str(text or "").split())[:limit]
+
+
+class LogHook(Hook):
+    """The worker log's lines of a build, all made here: one when an attempt starts, one when the
+    job goes back to its queue (a retry names the reason; a wait for a daemon is a DEBUG line),
+    one when the job ends (INFO for a success, one WARNING line for a failure or a cancellation,
+    never a traceback). Each line carries its fields (``extra``: ``event``, ``job_id``,
+    ``attempt``, ``daemon``, ``phase``, ``duration_s`` …) for ``BUILDQ_LOG_FORMAT=json``; the
+    texts come from the record and its attempts, already redacted."""
+
+    def attempt_started(self, build: Build) -> None:
+        job_id, number = build.job.job_id, build.number
+        build_log.info(
+            "build %s attempt %d started on %s (%s)", job_id, number, build.daemon, build.routing or "-",
+            extra={"event": "build_started", "job_id": job_id, "attempt": number, "daemon": build.daemon,
+                   "routing": build.routing, "queue": build.queue, "phase": "launch"},
+        )  # fmt: skip
+
+    def requeued(
+        self, build: Build, entry: dict[str, Any] | None, *, phase: str, delay: float, reason: str
+    ) -> None:
+        job_id = build.job.job_id
+        fields: dict[str, Any] = {
+            "event": "build_requeued", "job_id": job_id, "attempt": build.number, "daemon": build.daemon,
+            "phase": phase, "reason": reason, "delay_s": round(delay, 3),
+        }  # fmt: skip
+        if phase != "retry_wait":
+            build_log.debug(
+                "build %s waits for a BuildKit daemon (%s); next try in %.2fs", job_id, reason, delay,
+                extra=fields,
+            )  # fmt: skip
+            return
+        error = _one_line((entry or {}).get("error"))
+        if entry is not None:
+            fields.update(outcome=entry.get("outcome"), duration_s=entry.get("duration_s"), error=error)
+        build_log.info(
+            "build %s attempt %d failed (%s); retry in %.2fs%s", job_id, build.number, reason, delay,
+            f": {error}" if error else "", extra=fields,
+        )  # fmt: skip
+
+    def finished(self, build: Build, concluded: Concluded) -> None:
+        assert concluded.record is not None
+        self._ended(concluded.record)
+
+    def rejected(self, record: dict[str, Any]) -> None:
+        self._ended(record)
+
+    def _ended(self, record: dict[str, Any]) -> None:
+        state, job_id = record.get("state"), record.get("job_id")
+        error = record.get("error") or {}
+        attempts = record.get("attempts") or []
+        fields = {
+            "event": "build_finished", "job_id": job_id, "state": state, "attempt": len(attempts) or None,
+            "daemon": record.get("daemon"), "duration_s": record.get("duration_s"), "phase": "done",
+            "phases": record.get("phases"), "reason": error.get("reason"), "error_kind": error.get("kind"),
+            "digest": (record.get("image") or {}).get("digest"),
+        }  # fmt: skip
+        if state == "succeeded":
+            build_log.info(
+                "build %s succeeded in %.2fs (%d attempt%s) on %s", job_id, record.get("duration_s") or 0.0,
+                len(attempts), "" if len(attempts) == 1 else "s", record.get("daemon"), extra=fields,
+            )  # fmt: skip
+            return
+        build_log.warning(
+            "build %s %s (%s): %s", job_id, state, error.get("kind"), _one_line(error.get("message"), 2000),
+            extra=fields,
+        )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # Prometheus metrics of a worker (``prometheus_client`` multiprocess mode for the prefork pool).
 #
@@ -203,18 +298,55 @@ class AffinityHook(Hook):
 # process) aggregates every process's files on ``BUILDQ_METRICS_PORT``. A pool process that ended
 # keeps its counters there; its live gauges are dropped (:func:`mark_process_dead`).
 #
-# Metrics:
-# - ``buildq_build_phase_seconds{phase}``: histogram, one observation per phase per finished build
+# Metrics of the pool processes (counters start at 0 for every known label value, so
+# ``increase(...[5m])`` sees the first one after a restart; label values come from the fixed sets
+# below, anything else is counted as ``other``):
+# - ``buildq_build_phase_seconds{phase,outcome}``: histogram, one observation per phase per finished
+#   build, by the build's outcome (succeeded | failed | cancelled)
 # - ``buildq_builds_total{outcome}``: succeeded | failed | cancelled
 # - ``buildq_build_attempts_total{outcome,reason}``: every attempt, with the classifier's reason
+#   (at 0 from the start: each outcome with reason ``none``, and ``failed`` with every reason)
 # - ``buildq_build_steps_total{kind}``: cached | executed Dockerfile steps
 # - ``buildq_cache_exports_total{outcome}``: builds that asked for a registry cache export, by what
 #   the evidence says: exported | failed (buildctl may still exit 0) | skipped (ended before it)
-# - ``buildq_builds_in_progress``: attempts running now (summed over live processes)
-# - ``buildq_daemon_up{daemon}``: 1 while the daemon answers, 0 while its circuit breaker is open
+# - ``buildq_builds_in_progress``: attempts running now on this worker (summed over live processes)
 # - ``buildq_routing_total{reason}``: attempts launched on a daemon, by why that daemon
 #   (affinity | least_loaded | fallback)
 # - ``buildq_slow_phases_total{phase}``: phases the record's ``explain`` flagged (``step`` for a step)
+# Of the worker's main process:
+# - ``buildq_janitor_requeues_total``: build messages the janitor put back (lost by the broker, or
+#   left unacknowledged by a worker that went away)
+# - ``buildq_daemon_up{daemon}``: 1 while the daemon answers, 0 while its circuit breaker is open
+# - the deployment's queue gauges (:class:`DeploymentGauges`, the same on every worker):
+#   ``buildq_queue_depth{queue}``, ``buildq_queue_oldest_age_seconds``,
+#   ``buildq_daemon_slots_in_use{daemon}``, ``buildq_daemon_slots{daemon}``, ``buildq_builds_running``,
+#   ``buildq_daemons_full``, ``buildq_workers_live``, ``buildq_jobs_waiting_for_daemon``,
+#   ``buildq_gauges_age_seconds``
+OTHER = "other"
+BUILD_OUTCOMES = ("succeeded", "failed", "cancelled")
+ATTEMPT_OUTCOMES = ("succeeded", "failed", "cancelled", "timeout", "lease_lost", "lost")
+#: every reason an attempt can end with: the classifier's, the launchers', the lifecycle's
+FAILURE_REASONS = tuple(
+    sorted(
+        TRANSIENT_REASONS
+        | PERMANENT_REASONS
+        | {"worker_lost", "timeout", "invalid_job", "buildctl_missing"}
+        | {"docker_error", "docker_unavailable", "docker_rejected", "image_pull_failed"}
+    )
+)
+STEP_KINDS = ("cached", "executed")
+EXPORT_OUTCOMES = ("exported", "failed", "skipped")
+ROUTING_REASONS = ("affinity", "least_loaded", "fallback")
+PHASE_LABELS = ALL_KEYS
+SLOW_PHASE_LABELS = (*PHASES, "step")
+
+
+def bounded(value: object, known: Sequence[str]) -> str:
+    """``value`` when it is one of ``known``, else ``other`` (a metric label never takes a value
+    from outside a fixed set)."""
+    return value if isinstance(value, str) and value in known else OTHER
+
+
 PHASE_BUCKETS = (
     0.05,
     0.1,
@@ -255,8 +387,8 @@ class BuildMetrics:
         kwargs = {"registry": registry}
         self.phase_seconds = Histogram(
             "buildq_build_phase_seconds",
-            "Seconds per build phase",
-            ["phase"],
+            "Seconds per build phase, by the build's outcome",
+            ["phase", "outcome"],
             buckets=PHASE_BUCKETS,
             **kwargs,
         )
@@ -277,6 +409,21 @@ class BuildMetrics:
         self.in_progress = Gauge(
             "buildq_builds_in_progress", "Build attempts running", multiprocess_mode="livesum", **kwargs
         )
+        # every known label value at 0 from the start
+        for outcome in BUILD_OUTCOMES:
+            self.builds.labels(outcome=outcome)
+        for outcome in ATTEMPT_OUTCOMES:
+            self.attempts.labels(outcome=outcome, reason="none")
+        for reason in FAILURE_REASONS:
+            self.attempts.labels(outcome="failed", reason=reason)
+        for kind in STEP_KINDS:
+            self.steps.labels(kind=kind)
+        for outcome in EXPORT_OUTCOMES:
+            self.cache_exports.labels(outcome=outcome)
+        for reason in ROUTING_REASONS:
+            self.routing.labels(reason=reason)
+        for phase in SLOW_PHASE_LABELS:
+            self.slow_phases.labels(phase=phase)
 
     def in_progress_inc(self) -> None:
         """An attempt's buildctl started (``buildq_builds_in_progress``)."""
@@ -290,27 +437,29 @@ class BuildMetrics:
         """Count one attempt launched on a daemon, by outcome and the classifier's reason, and by
         why that daemon (``routing``)."""
         self.attempts.labels(
-            outcome=attempt.get("outcome") or "unknown", reason=attempt.get("reason") or "none"
+            outcome=bounded(attempt.get("outcome"), ATTEMPT_OUTCOMES),
+            reason=bounded(attempt.get("reason") or "none", ("none", *FAILURE_REASONS)),
         ).inc()
         if attempt.get("routing"):
-            self.routing.labels(reason=attempt["routing"]).inc()
+            self.routing.labels(reason=bounded(attempt["routing"], ROUTING_REASONS)).inc()
 
     def build_finished(self, record: dict[str, Any]) -> None:
         """Count a finished build and observe its phases and steps."""
-        self.builds.labels(outcome=record.get("state") or "unknown").inc()
+        outcome = bounded(record.get("state"), BUILD_OUTCOMES)
+        self.builds.labels(outcome=outcome).inc()
         for phase, seconds in (record.get("phases") or {}).items():
-            self.phase_seconds.labels(phase=phase).observe(seconds)
+            self.phase_seconds.labels(phase=bounded(phase, PHASE_LABELS), outcome=outcome).observe(seconds)
         steps = record.get("steps") or {}
         if steps.get("cached"):
             self.steps.labels(kind="cached").inc(steps["cached"])
         if steps.get("executed"):
             self.steps.labels(kind="executed").inc(steps["executed"])
         for flag in (record.get("explain") or {}).get("flagged") or ():
-            self.slow_phases.labels(phase=flag["phase"]).inc()
+            self.slow_phases.labels(phase=bounded(flag.get("phase"), SLOW_PHASE_LABELS)).inc()
 
     def cache_export(self, outcome: str) -> None:
         """Count one build's cache export: exported | failed | skipped."""
-        self.cache_exports.labels(outcome=outcome).inc()
+        self.cache_exports.labels(outcome=bounded(outcome, EXPORT_OUTCOMES)).inc()
 
 
 class NoMetrics:
@@ -348,6 +497,98 @@ class DaemonUpCollector:
         for state in self.health.states(self.daemons):
             gauge.add_metric([state.daemon], 1.0 if state.up else 0.0)
         yield gauge
+
+
+class MainMetrics:
+    """The metric objects of the worker's main process (made there, after the multiprocess
+    directory is prepared): what its janitor did."""
+
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import Counter
+
+        self.janitor_requeues = Counter(
+            "buildq_janitor_requeues",
+            "Build messages the janitor put back (lost by the broker, or left by a worker that went away)",
+            registry=registry,
+        )
+
+    def janitor_requeued(self, n: int) -> None:
+        if n:
+            self.janitor_requeues.inc(n)
+
+
+#: a snapshot older than this is not served (the gauges' age still is)
+GAUGES_STALE_AFTER_S = 60.0
+
+
+class DeploymentGauges:
+    """The deployment's queue gauges, served from the last snapshot this worker read
+    (:func:`buildq.store.gauges.read_gauges`, refreshed by the main process every few seconds): a
+    scrape makes no Redis round trip. Every worker serves the same values (query them with
+    ``max``). Label values are the queues and daemons of the deployment's settings."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._last: tuple[GaugeRead, float] | None = None
+
+    def update(self, read: GaugeRead) -> None:
+        """A new read (from :func:`~buildq.store.gauges.read_gauges`)."""
+        self._last = (read, self.clock())
+
+    def age(self) -> float | None:
+        """Seconds since the served snapshot was computed (None: no snapshot yet)."""
+        last = self._last
+        if last is None or last[0].snapshot is None:
+            return None
+        read, at = last
+        assert read.snapshot is not None
+        return max(0.0, read.now - read.snapshot.at) + max(0.0, self.clock() - at)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        age = self.age()
+        if age is None or self._last is None:
+            return
+        snap = self._last[0].snapshot
+        assert snap is not None
+        yield GaugeMetricFamily(
+            "buildq_gauges_age_seconds", "Seconds since the queue gauges were computed", value=age
+        )
+        if age > GAUGES_STALE_AFTER_S:
+            return
+        depth = GaugeMetricFamily(
+            "buildq_queue_depth", "Build messages waiting in the queue", labels=["queue"]
+        )
+        for queue, n in sorted(snap.queues.items()):
+            depth.add_metric([queue], n)
+        yield depth
+        yield GaugeMetricFamily(
+            "buildq_queue_oldest_age_seconds",
+            "How long the oldest job that is due and not yet running has waited",
+            value=snap.oldest_queued_s,
+        )
+        in_use = GaugeMetricFamily(
+            "buildq_daemon_slots_in_use", "Builds holding a slot on the daemon", labels=["daemon"]
+        )
+        slots = GaugeMetricFamily(
+            "buildq_daemon_slots", "Build slots of the daemon (BUILDQ_BUILDKIT_MAX_BUILDS)", labels=["daemon"]
+        )
+        for daemon, n in sorted(snap.slots.items()):
+            in_use.add_metric([daemon], n)
+            slots.add_metric([daemon], snap.limit)
+        yield in_use
+        yield slots
+        yield GaugeMetricFamily(
+            "buildq_builds_running", "Builds running in the deployment (slots in use)", value=snap.running
+        )
+        yield GaugeMetricFamily("buildq_daemons_full", "Daemons whose every slot is in use", value=snap.full)
+        yield GaugeMetricFamily("buildq_workers_live", "Live workers (heartbeats)", value=snap.workers)
+        yield GaugeMetricFamily(
+            "buildq_jobs_waiting_for_daemon",
+            "Jobs back in the queue because every daemon was full or down",
+            value=snap.waiting_for_daemon,
+        )
 
 
 def serve_metrics(port: int, *collectors: Any, addr: str = "0.0.0.0") -> Any:

@@ -226,7 +226,7 @@ class Progress:
         """The build entered ``phase`` (shown as the task's current state)."""
 
     def phases_ended(self, job_id: str, attempt: int, ended: Sequence[tuple[str, float]]) -> None:
-        """These phases ended, with their seconds (``task-phase`` events)."""
+        """These phases ended, with their seconds (``buildq-phase`` events)."""
 
     def daemon_down(self, daemon: str, error: str) -> None:
         """This build found ``daemon`` gone and opened its circuit breaker (once per outage)."""
@@ -243,6 +243,8 @@ class Ending:
     summary: dict[str, Any] | None = None
     countdown: float = 0.0
     reason: str = ""
+    #: ``requeued``: the attempts so far (the last one is the attempt that just ended, if one ran)
+    attempts: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass
@@ -523,11 +525,11 @@ class Lifecycle:
             build.progress.phases_ended(job.job_id, build.number, ended)
         if not final:
             assert isinstance(decision, Retry | WaitForDaemon)
-            if isinstance(decision, Retry):
-                logger.info("job %s: attempt %d failed (%s); retry in %.2fs", job.job_id, build.number,
-                            decision.reason, decision.delay)  # fmt: skip
             phase = "retry_wait" if isinstance(decision, Retry) else "waiting_for_daemon"
-            return Ending("requeued", countdown=decision.delay, reason=phase)
+            why = decision.reason if isinstance(decision, Retry) else _wait_reason(decision)
+            self.hooks.requeued(build, concluded.entry, phase=phase, delay=decision.delay, reason=why)
+            attempts = tuple(concluded.attempts)
+            return Ending("requeued", countdown=decision.delay, reason=phase, attempts=attempts)
         return Ending("finished", record=concluded.record, summary=concluded.summary)
 
     def _persist(self, job_id: str, write: Callable[[], bool]) -> bool:
@@ -742,6 +744,11 @@ def _log_note(build: Build, decision: Decision) -> str:
     if isinstance(decision, Drop):
         return f"attempt {build.number} stopped: {decision.reason}"
     return f"attempt {build.number}: waiting for a BuildKit daemon"
+
+
+def _wait_reason(decision: WaitForDaemon) -> str:
+    """Why a job waits for a daemon, in a few words."""
+    return "every daemon is down" if decision.waiting_since is not None else "every daemon is full"
 
 
 def _with_epoch(attempts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from ..launchers.base import Launcher
 from ..store.archive import Archive
 from ..store.connect import redis_client
 from ..store.daemons import DaemonHealth
+from ..store.gauges import read_gauges
 from ..store.janitor import Janitor
 from ..store.jobs import JobStore
 from ..store.keys import CANCELS_CHANNEL
@@ -38,7 +39,10 @@ from .hooks import (
     BaselineHook,
     BreakerHook,
     BuildMetrics,
+    DeploymentGauges,
     Hooks,
+    LogHook,
+    MainMetrics,
     MetricsHook,
     NoMetrics,
     reap_dead_gauges,
@@ -54,6 +58,9 @@ log = logging.getLogger("buildq.worker")
 REAP_EVERY_S = 30.0
 #: a worker's heartbeat: written this often, it lives three times as long
 HEARTBEAT_EVERY_S = 2.0
+#: how often a worker serving metrics reads (or, holding the lease, computes) the queue gauges;
+#: the lease outlives three of these
+GAUGES_EVERY_S = 5.0
 
 
 def worker_id() -> str:
@@ -143,6 +150,7 @@ class PoolRuntime:
             MetricsHook(self.metrics),
             BreakerHook(DaemonHealth(client), time.time, hold_s=settings.daemon_hold_s),
             BaselineHook(settings.baseline_n),
+            LogHook(),
         ]
         if settings.cache_affinity:
             hooks.append(AffinityHook())
@@ -173,7 +181,8 @@ class PoolRuntime:
 
 
 class MainRuntime:
-    """The worker main process's periodic work: the janitor, the daemon watch, leftovers."""
+    """The worker main process's periodic work: the janitor, the daemon watch, leftovers, the
+    heartbeat and (serving metrics) the deployment's queue gauges."""
 
     def __init__(
         self,
@@ -201,6 +210,9 @@ class MainRuntime:
             slot_grace_s=settings.lease_ttl_s,
         )  # fmt: skip
         self.domain = launcher_domain(self.launcher)
+        #: the queue gauges this worker serves, and its own counters (None: no metrics port)
+        self.gauges = DeploymentGauges()
+        self.metrics = MainMetrics() if settings.metrics_port is not None else None
 
     def start(self) -> None:
         """Reap what dead workers left, then run the janitor, the daemon watch and the reaping of
@@ -214,6 +226,21 @@ class MainRuntime:
         self.scheduler.every(1.0, self.reap_runs)
         if os.environ.get(MULTIPROC_ENV):
             self.scheduler.every(REAP_EVERY_S / 3, reap_dead_gauges)
+        if self.settings.metrics_port is not None:
+            self.scheduler.every(GAUGES_EVERY_S, self.refresh_gauges, first_in=0.0)
+
+    def refresh_gauges(self) -> None:
+        """Read the deployment's queue gauges (computing them when this worker holds their lease)."""
+        s = self.settings
+        try:
+            read = read_gauges(
+                self.store, worker=self.worker, queue=s.queue, high_queue=s.high_priority_queue,
+                daemons=s.daemons, limit=s.buildkit_max_builds, lease_s=3 * GAUGES_EVERY_S,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - Redis away: the gauges age until it is back
+            log.info("queue gauges not read: %s", exc)
+            return
+        self.gauges.update(read)
 
     def reap_orphans(self) -> list[str]:
         """Kill leftover buildctl runs whose job lease has expired; their job ids."""
@@ -276,7 +303,9 @@ class MainRuntime:
 
     def _janitor(self) -> None:
         try:
-            self.janitor.run_once()
+            requeued = self.janitor.run_once()
+            if self.metrics is not None:
+                self.metrics.janitor_requeued(len(requeued))
         except Exception as exc:  # noqa: BLE001 - Redis may be down; try again next round
             log.info("lost-message check skipped: %s", exc)
 

@@ -48,6 +48,7 @@ from .keys import (
     JOBS_INDEX,
     LOADS,
     QUEUES,
+    WAITING_INDEX,
     WORKERS,
     JobKeys,
     final_band,
@@ -327,7 +328,8 @@ class JobStore:
         return bool(
             self.scripts.durable(
                 "requeue", what=f"requeue of job {fence.job_id}",
-                queue=queue, job_hash=fence.keys.hash, jobs_index=JOBS_INDEX, message=message,
+                queue=queue, job_hash=fence.keys.hash, jobs_index=JOBS_INDEX, waiting_index=WAITING_INDEX,
+                message=message,
                 tag=tag, delivery=delivery, gen=fence.gen, job_id=fence.job_id, phase=phase,
                 attempts=json.dumps(list(attempts), separators=(",", ":")),
                 window_start=repr(window_start),

@@ -43,6 +43,11 @@ Shared:
 - ``loads``         set of the load indexes in use (a breaker moves its daemon in each)
 - ``janitor``       the lease of the one worker that runs the janitor for the deployment
 - ``queues``        set of the queues the workers consume (heartbeats; the janitor reads their heads)
+- ``waiting``       sorted set of the jobs put back to wait for a daemon (score: when, server ms);
+                    written by the requeue script, pruned by the gauges (a member whose job moved
+                    on is dropped there)
+- ``gauges``, ``gauges:lease`` the deployment's queue gauges (JSON) and the lease of the one
+                    worker that computes them (see :mod:`buildq.store.gauges`)
 - ``cancels``       pub/sub channel told the id of every job a cancel was asked for
 - ``workers``, ``domains`` sorted sets of the live worker main processes and of the places their
                     runs can be killed from (score: expiry on the server clock, ms; heartbeats)
@@ -78,6 +83,10 @@ LOADS = f"{PREFIX}loads"
 #: what an open breaker adds to its daemon's load (more than any limit: never the least loaded)
 DOWN_LOAD = 1_000_000
 JANITOR_LEASE = f"{PREFIX}janitor"
+#: jobs requeued to wait for a daemon (score: when, server ms); read by the gauges
+WAITING_INDEX = f"{PREFIX}waiting"
+GAUGES = f"{PREFIX}gauges"
+GAUGES_LEASE = f"{PREFIX}gauges:lease"
 QUEUES = f"{PREFIX}queues"
 AFFINITY_PREFIX = f"{PREFIX}affinity:"
 BASELINE_PREFIX = f"{PREFIX}baseline:"

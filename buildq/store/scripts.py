@@ -53,6 +53,7 @@ PARTS: dict[str, tuple[str, ...]] = {
     "expired_slots": ("prelude", "job_fn"),
     "register_load": ("load_fn",),
     "breaker": ("load_fn",),
+    "gauges": ("prelude",),
 }
 
 _NAMED = re.compile(r"^local (\w+)\s*=\s*(?:tonumber\()?(KEYS|ARGV)\[(\d+)\]")

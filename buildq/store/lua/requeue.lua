@@ -2,10 +2,12 @@
 -- wait for a daemon) and gives back its claim, in one step: the next message is published before
 -- the lease goes, so there is no moment when the job is nowhere. The history the next delivery
 -- needs (attempts so far, where its time window starts, since when every daemon is down, the
--- daemon to avoid) is written by this worker here; the next message carries only the job.
+-- daemon to avoid) is written by this worker here; the next message carries only the job. A job
+-- put back to wait for a daemon is indexed in `waiting_index` (the gauges count it from there).
 local queue = KEYS[1]
 local job_hash = KEYS[2]
 local jobs_index = KEYS[3]     -- the recent jobs (score enqueued_at while queued)
+local waiting_index = KEYS[4]  -- jobs waiting for a daemon (score: when, server ms)
 local message = ARGV[1]        -- the next message (due after its countdown)
 local tag = ARGV[2]            -- its delivery tag
 local delivery = ARGV[3]       -- its delivery id: the job's current delivery from now on
@@ -32,4 +34,10 @@ redis.call('HSET', job_hash, unpack(set))
 redis.call('HDEL', job_hash, unpack(gone))
 redis.call('EXPIRE', job_hash, ttl)
 redis.call('ZADD', jobs_index, tonumber(h.enqueued_at or '0'), job_id)
+if phase == 'waiting_for_daemon' then
+  redis.call('ZADD', waiting_index, now, job_id)
+  redis.call('ZREMRANGEBYSCORE', waiting_index, '-inf', '(' .. (now - ttl * 1000))
+else
+  redis.call('ZREM', waiting_index, job_id)
+end
 return 1
