@@ -183,7 +183,8 @@ def test_a_secret_in_a_transient_error_is_masked_in_record_retry_message_and_cel
 def test_a_secret_in_the_failing_steps_error_line_is_masked_everywhere(buildq_env, start_worker, context_dir):
     step = f'process "/bin/sh -c curl -fsS -u ci:{SECRET} https://example.test/upload" did not complete'
     text = f"failed to solve: {step} successfully: exit code: 22"
-    env = {**buildq_env, "BUILDQ_REDACT_ENV": "BQ_REGISTRY_PASSWORD", "BQ_REGISTRY_PASSWORD": SECRET}
+    env = {**buildq_env, "BUILDQ_REDACT_ENV": "BQ_REGISTRY_PASSWORD", "BQ_REGISTRY_PASSWORD": SECRET,
+           "BUILDQ_TASK_RESULTS": "true"}  # Celery's result backend written too: masked there  # fmt: skip
     worker = start_worker({**env, "STANDIN_SCENARIO": scenario(kind="fail", error=text)})
     client = client_for(env)
     handle = client.submit({"context": str(context_dir), "tags": ["reg/sec:2"]})
@@ -210,6 +211,7 @@ def _celery_meta(env: dict[str, str], job_id: str) -> dict[str, Any]:
 
 
 def test_celery_result_summary_has_phases_and_steps(buildq_env, start_worker, context_dir) -> None:
+    buildq_env = {**buildq_env, "BUILDQ_TASK_RESULTS": "true"}  # producers that read Celery's results
     start_worker(buildq_env)
     client = client_for(buildq_env)
     ok = _build(client, context_dir, "reg/sum:1")

@@ -162,7 +162,18 @@ def test_sigkill_of_the_master_under_fifty_plain_submits_loses_none_and_doubles_
             time.sleep(rng.uniform(0.0, 0.2))
     watcher.join()
     assert killed_at is not None and first_submit_after is not None and failover
-    records = {h: client.wait(h, timeout=240) for h in handles}
+    try:
+        records = {h: client.wait(h, timeout=60) for h in handles}
+    except TimeoutError:
+        r = client.store.redis
+        for h in handles:
+            d = r.hgetall(f"buildq:job:{h}")
+            if b"record" not in d:
+                print("DEBUG", h, {k: v[:200] for k, v in d.items() if k != b"job"})
+        print("DEBUG queues", {q: r.lrange(q, 0, -1) for q in r.smembers("buildq:queues")})
+        print("DEBUG unacked", r.hkeys("unacked"), r.zrange("unacked_index", 0, -1, withscores=True))
+        print("DEBUG time", r.time())
+        raise
     states = collections.Counter(rec["state"] for rec in records.values())
     last_done = max(_epoch(rec["finished_at"]) for rec in records.values())
     starts = standin_log.starts()

@@ -62,16 +62,19 @@ def survive_restore_on_a_lost_connection() -> None:
     channel, and kombu's Redis transport tries to hand back the messages it delivered
     (``QoS.restore_unacked``) through that same, torn-down connection: ``_connparams`` reads the
     connection's ``client``, which is None by then, and the ``AttributeError`` ends the worker
-    ("Unrecoverable error", kombu issues #582 and #970; kombu 5.7 still does it). Here that hand-back
-    is skipped with a warning instead: the messages stay in kombu's ``unacked`` hash, the builds
-    running in the pool go on and acknowledge them, and a message whose worker is gone is put back
-    by the janitor (or by kombu's visibility timeout). Applied once per process."""
+    ("Unrecoverable error", kombu issues #582 and #970; kombu 5.7 still does it). The same happens
+    later when a build that was running meanwhile ends and its message is acknowledged (or
+    rejected) on the old channel (``QoS.ack``/``QoS.reject``). Here each of those is skipped with a
+    warning instead: the messages stay in kombu's ``unacked`` hash; a message whose job has its
+    record is dropped when it comes back, one whose worker is gone is put back by the janitor (or by
+    kombu's visibility timeout). Applied once per process."""
     from kombu.transport import redis as kombu_redis
+    from kombu.transport.virtual import base as virtual
 
     qos = kombu_redis.QoS
     if getattr(qos.restore_unacked, "_buildq", False):
         return
-    restore = qos.restore_unacked
+    restore, ack, reject = qos.restore_unacked, qos.ack, qos.reject
 
     def restore_unacked(self: kombu_redis.QoS, client: object = None) -> object:
         try:
@@ -81,8 +84,27 @@ def survive_restore_on_a_lost_connection() -> None:
                         "they stay unacknowledged for the janitor", exc)  # fmt: skip
             return None
 
+    def on_a_lost_channel(what: str, self: kombu_redis.QoS, delivery_tag: str, exc: Exception) -> None:
+        log.warning("message %s not %s on a lost broker connection (%s); it stays unacknowledged "
+                    "for the janitor", delivery_tag, what, exc)  # fmt: skip
+        virtual.QoS.ack(self, delivery_tag)  # this channel's own bookkeeping only
+
+    def ack_(self: kombu_redis.QoS, delivery_tag: str) -> None:
+        try:
+            ack(self, delivery_tag)
+        except AttributeError as exc:
+            on_a_lost_channel("acknowledged", self, delivery_tag, exc)
+
+    def reject_(self: kombu_redis.QoS, delivery_tag: str, requeue: bool = False) -> None:
+        try:
+            reject(self, delivery_tag, requeue)
+        except AttributeError as exc:
+            on_a_lost_channel("rejected", self, delivery_tag, exc)
+
     restore_unacked._buildq = True  # type: ignore[attr-defined]
     qos.restore_unacked = restore_unacked  # type: ignore[method-assign]
+    qos.ack = ack_  # type: ignore[method-assign]
+    qos.reject = reject_  # type: ignore[method-assign]
 
 
 _GRACE_STARTED: list[threading.Timer] = []

@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from ..config import Settings
 from ..errors import RedisUnavailable
@@ -172,6 +172,27 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     return SentinelAddress(tuple(sentinels), db, username, password)
 
 
+class RediscoveringConnection(SentinelManagedConnection):
+    """A connection to the Sentinel master that asks the sentinels where the master is each time it
+    connects again. redis-py 8 reconnects a dropped connection inside a command's retry through
+    ``connect_check_health``, which skips the Sentinel lookup of ``connect()``: the retry dialled the
+    dead master until its budget ran out, though the sentinels had named a new one seconds after."""
+
+    _addressed = False  # inside connect_to: the address was just asked for
+
+    def connect_to(self, address: Any) -> Any:
+        self._addressed = True
+        try:
+            return super().connect_to(address)
+        finally:
+            self._addressed = False
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> Any:
+        if self._sock is None and not self._addressed and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super().connect_check_health(check_health, retry_socket_connect)
+
+
 def redis_client(
     settings: Settings, url: str | None = None, *, patience_s: float | None = None, **options: Any
 ) -> redis.Redis:
@@ -194,7 +215,7 @@ def redis_client(
     sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs)
     credentials = {"username": address.username, "password": address.password}
     connection: dict[str, Any] = {k: v for k, v in credentials.items() if v is not None}
-    connection.update(options)
+    connection.update(options, connection_class=RediscoveringConnection)
     master: redis.Redis = sentinel.master_for(settings.sentinel_master, db=address.db, **connection)
     return master
 
