@@ -6,62 +6,34 @@ upload; 2 invalid input or settings, before anything is enqueued (the reason goe
 timed out waiting; 4 Redis did not answer within ``BUILDQ_REDIS_RETRY_S`` (or too few replicas
 confirmed a submission). An expected error is one line on stderr, never a traceback.
 
-One module a command; what they share is in ``common``. A command imports what it needs (rich,
-docker, celery, the client) when it runs, so ``buildq --help`` stays quick.
+One module a command (the typer ``app`` in ``commands``); what they share is in ``common``. A command
+imports what it needs (rich, docker, celery, the client) when it runs, so ``buildq --help`` stays
+quick; ``buildq status`` starts without typer, pydantic or redis-py when it can (``quick``).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
-
-import typer
-
-from . import cancel, health, jobs, logs, retry, schema, status, submit, worker
-
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="buildq: container-image builds through a Celery queue."
-)
+from typing import Any
 
 
-def _version(shown: bool) -> None:
-    if shown:
-        from importlib.metadata import PackageNotFoundError, version
+def __getattr__(name: str) -> Any:
+    if name == "app":  # made on first use: ``buildq status`` may answer without it
+        from .commands import app
 
-        try:
-            typer.echo(f"buildq {version('buildq')}")
-        except PackageNotFoundError:  # run from a source tree that was never installed
-            typer.echo("buildq (not installed)")
-        raise typer.Exit(0)
-
-
-@app.callback()
-def _options(
-    shown: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="print buildq's version and exit"),
-    ] = False,
-) -> None:
-    """buildq: container-image builds through a Celery queue."""
-
-
-# in the order ``buildq --help`` lists them
-for _name, _command in (
-    ("worker", worker.worker),
-    ("submit", submit.submit),
-    ("status", status.status),
-    ("cancel", cancel.cancel),
-    ("list", jobs.list_jobs),
-    ("retry", retry.retry),
-    ("logs", logs.logs),
-    ("health", health.health),
-    ("schema", schema.schema),
-):
-    app.command(name=_name, **getattr(_command, "command_options", {}))(_command)
+        return app
+    raise AttributeError(name)
 
 
 def main() -> None:
     try:
+        from .quick import run
+
+        code = run(sys.argv[1:])
+        if code is not None:
+            sys.exit(code)
+        from .commands import app
+
         app()
     except KeyboardInterrupt:
         sys.exit(130)
@@ -69,7 +41,7 @@ def main() -> None:
         code, line = said(exc)
         if code is None:
             raise
-        typer.echo(f"buildq: {line}", err=True)
+        print(f"buildq: {line}", file=sys.stderr)
         sys.exit(code)
 
 

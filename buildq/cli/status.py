@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
-from .common import EXIT_FAILED, cli_settings, die, print_record
+from .common import cli_settings
+from .quick import show_status
 
 
 def status(
@@ -18,16 +18,6 @@ def status(
     from ..client import BuildqClient
 
     record = BuildqClient(cli_settings()).status(job_id)
-    if record.get("state") in ("unknown", "lost"):
-        if as_json:
-            typer.echo(json.dumps(record))
-        if record["state"] == "lost":
-            die(
-                f"job {job_id!r} was submitted at {record.get('enqueued_at')}, before this Redis's buildq "
-                "data began: it is lost (Redis restarted without its data? see BUILDQ_REDIS_PERSISTENCE)",
-                EXIT_FAILED,
-            )
-        die(f"unknown job {job_id!r}", EXIT_FAILED)
-    print_record(record, as_json)
-    if record.get("state") in ("failed", "cancelled"):
-        raise typer.Exit(EXIT_FAILED)
+    code = show_status(job_id, record, as_json)
+    if code:
+        raise typer.Exit(code)

@@ -45,14 +45,6 @@ def new_job_id(now: float | None = None) -> str:
     return f"{ms:012x}{secrets.token_hex(10)}"
 
 
-def job_id_time(job_id: str) -> float | None:
-    """When a job id made by :func:`new_job_id` was made (epoch s); None for any other id."""
-    if len(job_id) != 32 or not all(c in "0123456789abcdef" for c in job_id):
-        return None
-    seconds = int(job_id[:12], 16) / 1000
-    return seconds if 1_500_000_000 < seconds < time.time() + 86400 else None
-
-
 def is_git_context(context: str) -> bool:
     """True when ``context`` is a git URL that BuildKit fetches itself."""
     return bool(GIT_CONTEXT.match(context))
