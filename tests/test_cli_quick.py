@@ -40,12 +40,14 @@ def test_the_known_settings_are_the_settings() -> None:
     assert {ENV_PREFIX + name.upper() for name in Settings.model_fields} == quick.KNOWN_SETTINGS
 
 
-def test_status_answers_as_the_full_path_without_the_heavy_imports(buildq_env, start_worker, context_dir) -> None:
+def test_status_answers_as_the_full_path_without_the_heavy_imports(
+    buildq_env, start_worker, context_dir
+) -> None:
     start_worker(buildq_env)
     client = client_for(buildq_env)
     ok = client.submit({"context": str(context_dir), "tags": ["reg/quick:1"]})
-    bad = client.submit({"context": str(context_dir), "tags": ["reg/quick:2"],
-                         "build_args": {"STANDIN_SCENARIO": scenario(kind="fail", error="failed to solve: no")}})  # fmt: skip
+    failing = {"STANDIN_SCENARIO": scenario(kind="fail", error="failed to solve: no")}
+    bad = client.submit({"context": str(context_dir), "tags": ["reg/quick:2"], "build_args": failing})
     assert ok.wait(timeout=60)["state"] == "succeeded" and bad.wait(timeout=60)["state"] == "failed"
     waiting = client_for({**buildq_env, "BUILDQ_QUEUE": "nobody-reads-this"}).submit(
         {"context": str(context_dir), "tags": ["reg/quick:3"]}
