@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..contract.record import epoch, sentence
+from ..contract.status import epoch, sentence
 
 #: timeline order of the phases in the waterfall
 PHASE_ORDER = (
