@@ -182,6 +182,9 @@ class Settings(BaseSettings):
     archive_dir: str | None = None
     #: how long Redis keeps a finished job's log once it is archived (followers read its end there)
     log_archived_ttl_s: int = Field(default=300, ge=1)
+    #: how long Redis keeps a finished job's hash (its record) once the record is archived;
+    #: readers then get it from the archive
+    archived_record_ttl_s: int = Field(default=24 * 3600, ge=60)
     #: also write Celery's result backend (the BUILDING state, the task's result) for producers
     #: that poll AsyncResult; buildq's own record needs none of it
     task_results: bool = False

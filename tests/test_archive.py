@@ -22,7 +22,8 @@ from tests.test_build_logs import step_lines
 
 @pytest.fixture
 def archive_env(buildq_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    return {**buildq_env, "BUILDQ_ARCHIVE_DIR": str(tmp_path / "archive"), "BUILDQ_LOG_ARCHIVED_TTL_S": "2"}
+    return {**buildq_env, "BUILDQ_ARCHIVE_DIR": str(tmp_path / "archive"), "BUILDQ_LOG_ARCHIVED_TTL_S": "2",
+            "BUILDQ_ARCHIVED_RECORD_TTL_S": "120"}  # fmt: skip
 
 
 def job(context_dir: Path, tag: str, **scen: object) -> dict:
@@ -82,7 +83,9 @@ def test_a_record_gone_from_redis_is_read_from_the_archive(archive_env, start_wo
     client = client_for(archive_env)
     handle = client.submit(job(context_dir, "reg/arch:4"))
     record = handle.wait(timeout=60)
-    redis.Redis.from_url(archive_env["BUILDQ_BROKER_URL"]).delete(job_key(handle.job_id))  # its TTL passed
+    r = redis.Redis.from_url(archive_env["BUILDQ_BROKER_URL"])
+    assert 0 < r.ttl(job_key(handle.job_id)) <= 120  # Redis keeps the archived record a short while
+    r.delete(job_key(handle.job_id))  # its TTL passed
     assert client.status(handle.job_id) == record
     out = cli(archive_env, "status", handle.job_id, "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["state"] == "succeeded"
@@ -100,6 +103,7 @@ def test_an_archive_that_cannot_be_written_leaves_the_log_in_redis(
     handle = client.submit(job(context_dir, "reg/arch:5"))
     assert handle.wait(timeout=60)["state"] == "succeeded"  # the build is not held up
     assert r.xlen(log_key(handle.job_id)) >= 1 and r.ttl(log_key(handle.job_id)) > 3600
+    wait_until(lambda: r.ttl(job_key(handle.job_id)) > 3600, timeout=10)  # the record too: not archived
     assert client.logs(handle.job_id)[-1].line == "final: succeeded"
 
 

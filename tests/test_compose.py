@@ -32,7 +32,17 @@ EXPECTED_WORKER_ENV = {
     "BUILDQ_DOCKER_NETWORK": "buildq",
     "BUILDQ_METRICS_PORT": "9108",
     "BUILDQ_CONTEXT_ROOTS": str(ROOT / "examples"),
+    "BUILDQ_ARCHIVE_DIR": "/var/lib/buildq/archive",
 }
+
+
+def test_the_workers_and_the_cli_share_the_archive(rendered: dict[str, Any]) -> None:
+    """Finished logs and records leave Redis for the archive: every reader must see the same one."""
+    services = rendered["services"]
+    for name in ("worker", "submit", "buildq"):
+        mounts = {m["target"]: m for m in services[name]["volumes"]}
+        archive = mounts[EXPECTED_WORKER_ENV["BUILDQ_ARCHIVE_DIR"]]
+        assert archive["type"] == "volume" and archive["source"] == "archive", name
 
 
 def compose_binary() -> Path:

@@ -121,3 +121,14 @@ def test_every_link_between_the_pages_leads_somewhere() -> None:
             elif anchor and anchor not in anchors(dest.read_text()):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such anchor)")
     assert broken == []
+
+
+def test_every_setting_has_a_row() -> None:
+    from buildq.config import ENV_PREFIX, Settings
+
+    missing = [
+        ENV_PREFIX + name.upper()
+        for name in Settings.model_fields
+        if not re.search(rf"^\|[^|]*`{ENV_PREFIX + name.upper()}`", SETTINGS_PAGE, re.MULTILINE)
+    ]
+    assert missing == []

@@ -88,7 +88,7 @@ def test_phase_events_and_current_phase_while_running(buildq_env, start_worker, 
     assert info["phase"] in ("launch", "context", "cache_import", "build")
     assert client.status(handle.job_id)["state"] == "running"
     record = handle.wait(timeout=60)
-    wait_until(lambda: any(e["phase"] == "finalize" for e in events), timeout=10)
+    wait_until(lambda: any(e["phase"] == "finalize" for e in events), timeout=25)  # batched: up to 10 s
     receivers[0].should_stop = True
     mine = [e for e in events if e["job_id"] == handle.job_id]
     phases = [e["phase"] for e in mine]

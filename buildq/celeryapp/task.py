@@ -259,9 +259,9 @@ def register(app: Celery) -> None:
 # :meth:`PhaseEvents.send` only buffers (no I/O). A flush publishes everything buffered as one
 # ``buildq.multi`` message (Celery's own event batching, which Flower and other event receivers
 # unpack). It runs on the process's :class:`~buildq.engine.scheduler.Scheduler` every
-# FLUSH_AFTER_S (5 s) while events wait, at once when 50 are waiting, and when the worker process
+# FLUSH_AFTER_S (10 s) while events wait, at once when 50 are waiting, and when the worker process
 # stops: one message carries the phases that ended meanwhile, of every build of the process,
-# instead of one message per phase; the price is that an event is seen up to 5 s after its phase
+# instead of one message per phase; the price is that an event is seen up to 10 s after its phase
 # ended (often after the task's ``task-succeeded``: receivers keep the final state).
 log = logging.getLogger("buildq.events")
 
@@ -274,7 +274,7 @@ DAEMON_UP_EVENT = "buildq-daemon-up"
 BUFFER_LIMIT = 50
 #: how long an event may wait in the buffer: one message carries every phase that ended meanwhile,
 #: in every build of the process (a short build's phases cost no message of their own)
-FLUSH_AFTER_S = 5.0
+FLUSH_AFTER_S = 10.0
 
 
 class PhaseEvents:

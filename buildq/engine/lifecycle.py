@@ -499,6 +499,7 @@ class Lifecycle:
                 return self.store.finish(
                     build.fence, record=concluded.record_json, state=state, log=log_end,
                     remember=writes.remember, baseline=writes.baseline,
+                    keep_s=self.settings.archived_record_ttl_s if self.archive is not None else 0,
                 )  # fmt: skip
             assert isinstance(decision, Retry | WaitForDaemon)
             return self._requeue(build, decision, concluded.attempts, now)
@@ -728,13 +729,18 @@ class Lifecycle:
         return True
 
     def _archive_record(self, job_id: str, record: str) -> None:
-        """Keep the final record in the archive too (Redis keeps it for the result TTL)."""
+        """Keep the final record in the archive (Redis keeps it ``BUILDQ_ARCHIVED_RECORD_TTL_S``);
+        when that fails, Redis keeps it for the whole ``BUILDQ_RESULT_TTL_S`` instead."""
         if self.archive is None:
             return
         try:
             self.archive.write_record(job_id, record)
         except ArchiveError as exc:
-            logger.warning("job %s: record not archived: %s", job_id, exc)
+            logger.warning("job %s: record not archived (Redis keeps it): %s", job_id, exc)
+            try:
+                self.store.keep(job_id, self.settings.result_ttl_s)
+            except Exception as again:  # noqa: BLE001 - the record stays for the shorter time
+                logger.warning("job %s: record kept for BUILDQ_ARCHIVED_RECORD_TTL_S only: %s", job_id, again)
 
 
 def _log_note(build: Build, decision: Decision) -> str:

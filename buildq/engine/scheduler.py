@@ -142,7 +142,7 @@ class Scheduler:
             raise RuntimeError("a scheduler serves the process that made it (make one after a fork)")
         with self._cond:
             due = self._clock() + max(0.0, delay_s)
-            first = not self._heap or due < self._heap[0][0]
+            first = not self._heap or due <= self._heap[0][0]
             heapq.heappush(self._heap, (due, next(self._seq), handle))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)

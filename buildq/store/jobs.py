@@ -196,7 +196,11 @@ class JobStore:
         ``lua/cancel.lua``); False when it has its record already."""
         return bool(
             self.scripts.call(
-                "cancel", job_hash=job_key(job_id), job_id=job_id, reason=reason, cancels=CANCELS_CHANNEL,
+                "cancel",
+                job_hash=job_key(job_id),
+                job_id=job_id,
+                reason=reason,
+                cancels=CANCELS_CHANNEL,
                 ttl=self.result_ttl_s,
             )  # fmt: skip
         )
@@ -327,14 +331,23 @@ class JobStore:
         False (nothing published) when the claim is no longer ours."""
         return bool(
             self.scripts.durable(
-                "requeue", what=f"requeue of job {fence.job_id}",
-                queue=queue, job_hash=fence.keys.hash, jobs_index=JOBS_INDEX, waiting_index=WAITING_INDEX,
+                "requeue",
+                what=f"requeue of job {fence.job_id}",
+                queue=queue,
+                job_hash=fence.keys.hash,
+                jobs_index=JOBS_INDEX,
+                waiting_index=WAITING_INDEX,
                 message=message,
-                tag=tag, delivery=delivery, gen=fence.gen, job_id=fence.job_id, phase=phase,
+                tag=tag,
+                delivery=delivery,
+                gen=fence.gen,
+                job_id=fence.job_id,
+                phase=phase,
                 attempts=json.dumps(list(attempts), separators=(",", ":")),
                 window_start=repr(window_start),
                 waiting_since=repr(waiting_since) if waiting_since is not None else "",
-                avoid=avoid or "", ttl=self.result_ttl_s,
+                avoid=avoid or "",
+                ttl=self.result_ttl_s,
             )  # fmt: skip
         )
 
@@ -347,27 +360,49 @@ class JobStore:
         log: LogEnd | None = None,
         remember: tuple[str, str] | None = None,
         baseline: tuple[str, bytes, int, int] | None = None,
+        keep_s: int = 0,
     ) -> bool:
         """Store the final ``record`` and end the claim, at once (see ``lua/finish.lua``); False
         (nothing written) when the claim is no longer ours. ``log``: the log's last lines and how
         the stream is kept; ``remember``: (cache key, daemon) to remember (a success only);
-        ``baseline``: (list key, entry, N, TTL s)."""
+        ``baseline``: (list key, entry, N, TTL s); ``keep_s``: how long Redis keeps the finished
+        job's hash from now (0: until its TTL, ``BUILDQ_RESULT_TTL_S`` from the submit)."""
         k = fence.keys
         end = log or LogEnd()
         base_key, base_entry, base_n, base_ttl = baseline or ("", b"", 0, 0)
         cache, daemon = remember or ("", "")
         return bool(
             self.scripts.durable(
-                "finish", what=f"result of job {fence.job_id}",
-                job_hash=k.hash, jobs_index=JOBS_INDEX, log_stream=k.log,
+                "finish",
+                what=f"result of job {fence.job_id}",
+                job_hash=k.hash,
+                jobs_index=JOBS_INDEX,
+                log_stream=k.log,
                 affinity_key=AFFINITY_PREFIX + cache if cache else "",
-                baseline_list=base_key, record=record, state=state, gen=fence.gen, job_id=fence.job_id,
-                done_channel=k.done, daemon=daemon, remember_ttl=self.result_ttl_s,
-                baseline_entry=base_entry, baseline_n=base_n, baseline_ttl=base_ttl,
-                log_trim="=" if end.exact else "~", log_maxlen=end.maxlen, log_ttl=end.ttl_s,
-                log_attempt=end.attempt, log_lines=end.lines, band=final_band(state),
+                baseline_list=base_key,
+                record=record,
+                state=state,
+                gen=fence.gen,
+                job_id=fence.job_id,
+                done_channel=k.done,
+                daemon=daemon,
+                remember_ttl=self.result_ttl_s,
+                baseline_entry=base_entry,
+                baseline_n=base_n,
+                baseline_ttl=base_ttl,
+                log_trim="=" if end.exact else "~",
+                log_maxlen=end.maxlen,
+                log_ttl=end.ttl_s,
+                log_attempt=end.attempt,
+                log_lines=end.lines,
+                band=final_band(state),
+                keep_s=keep_s,
             )  # fmt: skip
         )
+
+    def keep(self, job_id: str, seconds: int) -> None:
+        """Keep the job's hash (its record) ``seconds`` from now, however long it was to be kept."""
+        self.redis.expire(job_key(job_id), seconds)
 
     def reject(self, job_id: str, *, delivery: str, record: str, state: str = "failed") -> bool:
         """Store the record of a job found invalid, only for its current delivery while it has no
@@ -375,9 +410,17 @@ class JobStore:
         k = job_keys(job_id)
         return bool(
             self.scripts.durable(
-                "reject", what=f"record of job {job_id}",
-                job_hash=k.hash, jobs_index=JOBS_INDEX, record=record, state=state, job_id=job_id,
-                delivery=delivery, done_channel=k.done, ttl=self.result_ttl_s, band=final_band(state),
+                "reject",
+                what=f"record of job {job_id}",
+                job_hash=k.hash,
+                jobs_index=JOBS_INDEX,
+                record=record,
+                state=state,
+                job_id=job_id,
+                delivery=delivery,
+                done_channel=k.done,
+                ttl=self.result_ttl_s,
+                band=final_band(state),
             )  # fmt: skip
         )
 
@@ -386,8 +429,12 @@ class JobStore:
         is what the next claim's lost attempt will say."""
         return bool(
             self.scripts.call(
-                "release", job_hash=fence.keys.hash, jobs_index=JOBS_INDEX, gen=fence.gen,
-                error=error[:500], job_id=fence.job_id,
+                "release",
+                job_hash=fence.keys.hash,
+                jobs_index=JOBS_INDEX,
+                gen=fence.gen,
+                error=error[:500],
+                job_id=fence.job_id,
             )  # fmt: skip
         )
 

@@ -3,7 +3,8 @@
 -- final state in the job hash, the job moved to its final state's band of the index, the slot
 -- given back, waiters told; for a build that succeeded also the daemon to remember for its cache,
 -- and its entry in its repository's baseline (kept between N and 2N entries, trimmed and its TTL
--- renewed when it passes 2N). A holder that was fenced out stores nothing: the record of the
+-- renewed when it passes 2N). With an archive the job's hash is kept `keep_s` from now (the record
+-- goes to the archive next). A holder that was fenced out stores nothing: the record of the
 -- delivery that owns the job stands.
 local job_hash = KEYS[1]
 local jobs_index = KEYS[2]     -- the recent jobs (score: enqueued_at + the band of `state`)
@@ -26,6 +27,7 @@ local log_ttl = tonumber(ARGV[13])  -- 0: leave the stream's TTL as it is
 local log_attempt = ARGV[14]
 local log_lines = ARGV[15]     -- the log's last lines, one entry (logs.py); '' for none (archived)
 local band = tonumber(ARGV[16])  -- what `state` adds to a score in the jobs index
+local keep_s = tonumber(ARGV[17])  -- how long the finished job's hash stays (0: its TTL as it is)
 -- -> 1 stored | 2 stored already by this very claim (its reply was lost) | 0 fenced out (nothing written)
 local h = read(job_hash, {'gen', 'done_gen', 'slot', 'slot_load', 'enqueued_at'})
 if h.done_gen then
@@ -40,6 +42,7 @@ if log_ttl > 0 then redis.call('EXPIRE', log_stream, log_ttl) end
 redis.call('HSET', job_hash, unpack(extend({'state', state, 'phase', 'done', 'record', record,
   'done_gen', gen, 'lease_until', 0}, give_back(h))))
 redis.call('ZADD', jobs_index, tonumber(h.enqueued_at or '0') + band, job_id)
+if keep_s > 0 then redis.call('EXPIRE', job_hash, keep_s) end
 redis.call('PUBLISH', done_channel, state)
 if state == 'succeeded' and affinity_key ~= '' and daemon ~= '' then
   redis.call('SET', affinity_key, daemon, 'EX', remember_ttl)
