@@ -125,6 +125,18 @@ class BuildJob(BaseModel):
         default=None, description="the job this one runs again (set by buildq retry); shown in its record"
     )
 
+    # -- attestations (docs/attestations.md): null takes the operator's default ----------------
+    provenance: Literal["min", "max", "none"] | None = Field(
+        default=None,
+        description="SLSA provenance attestation (BuildKit's attest:provenance mode); none: no "
+        "provenance; null: BUILDQ_PROVENANCE_DEFAULT",
+    )
+    sbom: bool | None = Field(
+        default=None,
+        description="an SPDX SBOM attestation made by BUILDQ_SBOM_SCANNER_IMAGE (BuildKit's "
+        "attest:sbom); null: BUILDQ_SBOM_DEFAULT",
+    )
+
     @field_validator("context")
     @classmethod
     def _context(cls, value: str) -> str:
