@@ -3,11 +3,12 @@
 ``BUILDQ_TEST_BUILDKIT_BIN=/root/buildkit-rig/bin python -m tests.capture_attestations`` starts a
 registry and a buildkitd of its own (tests/genuine.py), pushes a busybox base and a test SBOM
 scanner made here (no pulls), runs three builds with the argv buildq's worker makes
-(:func:`buildq.buildkit.command.build_argv`) and keeps, per build, in ``tests/fixtures/attest/<name>/``:
+(:func:`buildq.buildkit.command.build_argv`) and keeps, per build, in
+``tests/fixtures/attest/<name>/``:
 ``cmd`` (the argv), ``stderr`` (the rawjson stream, verbatim), ``rc``, ``meta.json`` (the metadata
-file) and ``registry/`` (every manifest and blob the pushed index reaches: the builds are ``FROM scratch`` with a text
-file, so no binary is kept, as the registry served
-them, named by digest, a layer as base64 text in ``<digest>.b64``; manifests beside a ``.type`` file with their media type), which
+file) and ``registry/``: every manifest and blob the pushed index reaches, as the registry served
+them, named by digest (a layer as base64 text in ``<digest>.b64``; a manifest beside a ``.type``
+file with its media type). The builds are ``FROM scratch`` with a text file: no binary is kept.
 :func:`tests.attest_fixtures.seed_registry` puts into another registry for CI.
 """
 
@@ -29,20 +30,15 @@ from tests.genuine import Daemon, Registry, bin_dir, busybox_base
 OUT = Path(__file__).parent / "fixtures" / "attest"
 #: the granted secret of the provenance build: its statement must not hold it
 SECRET_VALUE = "buildq-granted-secret-6f1d2c"
-SCAN_SH = r"""set -e
-out="$BUILDKIT_SCAN_DESTINATION/$(basename "$BUILDKIT_SCAN_SOURCE").spdx.json"
-files=$(cd "$BUILDKIT_SCAN_SOURCE" && find . -type f | sort | sed 's/^\.\///' | awk 'BEGIN{ORS=""; n=0} {if(n++) print ","; printf "{\"fileName\":\"%s\",\"SPDXID\":\"SPDXRef-File-%d\"}", $0, n}')
-cat > "$out" <<JSON
-{"_type":"https://in-toto.io/Statement/v0.1","predicateType":"https://spdx.dev/Document","subject":[],"predicate":{"spdxVersion":"SPDX-2.3","dataLicense":"CC0-1.0","SPDXID":"SPDXRef-DOCUMENT","name":"buildq-test-scan","documentNamespace":"https://buildq.invalid/spdx/test","creationInfo":{"created":"2026-01-01T00:00:00Z","creators":["Tool: buildq-test-scanner"]},"files":[$files]}}
-JSON
-"""
+#: the test SBOM scanner's script: BuildKit's scanner protocol, an SPDX statement of the files it sees
+SCAN_SH = OUT / "scanner" / "scan.sh"
 
 
 def scanner_image(bins: Path, daemon: Daemon, registry: Registry, base: str, work: Path) -> str:
     """Push the test SBOM scanner (busybox + a shell script speaking BuildKit's scanner protocol)."""
     folder = work / "scanner"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "scan.sh").write_text(SCAN_SH)
+    shutil.copy(SCAN_SH, folder / "scan.sh")
     (folder / "Dockerfile").write_text(f'FROM {base}\nCOPY scan.sh /scan.sh\nCMD ["/bin/sh", "/scan.sh"]\n')
     ref = f"{registry.host}/test/sbom-scanner:1"
     subprocess.run(

@@ -185,11 +185,13 @@ def test_platforms_and_attestations_are_recorded_as_the_registry_holds_them(
     ctx = str(context_dir)
     two = ["linux/amd64", "linux/arm64"]
     handles = {
-        "multiplatform": client.submit({"context": ctx, "tags": [f"{host}/ci/multiplatform:1"], "platforms": two,
-                                        **_replayed("multiplatform")}),
-        "provenance_max": client.submit({"context": ctx, "tags": [f"{host}/ci/provenance_max:1"], "platforms": two,
-                                         "provenance": "max", **_replayed("provenance_max")}),
-        "sbom": client.submit({"context": ctx, "tags": [f"{host}/ci/sbom:1"], "sbom": True, **_replayed("sbom")}),
+        "multiplatform": client.submit({"context": ctx, "tags": [f"{host}/ci/multiplatform:1"],
+                                        "platforms": two, **_replayed("multiplatform")}),
+        "provenance_max": client.submit({"context": ctx, "tags": [f"{host}/ci/provenance_max:1"],
+                                         "platforms": two, "provenance": "max",
+                                         **_replayed("provenance_max")}),
+        "sbom": client.submit({"context": ctx, "tags": [f"{host}/ci/sbom:1"], "sbom": True,
+                               **_replayed("sbom")}),
     }  # fmt: skip
     records = {name: handle.wait(timeout=90) for name, handle in handles.items()}
     for name, record in records.items():
@@ -248,8 +250,8 @@ def test_an_index_that_cannot_be_read_back_is_said_in_the_record(
     env = {**buildq_env, "BUILDQ_INSECURE_REGISTRIES": gone, "BUILDQ_REGISTRY_READ_TIMEOUT_S": "3"}
     start_worker(env)
     record = client_for(env).submit(
-        {"context": str(context_dir), "tags": [f"{gone}/ci/gone:1"], "platforms": ["linux/amd64", "linux/arm64"],
-         **_replayed("multiplatform")}
+        {"context": str(context_dir), "tags": [f"{gone}/ci/gone:1"],
+         "platforms": ["linux/amd64", "linux/arm64"], **_replayed("multiplatform")}
     ).wait(timeout=60)  # fmt: skip
     assert record["state"] == "succeeded"
     assert record["image"]["platforms"] is None and record["image"]["attestations"] == []
