@@ -190,10 +190,14 @@ def test_platforms_and_attestations_are_recorded_as_the_registry_holds_them(
         "provenance_max": client.submit({"context": ctx, "tags": [f"{host}/ci/provenance_max:1"],
                                          "platforms": two, "provenance": "max",
                                          **_replayed("provenance_max")}),
-        "sbom": client.submit({"context": ctx, "tags": [f"{host}/ci/sbom:1"], "sbom": True,
-                               **_replayed("sbom")}),
     }  # fmt: skip
+    # the SBOM job through the command line: buildq submit --sbom
+    replay = f"STANDIN_SCENARIO={scenario(**replay_scenario('sbom'))}"
+    submitted = run_cli(env, "submit", "--context", ctx, "--tag", f"{host}/ci/sbom:1", "--sbom",
+                        "--build-arg", replay, "--wait", "--json")  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
     records = {name: handle.wait(timeout=90) for name, handle in handles.items()}
+    records["sbom"] = json.loads(submitted.stdout)
     for name, record in records.items():
         assert record["state"] == "succeeded", (name, record["error"])
         assert record["image"]["digest"] == metadata(name)["containerimage.digest"]
@@ -284,6 +288,13 @@ def test_a_stranger_asking_for_what_is_refused_gets_the_field_and_no_buildctl(
         assert record["error"]["field"] == field, record["error"]
         assert TOKEN not in json.dumps(record)
     assert standin_log.events() == []
+
+
+def test_a_bad_attestation_flag_is_one_line_naming_the_field(buildq_env) -> None:
+    done = run_cli(buildq_env, "submit", "--context", "https://b.example/ctx.tgz", "--tag", "reg/app:1",
+                   "--provenance", "maximal")  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "provenance" in done.stderr, done.stderr
 
 
 def test_the_captures_are_what_the_record_reads() -> None:
