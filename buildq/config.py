@@ -263,7 +263,7 @@ class Settings(BaseSettings):
         "docker/buildkit-syft-scanner:stable-1"
     )
     #: how long a worker may spend reading a pushed index back (its platforms, attestations), all
-    #: reads together; below BUILDQ_LEASE_TTL_S
+    #: reads together; a third of BUILDQ_LEASE_TTL_S at most is used
     registry_read_timeout_s: float = Field(default=10.0, gt=0, le=60)
 
     @model_validator(mode="after")

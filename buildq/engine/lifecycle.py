@@ -553,7 +553,8 @@ class Lifecycle:
         try:
             reader = RegistryReader(
                 tag, insecure=is_insecure(tag, self.settings.insecure_registries),
-                timeout_s=self.settings.registry_read_timeout_s,
+                # the claim is not renewed between buildctl's exit and the record: a third of a lease
+                timeout_s=min(self.settings.registry_read_timeout_s, self.settings.lease_ttl_s / 3),
             )  # fmt: skip
             found = read_pushed(reader, digest)
         except (RegistryReadError, ValueError, KeyError, TypeError) as exc:
