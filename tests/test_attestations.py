@@ -94,6 +94,18 @@ def test_provenance_max_is_refused_for_a_build_arg_holding_a_granted_secret() ->
                                   secret_values=[TOKEN]).provenance == "min"  # fmt: skip
 
 
+def test_a_job_that_does_not_ask_sends_no_attestation_fields() -> None:
+    """An older worker (before these fields; unknown fields rejected) still takes such a job."""
+    plain = _job(job_id="j1").to_message()
+    assert not {"provenance", "sbom"} & set(plain)
+    assert _job(job_id="j1", provenance="min", sbom=False).to_message() == {
+        **plain,
+        "provenance": "min",
+        "sbom": False,
+    }
+    assert parse_job(plain) == _job(job_id="j1")
+
+
 def test_the_argv_asks_buildkit_for_the_attestations() -> None:
     base = {"tags": ["reg/app:1"], "cache_ref": "reg/app:c", "metadata_file": "/m", "context_dir": "/c",
             "dockerfile_dir": "/c"}  # fmt: skip

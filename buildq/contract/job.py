@@ -242,8 +242,15 @@ class BuildJob(BaseModel):
         return is_remote_context(self.context)
 
     def to_message(self) -> dict[str, Any]:
-        """The JSON-able body put on the queue (defaults filled in, so every worker agrees)."""
-        return self.model_dump(mode="json")
+        """The JSON-able body put on the queue (defaults filled in, so every worker agrees; the
+        attestation fields only when the job sets them)."""
+        body = self.model_dump(mode="json")
+        # attestations left to the worker's defaults are not sent: a worker that predates them
+        # (a rolling upgrade) still takes a job that does not ask for any
+        for name in ("provenance", "sbom"):
+            if body.get(name) is None:
+                del body[name]
+        return body
 
 
 def cache_key(job: BuildJob) -> str:
