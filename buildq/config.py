@@ -30,6 +30,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from .contract.grants import validate_repository_pattern
+from .contract.reference import parse_reference
 from .errors import SettingsError
 
 ENV_PREFIX = "BUILDQ_"
@@ -108,6 +109,23 @@ def _absolute_dirs(roots: list[str]) -> list[str]:
 
 def _repository_patterns(patterns: list[str]) -> list[str]:
     return [validate_repository_pattern(pattern) for pattern in patterns]
+
+
+def _provenance_modes(modes: list[str]) -> list[str]:
+    for mode in modes:
+        if mode not in ("min", "max"):
+            raise ValueError(f"{mode!r} is not a provenance mode (min, max)")
+    return modes
+
+
+def _image_reference(value: str) -> str:
+    try:
+        parse_reference(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an image reference: {exc}") from None
+    if "," in value or "=" in value:
+        raise ValueError(f"{value!r} must not contain ',' or '='")
+    return value
 
 
 #: a comma separated list in one variable (``NoDecode``: not JSON)
@@ -231,6 +249,36 @@ class Settings(BaseSettings):
     submit_replicas: int | None = Field(default=None, ge=0, le=16)
     #: how long one ``WAIT`` for the replicas may block
     replica_wait_timeout_s: float = Field(default=2.0, gt=0, le=60)
+
+    # -- attestations (docs/attestations.md) ---------------------------------------------------
+    #: provenance a job gets when it does not say: ``none``, ``min`` or ``max``
+    provenance_default: Literal["none", "min", "max"] = "none"
+    #: provenance modes a job may ask for (empty: none; ``none`` is always allowed)
+    provenance_allowed: Annotated[Csv, AfterValidator(_provenance_modes)] = Field(
+        default_factory=lambda: ["min", "max"]
+    )
+    #: an SBOM for a job that does not say
+    sbom_default: bool = False
+    #: whether a job may ask for an SBOM (false: ``sbom: true`` is rejected, the default is off)
+    sbom_allowed: bool = True
+    #: the SBOM generator image BuildKit runs (its scanner protocol); pulled by the daemon
+    sbom_scanner_image: Annotated[str, AfterValidator(_image_reference)] = (
+        "docker/buildkit-syft-scanner:stable-1"
+    )
+    #: how long a worker may spend reading a pushed index back (its platforms, attestations), all
+    #: reads together; a third of BUILDQ_LEASE_TTL_S at most is used
+    registry_read_timeout_s: float = Field(default=10.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _check_attestations(self) -> Settings:
+        if self.provenance_default != "none" and self.provenance_default not in self.provenance_allowed:
+            raise ValueError(
+                f"BUILDQ_PROVENANCE_DEFAULT ({self.provenance_default}) must be one of "
+                "BUILDQ_PROVENANCE_ALLOWED (or none)"
+            )
+        if self.sbom_default and not self.sbom_allowed:
+            raise ValueError("BUILDQ_SBOM_DEFAULT=true needs BUILDQ_SBOM_ALLOWED=true")
+        return self
 
     @classmethod
     def settings_customise_sources(

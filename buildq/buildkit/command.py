@@ -38,6 +38,11 @@ class BuildRequest:
     secret_files: Sequence[tuple[str, str]] = ()
     push: bool = True
     cache_mode: str = "max"
+    # -- attestations (docs/attestations.md) --
+    #: ``min`` / ``max``: BuildKit's ``attest:provenance=mode=…``; None: no provenance
+    provenance: str | None = None
+    #: the SBOM generator image (``attest:sbom=generator=…``); None: no SBOM
+    sbom_generator: str | None = None
 
 
 def csv_field(field: str) -> str:
@@ -77,6 +82,7 @@ def build_argv(req: BuildRequest, *, insecure_registries: Sequence[str] = ()) ->
         argv += ["--opt", f"label:{key}={value}"]
     if req.platforms:
         argv += ["--opt", "platform=" + ",".join(req.platforms)]
+    argv += attestation_opts(req)
     for secret_id, env in req.secrets:
         argv += ["--secret", csv_attrs([f"id={secret_id}", f"env={env}"])]
     for secret_id, path in req.secret_files:
@@ -102,6 +108,16 @@ def build_argv(req: BuildRequest, *, insecure_registries: Sequence[str] = ()) ->
     argv += ["--import-cache", csv_attrs(["type=registry", f"ref={req.cache_ref}", *cache_insecure])]
     argv += ["--progress=rawjson", "--metadata-file", req.metadata_file]
     return argv
+
+
+def attestation_opts(req: BuildRequest) -> list[str]:
+    """The ``--opt attest:…`` arguments of ``req``: provenance in its mode, an SBOM by its generator."""
+    opts: list[str] = []
+    if req.provenance is not None:
+        opts += ["--opt", f"attest:provenance=mode={req.provenance}"]
+    if req.sbom_generator is not None:
+        opts += ["--opt", f"attest:sbom=generator={req.sbom_generator}"]
+    return opts
 
 
 def split_dockerfile(dockerfile: str) -> tuple[str, str]:

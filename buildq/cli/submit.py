@@ -64,6 +64,13 @@ def submit(
         str, typer.Option("--progress", help="--wait: auto (live on a tty) | plain (log) | quiet")
     ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON record")] = False,
+    # -- attestations (docs/attestations.md) --
+    provenance: Annotated[
+        str | None, typer.Option("--provenance", help="min | max | none (default: the worker's)")
+    ] = None,
+    sbom: Annotated[
+        bool | None, typer.Option("--sbom/--no-sbom", help="an SPDX SBOM attestation (default: the worker's)")
+    ] = None,
 ) -> None:
     """Validate and enqueue a build; print its job id (with --wait, its result)."""
     from ..client import BuildqClient
@@ -90,6 +97,8 @@ def submit(
             "labels": pairs(label, "--label") if label else None,
             "platforms": list(platform) if platform else None,
             "secrets": secrets_of(secret) if secret else None,
+            "provenance": provenance,
+            "sbom": sbom,
         }
         job = local_context(merge_job(base, flags), upload=upload, context_roots=settings.context_roots)
         client = BuildqClient(settings)

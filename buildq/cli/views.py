@@ -35,6 +35,15 @@ BAR_WIDTH = 40
 PIPE_WIDTH = 100_000
 
 
+def attestation_kind(predicate_type: str) -> str:
+    """``provenance`` / ``sbom`` for the predicate types BuildKit writes, else the type itself."""
+    if "slsa.dev/provenance" in predicate_type:
+        return "provenance"
+    if "spdx.dev/Document" in predicate_type:
+        return "sbom"
+    return predicate_type
+
+
 def waterfall_rows(phases: dict[str, float], width: int = BAR_WIDTH) -> list[tuple[str, float, int, int]]:
     """(phase, seconds, offset, length) in characters: phases laid end to end over ``width``."""
     total = phases.get("total") or sum(phases.get(p, 0.0) for p in PHASE_ORDER)
@@ -91,6 +100,18 @@ def render_record(record: dict[str, Any], console: Console | None = None) -> Non
         summary.add_row("image", ", ".join(image["names"]))
     if image.get("digest"):
         summary.add_row("digest", image["digest"])
+    for platform, digest in sorted((image.get("platforms") or {}).items()):
+        summary.add_row(f"  {platform}", digest)
+    for attestation in image.get("attestations") or []:
+        kinds = (
+            ", ".join(attestation_kind(t) for t in attestation.get("predicate_types") or []) or "attestation"
+        )
+        summary.add_row(
+            f"  {kinds}",
+            f"{attestation['digest']} (for {attestation.get('platform') or attestation['subject']})",
+        )
+    if image.get("registry_error"):
+        summary.add_row("index", f"not read back: {image['registry_error']}")
     cache = record.get("cache") or {}
     if cache.get("error"):  # the image may be pushed while its cache export failed (buildctl exit 0)
         summary.add_row("cache", f"[yellow]not exported[/]: {escape(cache['error'])}")

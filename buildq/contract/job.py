@@ -117,6 +117,18 @@ class BuildJob(BaseModel):
         default=None, description="the job this one runs again (set by buildq retry); shown in its record"
     )
 
+    # -- attestations (docs/attestations.md): null takes the operator's default ----------------
+    provenance: Literal["min", "max", "none"] | None = Field(
+        default=None,
+        description="SLSA provenance attestation (BuildKit's attest:provenance mode); none: no "
+        "provenance; null: BUILDQ_PROVENANCE_DEFAULT",
+    )
+    sbom: bool | None = Field(
+        default=None,
+        description="an SPDX SBOM attestation made by BUILDQ_SBOM_SCANNER_IMAGE (BuildKit's "
+        "attest:sbom); null: BUILDQ_SBOM_DEFAULT",
+    )
+
     @field_validator("context")
     @classmethod
     def _context(cls, value: str) -> str:
@@ -222,8 +234,15 @@ class BuildJob(BaseModel):
         return is_remote_context(self.context)
 
     def to_message(self) -> dict[str, Any]:
-        """The JSON-able body put on the queue (defaults filled in, so every worker agrees)."""
-        return self.model_dump(mode="json")
+        """The JSON-able body put on the queue (defaults filled in, so every worker agrees; the
+        attestation fields only when the job sets them)."""
+        body = self.model_dump(mode="json")
+        # attestations left to the worker's defaults are not sent: a worker that predates them
+        # (a rolling upgrade) still takes a job that does not ask for any
+        for name in ("provenance", "sbom"):
+            if body.get(name) is None:
+                del body[name]
+        return body
 
 
 def cache_key(job: BuildJob) -> str:

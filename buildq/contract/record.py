@@ -61,10 +61,33 @@ class Phases(_Closed):
     total: Seconds
 
 
+class Attestation(_Closed):
+    """An attestation manifest of the pushed index (docs/attestations.md)."""
+
+    digest: str = Field(description="the attestation manifest's digest")
+    subject: str = Field(description="the image manifest it is for (vnd.docker.reference.digest)")
+    platform: str | None = Field(description="that manifest's platform")
+    predicate_types: list[str] = Field(description="its in-toto statements' predicate types")
+    statements: list[str] = Field(description="the digests of its in-toto statement layers")
+
+
 class Image(_Closed):
     names: list[str] = Field(description="the job's tags")
-    digest: str | None = Field(description="containerimage.digest of buildctl's metadata file")
+    digest: str | None = Field(
+        description="containerimage.digest of buildctl's metadata file (the index's when one was pushed)"
+    )
     pushed: bool
+    platforms: dict[str, str] | None = Field(
+        default=None,
+        description="platform (os/arch[/variant]) → its manifest digest, as the registry holds the "
+        "pushed index; null: no index was pushed (one platform, no attestation) or it was not read",
+    )
+    attestations: list[Attestation] = Field(
+        default_factory=list, description="the index's attestation manifests"
+    )
+    registry_error: str | None = Field(
+        default=None, description="why the pushed index could not be read back (the build still succeeded)"
+    )
 
 
 class Cache(_Closed):

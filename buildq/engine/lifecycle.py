@@ -31,15 +31,18 @@ from datetime import datetime
 from typing import Any
 
 from ..buildkit.classify import DAEMON_LOST_REASONS, NEVER_REACHED_REASON
+from ..buildkit.command import is_insecure
 from ..buildkit.phases import LivePhases
 from ..buildkit.progress import SolveStatus
 from ..config import Settings
+from ..contract.attest import AttestationPolicy, effective_attestations
 from ..contract.grants import check_repositories, check_secrets, context_outside_roots
 from ..contract.job import JOB_ID_PATTERN_RE, BuildJob, cache_key, parse_job, url_query_values
 from ..contract.record import summary, validated_record
 from ..contract.wire import Delivery, next_message
 from ..errors import InvalidJobError, RedisUnavailable
 from ..launchers.base import Launcher
+from ..registry import RegistryReader, RegistryReadError, is_index, read_pushed
 from ..store.archive import Archive, ArchiveError
 from ..store.daemons import DaemonHealth
 from ..store.jobs import Claimed, Fence, Finished, History, JobStore, LogEnd, NotOurs
@@ -313,6 +316,7 @@ class Lifecycle:
         self.redact_values = list(redact_values)
         self.redactor = Redactor(self.redact_values) if self.redact_values else None
         self.checks = WorkerChecks(settings, environ)
+        self.attestation_policy = attestation_policy(settings)
         #: running builds of this process by job id: a cancel notice stops one at once
         self.stoppers = stoppers if stoppers is not None else {}
         #: this host's run files (stamped while a run's claim is renewed; the reaper reads them)
@@ -376,7 +380,8 @@ class Lifecycle:
         if delivery.task_id is not None and delivery.task_id != job.job_id:
             raise InvalidJobError("the message's task id is not the job's job_id", field="job_id")
         self.checks(job)
-        return job
+        # attestations as the operator allows them, filled in (docs/attestations.md)
+        return effective_attestations(job, self.attestation_policy, secret_values=self.redact_values)
 
     def _build(
         self, job: BuildJob, claim: Claimed, delivery: Delivery, progress: Progress, key: str,
@@ -428,7 +433,7 @@ class Lifecycle:
             number=build.number, daemon=build.daemon, launcher=self.launcher, scheduler=self.scheduler,
             timeout_s=float(job.timeout_s or s.default_timeout_s), insecure_registries=s.insecure_registries,
             environ=self.environ, extra_transient=s.transient_patterns, clock=self.clock,
-            gen=build.fence.gen, registry=self.runs,
+            gen=build.fence.gen, registry=self.runs, sbom_generator=s.sbom_scanner_image,
         )  # fmt: skip
         self.hooks.attempt_started(build)
         build.launched = True
@@ -480,12 +485,13 @@ class Lifecycle:
         # ended finds it whole there
         archived = self._archive_attempt(build)
         log_end = self._log_end(build, log_entries, archived)
+        pushed = self._read_pushed(build, outcome) if state == "succeeded" else None
         concluded = recording.conclude(
             job, outcome, build.attempts, offset=build.offset,
             window_start=history.window_start or history.enqueued_at, window_end=now, routing=build.routing,
             live=live, state=state, gave_up=self._unavailable(now) if isinstance(decision, GiveUp) else None,
             log_tail=tail, enqueued_at=history.enqueued_at, worker=self.worker_id, redactor=build.redactor,
-            baseline=self._baseline(build), cache_key=build.cache_key,
+            baseline=self._baseline(build), cache_key=build.cache_key, pushed=pushed,
         )  # fmt: skip
 
         def commit(writes: EndWrites) -> bool:
@@ -532,6 +538,34 @@ class Lifecycle:
             attempts = tuple(concluded.attempts)
             return Ending("requeued", countdown=decision.delay, reason=phase, attempts=attempts)
         return Ending("finished", record=concluded.record, summary=concluded.summary)
+
+    def _read_pushed(self, build: Build, outcome: Outcome | None) -> dict[str, Any] | None:
+        """What the registry holds of the index a successful build pushed (its platforms and
+        attestation manifests, docs/attestations.md); None when no index was pushed. A failed read
+        is said in the record (``registry_error``): the image is pushed, the build succeeded."""
+        job = build.job
+        metadata = (outcome.metadata if outcome is not None else None) or {}
+        descriptor = metadata.get("containerimage.descriptor")
+        digest = metadata.get("containerimage.digest")
+        media_type = descriptor.get("mediaType") if isinstance(descriptor, dict) else None
+        if not job.push or not isinstance(digest, str) or not is_index(media_type):
+            return None
+        tag = job.tags[0]
+        try:
+            reader = RegistryReader(
+                tag, insecure=is_insecure(tag, self.settings.insecure_registries),
+                # the claim is not renewed between buildctl's exit and the record: a third of a lease
+                timeout_s=min(self.settings.registry_read_timeout_s, self.settings.lease_ttl_s / 3),
+            )  # fmt: skip
+            found = read_pushed(reader, digest)
+        except (RegistryReadError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("job %s: the pushed index was not read back: %s", job.job_id, exc)
+            return {"platforms": None, "attestations": [], "registry_error": str(exc)[:500]}
+        return {
+            "platforms": found.platforms,
+            "attestations": [a.as_record() for a in found.attestations],
+            "registry_error": None,
+        }
 
     def _persist(self, job_id: str, write: Callable[[], bool]) -> bool:
         """``write()`` (an attempt's outcome: its record or its next message), waiting for Redis as
@@ -884,6 +918,16 @@ def check_job_on_worker(
                 f"secrets[{index}].env: environment variable {secret.env!r} is not set on the worker",
                 field=f"secrets[{index}].env",
             )
+
+
+def attestation_policy(settings: Settings) -> AttestationPolicy:
+    """The operator's attestation settings as the contract's policy."""
+    return AttestationPolicy(
+        provenance_default=settings.provenance_default,
+        provenance_allowed=tuple(settings.provenance_allowed),
+        sbom_default=settings.sbom_default,
+        sbom_allowed=settings.sbom_allowed,
+    )
 
 
 class WorkerChecks:

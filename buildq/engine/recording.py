@@ -115,6 +115,7 @@ def conclude(
     redactor: Redactor | None = None,
     baseline: Callable[[], Sequence[bytes]] | None = None,
     cache_key: str = "",
+    pushed: Mapping[str, Any] | None = None,
 ) -> Concluded:
     """The entry of the attempt that ended (``outcome``; None when nothing was launched) after the
     ``earlier`` attempts and, when the job is over (``state``), its whole record: ``gave_up`` is
@@ -122,7 +123,8 @@ def conclude(
     Times: ``offset`` shifts this worker's clock to the server's; the attempt's window is
     ``[window_start, window_end]`` (server clock). Every string is masked by ``redactor``;
     ``baseline`` reads the repository's raw baseline entries, only when a phase or step took long
-    enough to be compared."""
+    enough to be compared. ``pushed``: what the registry holds of a pushed index (the image's
+    ``platforms``, ``attestations``, ``registry_error``)."""
     entry = None
     rep = None
     if outcome is not None:
@@ -145,6 +147,8 @@ def conclude(
     if error is not None and log_tail:
         error["log_tail"] = list(log_tail)
     record = _record(job, attempts, outcome, state, error, rep, window_end, routing, enqueued_at, worker)
+    if pushed and record["image"] is not None:
+        record["image"].update(pushed)
     if redactor is not None:
         record = redactor.redact_tree(record)
     phases, steps = record["phases"], record["slowest_steps"]

@@ -101,8 +101,9 @@ def dockerfile_dir(job: BuildJob) -> str | None:
     return f"{job.context}/{head}" if head else job.context
 
 
-def build_request(job: BuildJob, paths: BuildPaths) -> BuildRequest:
-    """The buildctl build of ``job`` with the paths buildctl sees (``paths`` from the launcher)."""
+def build_request(job: BuildJob, paths: BuildPaths, *, sbom_generator: str | None = None) -> BuildRequest:
+    """The buildctl build of ``job`` with the paths buildctl sees (``paths`` from the launcher);
+    ``job`` has its attestations filled in (``sbom_generator``: the operator's scanner image)."""
     cache_ref = job.cache_ref
     assert cache_ref is not None  # filled in by BuildJob
     return BuildRequest(
@@ -121,6 +122,8 @@ def build_request(job: BuildJob, paths: BuildPaths) -> BuildRequest:
         secret_files=paths.secret_files,
         push=job.push,
         cache_mode=job.cache_mode,
+        provenance=job.provenance if job.provenance in ("min", "max") else None,
+        sbom_generator=sbom_generator if job.sbom else None,
     )
 
 
@@ -140,6 +143,8 @@ class RunSpec:
     #: the claim generation the run belongs to, and this host's run files (stamped at each renewal)
     gen: int = 0
     registry: RunRegistry | None = None
+    #: the SBOM generator image for a job with ``sbom`` (BUILDQ_SBOM_SCANNER_IMAGE)
+    sbom_generator: str | None = None
 
 
 def run_build(job: BuildJob, spec: RunSpec, watch: Watch, stopper: Stopper | None = None) -> Outcome:
@@ -163,7 +168,10 @@ def run_build(job: BuildJob, spec: RunSpec, watch: Watch, stopper: Stopper | Non
         env = {"BUILDKIT_HOST": spec.daemon}
         if not secrets_as_files:
             env.update({s.env: spec.environ[s.env] for s in job.secrets})
-        argv = build_argv(build_request(job, paths), insecure_registries=spec.insecure_registries)
+        argv = build_argv(
+            build_request(job, paths, sbom_generator=spec.sbom_generator),
+            insecure_registries=spec.insecure_registries,
+        )
         launch = LaunchSpec(
             job_id=job.job_id, argv=argv, env=env, context_dir=context, dockerfile_dir=dockerfile,
             secrets=values, gen=spec.gen,

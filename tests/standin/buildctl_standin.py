@@ -240,6 +240,8 @@ def play(rep: R.Replayer, addr: str, v: dict, info: dict, scenario: dict, rec: d
         if v.get("metadata-file"):
             exported = info["exports_cache"] and export != "fail"
             md = R.build_metadata(rec["argv"], info["names"], exported)
+            if scenario.get("metadata"):  # a capture's own metadata file (tests/fixtures/attest/)
+                md = R.captured_metadata(scenario["metadata"], info["names"], exported)
             R.write_atomic(v["metadata-file"], R.dumps_indent(md))
         return 0
     if kind == "fail":

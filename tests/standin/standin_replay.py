@@ -444,6 +444,18 @@ def build_metadata(argv: list[str], image_names: list[str], exports_cache: bool)
     return md
 
 
+def captured_metadata(path: str, image_names: list[str], exports_cache: bool) -> dict:
+    """A capture's ``--metadata-file`` as it was, with this build's image names (and without its
+    ``cache.manifest`` when the cache export is not to have happened)."""
+    with open(path, encoding="utf-8") as f:
+        md = loads(f.read())
+    assert isinstance(md, dict)
+    md["image.name"] = ",".join(image_names)
+    if not exports_cache:
+        md.pop("cache.manifest", None)
+    return md
+
+
 def write_atomic(path: str, data: str) -> None:
     """Write like continuity.AtomicWriteFile: temp file in the same folder, then rename."""
     tmp = f"{path}.{os.getpid()}.tmp"
