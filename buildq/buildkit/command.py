@@ -38,6 +38,11 @@ class BuildRequest:
     secret_files: Sequence[tuple[str, str]] = ()
     push: bool = True
     cache_mode: str = "max"
+    # -- cache scopes (docs/cache-scopes.md) --
+    #: the refs imported from, in order (empty: ``cache_ref`` alone)
+    import_refs: Sequence[str] = ()
+    #: export the cache to ``cache_ref`` (False: this build does not hold the ref's export lease)
+    export_cache: bool = True
 
 
 def csv_field(field: str) -> str:
@@ -88,7 +93,7 @@ def build_argv(req: BuildRequest, *, insecure_registries: Sequence[str] = ()) ->
     argv += ["--output", csv_attrs(output)]
 
     cache_insecure = ["registry.insecure=true"] if is_insecure(req.cache_ref, insecure_registries) else []
-    if req.push:
+    if req.push and req.export_cache:
         export = [
             "type=registry",
             f"ref={req.cache_ref}",
@@ -99,7 +104,9 @@ def build_argv(req: BuildRequest, *, insecure_registries: Sequence[str] = ()) ->
             *cache_insecure,
         ]
         argv += ["--export-cache", csv_attrs(export)]
-    argv += ["--import-cache", csv_attrs(["type=registry", f"ref={req.cache_ref}", *cache_insecure])]
+    for ref in req.import_refs or [req.cache_ref]:
+        insecure = ["registry.insecure=true"] if is_insecure(ref, insecure_registries) else []
+        argv += ["--import-cache", csv_attrs(["type=registry", f"ref={ref}", *insecure])]
     argv += ["--progress=rawjson", "--metadata-file", req.metadata_file]
     return argv
 

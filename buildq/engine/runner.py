@@ -101,13 +101,16 @@ def dockerfile_dir(job: BuildJob) -> str | None:
     return f"{job.context}/{head}" if head else job.context
 
 
-def build_request(job: BuildJob, paths: BuildPaths) -> BuildRequest:
-    """The buildctl build of ``job`` with the paths buildctl sees (``paths`` from the launcher)."""
-    cache_ref = job.cache_ref
-    assert cache_ref is not None  # filled in by BuildJob
+def build_request(job: BuildJob, paths: BuildPaths, cache: CachePlan | None = None) -> BuildRequest:
+    """The buildctl build of ``job`` with the paths buildctl sees (``paths`` from the launcher);
+    ``cache``: its refs and whether it exports (default: its ``cache_ref`` both ways)."""
+    assert job.cache_ref is not None  # filled in by BuildJob
+    cache = cache or CachePlan(job.cache_ref, (job.cache_ref,))
     return BuildRequest(
         tags=job.tags,
-        cache_ref=cache_ref,
+        cache_ref=cache.export_ref,
+        import_refs=cache.import_refs,
+        export_cache=cache.export,
         metadata_file=paths.metadata_file,
         filename=job.dockerfile if job.is_remote else split_dockerfile(job.dockerfile)[1],
         remote_context=job.context if job.is_remote else None,
@@ -122,6 +125,16 @@ def build_request(job: BuildJob, paths: BuildPaths) -> BuildRequest:
         push=job.push,
         cache_mode=job.cache_mode,
     )
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """The registry cache of one run: exported to ``export_ref`` (when ``export``: the run holds the
+    ref's export lease), imported from ``import_refs`` in order (docs/cache-scopes.md)."""
+
+    export_ref: str
+    import_refs: tuple[str, ...]
+    export: bool = True
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,8 @@ class RunSpec:
     #: the claim generation the run belongs to, and this host's run files (stamped at each renewal)
     gen: int = 0
     registry: RunRegistry | None = None
+    #: the run's cache refs and whether it exports (None: the job's ``cache_ref`` both ways)
+    cache: CachePlan | None = None
 
 
 def run_build(job: BuildJob, spec: RunSpec, watch: Watch, stopper: Stopper | None = None) -> Outcome:
@@ -163,7 +178,7 @@ def run_build(job: BuildJob, spec: RunSpec, watch: Watch, stopper: Stopper | Non
         env = {"BUILDKIT_HOST": spec.daemon}
         if not secrets_as_files:
             env.update({s.env: spec.environ[s.env] for s in job.secrets})
-        argv = build_argv(build_request(job, paths), insecure_registries=spec.insecure_registries)
+        argv = build_argv(build_request(job, paths, spec.cache), insecure_registries=spec.insecure_registries)
         launch = LaunchSpec(
             job_id=job.job_id, argv=argv, env=env, context_dir=context, dockerfile_dir=dockerfile,
             secrets=values, gen=spec.gen,
