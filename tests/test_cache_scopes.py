@@ -81,7 +81,10 @@ def test_a_scoped_build_exports_to_its_scope_and_imports_it_then_the_default() -
     assert cache_refs(job(cache_scope="pr-7"), None)[1] == [export]
     # a named cache_ref is scoped the same way
     named = job(cache_scope="pr-7", cache_ref="reg.example:5000/team/cache:v2")
-    assert cache_refs(named, "main")[1] == ["reg.example:5000/team/cache:v2-pr-7", "reg.example:5000/team/cache:v2-main"]
+    assert cache_refs(named, "main")[1] == [
+        "reg.example:5000/team/cache:v2-pr-7",
+        "reg.example:5000/team/cache:v2-main",
+    ]
 
 
 def test_the_affinity_key_is_the_scope_s_ref() -> None:
@@ -119,7 +122,9 @@ def test_the_argv_imports_the_scope_then_the_default_and_exports_to_the_scope() 
 
 def test_without_a_scope_the_argv_is_as_before() -> None:
     argv = argv_of(None)
-    assert flags(argv, "--import-cache") == ["type=registry,ref=reg.example:5000/team/app:buildcache,registry.insecure=true"]
+    assert flags(argv, "--import-cache") == [
+        "type=registry,ref=reg.example:5000/team/app:buildcache,registry.insecure=true"
+    ]
     assert len(flags(argv, "--export-cache")) == 1
 
 
@@ -245,7 +250,7 @@ def test_a_producer_s_own_message_supersedes_at_the_worker(store: JobStore, clie
     assert store.supersede("raw", "app:main") == (None, None)
 
 
-def test_a_job_that_reaches_a_worker_after_a_newer_one_is_superseded_itself(store: JobStore, client: Any) -> None:
+def test_a_job_reaching_a_worker_after_a_newer_one_is_superseded_itself(store: JobStore, client: Any) -> None:
     submit(store, "j1", "app:main")
     submit(store, "j2", "app:main", delivery="d2")
     assert store.supersede("j1", "app:main") == (None, "j2")

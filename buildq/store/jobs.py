@@ -52,8 +52,8 @@ from .keys import (
     WAITING_INDEX,
     WORKERS,
     JobKeys,
-    final_band,
     export_lease_key,
+    final_band,
     job_key,
     job_keys,
     load_key,
@@ -208,7 +208,9 @@ class JobStore:
         return _text(older) or None, _text(newer) or None
 
     # -- the export lease of a cache ref --------------------------------------------------------
-    def take_export(self, cache_key: str, *, job_id: str, order: float, ttl_s: float) -> tuple[str, str | None]:
+    def take_export(
+        self, cache_key: str, *, job_id: str, order: float, ttl_s: float
+    ) -> tuple[str, str | None]:
         """Take (or, held already, renew) the export lease of ``cache_key`` for ``job_id`` (built in
         ``order``, its enqueued_at): (``granted`` | ``newer`` | ``older``, the other build)."""
         answer, other = self.scripts.call(
