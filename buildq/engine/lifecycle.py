@@ -35,7 +35,15 @@ from ..buildkit.phases import LivePhases, cache_evidence
 from ..buildkit.progress import SolveStatus
 from ..config import Settings
 from ..contract.grants import check_repositories, check_secrets, context_outside_roots
-from ..contract.job import JOB_ID_PATTERN_RE, BuildJob, cache_key, cache_refs, parse_job, url_query_values
+from ..contract.job import (
+    JOB_ID_PATTERN_RE,
+    BuildJob,
+    cache_key,
+    cache_refs,
+    job_id_time,
+    parse_job,
+    url_query_values,
+)
 from ..contract.record import summary, validated_record
 from ..contract.wire import Delivery, next_message
 from ..errors import InvalidJobError, RedisUnavailable
@@ -337,7 +345,7 @@ class Lifecycle:
         body = job.to_message()
         queue = delivery.queue or (s.high_priority_queue if job.priority == "high" else s.queue)
         if job.supersede_key:  # a producer's own message did not supersede at submit (idempotent)
-            self.store.supersede(job.job_id, job.supersede_key)
+            self.store.supersede(job.job_id, job.supersede_key, made_at=job_id_time(job.job_id))
         # a lease held elsewhere may be a dead worker's (Celery redelivers at once when a pool
         # process dies): wait it out for one lease TTL before dropping this delivery as a duplicate
         held_until = time.monotonic() + s.lease_ttl_s + 1.0

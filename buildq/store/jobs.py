@@ -198,12 +198,16 @@ class JobStore:
         )  # fmt: skip
         return bool(reply[0])
 
-    def supersede(self, job_id: str, key: str) -> tuple[str | None, str | None]:
+    def supersede(
+        self, job_id: str, key: str, *, made_at: float | None = None
+    ) -> tuple[str | None, str | None]:
         """Make ``job_id`` the newest job of ``key`` unless a newer one is (``lua/supersede.lua``):
-        (the older job it cancelled, the newer job that cancelled it), None for none."""
+        (the older job it cancelled, the newer job that cancelled it), None for none. ``made_at``:
+        when a job never submitted was made (its id says so), else it is ordered by now."""
         older, newer = self.scripts.call(
             "supersede", pointer=supersede_key(key), job_hash=job_key(job_id), job_id=job_id,
             job_prefix=JOB_PREFIX, cancels=CANCELS_CHANNEL, ttl=self.result_ttl_s,
+            order_hint=repr(made_at) if made_at is not None else "",
         )  # fmt: skip
         return _text(older) or None, _text(newer) or None
 
