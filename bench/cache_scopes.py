@@ -32,24 +32,7 @@ from buildq.buildkit.phases import cache_evidence, is_step, step_stats  # noqa: 
 from buildq.buildkit.progress import ProgressTracker  # noqa: E402
 from buildq.contract.job import cache_refs, parse_job  # noqa: E402
 from tests.genuine import Daemon, Registry, bin_dir, busybox_base  # noqa: E402
-
-DOCKERFILE = """FROM {base}
-RUN echo one > /one && sleep 1
-RUN echo two > /two && sleep 1
-RUN echo three > /three && sleep 1
-RUN echo four > /four && sleep 1
-COPY branch.txt /branch.txt
-RUN cat /branch.txt > /derived && sleep 1
-"""
-
-
-def project(root: Path, base: str, branch: str) -> Path:
-    """The project as ``branch`` has it: the same Dockerfile, ``branch.txt`` differs."""
-    ctx = root / f"ctx-{branch}"
-    ctx.mkdir(parents=True, exist_ok=True)
-    (ctx / "Dockerfile").write_text(DOCKERFILE.format(base=base))
-    (ctx / "branch.txt").write_text(f"the {branch} branch\n")
-    return ctx
+from tests.test_cache_scopes_genuine import project  # noqa: E402 - the same project as the test
 
 
 def build(bins: Path, daemon: Daemon, registry: Registry, job: dict[str, Any], default_scope: str | None,
