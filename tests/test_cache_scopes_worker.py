@@ -5,6 +5,7 @@ newer submit of its supersede key (its slot freed), and a stranger's raw message
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ from buildq.celeryapp.app import create_app
 from buildq.contract.job import cache_key, new_job_id, parse_job
 from buildq.store.keys import export_lease_key
 from tests.conftest import scenario
-from tests.harness import client_for, free_port, settings_from, wait_until
+from tests.harness import client_for, free_port, run_cli, settings_from, wait_until
 from tests.test_observability import scrape
 from tests.test_reliability import pid_alive
 
@@ -196,3 +197,23 @@ def test_a_stranger_s_raw_message_is_superseded_at_the_worker_and_a_bad_key_reje
     assert rejected["error"]["field"] == "supersede_key" and "\n" not in rejected["error"]["message"]
     assert newer.wait(60)["state"] == "succeeded"
     assert [s["key"] for s in standin_log.starts()] == ["reg/block:1", "reg/raw:2"]
+
+
+def test_the_cli_submits_a_scope_and_refuses_a_bad_one_on_one_line(
+    buildq_env, start_worker, context_dir, standin_log
+) -> None:
+    start_worker(buildq_env)
+    job = ["submit", "--context", str(context_dir), "--tag", TAG]
+    ok = run_cli(buildq_env, *job, "--cache-scope", "Feature/X", "--supersede-key", "team/app:feature-x",
+                 "--wait", "--json", "--progress", "quiet")  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["cache"]["ref"] == "reg:5000/team/app:buildcache-feature-x"
+    for flag, value, field in (
+        ("--cache-scope", "???", "cache_scope"),
+        ("--supersede-key", "a b*", "supersede_key"),
+    ):
+        bad = run_cli(buildq_env, *job, flag, value)
+        assert bad.returncode == 2, bad.stderr
+        assert bad.stderr.count("\n") == 1 and f"invalid job: {field}: " in bad.stderr
+        assert "Traceback" not in bad.stderr
+    assert len(standin_log.starts()) == 1
