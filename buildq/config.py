@@ -221,8 +221,8 @@ class Settings(BaseSettings):
     #: a scoped build imports its own scope only (docs/cache-scopes.md)
     cache_default_scope: Annotated[str, AfterValidator(normalise_scope)] | None = None
     #: how long a build waits for an older build of its cache ref to finish exporting before it
-    #: launches without exporting (``cache.export: skipped_busy``)
-    cache_export_wait_s: float = Field(default=30.0, ge=0, le=3600)
+    #: launches without exporting (``cache.export: skipped_busy``); 0: it never waits
+    cache_export_wait_s: float = Field(default=0.0, ge=0, le=3600)
     #: how many of a repository's last successful builds a build's phases are compared with
     baseline_n: int = Field(default=50, ge=5, le=1000)
     #: docker launcher: one warm buildctl container per worker process (false: one per build)
