@@ -269,6 +269,13 @@ MUTATIONS = [
         "tests/test_cache_scopes.py::test_a_newer_submit_cancels_the_queued_older_job_in_the_same_step",
     ),
     Mutation(
+        "a fallback import does not count when the scope's own ref missed",
+        "buildq/buildkit/phases.py",
+        "    imported = any(v.completed is not None and not v.error for v in imports)",
+        "    imported = all(v.completed is not None and not v.error for v in imports) and bool(imports)",
+        "tests/test_cache_scopes.py::test_a_genuine_fallback_import_counts_as_imported_and_its_own_miss_is_no_error",
+    ),
+    Mutation(
         "a supersede key may hold any character",
         "buildq/contract/job.py",
         'SUPERSEDE_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")',

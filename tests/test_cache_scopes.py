@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from buildq.buildkit.command import BuildRequest, build_argv
+from buildq.buildkit.phases import cache_evidence, step_stats
+from buildq.buildkit.progress import ProgressTracker
 from buildq.contract.job import cache_key, cache_refs, normalise_scope, parse_job
 from buildq.contract.wire import build_message
 from buildq.errors import InvalidJobError
@@ -23,6 +26,7 @@ from buildq.store.keys import CANCELS_CHANNEL, export_lease_key, job_key, supers
 from tests.harness import REDIS_URL, CountingRedis, counting_client
 
 DB_URL = f"{REDIS_URL}/12"
+FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"
 TAG = "reg.example:5000/team/app:1"
 
 
@@ -255,3 +259,21 @@ def test_a_job_reaching_a_worker_after_a_newer_one_is_superseded_itself(store: J
     submit(store, "j2", "app:main", delivery="d2")
     assert store.supersede("j1", "app:main") == (None, "j2")
     assert client.get(supersede_key("app:main")) == b"j2"
+
+
+# -- the genuine capture of a scoped build with the fallback ---------------------------------------
+
+
+def test_a_genuine_fallback_import_counts_as_imported_and_its_own_miss_is_no_error() -> None:
+    capture = FIXTURES / "builds" / "scope_fallback_rawjson_regwarm"
+    tracker = ProgressTracker()
+    for line in capture.with_suffix(".stderr").read_text().splitlines():
+        tracker.feed(line)
+    metadata = json.loads(capture.with_suffix(".meta.json").read_text())
+    names = [v.name for v in tracker.vertices.values() if v.name.startswith("importing cache manifest")]
+    host = "127.0.0.1:56929/demo/scoped"
+    assert sorted(names) == [f"importing cache manifest from {host}:buildcache-{s}" for s in ("main", "pr-2")]
+    evidence = cache_evidence(tracker.vertices.values(), metadata, export_requested=True, succeeded=True)
+    assert evidence.imported is True and evidence.import_error is None
+    assert evidence.exported is True and evidence.export_outcome == "exported"
+    assert step_stats(tracker)["cached"] == 1  # the RUN before the change, from main's cache
