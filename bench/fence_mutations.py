@@ -276,6 +276,14 @@ MUTATIONS = [
         "tests/test_cache_scopes.py::test_a_genuine_fallback_import_counts_as_imported_and_its_own_miss_is_no_error",
     ),
     Mutation(
+        "a build waiting for the export lease lets its claim lapse",
+        "buildq/engine/lifecycle.py",
+        "if time.monotonic() - renewed >= s.lease_ttl_s / 3:  # the claim stays ours while it waits",
+        "if False:",
+        "tests/test_cache_scopes_worker.py::"
+        "test_a_build_waiting_for_an_older_exporter_keeps_its_claim_then_exports_after_it",
+    ),
+    Mutation(
         "a supersede key may hold any character",
         "buildq/contract/job.py",
         'SUPERSEDE_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")',

@@ -217,3 +217,27 @@ def test_the_cli_submits_a_scope_and_refuses_a_bad_one_on_one_line(
         assert bad.stderr.count("\n") == 1 and f"invalid job: {field}: " in bad.stderr
         assert "Traceback" not in bad.stderr
     assert len(standin_log.starts()) == 1
+
+
+def test_a_build_waiting_for_an_older_exporter_keeps_its_claim_then_exports_after_it(
+    buildq_env, start_worker, context_dir, standin_log
+) -> None:
+    env = {**buildq_env, "BUILDQ_CACHE_EXPORT_WAIT_S": "8", "BUILDQ_LEASE_TTL_S": "1"}
+    start_worker(env)
+    client = client_for(env)
+    key = cache_key(parse_job({"context": "/c", "tags": [TAG], "cache_scope": "main"}))
+    r = state_redis(env)
+    older = {"job": "older-job", "order": 1.0, "until": (time.time() + 3600) * 1000}
+    r.hset(export_lease_key(key), mapping=older)
+    handle = client.submit({"context": str(context_dir), "tags": [TAG], "cache_scope": "main"})
+    wait_until(lambda: client.status(handle.job_id)["state"] == "running", timeout=30)
+    # three lease TTLs of waiting: its claim is renewed all along, nothing is launched
+    until = time.monotonic() + 3.0
+    while time.monotonic() < until:
+        assert client.store.lease_holder(handle.job_id) is not None
+        assert standin_log.starts() == []
+        time.sleep(0.1)
+    r.hdel(export_lease_key(key), "job", "order", "until")  # the older build ended
+    record = handle.wait(30)
+    assert record["state"] == "succeeded" and record["cache"]["export"] == "exported"
+    assert len(record["attempts"]) == 1 and len(standin_log.starts()) == 1

@@ -465,10 +465,12 @@ class Lifecycle:
     def _export_lease(self, build: Build, stopper: Stopper) -> str:
         """The export lease of the build's cache ref (``lua/export_lease.lua``): ``granted``;
         ``skipped_newer`` when a newer build holds it or exported already; while an older build
-        holds it, a wait for it of at most ``BUILDQ_CACHE_EXPORT_WAIT_S`` (a cancel ends it), then
-        ``skipped_busy``. Redis away: ``granted`` (an export as before the lease)."""
+        holds it, a wait for it of at most ``BUILDQ_CACHE_EXPORT_WAIT_S`` (a cancel ends it; the
+        job's lease is renewed meanwhile), then ``skipped_busy``. Redis away: ``granted`` (an export
+        as before the lease)."""
         s, job = self.settings, build.job
         deadline = time.monotonic() + s.cache_export_wait_s
+        renewed = time.monotonic()
         while True:
             try:
                 answer, other = self.store.take_export(
@@ -487,6 +489,11 @@ class Lifecycle:
                 logger.info("job %s: older build %s still exports %s; skipping this export", job.job_id,
                             other, build.cache_key)  # fmt: skip
                 return "skipped_busy"
+            if time.monotonic() - renewed >= s.lease_ttl_s / 3:  # the claim stays ours while it waits
+                renewed = time.monotonic()
+                answer = self.store.renew(build.fence, ttl_s=s.lease_ttl_s)
+                if answer != "ok":  # fenced out or cancelled: the run is stopped at its launch
+                    stopper.stop(FENCED if answer == "fenced" else CANCELLED)
             time.sleep(min(0.25 * (0.5 + self.rand()), max(0.0, deadline - time.monotonic())))
 
     def _release_export(self, build: Build, outcome: Outcome | None) -> None:
