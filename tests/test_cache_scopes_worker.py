@@ -15,11 +15,12 @@ from buildq.celeryapp.app import create_app
 from buildq.contract.job import cache_key, new_job_id, parse_job
 from buildq.store.keys import export_lease_key
 from tests.conftest import scenario
-from tests.harness import client_for, free_port, run_cli, settings_from, wait_until
+from tests.harness import client_for, free_port, run_cli, settings_from, simulated_deployment, wait_until
 from tests.test_observability import scrape
 from tests.test_reliability import pid_alive
 
 TAG = "reg:5000/team/app:1"
+DAEMON_A, DAEMON_B = "tcp://127.0.0.1:1234", "tcp://127.0.0.1:1236"
 
 
 def flags(argv: list[str], name: str) -> list[str]:
@@ -241,3 +242,37 @@ def test_a_build_waiting_for_an_older_exporter_keeps_its_claim_then_exports_afte
     record = handle.wait(30)
     assert record["state"] == "succeeded" and record["cache"]["export"] == "exported"
     assert len(record["attempts"]) == 1 and len(standin_log.starts()) == 1
+
+
+def test_a_branch_s_rebuilds_go_to_the_daemon_that_holds_its_layers(
+    standin, context_dir, tmp_path, start_worker
+) -> None:
+    daemons = tmp_path / "daemons"
+    env = simulated_deployment(standin, 14, daemons, f"{DAEMON_A},{DAEMON_B}", BUILDQ_BUILDKIT_MAX_BUILDS="1",
+                               BUILDQ_CACHE_DEFAULT_SCOPE="main")  # fmt: skip
+    start_worker(env, concurrency=2)
+    client = client_for(env)
+
+    def build(scope: str, sleep_s: float = 0.0) -> Any:
+        spec = scenario(kind="succeed", sleep_s=sleep_s) if sleep_s else scenario(kind="succeed")
+        return client.submit({"context": str(context_dir), "tags": ["reg/app:1"], "cache_scope": scope,
+                              "build_args": {"STANDIN_SCENARIO": spec}})  # fmt: skip
+
+    # the two branches' first builds at once: one daemon each (one slot a daemon)
+    first = {
+        scope: handle.wait(60)
+        for scope, handle in (("main", build("main", 2.0)), ("pr-7", build("pr-7", 2.0)))
+    }
+    assert first["main"]["daemon"] != first["pr-7"]["daemon"]
+    for scope in ("main", "pr-7", "main", "pr-7"):
+        record = build(scope).wait(60)
+        assert (record["routing"], record["daemon"]) == ("affinity", first[scope]["daemon"])
+        assert record["steps"]["cached"] == record["steps"]["total"]  # that daemon's local cache
+    remembered = {
+        k.decode() for k in redis.Redis.from_url(env["BUILDQ_BROKER_URL"]).keys("buildq:affinity:*")
+    }
+    assert remembered == {f"buildq:affinity:docker.io/reg/app:buildcache-{s}" for s in ("main", "pr-7")}
+    # a new branch has nothing remembered; its first build imports main's cache from the registry
+    new = build("pr-8").wait(60)
+    assert new["routing"] == "least_loaded" and new["cache"]["imported"] is True
+    assert new["cache"]["imports"] == ["reg/app:buildcache-pr-8", "reg/app:buildcache-main"]
