@@ -277,3 +277,17 @@ def test_a_genuine_fallback_import_counts_as_imported_and_its_own_miss_is_no_err
     assert evidence.imported is True and evidence.import_error is None
     assert evidence.exported is True and evidence.export_outcome == "exported"
     assert step_stats(tracker)["cached"] == 1  # the RUN before the change, from main's cache
+
+
+def test_buildq_status_says_why_a_build_did_not_export_and_who_superseded_it() -> None:
+    from rich.console import Console
+
+    from buildq.cli.views import render_record
+
+    console = Console(record=True, width=200)
+    ref = "reg:5000/team/app:buildcache-main"
+    render_record({"job_id": "j", "state": "cancelled", "superseded_by": "j2",
+                   "cache": {"ref": ref, "export": "skipped_newer", "error": None}}, console)  # fmt: skip
+    text = console.export_text()
+    assert f"not exported: a newer build of the ref exports it (skipped_newer; {ref})" in text
+    assert "superseded by  j2" in text
