@@ -204,6 +204,92 @@ MUTATIONS = [
         'if s.outcome != "failed" or not s.transient:',
         "tests/test_lifecycle.py::test_nobody_retries_a_build_whose_cancel_was_asked_for",
     ),
+    # -- cache scopes, the export lease, superseded builds (docs/cache-scopes.md) --
+    Mutation(
+        "the export lease lets an older build export over a newer holder",
+        "buildq/store/lua/export_lease.lua",
+        "  if newer(h.order, h.job) then return {2, h.job} end\n",
+        "",
+        "tests/test_cache_scopes.py::test_an_older_build_skips_while_a_newer_one_holds_the_lease",
+    ),
+    Mutation(
+        "the export lease forgets the newest export done",
+        "buildq/store/lua/export_lease.lua",
+        "if h.done_order and newer(h.done_order, h.done_job or '') then return {2, h.done_job or ''} end",
+        "",
+        "tests/test_cache_scopes.py::test_once_a_newer_build_exported_an_older_one_never_exports",
+    ),
+    Mutation(
+        "the export lease is released by a build that does not hold it",
+        "buildq/store/lua/export_lease.lua",
+        "  if h.job ~= job_id then return {0, ''} end\n",
+        "",
+        "tests/test_cache_scopes.py::test_only_the_holder_releases_and_a_dead_holder_s_lease_lapses",
+    ),
+    Mutation(
+        "the export lease is granted over a live older holder",
+        "buildq/store/lua/export_lease.lua",
+        "  return {3, h.job}",
+        "  return {1, ''}",
+        "tests/test_cache_scopes.py::test_a_newer_build_waits_while_an_older_one_holds_it_then_takes_it",
+    ),
+    Mutation(
+        "a dead holder's export lease never lapses",
+        "buildq/store/lua/export_lease.lua",
+        "if h.job and tonumber(h['until'] or '0') > now then",
+        "if h.job then",
+        "tests/test_cache_scopes.py::test_only_the_holder_releases_and_a_dead_holder_s_lease_lapses",
+    ),
+    Mutation(
+        "a build that lost the export lease exports anyway",
+        "buildq/engine/lifecycle.py",
+        'cache=CachePlan(export_ref, tuple(imports), export=job.push and lease == "granted"),',
+        "cache=CachePlan(export_ref, tuple(imports), export=job.push),",
+        "tests/test_cache_scopes_worker.py::test_a_build_older_than_the_ref_s_exporter_skips_its_export",
+    ),
+    Mutation(
+        "a finished job is superseded",
+        "buildq/store/lua/supersede_fn.lua",
+        "if h[1] or not (h[2] or mine) then return false end",
+        "if not (h[2] or mine) then return false end",
+        "tests/test_cache_scopes.py::test_a_finished_job_is_never_superseded",
+    ),
+    Mutation(
+        "a job that came late supersedes the newer one",
+        "buildq/store/lua/supersede_fn.lua",
+        "if theirs and (theirs > order or (theirs == order and newest > job_id)) then",
+        "if false then",
+        "tests/test_cache_scopes.py::test_a_job_reaching_a_worker_after_a_newer_one_is_superseded_itself",
+    ),
+    Mutation(
+        "the submit does not supersede",
+        "buildq/store/lua/submit.lua",
+        "if supersede_key ~= '' then",
+        "if false then",
+        "tests/test_cache_scopes.py::test_a_newer_submit_cancels_the_queued_older_job_in_the_same_step",
+    ),
+    Mutation(
+        "a fallback import does not count when the scope's own ref missed",
+        "buildq/buildkit/phases.py",
+        "    imported = any(v.completed is not None and not v.error for v in imports)",
+        "    imported = all(v.completed is not None and not v.error for v in imports) and bool(imports)",
+        "tests/test_cache_scopes.py::test_a_genuine_fallback_import_counts_as_imported_and_its_own_miss_is_no_error",
+    ),
+    Mutation(
+        "a build waiting for the export lease lets its claim lapse",
+        "buildq/engine/lifecycle.py",
+        "if time.monotonic() - renewed >= s.lease_ttl_s / 3:  # the claim stays ours while it waits",
+        "if False:",
+        "tests/test_cache_scopes_worker.py::"
+        "test_a_build_waiting_for_an_older_exporter_keeps_its_claim_then_exports_after_it",
+    ),
+    Mutation(
+        "a supersede key may hold any character",
+        "buildq/contract/job.py",
+        'SUPERSEDE_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")',
+        'SUPERSEDE_KEY_RE = re.compile(r"(?s).{1,400}")',
+        "tests/test_cache_scopes.py::test_a_bad_scope_or_supersede_key_is_one_line_naming_the_field",
+    ),
 ]
 
 

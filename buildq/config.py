@@ -30,6 +30,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from .contract.grants import validate_repository_pattern
+from .contract.job import normalise_scope
 from .contract.reference import parse_reference
 from .errors import SettingsError
 
@@ -237,6 +238,12 @@ class Settings(BaseSettings):
     cache_affinity: bool = True
     #: how long a build waits for that daemon when it is full before taking the least loaded one
     affinity_wait_s: float = Field(default=2.0, ge=0, le=600)
+    #: the scope every scoped build falls back to importing (a branch name, e.g. ``main``); unset:
+    #: a scoped build imports its own scope only (docs/cache-scopes.md)
+    cache_default_scope: Annotated[str, AfterValidator(normalise_scope)] | None = None
+    #: how long a build waits for an older build of its cache ref to finish exporting before it
+    #: launches without exporting (``cache.export: skipped_busy``); 0: it never waits
+    cache_export_wait_s: float = Field(default=0.0, ge=0, le=3600)
     #: how many of a repository's last successful builds a build's phases are compared with
     baseline_n: int = Field(default=50, ge=5, le=1000)
     #: docker launcher: one warm buildctl container per worker process (false: one per build)

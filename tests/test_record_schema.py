@@ -21,7 +21,7 @@ ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 COMMON = {"job_id", "retry_of", "state", "phase", "attempt", "worker", "daemon", "enqueued_at", "started_at"}
 FINISHED = {
     "finished_at", "duration_s", "image", "cache", "attempts", "error", "phases", "steps", "slowest_steps",
-    "routing", "explain",
+    "routing", "explain", "superseded_by",
 }  # fmt: skip
 
 

@@ -51,7 +51,8 @@ def test_a_failed_attempt_record_has_no_internal_window_and_no_cache_export() ->
         "done", 1, "host:7", "tcp://bk:1234"
     )  # fmt: skip
     assert record["cache"] == {
-        "ref": "reg/app:buildcache", "imported": False, "import_error": None, "exported": False, "error": None
+        "ref": "reg/app:buildcache", "imported": False, "import_error": None, "exported": False,
+        "error": None, "export": "skipped",
     }  # fmt: skip
 
 

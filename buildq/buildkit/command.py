@@ -43,6 +43,11 @@ class BuildRequest:
     provenance: str | None = None
     #: the SBOM generator image (``attest:sbom=generator=…``); None: no SBOM
     sbom_generator: str | None = None
+    # -- cache scopes (docs/cache-scopes.md) --
+    #: the refs imported from, in order (empty: ``cache_ref`` alone)
+    import_refs: Sequence[str] = ()
+    #: export the cache to ``cache_ref`` (False: this build does not hold the ref's export lease)
+    export_cache: bool = True
 
 
 def csv_field(field: str) -> str:
@@ -94,7 +99,7 @@ def build_argv(req: BuildRequest, *, insecure_registries: Sequence[str] = ()) ->
     argv += ["--output", csv_attrs(output)]
 
     cache_insecure = ["registry.insecure=true"] if is_insecure(req.cache_ref, insecure_registries) else []
-    if req.push:
+    if req.push and req.export_cache:
         export = [
             "type=registry",
             f"ref={req.cache_ref}",
@@ -105,7 +110,9 @@ def build_argv(req: BuildRequest, *, insecure_registries: Sequence[str] = ()) ->
             *cache_insecure,
         ]
         argv += ["--export-cache", csv_attrs(export)]
-    argv += ["--import-cache", csv_attrs(["type=registry", f"ref={req.cache_ref}", *cache_insecure])]
+    for ref in req.import_refs or [req.cache_ref]:
+        insecure = ["registry.insecure=true"] if is_insecure(ref, insecure_registries) else []
+        argv += ["--import-cache", csv_attrs(["type=registry", f"ref={ref}", *insecure])]
     argv += ["--progress=rawjson", "--metadata-file", req.metadata_file]
     return argv
 

@@ -388,9 +388,10 @@ class LivePhases:
 #   completed without an error, and buildctl's ``--metadata-file`` has ``cache.manifest``;
 #   otherwise false, with ``error``: the vertex's error, or why the evidence is missing when the
 #   build succeeded without it (a build that ended before the export has no error here).
-# * **imported** is true when an ``importing cache manifest from …`` vertex completed without an
-#   error. A cold cache's ``… not found`` is a miss (false, no error); any other import error is
-#   kept in ``import_error`` (BuildKit goes on without the cache).
+# * **imported** is true when an ``importing cache manifest from …`` vertex (one per
+#   ``--import-cache`` ref) completed without an error. A cold cache's ``… not found`` is a miss
+#   (false when no ref imported, no error); any other import error is kept in ``import_error``
+#   (BuildKit goes on without the cache).
 # * **export_outcome** (``exported`` | ``failed`` | ``skipped``, None when no export was asked
 #   for) labels the ``buildq_cache_exports_total`` metric: ``skipped`` when the build ended before
 #   the export started.
@@ -433,7 +434,9 @@ def cache_evidence(
         elif phase == "cache_export":
             exports.append(v)
     import_errors = [v.error for v in imports if v.error]
-    imported = bool(imports) and not import_errors and all(v.completed is not None for v in imports)
+    # one ref imported is enough: a scoped build's own ref is a miss until its first export, and
+    # its fallback's import then brings the cache (buildctl shows one vertex per --import-cache)
+    imported = any(v.completed is not None and not v.error for v in imports)
     import_error = next((e for e in import_errors if not is_miss(e)), None)
     if not export_requested:
         return CacheEvidence(imported, import_error, False, None, None)

@@ -27,9 +27,9 @@ KNOWN_SETTINGS = frozenset(
     archive_dir log_archived_ttl_s archived_record_ttl_s task_results daemon_wait_s
     registry_wait_s daemon_hold_s redis_retry_s redis_persistence deployment secret_env
     context_roots allowed_repositories context_repository context_max_bytes cache_affinity
-    affinity_wait_s baseline_n docker_warm sentinel_master sentinel_password submit_replicas
-    replica_wait_timeout_s provenance_default provenance_allowed sbom_default sbom_allowed
-    sbom_scanner_image registry_read_timeout_s
+    affinity_wait_s cache_default_scope cache_export_wait_s baseline_n docker_warm
+    sentinel_master sentinel_password submit_replicas replica_wait_timeout_s provenance_default
+    provenance_allowed sbom_default sbom_allowed sbom_scanner_image registry_read_timeout_s
     """.split()
 )
 NOT_SETTINGS_PREFIXES = ("BUILDQ_STACK_", "BUILDQ_TEST_")

@@ -40,6 +40,12 @@ def submit(
         str | None, typer.Option("--cache-ref", help="registry cache ref (default <repo>:buildcache)")
     ] = None,
     cache_mode: Annotated[str | None, typer.Option("--cache-mode", help="max | min")] = None,
+    cache_scope: Annotated[
+        str | None, typer.Option("--cache-scope", help="branch: its own cache ref, then the default scope's")
+    ] = None,
+    supersede_key: Annotated[
+        str | None, typer.Option("--supersede-key", help="a newer job with this key cancels this one")
+    ] = None,
     no_push: Annotated[bool, typer.Option("--no-push", help="build only, push nothing")] = False,
     secret: Annotated[list[str] | None, typer.Option("--secret", help="id=ID,env=VAR (repeatable)")] = None,
     job_id: Annotated[str | None, typer.Option("--job-id", help="job id (default: random)")] = None,
@@ -91,6 +97,8 @@ def submit(
             "target": target,
             "cache_ref": cache_ref,
             "cache_mode": cache_mode,
+            "cache_scope": cache_scope,
+            "supersede_key": supersede_key,
             "timeout_s": timeout,
             "priority": priority,
             "build_args": pairs(build_arg, "--build-arg") if build_arg else None,

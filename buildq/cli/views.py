@@ -42,6 +42,11 @@ def attestation_kind(predicate_type: str) -> str:
     if "spdx.dev/Document" in predicate_type:
         return "sbom"
     return predicate_type
+#: what ``buildq status`` says of a build the export lease kept from exporting
+SKIPPED_EXPORTS = {
+    "skipped_newer": "a newer build of the ref exports it",
+    "skipped_busy": "an older build was still exporting the ref",
+}
 
 
 def waterfall_rows(phases: dict[str, float], width: int = BAR_WIDTH) -> list[tuple[str, float, int, int]]:
@@ -115,6 +120,11 @@ def render_record(record: dict[str, Any], console: Console | None = None) -> Non
     cache = record.get("cache") or {}
     if cache.get("error"):  # the image may be pushed while its cache export failed (buildctl exit 0)
         summary.add_row("cache", f"[yellow]not exported[/]: {escape(cache['error'])}")
+    elif cache.get("export") in SKIPPED_EXPORTS:  # the ref's export lease (docs/cache-scopes.md)
+        why = SKIPPED_EXPORTS[cache["export"]]
+        summary.add_row("cache", f"not exported: {why} ({cache['export']}; {escape(str(cache.get('ref')))})")
+    if record.get("superseded_by"):
+        summary.add_row("superseded by", escape(str(record["superseded_by"])))
     if record.get("duration_s") is not None:
         summary.add_row("duration", f"{record['duration_s']:.3f}s")
     if record.get("daemon"):  # which daemon ran it and why (cache affinity, least loaded, fallback)

@@ -71,6 +71,7 @@ class BuildqClient:
         self.store.submit(
             parsed.job_id, queue=queue, message=message, tag=tag, delivery=delivery,
             body=json.dumps(body, separators=(",", ":")), retry_of=parsed.retry_of,
+            supersede=parsed.supersede_key,
         )  # fmt: skip
         return BuildHandle(self, parsed.job_id)
 

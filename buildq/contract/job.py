@@ -9,6 +9,7 @@ Secret *values* never travel in a job: a secret names an environment variable on
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import re
@@ -129,6 +130,32 @@ class BuildJob(BaseModel):
         "attest:sbom); null: BUILDQ_SBOM_DEFAULT",
     )
 
+    # -- cache scopes and superseded builds (docs/cache-scopes.md) ---------------------------------
+    cache_scope: str | None = Field(
+        default=None,
+        description="a branch name, say: the cache is exported to <cache_ref>-<scope> and imported "
+        "from there, then from BUILDQ_CACHE_DEFAULT_SCOPE's ref (normalised to a tag-safe suffix)",
+    )
+    supersede_key: str | None = Field(
+        default=None,
+        description="a newer job with the same key cancels this one while it is queued or running "
+        "([A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199})",
+    )
+
+    @field_validator("cache_scope")
+    @classmethod
+    def _cache_scope(cls, value: str | None) -> str | None:
+        return None if value is None else normalise_scope(value)
+
+    @field_validator("supersede_key")
+    @classmethod
+    def _supersede_key(cls, value: str | None) -> str | None:
+        if value is not None and not SUPERSEDE_KEY_RE.fullmatch(value):
+            raise ValueError(
+                "must be 1-200 characters of letters, digits and ._:/@+- starting with a letter or digit"
+            )
+        return value
+
     @field_validator("context")
     @classmethod
     def _context(cls, value: str) -> str:
@@ -248,14 +275,66 @@ class BuildJob(BaseModel):
 def cache_key(job: BuildJob) -> str:
     """The build cache a job uses, as one string: its ``cache_ref`` (``<repository of the first
     tag>:buildcache`` unless the job names one) spelled out, Docker Hub in full and the tag
-    explicit (``app:1`` → ``docker.io/library/app:buildcache``; ``team/app`` → ``docker.io/team/app:latest``).
+    explicit (``app:1`` → ``docker.io/library/app:buildcache``; ``team/app`` → ``docker.io/team/app:latest``),
+    with the job's ``cache_scope`` added as :func:`scoped_ref` adds it (the ref it exports to).
 
     Two jobs with the same key read and write the same registry cache, so a daemon that built one
     holds the other's layers too. Cache-affinity routing remembers the daemon per key.
     """
     assert job.cache_ref is not None  # filled in by the validator
-    ref = parse_reference(job.cache_ref)
+    own = scoped_ref(job.cache_ref, job.cache_scope) if job.cache_scope else job.cache_ref
+    ref = parse_reference(own)
     return f"{normalize_repository(ref.repository)}:{ref.tag or 'latest'}"
+
+
+# -- cache scopes (docs/cache-scopes.md) ----------------------------------------------------------
+
+#: what a supersede key may be (it becomes part of a Redis key: no spaces, braces, globs or controls)
+SUPERSEDE_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
+#: the longest scope suffix kept as it is (longer ones are cut and given a digest of the whole)
+SCOPE_MAX = 64
+_SCOPE_DROP = re.compile(r"[^a-z0-9_.-]+")
+
+
+def normalise_scope(scope: str) -> str:
+    """A cache scope as a tag-safe suffix: lower case, every run of other characters than
+    ``[a-z0-9_.-]`` one ``-``, no leading or trailing ``.``/``-``; over :data:`SCOPE_MAX`
+    characters cut and ended by 8 hex digits of the whole scope's digest (two long branch names
+    sharing a prefix stay apart). ValueError when nothing is left or the scope has controls."""
+    if not isinstance(scope, str) or not 1 <= len(scope) <= 255:
+        raise ValueError("must be 1-255 characters")
+    _no_control(scope, "cache_scope")
+    suffix = _SCOPE_DROP.sub("-", scope.lower()).strip(".-")
+    if not suffix:
+        raise ValueError(f"{scope!r} has no letter or digit to make a tag suffix of")
+    if len(suffix) > SCOPE_MAX:
+        digest = hashlib.sha256(scope.encode()).hexdigest()[:8]
+        suffix = suffix[: SCOPE_MAX - 9].rstrip(".-") + "-" + digest
+    return suffix
+
+
+def scoped_ref(cache_ref: str, scope: str) -> str:
+    """``cache_ref`` with ``-<scope>`` added to its tag (``r/app:buildcache`` + ``pr-7`` →
+    ``r/app:buildcache-pr-7``); a tag too long for the grammar (128) is cut before the suffix."""
+    ref = parse_reference(cache_ref)
+    tag = ref.tag or "latest"
+    return f"{ref.repository}:{tag[: 127 - len(scope)]}-{scope}"
+
+
+def cache_refs(job: BuildJob, default_scope: str | None) -> tuple[str, list[str]]:
+    """Where ``job`` exports its cache and where it imports from, in order. No scope: its
+    ``cache_ref`` both ways (as before scopes). A scope: exported to its scope's ref; imported
+    from it, then from ``default_scope``'s ref (normalised; none when unset or the same scope)."""
+    assert job.cache_ref is not None  # filled in by the validator
+    if job.cache_scope is None:
+        return job.cache_ref, [job.cache_ref]
+    own = scoped_ref(job.cache_ref, job.cache_scope)
+    imports = [own]
+    if default_scope:
+        fallback = scoped_ref(job.cache_ref, normalise_scope(default_scope))
+        if fallback != own:
+            imports.append(fallback)
+    return own, imports
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:

@@ -98,6 +98,16 @@ class Cache(_Closed):
     import_error: str | None = Field(description="an import error other than a miss (redacted)")
     exported: bool = Field(description="export vertex completed without error and cache.manifest present")
     error: str | None = Field(description="why the export failed (redacted); null when not reached")
+    imports: list[str] | None = Field(
+        default=None,
+        description="the refs imported from, in order (a scoped build: its scope's, then the default's)",
+    )
+    export: Literal["exported", "failed", "skipped", "skipped_newer", "skipped_busy"] | None = Field(
+        default=None,
+        description="the export: exported | failed | skipped (ended before it) | skipped_newer (a newer "
+        "build holds or did the ref's export) | skipped_busy (an older build still exported after "
+        "BUILDQ_CACHE_EXPORT_WAIT_S); null: no export asked (push false)",
+    )
 
 
 class Attempt(_Closed):
@@ -193,6 +203,9 @@ class FinishedRecord(_Common):
     slowest_steps: list[SlowStep]
     routing: Routing = Field(default=None, description="why the last attempt's daemon (cache affinity)")
     explain: Explain | None = Field(default=None, description="is this build slow for its repository?")
+    superseded_by: str | None = Field(
+        default=None, description="cancelled: the newer job of its supersede_key that cancelled it"
+    )
 
 
 JobRecord = Annotated[PendingRecord | FinishedRecord, Field(discriminator="state")]

@@ -69,7 +69,7 @@ def public_record(record: Mapping[str, Any]) -> dict[str, Any]:
         record.get("daemon", last.get("daemon")), record.get("retry_of"),
     )  # fmt: skip
     rest = {k: v for k, v in record.items() if k not in common}
-    return {**common, "routing": None, "explain": None, **rest, "attempts": attempts}
+    return {**common, "routing": None, "explain": None, "superseded_by": None, **rest, "attempts": attempts}
 
 
 _PENDING_STATES = ("queued", "running")

@@ -153,6 +153,8 @@ class MetricsHook(Hook):
         self.metrics.build_finished(concluded.record)
         if concluded.export_outcome is not None:
             self.metrics.cache_export(concluded.export_outcome)
+        if concluded.record.get("superseded_by"):
+            self.metrics.superseded_build("running" if build.launched else "queued")
 
     def rejected(self, record: dict[str, Any]) -> None:
         self.metrics.build_finished(record)
@@ -308,7 +310,10 @@ class LogHook(Hook):
 #   (at 0 from the start: each outcome with reason ``none``, and ``failed`` with every reason)
 # - ``buildq_build_steps_total{kind}``: cached | executed Dockerfile steps
 # - ``buildq_cache_exports_total{outcome}``: builds that asked for a registry cache export, by what
-#   the evidence says: exported | failed (buildctl may still exit 0) | skipped (ended before it)
+#   the evidence says: exported | failed (buildctl may still exit 0) | skipped (ended before it), or
+#   why the export lease kept it from exporting: skipped_newer | skipped_busy (docs/cache-scopes.md)
+# - ``buildq_superseded_total{was}``: builds cancelled by a newer job of their supersede_key, by
+#   where they were: queued | running
 # - ``buildq_builds_in_progress``: attempts running now on this worker (summed over live processes)
 # - ``buildq_routing_total{reason}``: attempts launched on a daemon, by why that daemon
 #   (affinity | least_loaded | fallback)
@@ -335,8 +340,9 @@ FAILURE_REASONS = tuple(
     )
 )
 STEP_KINDS = ("cached", "executed")
-EXPORT_OUTCOMES = ("exported", "failed", "skipped")
+EXPORT_OUTCOMES = ("exported", "failed", "skipped", "skipped_newer", "skipped_busy")
 ROUTING_REASONS = ("affinity", "least_loaded", "fallback")
+SUPERSEDED_WHERE = ("queued", "running")
 PHASE_LABELS = ALL_KEYS
 SLOW_PHASE_LABELS = (*PHASES, "step")
 
@@ -400,6 +406,9 @@ class BuildMetrics:
         self.cache_exports = Counter(
             "buildq_cache_exports_total", "Registry cache exports asked for", ["outcome"], **kwargs
         )
+        self.superseded = Counter(
+            "buildq_superseded", "Builds cancelled by a newer job of their supersede_key", ["was"], **kwargs
+        )
         self.routing = Counter(
             "buildq_routing", "Attempts launched on a daemon, by why that daemon", ["reason"], **kwargs
         )
@@ -422,6 +431,8 @@ class BuildMetrics:
             self.cache_exports.labels(outcome=outcome)
         for reason in ROUTING_REASONS:
             self.routing.labels(reason=reason)
+        for was in SUPERSEDED_WHERE:
+            self.superseded.labels(was=was)
         for phase in SLOW_PHASE_LABELS:
             self.slow_phases.labels(phase=phase)
 
@@ -458,8 +469,12 @@ class BuildMetrics:
             self.slow_phases.labels(phase=bounded(flag.get("phase"), SLOW_PHASE_LABELS)).inc()
 
     def cache_export(self, outcome: str) -> None:
-        """Count one build's cache export: exported | failed | skipped."""
+        """Count one build's cache export: exported | failed | skipped | skipped_newer | skipped_busy."""
         self.cache_exports.labels(outcome=bounded(outcome, EXPORT_OUTCOMES)).inc()
+
+    def superseded_build(self, was: str) -> None:
+        """Count a build a newer job of its supersede_key cancelled, by where it was."""
+        self.superseded.labels(was=bounded(was, SUPERSEDED_WHERE)).inc()
 
 
 class NoMetrics:
@@ -478,6 +493,9 @@ class NoMetrics:
         pass
 
     def cache_export(self, outcome: str) -> None:
+        pass
+
+    def superseded_build(self, was: str) -> None:
         pass
 
 

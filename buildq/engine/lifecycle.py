@@ -32,13 +32,21 @@ from typing import Any
 
 from ..buildkit.classify import DAEMON_LOST_REASONS, NEVER_REACHED_REASON
 from ..buildkit.command import is_insecure
-from ..buildkit.phases import LivePhases
+from ..buildkit.phases import LivePhases, cache_evidence
 from ..buildkit.progress import SolveStatus
 from ..config import Settings
 from ..contract.attest import AttestationPolicy, effective_attestations
 from ..contract.grants import check_repositories, check_secrets, context_outside_roots
-from ..contract.job import JOB_ID_PATTERN_RE, BuildJob, cache_key, parse_job, url_query_values
+from ..contract.job import (
+    JOB_ID_PATTERN_RE,
+    BuildJob,
+    cache_key,
+    cache_refs,
+    parse_job,
+    url_query_values,
+)
 from ..contract.record import summary, validated_record
+from ..contract.status import job_id_time
 from ..contract.wire import Delivery, next_message
 from ..errors import InvalidJobError, RedisUnavailable
 from ..launchers.base import Launcher
@@ -46,14 +54,15 @@ from ..registry import RegistryReader, RegistryReadError, is_index, read_pushed
 from ..store.archive import Archive, ArchiveError
 from ..store.daemons import DaemonHealth
 from ..store.jobs import Claimed, Fence, Finished, History, JobStore, LogEnd, NotOurs
-from ..store.keys import BASELINE_PREFIX, DOMAINS
+from ..store.keys import BASELINE_PREFIX, DOMAINS, job_key
 from ..store.logs import FINAL_PREFIX, FLUSH_EVERY_S, Entry, LogStore, encode_lines
 from . import recording
 from .attemptlog import AttemptLog
 from .backoff import backoff_ceiling
 from .hooks import EndWrites, Hooks
+from .recording import CacheUse
 from .redact import Redactor
-from .runner import CANCELLED, FENCED, Outcome, RunSpec, Stopper, Watch, run_build
+from .runner import CANCELLED, FENCED, CachePlan, Outcome, RunSpec, Stopper, Watch, run_build
 from .runs import RunRegistry
 from .scheduler import Handle, Scheduler
 
@@ -276,6 +285,8 @@ class Build:
     #: a cancel was seen while the attempt ran (a notice, or the renewal's answer)
     cancel_seen: bool = False
     ended: bool = False
+    #: the attempt's cache refs and its export lease (docs/cache-scopes.md); None before a launch
+    cache_use: CacheUse | None = None
 
     @property
     def history(self) -> History:
@@ -337,6 +348,8 @@ class Lifecycle:
         key = cache_key(job)
         body = job.to_message()
         queue = delivery.queue or (s.high_priority_queue if job.priority == "high" else s.queue)
+        if job.supersede_key:  # a producer's own message did not supersede at submit (idempotent)
+            self.store.supersede(job.job_id, job.supersede_key, made_at=job_id_time(job.job_id))
         # a lease held elsewhere may be a dead worker's (Celery redelivers at once when a pool
         # process dies): wait it out for one lease TTL before dropping this delivery as a duplicate
         held_until = time.monotonic() + s.lease_ttl_s + 1.0
@@ -429,14 +442,19 @@ class Lifecycle:
         watch = _BuildWatch(self, build, log)
         stopper = Stopper()
         self.stoppers[job.job_id] = stopper
+        export_ref, imports = cache_refs(job, s.cache_default_scope)
+        lease = self._export_lease(build, stopper) if job.push else "granted"
+        build.cache_use = CacheUse(export_ref, tuple(imports), lease)
         spec = RunSpec(
             number=build.number, daemon=build.daemon, launcher=self.launcher, scheduler=self.scheduler,
             timeout_s=float(job.timeout_s or s.default_timeout_s), insecure_registries=s.insecure_registries,
             environ=self.environ, extra_transient=s.transient_patterns, clock=self.clock,
             gen=build.fence.gen, registry=self.runs, sbom_generator=s.sbom_scanner_image,
+            cache=CachePlan(export_ref, tuple(imports), export=job.push and lease == "granted"),
         )  # fmt: skip
         self.hooks.attempt_started(build)
         build.launched = True
+        outcome = None
         try:
             outcome = run_build(job, spec, watch, stopper)
         except BaseException:
@@ -444,8 +462,68 @@ class Lifecycle:
             raise
         finally:
             self.stoppers.pop(job.job_id, None)
+            if job.push and lease == "granted":
+                self._release_export(build, outcome)
         build.cancel_seen = watch.cancel_requested or stopper.reason == CANCELLED
         return outcome, watch.live
+
+    def _export_lease(self, build: Build, stopper: Stopper) -> str:
+        """The export lease of the build's cache ref (``lua/export_lease.lua``): ``granted``;
+        ``skipped_newer`` when a newer build holds it or exported already; while an older build
+        holds it, a wait for it of at most ``BUILDQ_CACHE_EXPORT_WAIT_S`` (a cancel ends it; the
+        job's lease is renewed meanwhile), then ``skipped_busy``. Redis away: ``granted`` (an export
+        as before the lease)."""
+        s, job = self.settings, build.job
+        deadline = time.monotonic() + s.cache_export_wait_s
+        renewed = time.monotonic()
+        while True:
+            try:
+                answer, other = self.store.take_export(
+                    build.cache_key, job_id=job.job_id, order=build.history.enqueued_at, ttl_s=s.lease_ttl_s
+                )
+            except RedisUnavailable as exc:
+                logger.info("job %s: export lease not asked (%s); exporting", job.job_id, exc)
+                return "granted"
+            if answer == "granted":
+                return "granted"
+            if answer == "newer":
+                logger.info("job %s: newer build %s exports %s; skipping this export", job.job_id, other,
+                            build.cache_key)  # fmt: skip
+                return "skipped_newer"
+            if time.monotonic() >= deadline or stopper.reason is not None:
+                logger.info("job %s: older build %s still exports %s; skipping this export", job.job_id,
+                            other, build.cache_key)  # fmt: skip
+                return "skipped_busy"
+            if time.monotonic() - renewed >= s.lease_ttl_s / 3:  # the claim stays ours while it waits
+                renewed = time.monotonic()
+                answer = self.store.renew(build.fence, ttl_s=s.lease_ttl_s)
+                if answer != "ok":  # fenced out or cancelled: the run is stopped at its launch
+                    stopper.stop(FENCED if answer == "fenced" else CANCELLED)
+            time.sleep(min(0.25 * (0.5 + self.rand()), max(0.0, deadline - time.monotonic())))
+
+    def _release_export(self, build: Build, outcome: Outcome | None) -> None:
+        """Give back the export lease; with ``exported`` when the evidence says the export
+        completed (then no older build exports after this one)."""
+        exported = False
+        if outcome is not None and outcome.outcome == "succeeded":
+            evidence = cache_evidence(outcome.tracker.vertices.values(), outcome.metadata,
+                                      export_requested=True, succeeded=True)  # fmt: skip
+            exported = evidence.exported
+        try:
+            self.store.release_export(build.cache_key, job_id=build.job.job_id,
+                                      order=build.history.enqueued_at, exported=exported)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - it lapses after BUILDQ_LEASE_TTL_S
+            logger.info("job %s: export lease not given back (%s); it lapses", build.job.job_id, exc)
+
+    def _superseded_by(self, build: Build, state: str | None) -> str | None:
+        """The newer job that cancelled this one (its ``supersede_key``), read for a cancelled one."""
+        if state != "cancelled" or not build.job.supersede_key:
+            return None
+        try:
+            raw = self.store.redis.hget(job_key(build.job.job_id), "superseded_by")
+        except Exception:  # noqa: BLE001 - unknown: the record says a cancel, without its why
+            return None
+        return raw.decode() if isinstance(raw, bytes) else raw
 
     def _situation(self, build: Build, what: str, outcome: Outcome | None = None) -> Situation:
         failure = outcome.failure if outcome is not None else None
@@ -492,6 +570,7 @@ class Lifecycle:
             live=live, state=state, gave_up=self._unavailable(now) if isinstance(decision, GiveUp) else None,
             log_tail=tail, enqueued_at=history.enqueued_at, worker=self.worker_id, redactor=build.redactor,
             baseline=self._baseline(build), cache_key=build.cache_key, pushed=pushed,
+            cache=build.cache_use, superseded_by=self._superseded_by(build, state),
         )  # fmt: skip
 
         def commit(writes: EndWrites) -> bool:
@@ -853,6 +932,12 @@ class _BuildWatch(Watch):
         if answer == "fenced":
             logger.warning("job %s: another delivery claimed it; stopping this build", b.job.job_id)
             return FENCED
+        if b.cache_use is not None and b.cache_use.exporting and b.job.push:
+            try:  # the export lease lives as long as the job's lease
+                lc.quick.take_export(b.cache_key, job_id=b.job.job_id, order=b.history.enqueued_at,
+                                     ttl_s=lc.settings.lease_ttl_s)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - renewed next time
+                logger.info("job %s: export lease not renewed (%s)", b.job.job_id, exc)
         if answer == "cancel":
             self.cancel_requested = True
             return CANCELLED

@@ -116,6 +116,8 @@ def conclude(
     baseline: Callable[[], Sequence[bytes]] | None = None,
     cache_key: str = "",
     pushed: Mapping[str, Any] | None = None,
+    cache: CacheUse | None = None,
+    superseded_by: str | None = None,
 ) -> Concluded:
     """The entry of the attempt that ended (``outcome``; None when nothing was launched) after the
     ``earlier`` attempts and, when the job is over (``state``), its whole record: ``gave_up`` is
@@ -133,7 +135,8 @@ def conclude(
             outcome.tracker, enqueued_at=window_start, started_at=outcome.started_at + offset,
             first_output_at=first + offset if first is not None else None,
             exited_at=outcome.exited_at + offset, stored_at=window_end, metadata=outcome.metadata,
-            export_requested=job.push, succeeded=state == "succeeded", live=live,
+            export_requested=job.push and (cache is None or cache.exporting), succeeded=state == "succeeded",
+            live=live,
         )  # fmt: skip
         entry = _entry(outcome, offset, routing, rep.phases)
     attempts = [*earlier, entry] if entry is not None else list(earlier)
@@ -149,6 +152,7 @@ def conclude(
     record = _record(job, attempts, outcome, state, error, rep, window_end, routing, enqueued_at, worker)
     if pushed and record["image"] is not None:
         record["image"].update(pushed)
+    _cache_use(record, job, cache, rep, superseded_by)
     if redactor is not None:
         record = redactor.redact_tree(record)
     phases, steps = record["phases"], record["slowest_steps"]
@@ -160,9 +164,45 @@ def conclude(
     added = baseline_entry(record)
     return Concluded(
         entry, attempts, record, text, summary,
-        export_outcome=rep.cache.export_outcome if rep is not None else None,
+        export_outcome=record["cache"]["export"] if record.get("cache") else None,
         baseline_entry=_encode(added).encode() if added is not None else None, live_ended=live_ended,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """Which refs an attempt imported and exported (cache scopes) and whether it held the ref's
+    export lease: ``lease`` granted | skipped_newer | skipped_busy."""
+
+    export_ref: str
+    imports: tuple[str, ...]
+    lease: str = "granted"
+
+    @property
+    def exporting(self) -> bool:
+        return self.lease == "granted"
+
+
+def _cache_use(
+    record: dict[str, Any],
+    job: BuildJob,
+    cache: CacheUse | None,
+    rep: Report | None,
+    superseded_by: str | None,
+) -> None:
+    """The record's cache scope parts: the refs, what became of the export; ``superseded_by``."""
+    record["superseded_by"] = superseded_by
+    member = record.get("cache")
+    if member is None:
+        return
+    if cache is not None:
+        member["ref"], member["imports"] = cache.export_ref, list(cache.imports)
+    if not job.push:
+        member["export"] = None
+    elif cache is not None and not cache.exporting:
+        member["export"] = cache.lease
+    else:
+        member["export"] = rep.cache.export_outcome if rep is not None else None
 
 
 def _error(
@@ -306,6 +346,7 @@ def rejected_record(
         "slowest_steps": [],
         "routing": None,
         "explain": None,
+        "superseded_by": None,
     }
 
 

@@ -101,14 +101,19 @@ def dockerfile_dir(job: BuildJob) -> str | None:
     return f"{job.context}/{head}" if head else job.context
 
 
-def build_request(job: BuildJob, paths: BuildPaths, *, sbom_generator: str | None = None) -> BuildRequest:
+def build_request(
+    job: BuildJob, paths: BuildPaths, cache: CachePlan | None = None, *, sbom_generator: str | None = None
+) -> BuildRequest:
     """The buildctl build of ``job`` with the paths buildctl sees (``paths`` from the launcher);
-    ``job`` has its attestations filled in (``sbom_generator``: the operator's scanner image)."""
-    cache_ref = job.cache_ref
-    assert cache_ref is not None  # filled in by BuildJob
+    ``cache``: its refs and whether it exports (default: its ``cache_ref`` both ways); ``job`` has
+    its attestations filled in (``sbom_generator``: the operator's scanner image)."""
+    assert job.cache_ref is not None  # filled in by BuildJob
+    cache = cache or CachePlan(job.cache_ref, (job.cache_ref,))
     return BuildRequest(
         tags=job.tags,
-        cache_ref=cache_ref,
+        cache_ref=cache.export_ref,
+        import_refs=cache.import_refs,
+        export_cache=cache.export,
         metadata_file=paths.metadata_file,
         filename=job.dockerfile if job.is_remote else split_dockerfile(job.dockerfile)[1],
         remote_context=job.context if job.is_remote else None,
@@ -125,6 +130,16 @@ def build_request(job: BuildJob, paths: BuildPaths, *, sbom_generator: str | Non
         provenance=job.provenance if job.provenance in ("min", "max") else None,
         sbom_generator=sbom_generator if job.sbom else None,
     )
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """The registry cache of one run: exported to ``export_ref`` (when ``export``: the run holds the
+    ref's export lease), imported from ``import_refs`` in order (docs/cache-scopes.md)."""
+
+    export_ref: str
+    import_refs: tuple[str, ...]
+    export: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,8 @@ class RunSpec:
     registry: RunRegistry | None = None
     #: the SBOM generator image for a job with ``sbom`` (BUILDQ_SBOM_SCANNER_IMAGE)
     sbom_generator: str | None = None
+    #: the run's cache refs and whether it exports (None: the job's ``cache_ref`` both ways)
+    cache: CachePlan | None = None
 
 
 def run_build(job: BuildJob, spec: RunSpec, watch: Watch, stopper: Stopper | None = None) -> Outcome:
@@ -169,7 +186,7 @@ def run_build(job: BuildJob, spec: RunSpec, watch: Watch, stopper: Stopper | Non
         if not secrets_as_files:
             env.update({s.env: spec.environ[s.env] for s in job.secrets})
         argv = build_argv(
-            build_request(job, paths, sbom_generator=spec.sbom_generator),
+            build_request(job, paths, spec.cache, sbom_generator=spec.sbom_generator),
             insecure_registries=spec.insecure_registries,
         )
         launch = LaunchSpec(

@@ -45,16 +45,19 @@ from .keys import (
     DAEMONS_DOWN,
     DOMAINS,
     EPOCH,
+    JOB_PREFIX,
     JOBS_INDEX,
     LOADS,
     QUEUES,
     WAITING_INDEX,
     WORKERS,
     JobKeys,
+    export_lease_key,
     final_band,
     job_key,
     job_keys,
     load_key,
+    supersede_key,
 )
 from .scripts import Scripts
 
@@ -179,17 +182,55 @@ class JobStore:
         delivery: str,
         body: str,
         retry_of: str | None = None,
+        supersede: str | None = None,
     ) -> bool:
         """Push ``message`` to ``queue`` and write the job hash, at once, timed by the server
         clock; False (nothing pushed) when the job id was submitted before. ``WAIT`` ends it when
-        replicas are wanted (:class:`~buildq.errors.NotReplicatedError` when too few confirm)."""
+        replicas are wanted (:class:`~buildq.errors.NotReplicatedError` when too few confirm).
+        ``supersede``: the job's ``supersede_key``; the older job of that key still queued or
+        running is cancelled in the same step (``lua/supersede_fn.lua``)."""
         reply = self.scripts.durable(
             "submit", what=f"submission of job {job_id}", strict_job=job_id,
-            queue=queue, job_hash=job_key(job_id), jobs_index=JOBS_INDEX, message=message, tag=tag,
+            queue=queue, job_hash=job_key(job_id), jobs_index=JOBS_INDEX,
+            supersede_key=supersede_key(supersede) if supersede else "", message=message, tag=tag,
             delivery=delivery, job_id=job_id, queue_name=queue, body=body, retry_of=retry_of or "",
-            ttl=self.result_ttl_s,
+            ttl=self.result_ttl_s, job_prefix=JOB_PREFIX, cancels=CANCELS_CHANNEL,
         )  # fmt: skip
         return bool(reply[0])
+
+    def supersede(
+        self, job_id: str, key: str, *, made_at: float | None = None
+    ) -> tuple[str | None, str | None]:
+        """Make ``job_id`` the newest job of ``key`` unless a newer one is (``lua/supersede.lua``):
+        (the older job it cancelled, the newer job that cancelled it), None for none. ``made_at``:
+        when a job never submitted was made (its id says so), else it is ordered by now."""
+        older, newer = self.scripts.call(
+            "supersede", pointer=supersede_key(key), job_hash=job_key(job_id), job_id=job_id,
+            job_prefix=JOB_PREFIX, cancels=CANCELS_CHANNEL, ttl=self.result_ttl_s,
+            order_hint=repr(made_at) if made_at is not None else "",
+        )  # fmt: skip
+        return _text(older) or None, _text(newer) or None
+
+    # -- the export lease of a cache ref --------------------------------------------------------
+    def take_export(
+        self, cache_key: str, *, job_id: str, order: float, ttl_s: float
+    ) -> tuple[str, str | None]:
+        """Take (or, held already, renew) the export lease of ``cache_key`` for ``job_id`` (built in
+        ``order``, its enqueued_at): (``granted`` | ``newer`` | ``older``, the other build)."""
+        answer, other = self.scripts.call(
+            "export_lease", lease=export_lease_key(cache_key), op="take", job_id=job_id, order=repr(order),
+            ttl_ms=max(1, int(ttl_s * 1000)), exported="", keep_s=self.result_ttl_s,
+        )  # fmt: skip
+        return {1: "granted", 2: "newer", 3: "older"}[int(answer)], _text(other) or None
+
+    def release_export(self, cache_key: str, *, job_id: str, order: float, exported: bool) -> bool:
+        """Give back the export lease of ``cache_key`` (``exported``: its export completed, so no
+        older build exports after it); False when ``job_id`` did not hold it."""
+        answer, _ = self.scripts.call(
+            "export_lease", lease=export_lease_key(cache_key), op="release", job_id=job_id,
+            order=repr(order), ttl_ms=0, exported="1" if exported else "", keep_s=self.result_ttl_s,
+        )  # fmt: skip
+        return bool(answer)
 
     def request_cancel(self, job_id: str, *, reason: str = "1") -> bool:
         """Ask for the job's cancellation (a queued job never starts, a running one is killed, see

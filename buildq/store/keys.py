@@ -59,6 +59,10 @@ Shared:
                     own state failed builds: a full disk; expires after ``BUILDQ_DAEMON_HOLD_S``)
 - ``affinity:<cache key>`` the daemon whose last successful build used this cache
 - ``baseline:<cache key>`` list, newest first: the phases of a repository's last successful builds
+- ``export:<cache key>`` hash, the export lease of one cache ref: ``job``, ``order`` (its
+                    enqueued_at) and ``until`` (server ms) of the build that exports now; ``done_order``
+                    and ``done_job`` of the newest build that exported (``lua/export_lease.lua``)
+- ``supersede:<key>`` the newest job submitted with a ``supersede_key`` (``lua/supersede_fn.lua``)
 
 Kombu's Redis transport keeps delivered, unacknowledged messages in ``unacked`` (hash) and their
 delivery times in ``unacked_index`` (sorted set); the janitor reads them.
@@ -91,6 +95,8 @@ QUEUES = f"{PREFIX}queues"
 AFFINITY_PREFIX = f"{PREFIX}affinity:"
 BASELINE_PREFIX = f"{PREFIX}baseline:"
 LOG_PREFIX = f"{PREFIX}log:"
+EXPORT_PREFIX = f"{PREFIX}export:"
+SUPERSEDE_PREFIX = f"{PREFIX}supersede:"
 CANCELS_CHANNEL = f"{PREFIX}cancels"
 DAEMONS_DOWN = f"{PREFIX}daemons:down"
 DAEMONS_UP = f"{PREFIX}daemons:up"
@@ -167,3 +173,13 @@ def daemon_hold_key(daemon: str) -> str:
 def baseline_key(cache_key: str) -> str:
     """The list of the phases of the last successful builds of ``cache_key``'s repository."""
     return BASELINE_PREFIX + cache_key
+
+
+def export_lease_key(cache_key: str) -> str:
+    """The export lease of one cache ref (one exporter at a time, the newest build's export wins)."""
+    return EXPORT_PREFIX + cache_key
+
+
+def supersede_key(key: str) -> str:
+    """The newest job of a ``supersede_key`` (validated by the job contract: no spaces, braces or globs)."""
+    return SUPERSEDE_PREFIX + key

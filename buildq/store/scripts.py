@@ -38,7 +38,9 @@ LUA_DIR = Path(__file__).with_name("lua")
 
 #: the shared parts each script is put together with, in front of its own file
 PARTS: dict[str, tuple[str, ...]] = {
-    "submit": ("prelude",),
+    "submit": ("prelude", "supersede_fn"),
+    "supersede": ("prelude", "supersede_fn"),
+    "export_lease": ("prelude", "job_fn"),
     "claim": ("prelude", "job_fn", "load_fn"),
     "take_slot": ("prelude", "job_fn", "load_fn"),
     "renew": ("prelude",),
