@@ -144,6 +144,12 @@ def _session_redis() -> str:
 
 REDIS_URL = _session_redis()
 
+# the CLI's marks of validated settings (buildq/cli/quick.py) go to the suite's own cache folder,
+# inherited by every buildq command the tests run, and removed at the end
+_CACHE_HOME = tempfile.mkdtemp(prefix="buildq-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+atexit.register(shutil.rmtree, _CACHE_HOME, True)
+
 
 def base_env(db: int, queue: str, **extra: str) -> dict[str, str]:
     """BUILDQ_* variables for an isolated test namespace (own DBs, own queues)."""

@@ -20,10 +20,14 @@ def die(message: str, code: int) -> None:
 
 def cli_settings() -> Settings:
     try:
-        return load_settings()
+        settings = load_settings()
     except SettingsError as exc:
         die(str(exc), EXIT_INVALID)
         raise  # unreachable
+    from .quick import remember_valid
+
+    remember_valid()  # the next ``buildq status`` with these settings may take the quick path
+    return settings
 
 
 def state_exit(record: dict[str, Any]) -> int:

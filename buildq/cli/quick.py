@@ -1,17 +1,21 @@
 """The read path that starts fast: ``buildq status JOB [--json]`` without typer, pydantic or
 redis-py (their imports alone cost more than the whole command may). :func:`run` answers it when
-it can: a plain ``redis://`` URL, every ``BUILDQ_*`` variable a known setting, Redis answering at
-once, the job in Redis. Anything else (Sentinel, TLS, an unknown or bad setting, Redis away, a job
-only in the archive, another command) returns None and the full command line runs, with its
-validation, its patience and its errors. :func:`show_status` is what both paths print.
+it can: the same ``BUILDQ_*`` variables as a run of the full command line validated before (it
+leaves a mark, :func:`remember_valid`), a plain ``redis://`` URL, Redis answering at once, the job
+in Redis. Anything else (new or changed settings, Sentinel, TLS, Redis away, a job only in the
+archive, another command) returns None and the full command line runs, with its validation, its
+patience and its errors: a bad setting is always refused. :func:`show_status` is what both paths
+print.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 #: every setting's variable; ``tests/test_cli_quick.py`` holds it equal to the Settings' fields
@@ -39,7 +43,7 @@ def run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int | 
     """The exit code of ``buildq <argv>`` answered here, or None to take the full path."""
     env = os.environ if environ is None else environ
     job_id, as_json = _status_args(argv)
-    if job_id is None or not _settings_known(env):
+    if job_id is None or not _settings_known(env) or not _validated(env):
         return None
     from ..store.resp import ReplyError, open_url
 
@@ -91,6 +95,39 @@ def _settings_known(env: Mapping[str, str]) -> bool:
         for k in env
         if k.startswith("BUILDQ_") and not k.startswith(NOT_SETTINGS_PREFIXES)
     )
+
+
+def _marks(env: Mapping[str, str]) -> Path | None:
+    """The folder of the marks of validated settings (the user's cache folder)."""
+    base = env.get("XDG_CACHE_HOME") or (str(Path(env["HOME"]) / ".cache") if env.get("HOME") else None)
+    return Path(base) / "buildq" / "settings-ok" if base else None
+
+
+def _mark_name(env: Mapping[str, str]) -> str:
+    """A digest of every ``BUILDQ_*`` setting and its value (nothing readable is kept)."""
+    ours = sorted(
+        (k, v) for k, v in env.items() if k.startswith("BUILDQ_") and not k.startswith(NOT_SETTINGS_PREFIXES)
+    )
+    return hashlib.sha256("\0".join(f"{k}={v}" for k, v in ours).encode()).hexdigest()
+
+
+def _validated(env: Mapping[str, str]) -> bool:
+    folder = _marks(env)
+    return folder is not None and (folder / _mark_name(env)).is_file()
+
+
+def remember_valid(environ: Mapping[str, str] | None = None) -> None:
+    """Mark these settings as validated by the full path (best effort: no mark, no quick path)."""
+    env = os.environ if environ is None else environ
+    folder = _marks(env)
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(folder / _mark_name(env), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def show_status(job_id: str, record: dict[str, Any], as_json: bool) -> int:
