@@ -121,6 +121,15 @@ class CancelListener:
                 pass
 
 
+def check_state_folder(settings: Settings) -> None:
+    """Refuse to start (:class:`~buildq.errors.SettingsError`) unless the local launcher's state
+    folder is the worker's own (made if missing): pid files are written there as this user."""
+    if settings.launcher == "local":
+        from ..launchers.local import default_state_dir, private_folder
+
+        private_folder(settings.local_state_dir or default_state_dir(), "BUILDQ_LOCAL_STATE_DIR")
+
+
 def run_registry(launcher: Launcher) -> RunRegistry:
     """The run files of ``launcher``'s host: ``runs/`` in its state folder."""
     return RunRegistry(Path(str(getattr(launcher, "state_dir", tempfile.gettempdir()))) / "runs")
