@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -21,11 +24,11 @@ import redis
 from buildq.engine.hooks import OTHER, PHASE_LABELS, SLOW_PHASE_LABELS
 from buildq.store.keys import job_key, load_key, log_key
 from tests.conftest import scenario
-from tests.harness import client_for, free_port, settings_from, wait_until
+from tests.harness import clean_environ, client_for, free_port, settings_from, wait_until
 from tests.harness import run_cli as cli
 from tests.test_producers import raw_celery_message
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(100)
 
 WORKER_TOKEN = "wkr-Broker-Passw0rd-5e1b"
 
@@ -77,7 +80,7 @@ def test_forged_times_run_each_build_watched_within_its_slot_and_limit(
         assert ("NaN" in body) == (index == 1)
         push(env, job, **fields)
     client = client_for(env)
-    records = [client.wait(job_id, timeout=90) for job_id in ids]
+    records = [client.wait(job_id, timeout=30) for job_id in ids]
     for record in records:
         assert record["state"] == "failed" and record["error"]["kind"] == "timeout", record
         assert len(record["attempts"]) == 1, record["attempts"]
@@ -230,6 +233,7 @@ def test_the_task_shows_the_job_id_and_tags_never_the_job_whatever_the_headers(
     assert tasks[0]["kwargs"] == "{'job': 'argsrepr', 'tags': ['reg/app:1']}"
     client_for(buildq_env).cancel("argsrepr")
     assert client_for(buildq_env).wait("argsrepr", timeout=60)["state"] == "cancelled"
+    wait_until(lambda: not active(), timeout=30, interval=0.5)  # the task is over, its result written
     backend = redis.Redis.from_url(buildq_env["BUILDQ_RESULT_BACKEND"])
     assert not list(backend.scan_iter("celery-task-meta-*"))  # BUILDQ_TASK_RESULTS off: no result
 
@@ -274,15 +278,29 @@ def test_the_worker_refuses_a_state_folder_another_user_owns(buildq_env, tmp_pat
     planted = tmp_path / "planted"
     planted.mkdir()
     os.chown(planted, 65534, 65534)
-    out = cli({**buildq_env, "BUILDQ_LOCAL_STATE_DIR": str(planted)}, "worker", timeout=60)
-    assert out.returncode == 2, (out.stdout, out.stderr)
-    assert "BUILDQ_LOCAL_STATE_DIR" in out.stderr and "owned by uid 65534" in out.stderr
-    assert "Traceback" not in out.stderr
+    code, err = start_refused({**buildq_env, "BUILDQ_LOCAL_STATE_DIR": str(planted)})
+    assert code == 2 and "BUILDQ_LOCAL_STATE_DIR" in err and "owned by uid 65534" in err, err
+    assert "Traceback" not in err
+    (tmp_path / "elsewhere").mkdir()
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
-    (tmp_path / "elsewhere").mkdir()
-    out = cli({**buildq_env, "BUILDQ_LOCAL_STATE_DIR": str(link)}, "worker", timeout=60)
-    assert out.returncode == 2 and "is a symlink" in out.stderr, out.stderr
+    code, err = start_refused({**buildq_env, "BUILDQ_LOCAL_STATE_DIR": str(link)})
+    assert code == 2 and "is a symlink" in err, err
+
+
+def start_refused(env: dict[str, str], within_s: float = 20.0) -> tuple[int | None, str]:
+    """``buildq worker``'s exit code and stderr; (None, ...) when it was still running after
+    ``within_s`` (then it is stopped, pool and all)."""
+    full = {**clean_environ("BUILDQ_"), **env}
+    proc = subprocess.Popen([sys.executable, "-m", "buildq", "worker"], env=full, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=within_s)
+        return proc.returncode, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        return None, err
 
 
 # -- 9. smaller: non-ASCII tags, deeply nested job files; ssh:// contexts ---------------------------

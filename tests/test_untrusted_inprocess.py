@@ -16,10 +16,12 @@ from buildq.buildkit.plainlog import MAX_PARTIAL_BYTES
 from buildq.contract.grants import check_secrets, secret_granted
 from buildq.contract.job import context_secrets, parse_job
 from buildq.engine.attemptlog import AttemptLog
+from buildq.engine.lifecycle import WorkerChecks
 from buildq.engine.redact import Redactor
 from buildq.errors import InvalidJobError, SettingsError
 from buildq.launchers.local import LocalLauncher, private_folder
 from buildq.store.logs import LogStore
+from tests.harness import settings_from
 from tests.test_logs import JOB, plain_texts, r, store  # noqa: F401 - fixtures
 
 SECRET = "gr4nted-Npm-T0ken-3c9e5b"
@@ -33,14 +35,26 @@ def output_line(data: bytes, second: int) -> str:
     return json.dumps({"logs": [entry]}, separators=(",", ":"))
 
 
-@pytest.mark.parametrize("offset", [-10, -1, 0, 1, 5, len(SECRET) - 1])
-def test_a_secret_across_the_16k_cut_of_a_long_line_is_masked_whole(store: LogStore, offset: int) -> None:  # noqa: F811
-    """A RUN step prints one line longer than 16 KiB, a granted secret across the cut, in pieces."""
-    line = b"x" * (MAX_PARTIAL_BYTES + offset) + SECRET.encode() + b" and more\n"
+CHUNK = 4096  # the output arrives in pieces of this size; held output is released at a piece's end
+RELEASED_AT = (MAX_PARTIAL_BYTES // CHUNK + 1) * CHUNK  # where the first release of held output cuts
+
+
+@pytest.mark.parametrize(
+    "start",
+    [MAX_PARTIAL_BYTES - 5, RELEASED_AT - 1, RELEASED_AT - 5, RELEASED_AT - len(SECRET) + 1],
+    ids=["plain-cut", "release-1", "release-5", "release-last"],
+)
+def test_a_secret_across_the_16k_cut_of_a_long_line_is_masked_whole(store: LogStore, start: int) -> None:  # noqa: F811
+    """A RUN step prints one line longer than 16 KiB, a granted secret across where the plain
+    renderer cuts it (the record's tail) or where the stored output is released, in pieces."""
+    line = b"x" * start + SECRET.encode() + b" and more\n"
     log = AttemptLog(store, JOB, 1, redactor=Redactor([SECRET]))
-    for index, at in enumerate(range(0, len(line), 4096)):
-        log.feed(output_line(line[at : at + 4096], index))
+    step = {"digest": VERTEX, "name": "[2/2] RUN ./print-long-line", "started": "2026-12-07T06:00:00.0Z"}
+    log.feed(json.dumps({"vertexes": [step]}))
+    for index, at in enumerate(range(0, len(line), CHUNK)):
+        log.feed(output_line(line[at : at + CHUNK], index))
     pending, tail = log.ending("failed")
+    assert tail and tail[-1].endswith("*** and more")  # the record's tail: the renderer's cut
     store.append(JOB, pending)
     raw = [e.line for e in store.read(JOB)]
     data = b"".join(
@@ -56,9 +70,9 @@ def test_a_secret_across_the_16k_cut_of_a_long_line_is_masked_whole(store: LogSt
 
 def test_quoted_forms_of_a_value_are_masked() -> None:
     """Go's %q (an error text quoting a URL), JSON with Go's HTML escapes, Python's repr."""
-    value = 'sig"a\\b<c>&d\n'
+    value = 'sig"a\\b<c>&d\n\x7f\v'
     masked = Redactor([value])
-    go_q = 'a\\"sig\\"a\\\\b<c>&d\\n\\"'
+    go_q = 'a\\"sig\\"a\\\\b<c>&d\\n\\x7f\\v\\"'
     assert masked(f"parse {go_q}: bad") == 'parse a\\"***\\": bad'
     assert masked(json.dumps({"v": value})) == '{"v": "***"}'
     go_json = json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -113,3 +127,52 @@ def test_a_state_folder_must_be_the_workers_own(tmp_path: Path) -> None:
     os.chown(other, 65534, 65534)
     with pytest.raises(SettingsError, match="owned by uid 65534"):
         private_folder(other, "BUILDQ_LOCAL_STATE_DIR")
+
+
+def worker_checks(tmp_path: Path, **settings: str) -> WorkerChecks:
+    env = {"BUILDQ_BROKER_URL": "redis://127.0.0.1:1/0", **settings}
+    return WorkerChecks(settings_from(env), {"WORKER_TOKEN": "x"})
+
+
+def refused(check: WorkerChecks, **job: object) -> tuple[str, str] | None:
+    """(field, message) the worker's checks refuse ``job`` with; None when accepted."""
+    try:
+        check(parse_job({"tags": ["reg/app:1"], **job}))
+    except InvalidJobError as exc:
+        return exc.field, exc.message
+    return None
+
+
+def refused_field(check: WorkerChecks, **job: object) -> str | None:
+    answer = refused(check, **job)
+    return answer[0] if answer else None
+
+
+def test_the_worker_checks_refuse_pseudo_filesystems_with_no_roots(tmp_path: Path, context_dir: Path) -> None:
+    check = worker_checks(tmp_path)
+    (tmp_path / "self").symlink_to("/proc/self")
+    (context_dir / "Dockerfile").unlink()
+    (context_dir / "Dockerfile").symlink_to("/proc/self/environ")
+    for job, field in (
+        ({"context": "/proc/self", "dockerfile": "environ"}, "context"),
+        ({"context": "/", "dockerfile": "proc/self/environ"}, "context"),
+        ({"context": str(tmp_path / "self"), "dockerfile": "environ"}, "context"),
+        ({"context": str(context_dir)}, "dockerfile"),
+    ):
+        answer = refused(check, **job)
+        assert answer is not None and answer[0] == field, (job, answer)
+        assert "pseudo-filesystem" in answer[1], answer
+
+
+def test_ssh_git_contexts_only_when_granted(tmp_path: Path) -> None:
+    ssh = "ssh://git@git.example/team/app.git"
+    assert refused_field(worker_checks(tmp_path), context=ssh) == "context"
+    assert refused_field(worker_checks(tmp_path), context="https://git.example/team/app.git") is None
+    assert refused_field(worker_checks(tmp_path, BUILDQ_GIT_TRANSPORTS="https,ssh"), context=ssh) is None
+
+
+def test_a_tag_with_a_non_ascii_letter_is_refused_naming_it() -> None:
+    for tag in ("reg/app:v\u00e9", "reg/app:\u0661\u0662", "reg/app:\uff41"):
+        with pytest.raises(InvalidJobError) as refused:
+            parse_job({"context": "/srv/x", "tags": ["reg/app:1", tag]})
+        assert refused.value.field == "tags" and "tags[1]" in refused.value.message
