@@ -7,6 +7,7 @@ worker stays up, and no other job's record changes.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -62,7 +63,7 @@ def test_forged_times_run_each_build_watched_within_its_slot_and_limit(
     """``enqueued_at`` "x" / NaN and forged attempts: each build runs in its slot (one at a time with
     BUILDQ_BUILDKIT_MAX_BUILDS=1), is ended by its time limit and leaves a record."""
     env = {**buildq_env, "BUILDQ_BUILDKIT_MAX_BUILDS": "1"}
-    start_worker(env, concurrency=3)
+    worker = start_worker(env, concurrency=3)
     forged = [
         {"enqueued_at": "x"},
         {"enqueued_at": float("nan"), "window_start": "x"},
@@ -98,6 +99,7 @@ def test_forged_times_run_each_build_watched_within_its_slot_and_limit(
     assert all(
         score == 0 for _, score in r.zrange(load_key(settings_from(env).daemons), 0, -1, withscores=True)
     )
+    assert worker.proc.poll() is None
 
 
 # -- 2. nothing the message carries becomes a record field or a metric label ---------------------
@@ -141,9 +143,10 @@ def test_an_invalid_message_with_another_jobs_id_leaves_that_job_alone(
     push(buildq_env, bad, tail=True)  # taken first: its own delivery id is not the victim's
     push(buildq_env, {**bad, "job_id": f"{victim.job_id}:*\n../../x"}, task_id=victim.job_id, tail=True)
     push(buildq_env, {"context": "relative"}, task_id=victim.job_id, tail=True)
-    start_worker(buildq_env)
+    worker = start_worker(buildq_env)
     record = victim.wait(timeout=60)
     assert record["state"] == "succeeded", record
+    assert worker.proc.poll() is None
     assert len(standin_log.starts()) == 1
     r = redis.Redis.from_url(buildq_env["BUILDQ_BROKER_URL"])
     assert not [k for k in r.scan_iter("*") if b"\n" in k or b"../" in k]
@@ -156,7 +159,7 @@ def test_proc_sys_dev_are_never_contexts_or_dockerfile_folders(
     buildq_env, start_worker, context_dir, tmp_path, standin_log
 ) -> None:
     """No BUILDQ_CONTEXT_ROOTS (the default): /proc/self/environ would be the worker's environment."""
-    start_worker({**buildq_env, "WORKER_BROKER_TOKEN": WORKER_TOKEN})
+    worker = start_worker({**buildq_env, "WORKER_BROKER_TOKEN": WORKER_TOKEN})
     (tmp_path / "self").symlink_to("/proc/self")
     (tmp_path / "ctx2").mkdir()
     (tmp_path / "ctx2" / "Dockerfile").symlink_to("/proc/self/environ")
@@ -173,7 +176,7 @@ def test_proc_sys_dev_are_never_contexts_or_dockerfile_folders(
         assert_refused(record, field)
         assert "pseudo-filesystem" in record["error"]["message"]
         assert WORKER_TOKEN not in json.dumps(record)
-    assert standin_log.events() == []
+    assert standin_log.events() == [] and worker.proc.poll() is None
 
 
 # -- 5. masking: whole values, URL userinfo, the task's arguments, escaped forms --------------------
@@ -335,3 +338,22 @@ def test_ssh_contexts_build_when_granted(buildq_env, start_worker) -> None:
     record = push_and_wait(env, job)
     assert record["state"] == "failed" and record["error"]["kind"] != "invalid", record["error"]
     assert Path(env["STANDIN_LOG"]).exists()
+
+
+def test_a_deeply_nested_message_leaves_the_worker_building(
+    buildq_env, start_worker, context_dir, standin_log
+) -> None:
+    """A body nested 100,000 deep (and a job nested 400 deep): no job from it, the next one builds."""
+    worker = start_worker(buildq_env)
+    r = redis.Redis.from_url(buildq_env["BUILDQ_BROKER_URL"])
+    message = json.loads(raw_celery_message("deep-1", buildq_env["BUILDQ_QUEUE"], {"job": {}}))
+    message["body"] = base64.b64encode(("[" * 100_000 + "]" * 100_000).encode()).decode()
+    r.lpush(buildq_env["BUILDQ_QUEUE"], json.dumps(message))
+    deep: dict = {}
+    for _ in range(400):
+        deep = {"x": deep}
+    push(buildq_env, {"job_id": "deep-2", "context": str(context_dir), "tags": ["reg/app:1"], "labels": deep})
+    assert_refused(client_for(buildq_env).wait("deep-2", timeout=60), "labels.x")
+    record = client_for(buildq_env).submit({"context": str(context_dir), "tags": ["reg/app:2"]}).wait(60)
+    assert record["state"] == "succeeded", record
+    assert worker.proc.poll() is None and len(standin_log.starts()) == 1
