@@ -122,12 +122,15 @@ class CancelListener:
 
 
 def check_state_folder(settings: Settings) -> None:
-    """Refuse to start (:class:`~buildq.errors.SettingsError`) unless the local launcher's state
-    folder is the worker's own (made if missing): pid files are written there as this user."""
-    if settings.launcher == "local":
-        from ..launchers.local import default_state_dir, private_folder
+    """Refuse to start (:class:`~buildq.errors.SettingsError`) unless the launcher's state folder is
+    the worker's own (made if missing): pid files, run files and the docker launcher's FIFOs are
+    written there as this user."""
+    from ..launchers.local import default_state_dir, private_folder
 
+    if settings.launcher == "local":
         private_folder(settings.local_state_dir or default_state_dir(), "BUILDQ_LOCAL_STATE_DIR")
+    else:
+        private_folder(default_state_dir(name="buildq-docker"), "BUILDQ_LAUNCHER=docker")
 
 
 def run_registry(launcher: Launcher) -> RunRegistry:
