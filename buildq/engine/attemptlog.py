@@ -8,7 +8,9 @@ one stream entry (:class:`~buildq.store.logs.LogStore`) and counts, never raises
 The end of the log goes with the result (:meth:`AttemptLog.ending`) or, before a retry, is written
 at once (:meth:`AttemptLog.close`). With an archive, everything the attempt stored is also kept
 compressed in memory (:meth:`AttemptLog.archived`) for the worker to archive when it ends.
-:class:`RawRedactor` masks secrets in the rawjson lines.
+:class:`RawRedactor` masks secrets in the rawjson lines. ``BUILDQ_LOG_MAX_BYTES`` caps what one
+attempt stores (:meth:`AttemptLog.feed`): past it, one mark says the log was cut, the rest is
+counted, and the log's end says how much was dropped.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Mask secret values in log text before it leaves the worker.
 
 :class:`Redactor` replaces every occurrence of each secret, of its base64 form (padded and unpadded,
-standard and URL-safe alphabet) and of its URL-encoded form (``quote`` and ``quote_plus``, upper-
-and lower-case hex) with ``***``. All forms go into one compiled alternation, longest first, so a
-secret that contains another secret is masked whole and each line is scanned once.
+standard and URL-safe alphabet), of its URL-encoded form (``quote`` and ``quote_plus``, upper-
+and lower-case hex) and of its quoted forms (Go's ``%q``, JSON, Python's ``repr``) with ``***``.
+All forms go into one compiled alternation, longest first, so a secret that contains another
+secret is masked whole and each line is scanned once.
 
 Values shorter than :data:`MIN_SECRET_LENGTH` (4) characters are ignored: masking ``a`` or ``42``
 would shred ordinary output (every ``a`` becomes ``***``), and a value that short is guessable
@@ -11,7 +12,8 @@ anyway, so masking it would hide nothing while making logs useless. Empty values
 
 Build output is redacted *after* base64 decoding and line assembly (see ``buildkit.plainlog``), one
 line at a time; a multi-line secret is therefore also masked line by line (each line of it that is
-at least 4 characters long).
+at least 4 characters long). Output cut before its line ends (past 16 KiB) is cut where
+:meth:`Redactor.safe_cut` says, so a value is masked whole, never piece by piece.
 """
 
 from __future__ import annotations
