@@ -353,7 +353,7 @@ def run(mutation: Mutation, tree: Path) -> tuple[str, float]:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--timeout", "60",
-             mutation.test],
+             "--basetemp", str(tree / ".pytest-tmp"), mutation.test],
             cwd=tree, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         seconds = time.monotonic() - started

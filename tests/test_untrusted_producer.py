@@ -75,7 +75,8 @@ def test_forged_times_run_each_build_watched_within_its_slot_and_limit(
         ids.append(job_id)
         job = {
             "job_id": job_id, "context": str(context_dir), "tags": [f"reg/app:{index}"], "timeout_s": 2,
-            "build_args": {"STANDIN_SCENARIO": scenario(kind="hang", after_lines=3)},
+            # would take 10 s: its 2 s limit ends it (and a build left unwatched still ends by itself)
+            "build_args": {"STANDIN_SCENARIO": scenario(kind="succeed", sleep_s=10)},
         }  # fmt: skip
         body = json.dumps([[], {"job": job, **fields}, {}], allow_nan=True)
         assert ("NaN" in body) == (index == 1)
