@@ -33,6 +33,8 @@ class Mutation:
     old: str
     new: str
     test: str
+    #: how long the test may take to catch it (a test that starts a real worker takes longer)
+    limit_s: float = LIMIT_S
 
 
 MUTATIONS = [
@@ -290,6 +292,139 @@ MUTATIONS = [
         'SUPERSEDE_KEY_RE = re.compile(r"(?s).{1,400}")',
         "tests/test_cache_scopes.py::test_a_bad_scope_or_supersede_key_is_one_line_naming_the_field",
     ),
+    Mutation(
+        "i26: BUILDQ_ checked case-sensitively",
+        "buildq/contract/grants.py",
+        "return name.upper().startswith(NEVER_GRANTED_PREFIX)",
+        "return name.startswith(NEVER_GRANTED_PREFIX)",
+        "tests/test_untrusted_inprocess.py::test_buildq_variables_are_never_granted_in_any_case",
+    ),
+    Mutation(
+        "i26: a folder holding /proc passes",
+        "buildq/contract/grants.py",
+        "if is_under(path, [root]) or is_under(root, [path]):",
+        "if is_under(path, [root]):",
+        "tests/test_untrusted_inprocess.py::test_the_worker_checks_refuse_pseudo_filesystems_with_no_roots",
+    ),
+    Mutation(
+        "i26: the Dockerfile's resolved folder unchecked",
+        "buildq/engine/lifecycle.py",
+        'check_not_pseudo("dockerfile", job.dockerfile, os.path.dirname(real_dockerfile))',
+        "pass",
+        "tests/test_untrusted_inprocess.py::test_the_worker_checks_refuse_pseudo_filesystems_with_no_roots",
+    ),
+    Mutation(
+        "i26: ssh:// git contexts ungated",
+        "buildq/engine/lifecycle.py",
+        "    if job.is_git:\n        check_git_transport",
+        "    if job.is_git and False:\n        check_git_transport",
+        "tests/test_untrusted_inprocess.py::test_ssh_git_contexts_only_when_granted",
+    ),
+    Mutation(
+        "i26: unicode letters in tags",
+        "buildq/contract/reference.py",
+        "    re.ASCII,",
+        "    0,",
+        "tests/test_untrusted_inprocess.py::test_a_tag_with_a_non_ascii_letter_is_refused_naming_it",
+    ),
+    Mutation(
+        "i26: output cut without holding a secret back",
+        "buildq/engine/attemptlog.py",
+        "at = self._cut(bytes(buf), len(buf))",
+        "at = len(buf)",
+        "tests/test_untrusted_inprocess.py::test_a_secret_across_the_16k_cut_of_a_long_line_is_masked_whole",
+    ),
+    Mutation(
+        "i26: the record's tail cut through a secret",
+        "buildq/buildkit/plainlog.py",
+        "keep = self._safe_cut(bytes(vx.partial), keep)",
+        "pass",
+        "tests/test_untrusted_inprocess.py::test_a_secret_across_the_16k_cut_of_a_long_line_is_masked_whole",
+    ),
+    Mutation(
+        "i26: URL userinfo not masked",
+        "buildq/contract/job.py",
+        "    if sep and at and userinfo:",
+        "    if False:",
+        "tests/test_untrusted_inprocess.py::test_url_userinfo_and_query_values_are_what_a_context_hides",
+    ),
+    Mutation(
+        "i26: Go's %q form not masked",
+        "buildq/engine/redact.py",
+        "    forms.add(go)\n",
+        "",
+        "tests/test_untrusted_inprocess.py::test_quoted_forms_of_a_value_are_masked",
+    ),
+    Mutation(
+        "i26: pid file follows a symlink",
+        "buildq/launchers/local.py",
+        "flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW",
+        "flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC",
+        "tests/test_untrusted_inprocess.py::test_a_pid_file_never_follows_a_planted_symlink",
+    ),
+    Mutation(
+        "i26: state folder owner unchecked",
+        "buildq/launchers/local.py",
+        "elif info.st_uid != os.geteuid():",
+        "elif False:",
+        "tests/test_untrusted_inprocess.py::test_a_state_folder_must_be_the_workers_own",
+    ),
+    Mutation(
+        "i26: the worker refuses no state folder",
+        "buildq/celeryapp/worker.py",
+        "    check_state_folder(settings)\n",
+        "",
+        "tests/test_untrusted_producer.py::test_the_worker_refuses_a_state_folder_another_user_owns",
+        60.0,
+    ),
+    Mutation(
+        "i26: inspect shows the arguments themselves",
+        "buildq/celeryapp/task.py",
+        "return super().info(safe=True)",
+        "return super().info(safe=safe)",
+        "tests/test_untrusted_producer.py::test_the_task_shows_the_job_id_and_tags_never_the_job_whatever_the_headers",
+        60.0,
+    ),
+    Mutation(
+        "i26: the producer's ignore_result believed",
+        "buildq/celeryapp/task.py",
+        '"ignore_result": ignore}',
+        '"ignore_result": self._request_dict.get("ignore_result", ignore)}',
+        "tests/test_untrusted_producer.py::test_the_task_shows_the_job_id_and_tags_never_the_job_whatever_the_headers",
+        60.0,
+    ),
+    Mutation(
+        "i26: log bytes uncapped",
+        "buildq/engine/lifecycle.py",
+        "max_bytes=self.settings.log_max_bytes,",
+        "max_bytes=0,",
+        "tests/test_untrusted_producer.py::test_a_builds_log_is_capped_in_bytes_and_says_so",
+        60.0,
+    ),
+    Mutation(
+        "i26 case 1: no time limit on a launched build",
+        "buildq/engine/runner.py",
+        "handles.append(spec.scheduler.later(spec.timeout_s, lambda: stopper.stop(TIMEOUT)))",
+        "pass",
+        "tests/test_untrusted_producer.py::test_forged_times_run_each_build_watched_within_its_slot_and_limit",
+        60.0,
+    ),
+    Mutation(
+        "i26 case 2: unknown message fields accepted",
+        "buildq/contract/wire.py",
+        "    elif unknown:\n",
+        "    elif unknown and False:\n",
+        "tests/test_untrusted_producer.py::test_forged_attempts_and_phases_are_not_believed",
+        60.0,
+    ),
+    Mutation(
+        "i26 case 3: a reject ignores the delivery",
+        "buildq/store/lua/reject.lua",
+        "if h.delivery and h.delivery ~= delivery then return 0 end",
+        "",
+        "tests/test_untrusted_producer.py::test_an_invalid_message_with_another_jobs_id_leaves_that_job_alone",
+        60.0,
+    ),
 ]
 
 
@@ -304,12 +439,14 @@ def run(mutation: Mutation, tree: Path) -> tuple[str, float]:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--timeout", "60",
-             mutation.test],
+             "--basetemp", str(tree / ".pytest-tmp"), mutation.test],
             cwd=tree, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         seconds = time.monotonic() - started
         caught = done.returncode != 0 and "failed" in done.stdout
         return ("caught" if caught else "SURVIVED"), seconds
+    except subprocess.TimeoutExpired:
+        return "TIMED OUT (the test hung: make it fail instead)", time.monotonic() - started
     finally:
         target.write_text(original)
 
@@ -331,7 +468,7 @@ def main() -> None:
         print(f"{'mutation':50} {'verdict':10} {'seconds':>7}  test")
         for mutation in chosen:
             verdict, seconds = run(mutation, tree)
-            slow = verdict == "caught" and seconds > LIMIT_S
+            slow = verdict == "caught" and seconds > mutation.limit_s
             failed |= verdict != "caught" or slow
             mark = f"{verdict}{' (slow)' if slow else ''}"
             print(f"{mutation.name:50} {mark:10} {seconds:7.1f}  {mutation.test.split('::')[1]}")

@@ -132,6 +132,17 @@ def _image_reference(value: str) -> str:
 #: a comma separated list in one variable (``NoDecode``: not JSON)
 Csv = Annotated[list[str], NoDecode, BeforeValidator(_split_csv)]
 
+#: what ``BUILDQ_GIT_TRANSPORTS`` may list
+GIT_TRANSPORTS = ("https", "git", "ssh")
+
+
+def _git_transports(values: list[str]) -> list[str]:
+    unknown = [v for v in values if v not in GIT_TRANSPORTS]
+    if unknown:
+        expected = ", ".join(GIT_TRANSPORTS)
+        raise ValueError(f"unknown git transport {unknown[0]!r} (expected some of {expected})")
+    return values
+
 
 class Settings(BaseSettings):
     """Validated configuration; see docs/settings.md for each field."""
@@ -196,6 +207,9 @@ class Settings(BaseSettings):
 
     log_stream_maxlen: int = Field(default=20000, ge=100)
     log_stream_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    #: output bytes kept of one attempt's log (what buildctl printed; 0: no cap); past it one line
+    #: says the log was cut, and how much was dropped at its end
+    log_max_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
     #: where finished jobs' logs and records are kept (a folder every worker and reader shares);
     #: unset: logs stay in Redis (capped) and records until BUILDQ_RESULT_TTL_S
     archive_dir: str | None = None
@@ -229,6 +243,10 @@ class Settings(BaseSettings):
     context_roots: Annotated[Csv, AfterValidator(_absolute_dirs)] = Field(default_factory=list)
     #: repository patterns every tag and cache_ref must match; unset: any repository
     allowed_repositories: Annotated[Csv, AfterValidator(_repository_patterns)] = Field(default_factory=list)
+    #: git transports a git context may use; ``ssh`` (the daemon host's ssh keys) only when listed
+    git_transports: Annotated[Csv, AfterValidator(_git_transports)] = Field(
+        default_factory=lambda: ["https", "git"]
+    )
     #: producers: the registry repository ``submit --upload`` puts contexts in (host[:port]/repo)
     context_repository: str | None = None
     #: producers: the largest packed context ``submit --upload`` sends (bytes of the tar.gz)

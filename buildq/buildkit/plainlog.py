@@ -127,8 +127,12 @@ class _Vtx:
 class _VertexBook:
     """The stream's vertices as the printer needs them: merged updates, output lines, statuses."""
 
-    def __init__(self, redact: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self, redact: Callable[[str], str] | None = None, safe_cut: Callable[[bytes, int], int] | None = None
+    ) -> None:
         self._redact = redact or (lambda text: text)
+        #: where a line longer than MAX_PARTIAL_BYTES may be cut so no masked value spans the cut
+        self._safe_cut = safe_cut
         self._vtx: dict[str, _Vtx] = {}
         self._current: _Vtx | None = None
         self._next_index = 0
@@ -199,6 +203,8 @@ class _VertexBook:
             data = b"" if cut < 0 else data[cut + 1 :]
             while len(vx.partial) > MAX_PARTIAL_BYTES:  # bound every line, complete or not
                 keep = _utf8_cut(vx.partial, MAX_PARTIAL_BYTES)
+                if self._safe_cut is not None:
+                    keep = self._safe_cut(bytes(vx.partial), keep)
                 rest = bytes(vx.partial[keep:])
                 del vx.partial[keep:]
                 self._flush_partial(vx)

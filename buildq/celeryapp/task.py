@@ -28,9 +28,10 @@ from typing import Any
 import redis.exceptions
 from celery import Celery, Task
 from celery.exceptions import Reject, Retry
+from celery.worker.request import Request
 
 from ..config import Settings
-from ..contract.wire import read_delivery
+from ..contract.wire import job_kwargsrepr, read_delivery
 from ..engine.lifecycle import Progress
 from ..engine.runtime import MainRuntime, PoolRuntime
 from ..engine.scheduler import Scheduler
@@ -45,6 +46,32 @@ REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 #: unexpected errors in a row after which a pool process stops taking jobs (it exits; Celery
 #: starts another)
 BROKEN_AFTER = 3
+
+
+class BuildRequest(Request):
+    """A delivered ``buildq.build`` message as this worker shows and runs it, whatever its headers
+    say: its arguments are shown as the job id and tags (:func:`job_kwargsrepr`, made here from the
+    body: ``celery inspect active``, Flower, the worker log and Celery's events never show a URL
+    context's query or userinfo, nor a build arg), and whether its result is stored is the task's
+    setting (``BUILDQ_TASK_RESULTS``), not the producer's ``ignore_result``."""
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(message, *args, **kwargs)
+        try:
+            _, body_kwargs, _ = self._payload
+            job = body_kwargs.get("job") if isinstance(body_kwargs, dict) else None
+        except (TypeError, ValueError):
+            job = None
+        ignore = self._task.ignore_result
+        shown = {"argsrepr": "()", "kwargsrepr": job_kwargsrepr(job), "ignore_result": ignore}
+        self._request_dict.update(shown)  # what the pool process's trace and the result see
+        self._argsrepr, self._kwargsrepr = shown["argsrepr"], shown["kwargsrepr"]
+        self._ignore_result = shown["ignore_result"]
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        """What ``celery inspect active/reserved/scheduled`` (and Flower) show: the argument view
+        above, even when asked for the arguments themselves (``safe=False``, their default)."""
+        return super().info(safe=True)
 
 
 class BuildFailed(Exception):
@@ -208,7 +235,7 @@ def register(app: Celery) -> None:
     # the task's WARNING says it once (celery.app.trace is the logger of task outcomes)
     logging.getLogger("celery.app.trace").addFilter(EXPECTED_FAILURE_FILTER)
 
-    @app.task(name=TASK_NAME, bind=True, max_retries=None, throws=(BuildFailed,))
+    @app.task(name=TASK_NAME, bind=True, max_retries=None, throws=(BuildFailed,), Request=BuildRequest)
     def build(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         runtime = self.app.buildq_worker.pool()
         request = self.request

@@ -35,7 +35,7 @@ from celery.signals import (
 
 from ..config import Settings
 from ..engine.hooks import DaemonUpCollector, mark_process_dead, prepare_multiprocess_dir, serve_metrics
-from ..engine.runtime import MainRuntime
+from ..engine.runtime import MainRuntime, check_state_folder
 from .app import create_app
 from .jsonlog import install_json_logging
 from .task import DAEMON_UP_EVENT, WorkerProcesses, register
@@ -275,6 +275,7 @@ def check_persistence(settings: Settings) -> None:
 
 def run_worker(settings: Settings, argv: list[str]) -> None:
     """Start a Celery worker in this process (blocks until it stops)."""
+    check_state_folder(settings)
     check_persistence(settings)
     if settings.metrics_port is not None:
         # before prometheus_client's values are made: pool processes write samples to this dir

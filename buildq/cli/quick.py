@@ -28,12 +28,13 @@ KNOWN_SETTINGS = frozenset(
     max_timeout_s retry_max_attempts retry_backoff_base_s retry_backoff_cap_s transient_patterns
     lease_ttl_s visibility_timeout_s shutdown_grace_s result_ttl_s requeue_lost_after_s
     metrics_port metrics_dir log_format redact_env log_stream_maxlen log_stream_ttl_s
-    archive_dir log_archived_ttl_s archived_record_ttl_s task_results daemon_wait_s
-    registry_wait_s daemon_hold_s redis_retry_s redis_persistence deployment secret_env
-    context_roots allowed_repositories context_repository context_max_bytes cache_affinity
-    affinity_wait_s cache_default_scope cache_export_wait_s baseline_n docker_warm
-    sentinel_master sentinel_password submit_replicas replica_wait_timeout_s provenance_default
-    provenance_allowed sbom_default sbom_allowed sbom_scanner_image registry_read_timeout_s
+    log_max_bytes archive_dir log_archived_ttl_s archived_record_ttl_s task_results
+    daemon_wait_s registry_wait_s daemon_hold_s redis_retry_s redis_persistence deployment
+    secret_env context_roots allowed_repositories git_transports context_repository
+    context_max_bytes cache_affinity affinity_wait_s cache_default_scope cache_export_wait_s
+    baseline_n docker_warm sentinel_master sentinel_password submit_replicas
+    replica_wait_timeout_s provenance_default provenance_allowed sbom_default sbom_allowed
+    sbom_scanner_image registry_read_timeout_s
     """.split()
 )
 NOT_SETTINGS_PREFIXES = ("BUILDQ_STACK_", "BUILDQ_TEST_")

@@ -148,6 +148,9 @@ def read_job_file(path: str, stdin: IO[str] | None = None) -> dict[str, Any]:
         data = json.loads(text)
     except ValueError as exc:
         raise InvalidJobError(f"--job-file: {path!r} is not JSON: {exc}", field="job-file") from None
+    except RecursionError:
+        message = f"--job-file: {path!r} is nested too deeply to be a job"
+        raise InvalidJobError(message, field="job-file") from None
     if not isinstance(data, dict):
         raise InvalidJobError(f"--job-file: {path!r} must hold a JSON object (one job)", field="job-file")
     return data

@@ -6,9 +6,11 @@ another team's tags and build cache:
 
 - ``BUILDQ_SECRET_ENV``: shell-style patterns (:func:`fnmatch.fnmatchcase`) of the worker variables
   a job may name as secrets. None: no job may use secrets. ``BUILDQ_*`` variables (the worker's
-  own settings, the broker URL with its password among them) are never granted.
+  own settings, the broker URL with its password among them) are never granted, in any case.
 - ``BUILDQ_CONTEXT_ROOTS``: a local context must lie under one of these directories, both as written
   and after resolving symlinks (:func:`context_outside_roots`). None: any directory.
+- ``BUILDQ_GIT_TRANSPORTS``: the schemes a git context may use (``ssh`` only when listed: BuildKit
+  fetches it with the daemon host's ssh keys).
 - ``BUILDQ_ALLOWED_REPOSITORIES``: repository patterns every tag and the ``cache_ref`` must match
   (:func:`repository_matches`). None: any repository.
 
@@ -41,9 +43,15 @@ _DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
 # -- secrets ---------------------------------------------------------------------------------------
 
 
+def never_granted(name: str) -> bool:
+    """True for the worker's own settings: ``BUILDQ_*`` in any case (settings are read
+    case-insensitively, so ``buildq_broker_url`` is one too)."""
+    return name.upper().startswith(NEVER_GRANTED_PREFIX)
+
+
 def secret_granted(name: str, patterns: Sequence[str]) -> bool:
     """True when the worker variable ``name`` matches a pattern of ``BUILDQ_SECRET_ENV``."""
-    if name.startswith(NEVER_GRANTED_PREFIX):
+    if never_granted(name):
         return False
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 
@@ -63,7 +71,7 @@ def check_secrets(job: BuildJob, patterns: Sequence[str]) -> None:
         field = f"secrets[{index}].env"
         if not patterns:
             why = "no variable is granted to jobs (BUILDQ_SECRET_ENV is not set)"
-        elif secret.env.startswith(NEVER_GRANTED_PREFIX):
+        elif never_granted(secret.env):
             why = f"{NEVER_GRANTED_PREFIX}* variables are never granted to jobs"
         else:
             why = "it is not granted to jobs (BUILDQ_SECRET_ENV)"
@@ -163,12 +171,51 @@ def check_repositories(job: BuildJob, patterns: Sequence[str]) -> None:
         check_repository(job.cache_ref, patterns, "cache_ref")
 
 
+# -- git transports --------------------------------------------------------------------------------
+
+
+def check_git_transport(context: str, transports: Sequence[str]) -> None:
+    """A git context's scheme (``https``, ``git``, ``ssh``) must be one ``BUILDQ_GIT_TRANSPORTS`` lists."""
+    scheme = context.partition("://")[0].lower()
+    if scheme in transports:
+        return
+    raise InvalidJobError(
+        f"context: {scheme}:// git contexts are not granted to jobs (BUILDQ_GIT_TRANSPORTS: "
+        f"{', '.join(transports) or 'none'}; ssh:// would use the daemon host's ssh keys)",
+        field="context",
+    )
+
+
 # -- local contexts --------------------------------------------------------------------------------
 
 
 def is_under(path: str, roots: Iterable[str]) -> bool:
     """True when the absolute, normalised ``path`` is one of ``roots`` or lies below one."""
     return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+#: the kernel's pseudo-filesystems: never a context or a Dockerfile's folder (``/proc/self/environ`` is
+#: the worker's whole environment), nor a folder holding one (``/``), whatever the roots say
+PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def pseudo_filesystem(path: str) -> str | None:
+    """The pseudo-filesystem the absolute, normalised ``path`` lies in or contains, else None."""
+    for root in PSEUDO_FILESYSTEMS:
+        if is_under(path, [root]) or is_under(root, [path]):
+            return root
+    return None
+
+
+def check_not_pseudo(field: str, value: str, *paths: str) -> None:
+    """None of ``paths`` (``value`` as written, then as resolved) may be or hold a pseudo-filesystem."""
+    for path in paths:
+        root = pseudo_filesystem(path)
+        if root is not None:
+            raise InvalidJobError(
+                f"{field}: {value!r} is or holds {root}, a pseudo-filesystem jobs may never build from",
+                field=field,
+            )
 
 
 def context_outside_roots(

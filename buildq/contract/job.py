@@ -74,6 +74,21 @@ def url_query_values(url: str) -> list[str]:
     return values
 
 
+def context_secrets(context: str) -> list[str]:
+    """What of a remote context is masked in logs, records and task views: a presigned URL's query
+    values (:func:`url_query_values`) and a URL's userinfo (``https://user:TOKEN@host/…``: the
+    password, and ``user:TOKEN`` whole)."""
+    values = url_query_values(context)
+    scheme, sep, rest = context.partition("://")
+    userinfo, at, _ = rest.split("/", 1)[0].rpartition("@")
+    if sep and at and userinfo:
+        values.append(userinfo)
+        password = userinfo.partition(":")[2]
+        if password:
+            values.append(password)
+    return values
+
+
 def _no_control(value: str, what: str) -> str:
     if _CONTROL.search(value):
         raise ValueError(f"{what} must not contain newlines or control characters")

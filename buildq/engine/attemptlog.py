@@ -8,7 +8,9 @@ one stream entry (:class:`~buildq.store.logs.LogStore`) and counts, never raises
 The end of the log goes with the result (:meth:`AttemptLog.ending`) or, before a retry, is written
 at once (:meth:`AttemptLog.close`). With an archive, everything the attempt stored is also kept
 compressed in memory (:meth:`AttemptLog.archived`) for the worker to archive when it ends.
-:class:`RawRedactor` masks secrets in the rawjson lines.
+:class:`RawRedactor` masks secrets in the rawjson lines. ``BUILDQ_LOG_MAX_BYTES`` caps what one
+attempt stores (:meth:`AttemptLog.feed`): past it, one mark says the log was cut, the rest is
+counted, and the log's end says how much was dropped.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ class RawRedactor:
     Lines that need no change are returned verbatim.
     """
 
-    def __init__(self, redact: Callable[[str], str]) -> None:
+    def __init__(self, redact: Callable[[str], str], cut: Callable[[bytes, int], int] | None = None) -> None:
         self._redact = redact
+        #: where held output past MAX_PARTIAL_BYTES may be cut (:meth:`Redactor.safe_cut`): a secret
+        #: across the cut is held back whole, never masked piece by piece
+        self._cut = cut or (lambda data, at: at)
         self._held: dict[tuple[str, Any], tuple[dict[str, Any], bytearray]] = {}
 
     def line(self, line: str) -> list[str]:
@@ -108,6 +113,10 @@ class RawRedactor:
         cut = buf.rfind(b"\n")
         if cut < 0:
             if len(buf) > MAX_PARTIAL_BYTES:
+                at = self._cut(bytes(buf), len(buf))
+                if at < len(buf):  # the rest (a secret's possible start) waits for what follows
+                    self._held[key] = (entry, bytearray(buf[at:]))
+                    return [self._with(first, buf[:at])]
                 tick = [] if held is None else [self._with(entry, b"")]  # keeps this entry's timestamp
                 return [self._with(first, buf), *tick]
             self._held[key] = (first, buf)
@@ -141,8 +150,11 @@ class _Lines:
     def __init__(self, attempt: int, redactor: Redactor | None) -> None:
         self.attempt = attempt
         self.redact: Callable[[str], str] = redactor.redact if redactor is not None else (lambda text: text)
-        self.renderer = PlainLogRenderer(redact=redactor.redact if redactor is not None else None)
-        self.raw = RawRedactor(redactor.redact) if redactor is not None else None
+        self.renderer = PlainLogRenderer(
+            redact=redactor.redact if redactor is not None else None,
+            safe_cut=redactor.safe_cut if redactor is not None else None,
+        )
+        self.raw = RawRedactor(redactor.redact, redactor.safe_cut) if redactor is not None else None
 
     def entries(self, line: str, status: SolveStatus | None) -> list[Entry]:
         a = self.attempt
@@ -182,6 +194,7 @@ class AttemptLog:
         redactor: Redactor | None = None,
         max_buffered: int | None = None,
         archive: bool = False,
+        max_bytes: int = 0,
     ) -> None:
         self.store, self.job_id, self.attempt = store, job_id, attempt
         #: everything stored, compressed, for the archive (None without one)
@@ -195,6 +208,10 @@ class AttemptLog:
         self._closed = False
         # flushes: batches written (one round trip each); dropped: lost to Redis errors or a full buffer
         self.lines_fed = self.flushes = self.failed_flushes = self.dropped = self.feed_errors = 0
+        #: ``BUILDQ_LOG_MAX_BYTES``: output bytes kept for this attempt (0: no cap); past it, one
+        #: mark says the log was cut, and the rest is only counted (``cut_bytes``, ``cut_lines``)
+        self.max_bytes = max_bytes
+        self.kept_bytes = self.cut_bytes = self.cut_lines = 0
 
     def feed(self, line: str, status: SolveStatus | None = _PARSE) -> None:
         """Render, redact and buffer one stderr line; pass ``status`` when already parsed (None: text)."""
@@ -207,7 +224,34 @@ class AttemptLog:
             except Exception:  # a malformed line must not break the build
                 self.feed_errors += 1
                 return
-            self._buffer_all(entries)
+            self._buffer_all(self._within_cap(entries))
+
+    def _within_cap(self, entries: list[Entry]) -> list[Entry]:
+        """The entries that fit under ``max_bytes`` (caller holds the lock); the first one past it
+        is replaced by the mark that says the log is cut, the rest are counted."""
+        if not self.max_bytes:
+            return entries
+        kept: list[Entry] = []
+        for entry in entries:
+            size = len(entry[2].encode("utf-8", "surrogateescape"))
+            if not self.cut_bytes and self.kept_bytes + size <= self.max_bytes:
+                self.kept_bytes += size
+                kept.append(entry)
+                continue
+            if not self.cut_bytes:
+                kept.append(self._lines.mark(
+                    f"log cut: this attempt's output passed {self.max_bytes} bytes (BUILDQ_LOG_MAX_BYTES); "
+                    "the rest is not kept"
+                ))  # fmt: skip
+            self.cut_bytes += size
+            self.cut_lines += 1
+        return kept
+
+    def _cut_note(self) -> list[Entry]:
+        """The mark saying how much output the cap dropped (caller holds the lock; none if nothing)."""
+        if not self.cut_bytes:
+            return []
+        return [self._lines.mark(f"log cut: {self.cut_bytes} bytes in {self.cut_lines} lines not kept")]
 
     def mark(self, text: str) -> None:
         """Buffer a ``mark`` line (attempt started, retrying); written in order with the lines."""
@@ -226,6 +270,7 @@ class AttemptLog:
         lines."""
         with self._lock:
             end, tail = self._closing_entries()
+            end = [*self._within_cap(end), *self._cut_note()]
             pending = [*self._buffer, *end, (self.attempt, "end", f"{FINAL_PREFIX} {final_state}")]
             self._buffer = deque(maxlen=self._max_buffered)
             self._keep(pending)
@@ -240,6 +285,7 @@ class AttemptLog:
         """Close the log and write everything now, ``note`` (a mark) last. Idempotent; never raises."""
         with self._lock:
             end, _ = self._closing_entries()
+            end = [*self._within_cap(end), *self._cut_note()]
             if note is not None:
                 end.append(self._lines.mark(note, closes=True))
             batch = deque([*self._buffer, *end])

@@ -36,14 +36,20 @@ from ..buildkit.phases import LivePhases, cache_evidence
 from ..buildkit.progress import SolveStatus
 from ..config import Settings
 from ..contract.attest import AttestationPolicy, effective_attestations
-from ..contract.grants import check_repositories, check_secrets, context_outside_roots
+from ..contract.grants import (
+    check_git_transport,
+    check_not_pseudo,
+    check_repositories,
+    check_secrets,
+    context_outside_roots,
+)
 from ..contract.job import (
     JOB_ID_PATTERN_RE,
     BuildJob,
     cache_key,
     cache_refs,
+    context_secrets,
     parse_job,
-    url_query_values,
 )
 from ..contract.record import summary, validated_record
 from ..contract.status import job_id_time
@@ -408,7 +414,7 @@ class Lifecycle:
             previous = history.running.get("gen")
             self._previous_run_over(job.job_id, previous if isinstance(previous, int) else claim.gen - 1,
                                     history.previous_domain)  # fmt: skip
-        extra = url_query_values(job.context)  # a presigned URL's token is masked too
+        extra = context_secrets(job.context)  # a presigned URL's token, a git URL's userinfo
         redactor = Redactor([*self.redact_values, *extra]) if extra else self.redactor
         return Build(
             job=job, claim=claim, delivery=delivery, progress=progress,
@@ -697,8 +703,11 @@ class Lifecycle:
             worker=self.worker_id,
             retry_of=retry_of if isinstance(retry_of, str) and JOB_ID_PATTERN_RE.match(retry_of) else None,
         )  # fmt: skip
-        if self.redactor is not None:
-            record = self.redactor.redact_tree(record)
+        context = raw.get("context")
+        extra = context_secrets(context) if isinstance(context, str) else []
+        redactor = Redactor([*self.redact_values, *extra]) if extra else self.redactor
+        if redactor is not None:
+            record = redactor.redact_tree(record)
         text, brief = validated_record(record)
         if not self.store.reject(job_id, delivery=delivery.delivery, record=text):
             existing = self.store.result(job_id)
@@ -799,7 +808,10 @@ class Lifecycle:
         if self.logs is None:
             return None
         archive = self.archive is not None
-        log = AttemptLog(self.logs, build.job.job_id, build.number, redactor=build.redactor, archive=archive)
+        log = AttemptLog(
+            self.logs, build.job.job_id, build.number, redactor=build.redactor, archive=archive,
+            max_bytes=self.settings.log_max_bytes,
+        )  # fmt: skip
         log.mark(f"attempt {build.number} started on {self.worker_id}")
         return log
 
@@ -964,6 +976,7 @@ def check_job_on_worker(
     context_roots: Sequence[str],
     real_context_roots: Sequence[str],
     allowed_repositories: Sequence[str],
+    git_transports: Sequence[str] = ("https", "git"),
 ) -> None:
     """Checks only the worker can make; raise InvalidJobError naming the field.
 
@@ -972,8 +985,11 @@ def check_job_on_worker(
     """
     check_secrets(job, secret_env)
     check_repositories(job, allowed_repositories)
+    if job.is_git:
+        check_git_transport(job.context, git_transports)
     if not job.is_remote:  # BuildKit fetches a git or archive URL itself; context roots are for directories
         real_context = os.path.realpath(job.context)
+        check_not_pseudo("context", job.context, job.context, real_context)
         refused = context_outside_roots(job.context, real_context, context_roots, real_context_roots)
         if refused is not None:
             raise InvalidJobError(refused, field="context")
@@ -990,7 +1006,9 @@ def check_job_on_worker(
             raise InvalidJobError(
                 f"dockerfile: {job.dockerfile!r} not found in the context", field="dockerfile"
             )
-        if os.path.commonpath([real_context, os.path.realpath(dockerfile)]) != real_context:
+        real_dockerfile = os.path.realpath(dockerfile)
+        check_not_pseudo("dockerfile", job.dockerfile, os.path.dirname(real_dockerfile))
+        if os.path.commonpath([real_context, real_dockerfile]) != real_context:
             raise InvalidJobError("dockerfile: resolves outside the context", field="dockerfile")
     if job.timeout_s is not None and job.timeout_s > max_timeout_s:
         raise InvalidJobError(
@@ -1031,4 +1049,5 @@ class WorkerChecks:
             context_roots=self.settings.context_roots,
             real_context_roots=self.real_context_roots,
             allowed_repositories=self.settings.allowed_repositories,
+            git_transports=self.settings.git_transports,
         )

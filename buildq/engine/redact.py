@@ -1,9 +1,10 @@
 """Mask secret values in log text before it leaves the worker.
 
 :class:`Redactor` replaces every occurrence of each secret, of its base64 form (padded and unpadded,
-standard and URL-safe alphabet) and of its URL-encoded form (``quote`` and ``quote_plus``, upper-
-and lower-case hex) with ``***``. All forms go into one compiled alternation, longest first, so a
-secret that contains another secret is masked whole and each line is scanned once.
+standard and URL-safe alphabet), of its URL-encoded form (``quote`` and ``quote_plus``, upper-
+and lower-case hex) and of its quoted forms (Go's ``%q``, JSON, Python's ``repr``) with ``***``.
+All forms go into one compiled alternation, longest first, so a secret that contains another
+secret is masked whole and each line is scanned once.
 
 Values shorter than :data:`MIN_SECRET_LENGTH` (4) characters are ignored: masking ``a`` or ``42``
 would shred ordinary output (every ``a`` becomes ``***``), and a value that short is guessable
@@ -11,12 +12,14 @@ anyway, so masking it would hide nothing while making logs useless. Empty values
 
 Build output is redacted *after* base64 decoding and line assembly (see ``buildkit.plainlog``), one
 line at a time; a multi-line secret is therefore also masked line by line (each line of it that is
-at least 4 characters long).
+at least 4 characters long). Output cut before its line ends (past 16 KiB) is cut where
+:meth:`Redactor.safe_cut` says, so a value is masked whole, never piece by piece.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -26,6 +29,8 @@ MIN_SECRET_LENGTH = 4
 MASK = "***"
 
 _PERCENT = re.compile(r"%[0-9A-F]{2}")
+_GO_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
 
 
 def secret_forms(secret: str) -> set[str]:
@@ -42,8 +47,22 @@ def secret_forms(secret: str) -> set[str]:
             forms.update((b64, b64.rstrip("=")))
         for url in (quote(value, safe=""), quote_plus(value)):
             forms.update((url, _PERCENT.sub(lambda m: m.group(0).lower(), url)))
+        forms.update(escaped_forms(value))
         forms.add(value)
     return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
+
+
+def escaped_forms(value: str) -> set[str]:
+    """``value`` as quoted strings print it: Go's ``%q`` and ``strconv.Quote`` (``\\"`` and
+    ``\\\\``, control characters as ``\\n``/``\\xNN``), JSON (Python's and Go's, which also
+    writes ``<``, ``>`` and ``&`` as ``\\u003c``…) and Python's ``repr``."""
+    forms = {json.dumps(value, ensure_ascii=False)[1:-1], json.dumps(value)[1:-1], repr(value)[1:-1]}
+    go = value.replace("\\", "\\\\").replace('"', '\\"')
+    go = _GO_CONTROL.sub(lambda m: _GO_ESCAPES.get(m.group(0), f"\\x{ord(m.group(0)):02x}"), go)
+    forms.add(go)
+    html = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"}
+    forms |= {"".join(html.get(c, c) for c in form) for form in list(forms)}
+    return {form for form in forms if form != value}
 
 
 def trie_pattern(words: Iterable[str]) -> str:
@@ -84,6 +103,8 @@ class Redactor:
             if secret:
                 forms |= secret_forms(secret)
         self._pattern = re.compile(trie_pattern(forms)) if forms else None
+        #: the longest form masked: output cut anywhere must hold back this much less one
+        self.longest = max(map(len, forms), default=0)
 
     def redact(self, text: str) -> str:
         """``text`` with every secret form replaced by ``***``."""
@@ -92,6 +113,25 @@ class Redactor:
         return self._pattern.sub(MASK, text)
 
     __call__ = redact
+
+    def safe_cut(self, data: bytes | bytearray, at: int) -> int:
+        """Where ``data`` (output with more to come) may be cut at or before byte ``at`` so that the
+        part before is redacted whole: no masked form spans the cut, and the tail after it is long
+        enough to hold the start of one still arriving. ``at`` when no cut that size is safe."""
+        if self._pattern is None:
+            return at
+        text = bytes(data).decode("utf-8", "surrogateescape")
+        limit = len(bytes(data[:at]).decode("utf-8", "surrogateescape"))
+        cut = min(limit, len(text) - (self.longest - 1))
+        for match in self._pattern.finditer(text):
+            if match.start() >= cut:
+                break
+            if match.end() > cut:
+                cut = match.start()
+                break
+        if cut <= 0:
+            return at
+        return len(text[:cut].encode("utf-8", "surrogateescape"))
 
     def redact_tree(self, value: Any) -> Any:
         """``value`` with every string in it redacted (dict keys kept), walked here in one call."""

@@ -121,6 +121,18 @@ class CancelListener:
                 pass
 
 
+def check_state_folder(settings: Settings) -> None:
+    """Refuse to start (:class:`~buildq.errors.SettingsError`) unless the launcher's state folder is
+    the worker's own (made if missing): pid files, run files and the docker launcher's FIFOs are
+    written there as this user."""
+    from ..launchers.local import default_state_dir, private_folder
+
+    if settings.launcher == "local":
+        private_folder(settings.local_state_dir or default_state_dir(), "BUILDQ_LOCAL_STATE_DIR")
+    else:
+        private_folder(default_state_dir(name="buildq-docker"), "BUILDQ_LAUNCHER=docker")
+
+
 def run_registry(launcher: Launcher) -> RunRegistry:
     """The run files of ``launcher``'s host: ``runs/`` in its state folder."""
     return RunRegistry(Path(str(getattr(launcher, "state_dir", tempfile.gettempdir()))) / "runs")

@@ -6,6 +6,10 @@ goes to a per-process scratch directory; ``close()`` removes it. Orphans are fou
 files that name the job and the process group. Both live in the state directory, by default
 ``/dev/shm/buildq-local`` (memory: creating a file there costs a tenth of what it costs on a
 disk-backed /tmp, and a build creates two), else ``<tmp>/buildq-local``.
+
+The state directory must be the worker's own (:func:`private_folder`: a real directory owned by the
+worker's user, writable by nobody else; the worker refuses to start otherwise), and pid files are
+created with ``O_EXCL | O_NOFOLLOW``: a symlink planted there is never followed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -24,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import PermanentBuildError
+from ..errors import PermanentBuildError, SettingsError
 from .base import BuildPaths, Launcher, LaunchSpec, RunningBuild
 
 
@@ -150,13 +155,16 @@ class LocalLauncher(Launcher):
 
     def _write_pidfile(self, job_id: str, pid: int, gen: int = 0) -> Path | None:
         path = f"{self.state_dir}/{job_id}.{pid}.pid"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         try:
             try:
-                fd = os.open(path, flags, 0o644)
+                fd = os.open(path, flags, 0o600)
             except FileNotFoundError:  # first build, or the directory was cleaned away
-                self.state_dir.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, flags, 0o644)
+                private_folder(self.state_dir, "BUILDQ_LOCAL_STATE_DIR")
+                fd = os.open(path, flags, 0o600)
+            except FileExistsError:  # a dead run's file (its pid reused), or something planted
+                os.unlink(path)  # the name only: a symlink goes, never what it points to
+                fd = os.open(path, flags, 0o600)
             try:
                 info = {
                     "job_id": job_id,
@@ -218,6 +226,35 @@ class LocalLauncher(Launcher):
         if self._scratch is not None and self._scratch_pid == os.getpid():
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
+
+
+def private_folder(folder: str | os.PathLike[str], setting: str) -> None:
+    """Make ``folder`` (mode 0700) if it is missing, then check it is this worker's own: a real
+    directory (no symlink) owned by the worker's user and writable by no one else. Raise
+    :class:`SettingsError` saying what is wrong (the worker does not start)."""
+    path = os.fspath(folder)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise SettingsError(f"{setting}: cannot make the state folder {path!r}: {exc.strerror}") from None
+    info = os.lstat(path)
+    why = None
+    if stat.S_ISLNK(info.st_mode):
+        why = "is a symlink"
+    elif not stat.S_ISDIR(info.st_mode):
+        why = "is not a directory"
+    elif info.st_uid != os.geteuid():
+        why = f"is owned by uid {info.st_uid}, not by this worker's uid {os.geteuid()}"
+    elif info.st_mode & 0o022:
+        why = f"is writable by others (mode {stat.S_IMODE(info.st_mode):o})"
+    if why is not None:
+        raise SettingsError(
+            f"{setting}: the state folder {path!r} {why}; the worker writes its pid files there and "
+            "refuses a folder another user could plant files in (remove it, or name another)"
+        )
 
 
 def default_state_dir(shm: str = "/dev/shm", name: str = "buildq-local") -> str:

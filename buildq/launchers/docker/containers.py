@@ -237,7 +237,7 @@ class RunnerContainer:
         os.mkdir(where, 0o700)
         try:
             for name, data in {"cmd": command_file(argv, env), **files}.items():
-                fd = os.open(f"{where}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(f"{where}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                 try:
                     os.write(fd, data)
                 finally:
