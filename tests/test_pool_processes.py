@@ -117,6 +117,11 @@ def run_the_production_configuration(
 
 def check(result: dict[str, Any]) -> None:
     records = result["records"]
+    text = result["metrics"]
+    print(f"\npool processes: builds={len(records)} first_delivery="
+          f"{sum(len(r['attempts']) == 1 for r in records)} pool_processes_started={len(result['children'])} "
+          f"metrics_succeeded={counter(text, 'buildq_builds_total', outcome='succeeded'):.0f} "
+          f"metrics_failed={counter(text, 'buildq_builds_total', outcome='failed'):.0f}")  # fmt: skip
     assert [r["state"] for r in records] == ["succeeded"] * len(records)
     assert all(len(r["attempts"]) == 1 for r in records), [
         r["attempts"] for r in records if len(r["attempts"]) > 1
