@@ -61,6 +61,8 @@ def test_cache_export_and_import_are_decided_from_evidence(buildq_env, start_wor
         "import_error": None,
         "exported": True,
         "error": None,
+        "imports": ["127.0.0.1:5000/demo/app:buildcache"],  # its scope's ref (no scope: the one ref)
+        "export": "exported",  # it held the ref's export lease (docs/cache-scopes.md)
     }
     warm = build("127.0.0.1:5000/demo/app:2")  # same cache ref: the daemon's cache is warm
     assert warm["cache"]["imported"] is True and warm["cache"]["exported"] is True
@@ -214,8 +216,9 @@ def test_celery_result_summary_has_phases_and_steps(buildq_env, start_worker, co
     buildq_env = {**buildq_env, "BUILDQ_TASK_RESULTS": "true"}  # producers that read Celery's results
     start_worker(buildq_env)
     client = client_for(buildq_env)
-    ok = _build(client, context_dir, "reg/sum:1")
-    bad = _build(client, context_dir, "reg/sum:2", fail("failed to solve: dockerfile parse error on line 1"))
+    # two repositories: two builds of one cache ref at once would share its export lease
+    ok = _build(client, context_dir, "reg/sum-ok:1")
+    bad = _build(client, context_dir, "reg/sum-bad:1", fail("failed to solve: dockerfile parse error on line 1"))
     record = ok.wait(timeout=60)
     bad.wait(timeout=60)
     meta = _celery_meta(buildq_env, ok.job_id)
