@@ -218,7 +218,8 @@ def test_celery_result_summary_has_phases_and_steps(buildq_env, start_worker, co
     client = client_for(buildq_env)
     # two repositories: two builds of one cache ref at once would share its export lease
     ok = _build(client, context_dir, "reg/sum-ok:1")
-    bad = _build(client, context_dir, "reg/sum-bad:1", fail("failed to solve: dockerfile parse error on line 1"))
+    parse_error = fail("failed to solve: dockerfile parse error on line 1")
+    bad = _build(client, context_dir, "reg/sum-bad:1", parse_error)
     record = ok.wait(timeout=60)
     bad.wait(timeout=60)
     meta = _celery_meta(buildq_env, ok.job_id)
