@@ -106,7 +106,7 @@ def analyse(events: list[list[str]], package_modules: int) -> dict[str, object]:
     stack: list[str] = []
     entered_after: set[str] = set()
     reentries: list[str] = []
-    for index, (kind, m, _f) in enumerate(events):
+    for index, (kind, m, f) in enumerate(events):
         if index <= (exit_at if exit_at is not None else len(events)):  # the stack as it was at the exit
             if kind == "call":
                 stack.append(m)
@@ -116,7 +116,7 @@ def analyse(events: list[list[str]], package_modules: int) -> dict[str, object]:
         if kind == "call":
             caller = stack[-1] if stack else "?"
             if m.startswith("buildq") and m != caller and m in entered_after and m not in stack:
-                reentries.append(f"{caller} -> {m}")
+                reentries.append(f"{caller} -> {m}.{f}")
             if m.startswith("buildq"):
                 entered_after.add(m)
             stack.append(m)
@@ -187,6 +187,8 @@ def main() -> None:
         while not (work / "trace.json").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         events = json.loads((work / "trace.json").read_text())
+        if os.environ.get("TRACE_KEEP"):
+            shutil.copy(work / "trace.json", os.environ["TRACE_KEEP"])
         package = sum(1 for p in (tree / "buildq").rglob("*.py"))
         figures = analyse(events, package)
         if args.json:
@@ -200,7 +202,7 @@ def main() -> None:
         print("modules after the exit: " + ", ".join(figures["after_exit_modules"]))  # type: ignore[arg-type]
         if figures["reentered"]:
             print(
-                "returns (caller -> module, count): "
+                "returns (caller -> module.function, count): "
                 + ", ".join(f"{pair} {n}" for pair, n in figures["reentered"].items())
             )  # type: ignore[union-attr]
         print("modules: " + ", ".join(figures["modules"]))  # type: ignore[arg-type]
