@@ -210,21 +210,22 @@ MUTATIONS = [
     Mutation(
         "the export lease lets an older build export over a newer holder",
         "buildq/store/lua/export_lease.lua",
-        "  if newer(h.order, h.job) then return {2, h.job} end\n",
+        "  if newer(h.order, h.job, order, job_id) then return {2, h.job} end\n",
         "",
         "tests/test_cache_scopes.py::test_an_older_build_skips_while_a_newer_one_holds_the_lease",
     ),
     Mutation(
         "the export lease forgets the newest export done",
         "buildq/store/lua/export_lease.lua",
-        "if h.done_order and newer(h.done_order, h.done_job or '') then return {2, h.done_job or ''} end",
+        "if h.done_order and newer(h.done_order, h.done_job or '', order, job_id) then "
+        "return {2, h.done_job or ''} end",
         "",
         "tests/test_cache_scopes.py::test_once_a_newer_build_exported_an_older_one_never_exports",
     ),
     Mutation(
         "the export lease is released by a build that does not hold it",
-        "buildq/store/lua/export_lease.lua",
-        "  if h.job ~= job_id then return {0, ''} end\n",
+        "buildq/store/lua/export_fn.lua",
+        "  if h.job ~= job_id then return false end\n",
         "",
         "tests/test_cache_scopes.py::test_only_the_holder_releases_and_a_dead_holder_s_lease_lapses",
     ),
@@ -241,6 +242,36 @@ MUTATIONS = [
         "if h.job and tonumber(h['until'] or '0') > now then",
         "if h.job then",
         "tests/test_cache_scopes.py::test_only_the_holder_releases_and_a_dead_holder_s_lease_lapses",
+    ),
+    Mutation(
+        "the finishing write keeps the export lease",
+        "buildq/store/lua/finish.lua",
+        "if export_lease ~= '' then release_export(export_lease, job_id, export_order, exported, "
+        "remember_ttl) end",
+        "",
+        "tests/test_store.py::test_the_last_write_gives_back_the_export_lease_in_its_round_trip",
+    ),
+    Mutation(
+        "the requeue keeps the export lease",
+        "buildq/store/lua/requeue.lua",
+        "if export_lease ~= '' then release_export(export_lease, job_id, export_order, '', ttl) end",
+        "",
+        "tests/test_store.py::test_the_last_write_gives_back_the_export_lease_in_its_round_trip",
+    ),
+    Mutation(
+        "the finishing write gives back another build's export lease",
+        "buildq/store/lua/export_fn.lua",
+        "  if h.job ~= job_id then return false end\n",
+        "",
+        "tests/test_store.py::test_the_last_write_gives_back_the_export_lease_in_its_round_trip",
+    ),
+    Mutation(
+        "a build that ended keeps holding the export lease",
+        "buildq/engine/lifecycle.py",
+        "ExportRelease(build.cache_key, history.enqueued_at, exported) if build.export_held else None",
+        "None",
+        "tests/test_cache_scopes_worker.py::"
+        "test_a_scoped_build_imports_its_scope_then_main_and_exports_to_its_scope",
     ),
     Mutation(
         "a build that lost the export lease exports anyway",

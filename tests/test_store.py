@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 
 from buildq.contract.wire import build_message
-from buildq.store.jobs import Claimed, Fence, Finished, JobStore, LogEnd, NotOurs
+from buildq.store.jobs import Claimed, ExportRelease, Fence, Finished, JobStore, LogEnd, NotOurs
 from buildq.store.keys import (
     AFFINITY_PREFIX,
     BASELINE_PREFIX,
     CANCELS_CHANNEL,
     DOWN_LOAD,
     JOBS_INDEX,
+    export_lease_key,
     final_band,
     job_key,
     job_keys,
@@ -569,3 +570,27 @@ def test_a_claim_requeue_or_finish_whose_reply_was_lost_can_be_sent_again(store:
     f = fence(got, "again")
     assert requeue(store, f, delivery="d2") and requeue(store, f, delivery="d2")
     assert client.llen("q") == 2  # the submit's message and one requeued message, not two
+
+
+def test_the_last_write_gives_back_the_export_lease_in_its_round_trip(store: JobStore, client) -> None:
+    """finish and requeue give back the export lease the build held (lua/export_fn.lua), fenced by
+    the lease's holder: another build's lease is left alone; ``exported`` makes it the newest done."""
+    lease = export_lease_key("ck")
+    got = claimed(store, "xf")
+    assert store.take_export("ck", job_id="xf", order=100.0, ttl_s=30)[0] == "granted"
+    finish(store, fence(claimed(store, "warm", limit=3), "warm"), state="failed")  # loads the script
+    client.calls.clear()
+    assert finish(store, fence(got, "xf"), export=ExportRelease("ck", 100.0, exported=True))
+    assert client.calls == ["EVALSHA"]  # the record and the lease, one round trip
+    assert client.hmget(lease, "job", "done_order", "done_job") == [None, b"100.0", b"xf"]
+    assert store.take_export("ck", job_id="older", order=50.0, ttl_s=30)[0] == "newer"
+
+    held = claimed(store, "xr")
+    assert store.take_export("ck", job_id="xr", order=200.0, ttl_s=30)[0] == "granted"
+    assert requeue(store, fence(held, "xr"), export=ExportRelease("ck", 200.0))
+    assert client.hmget(lease, "job", "done_job") == [None, b"xf"]  # free; a retry exported nothing
+
+    assert store.take_export("ck", job_id="holder", order=300.0, ttl_s=30)[0] == "granted"
+    other = claimed(store, "xo")
+    assert finish(store, fence(other, "xo"), export=ExportRelease("ck", 250.0, exported=True))
+    assert client.hmget(lease, "job", "done_job") == [b"holder", b"xf"]  # not its lease: untouched

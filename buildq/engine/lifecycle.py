@@ -32,7 +32,7 @@ from typing import Any
 
 from ..buildkit.classify import DAEMON_LOST_REASONS, NEVER_REACHED_REASON
 from ..buildkit.command import is_insecure
-from ..buildkit.phases import LivePhases, cache_evidence
+from ..buildkit.phases import LivePhases
 from ..buildkit.progress import SolveStatus
 from ..config import Settings
 from ..contract.attest import AttestationPolicy, effective_attestations
@@ -56,10 +56,10 @@ from ..contract.status import job_id_time
 from ..contract.wire import Delivery, next_message
 from ..errors import InvalidJobError, RedisUnavailable
 from ..launchers.base import Launcher
-from ..registry import RegistryReader, RegistryReadError, is_index, read_pushed
+from ..registry import INDEX_TYPES, RegistryReader, RegistryReadError, read_pushed
 from ..store.archive import Archive, ArchiveError
 from ..store.daemons import DaemonHealth
-from ..store.jobs import Claimed, Fence, Finished, History, JobStore, LogEnd, NotOurs
+from ..store.jobs import Claimed, ExportRelease, Fence, Finished, History, JobStore, LogEnd, NotOurs
 from ..store.keys import BASELINE_PREFIX, DOMAINS, job_key
 from ..store.logs import FINAL_PREFIX, FLUSH_EVERY_S, Entry, LogStore, encode_lines
 from . import recording
@@ -293,6 +293,8 @@ class Build:
     ended: bool = False
     #: the attempt's cache refs and its export lease (docs/cache-scopes.md); None before a launch
     cache_use: CacheUse | None = None
+    #: the export lease is still ours after buildctl exited: the last write gives it back
+    export_held: bool = False
 
     @property
     def history(self) -> History:
@@ -438,7 +440,11 @@ class Lifecycle:
                 return self._conclude(build, self._situation(build, why))
         build.routing = recording.routing_reason(claim.preferred, build.daemon)
         outcome, live = self._attempt(build)
-        return self._conclude(build, self._situation(build, outcome.outcome, outcome), outcome, live)
+        try:
+            return self._conclude(build, self._situation(build, outcome.outcome, outcome), outcome, live)
+        finally:
+            if build.export_held:  # no write gave it back (fenced out, or Redis away): now
+                self._release_export(build, exported=False)
 
     def _attempt(self, build: Build) -> tuple[Outcome, LivePhases]:
         """buildctl once on ``build.daemon``, watched; its outcome and its live phases."""
@@ -469,7 +475,10 @@ class Lifecycle:
         finally:
             self.stoppers.pop(job.job_id, None)
             if job.push and lease == "granted":
-                self._release_export(build, outcome)
+                if outcome is None:  # nothing to conclude: give it back now
+                    self._release_export(build, exported=False)
+                else:  # the build's last write (finish or requeue) gives it back in its round trip
+                    build.export_held = True
         build.cancel_seen = watch.cancel_requested or stopper.reason == CANCELLED
         return outcome, watch.live
 
@@ -507,14 +516,10 @@ class Lifecycle:
                     stopper.stop(FENCED if answer == "fenced" else CANCELLED)
             time.sleep(min(0.25 * (0.5 + self.rand()), max(0.0, deadline - time.monotonic())))
 
-    def _release_export(self, build: Build, outcome: Outcome | None) -> None:
-        """Give back the export lease; with ``exported`` when the evidence says the export
-        completed (then no older build exports after this one)."""
-        exported = False
-        if outcome is not None and outcome.outcome == "succeeded":
-            evidence = cache_evidence(outcome.tracker.vertices.values(), outcome.metadata,
-                                      export_requested=True, succeeded=True)  # fmt: skip
-            exported = evidence.exported
+    def _release_export(self, build: Build, *, exported: bool) -> None:
+        """Give back the export lease on its own (when no last write did); ``exported`` when the
+        evidence says the export completed (then no older build exports after this one)."""
+        build.export_held = False
         try:
             self.store.release_export(build.cache_key, job_id=build.job.job_id,
                                       order=build.history.enqueued_at, exported=exported)  # fmt: skip
@@ -584,16 +589,22 @@ class Lifecycle:
                 return False
             return self._persist(job.job_id, lambda: write(writes))
 
+        exported = concluded.export_outcome == "exported"
+        export = ExportRelease(build.cache_key, history.enqueued_at, exported) if build.export_held else None
+
         def write(writes: EndWrites) -> bool:
             if state is not None:
                 assert concluded.record_json is not None
-                return self.store.finish(
+                stored = self.store.finish(
                     build.fence, record=concluded.record_json, state=state, log=log_end,
-                    remember=writes.remember, baseline=writes.baseline,
+                    remember=writes.remember, baseline=writes.baseline, export=export,
                     keep_s=self.settings.archived_record_ttl_s if self.archive is not None else 0,
                 )  # fmt: skip
-            assert isinstance(decision, Retry | WaitForDaemon)
-            return self._requeue(build, decision, concluded.attempts, now)
+            else:
+                assert isinstance(decision, Retry | WaitForDaemon)
+                stored = self._requeue(build, decision, concluded.attempts, now, export)
+            build.export_held = False  # given back by that step, whatever its fence said
+            return stored
 
         stored = self.hooks.ended(build, concluded, commit, launched=build.launched)
         build.ended = True
@@ -633,7 +644,7 @@ class Lifecycle:
         descriptor = metadata.get("containerimage.descriptor")
         digest = metadata.get("containerimage.digest")
         media_type = descriptor.get("mediaType") if isinstance(descriptor, dict) else None
-        if not job.push or not isinstance(digest, str) or not is_index(media_type):
+        if not job.push or not isinstance(digest, str) or media_type not in INDEX_TYPES:
             return None
         tag = job.tags[0]
         try:
@@ -668,9 +679,15 @@ class Lifecycle:
                 time.sleep(1.0)
 
     def _requeue(
-        self, build: Build, decision: Retry | WaitForDaemon, attempts: Sequence[dict[str, Any]], now: float
+        self,
+        build: Build,
+        decision: Retry | WaitForDaemon,
+        attempts: Sequence[dict[str, Any]],
+        now: float,
+        export: ExportRelease | None,
     ) -> bool:
-        """Publish the job's next message and give back the claim (fenced); False when not ours."""
+        """Publish the job's next message and give back the claim (fenced) and the export lease
+        ``export`` (fenced by its holder); False when the claim is not ours."""
         job = build.job
         retry = isinstance(decision, Retry)
         message, delivery, tag = next_message(
@@ -684,7 +701,7 @@ class Lifecycle:
             phase="retry_wait" if retry else "waiting_for_daemon", attempts=[_public(a) for a in attempts],
             window_start=now if retry else (history.window_start or history.enqueued_at),
             waiting_since=decision.waiting_since if isinstance(decision, WaitForDaemon) else None,
-            avoid=avoid,
+            avoid=avoid, export=export,
         )  # fmt: skip
 
     # -- the parts -----------------------------------------------------------------------------

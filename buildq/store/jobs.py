@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -45,6 +45,7 @@ from .keys import (
     DAEMONS_DOWN,
     DOMAINS,
     EPOCH,
+    FINAL_BANDS,
     JOB_PREFIX,
     JOBS_INDEX,
     LOADS,
@@ -53,7 +54,6 @@ from .keys import (
     WORKERS,
     JobKeys,
     export_lease_key,
-    final_band,
     job_key,
     job_keys,
     load_key,
@@ -133,8 +133,7 @@ class NotOurs:
 ClaimReply = Claimed | Finished | NotOurs
 
 
-@dataclass(frozen=True)
-class LogEnd:
+class LogEnd(NamedTuple):
     """The log's last lines as the finishing write stores them: one stream entry (``lines``, see
     :func:`buildq.store.logs.encode_lines`; '' for none) of ``attempt``, the stream then trimmed to
     ``maxlen`` entries (``exact``: exactly, else about), its TTL set to ``ttl_s`` (0: as it is)."""
@@ -144,6 +143,16 @@ class LogEnd:
     maxlen: int = 0
     exact: bool = False
     ttl_s: int = 0
+
+
+class ExportRelease(NamedTuple):
+    """The export lease of ``cache_key`` that a build's last write gives back (``finish`` or
+    ``requeue``, ``lua/export_fn.lua``): the build's ``order`` (its enqueued_at), and ``exported``
+    when its export completed (then no older build exports after it)."""
+
+    cache_key: str
+    order: float
+    exported: bool = False
 
 
 @dataclass(frozen=True)
@@ -367,9 +376,11 @@ class JobStore:
         window_start: float,
         waiting_since: float | None,
         avoid: str | None,
+        export: ExportRelease | None = None,
     ) -> bool:
         """Publish the job's next message and give back the claim, at once (see ``lua/requeue.lua``);
-        False (nothing published) when the claim is no longer ours."""
+        False (nothing published) when the claim is no longer ours. ``export``: the export lease
+        the attempt held, given back in the same step whatever the claim's fence says."""
         return bool(
             self.scripts.durable(
                 "requeue",
@@ -378,6 +389,8 @@ class JobStore:
                 job_hash=fence.keys.hash,
                 jobs_index=JOBS_INDEX,
                 waiting_index=WAITING_INDEX,
+                export_lease=export_lease_key(export.cache_key) if export is not None else "",
+                export_order=repr(export.order) if export is not None else "",
                 message=message,
                 tag=tag,
                 delivery=delivery,
@@ -402,12 +415,14 @@ class JobStore:
         remember: tuple[str, str] | None = None,
         baseline: tuple[str, bytes, int, int] | None = None,
         keep_s: int = 0,
+        export: ExportRelease | None = None,
     ) -> bool:
         """Store the final ``record`` and end the claim, at once (see ``lua/finish.lua``); False
         (nothing written) when the claim is no longer ours. ``log``: the log's last lines and how
         the stream is kept; ``remember``: (cache key, daemon) to remember (a success only);
         ``baseline``: (list key, entry, N, TTL s); ``keep_s``: how long Redis keeps the finished
-        job's hash from now (0: until its TTL, ``BUILDQ_RESULT_TTL_S`` from the submit)."""
+        job's hash from now (0: until its TTL, ``BUILDQ_RESULT_TTL_S`` from the submit); ``export``:
+        the export lease the build held, given back in the same step whatever the claim's fence says."""
         k = fence.keys
         end = log or LogEnd()
         base_key, base_entry, base_n, base_ttl = baseline or ("", b"", 0, 0)
@@ -436,8 +451,11 @@ class JobStore:
                 log_ttl=end.ttl_s,
                 log_attempt=end.attempt,
                 log_lines=end.lines,
-                band=final_band(state),
+                band=FINAL_BANDS[state],
                 keep_s=keep_s,
+                export_lease=export_lease_key(export.cache_key) if export is not None else "",
+                export_order=repr(export.order) if export is not None else "",
+                exported="1" if export is not None and export.exported else "",
             )  # fmt: skip
         )
 
@@ -461,7 +479,7 @@ class JobStore:
                 delivery=delivery,
                 done_channel=k.done,
                 ttl=self.result_ttl_s,
-                band=final_band(state),
+                band=FINAL_BANDS[state],
             )  # fmt: skip
         )
 

@@ -10,31 +10,21 @@ local order = ARGV[3]          -- the build's order: its enqueued_at (epoch s, s
 local ttl_ms = tonumber(ARGV[4]) -- take: how long the lease lasts unless renewed
 local exported = ARGV[5]       -- release: '1' when the holder's export completed
 local keep_s = tonumber(ARGV[6]) -- how long the key (and `done_order`) is kept after a write
-local order_n = tonumber(order)
 -- -> take: {1, ''} granted | {2, newer job} a newer build holds it or exported: skip the export
 --    | {3, older job} an older build holds it: wait for it;  release: {1, ''} | {0, ''} not the holder
-local h = read(lease, {'job', 'order', 'until', 'done_order', 'done_job'})
-local newer = function(their_order, their_job)
-  local theirs = tonumber(their_order)
-  return theirs > order_n or (theirs == order_n and their_job > job_id)
-end
 if op == 'release' then
-  if h.job ~= job_id then return {0, ''} end
-  redis.call('HDEL', lease, 'job', 'order', 'until')
-  if exported == '1' and not (h.done_order and newer(h.done_order, h.done_job or '')) then
-    redis.call('HSET', lease, 'done_order', order, 'done_job', job_id)
-  end
-  redis.call('EXPIRE', lease, keep_s)
-  return {1, ''}
+  if release_export(lease, job_id, order, exported, keep_s) then return {1, ''} end
+  return {0, ''}
 end
+local h = read(lease, {'job', 'order', 'until', 'done_order', 'done_job'})
 if h.job == job_id then  -- the holder renews (or a take whose reply was lost)
   redis.call('HSET', lease, 'until', now + ttl_ms)
   redis.call('EXPIRE', lease, keep_s)
   return {1, ''}
 end
-if h.done_order and newer(h.done_order, h.done_job or '') then return {2, h.done_job or ''} end
+if h.done_order and newer(h.done_order, h.done_job or '', order, job_id) then return {2, h.done_job or ''} end
 if h.job and tonumber(h['until'] or '0') > now then
-  if newer(h.order, h.job) then return {2, h.job} end
+  if newer(h.order, h.job, order, job_id) then return {2, h.job} end
   return {3, h.job}
 end
 redis.call('HSET', lease, 'job', job_id, 'order', order, 'until', now + ttl_ms)

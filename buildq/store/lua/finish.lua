@@ -5,12 +5,14 @@
 -- and its entry in its repository's baseline (kept between N and 2N entries, trimmed and its TTL
 -- renewed when it passes 2N). With an archive the job's hash is kept `keep_s` from now (the record
 -- goes to the archive next). A holder that was fenced out stores nothing: the record of the
--- delivery that owns the job stands.
+-- delivery that owns the job stands. The cache ref's export lease the build held (if any) is given
+-- back first, fenced by its own holder, whatever the claim's fence says (export_fn.lua).
 local job_hash = KEYS[1]
 local jobs_index = KEYS[2]     -- the recent jobs (score: enqueued_at + the band of `state`)
 local log_stream = KEYS[3]
 local affinity_key = KEYS[4]   -- '' when there is nothing to remember
 local baseline_list = KEYS[5]  -- '' when the build adds nothing to a baseline
+local export_lease = KEYS[6]   -- export:<cache key> to give back; '' when the build held none
 local record = ARGV[1]         -- the final record (JSON)
 local state = ARGV[2]          -- succeeded | failed | cancelled
 local gen = ARGV[3]
@@ -28,7 +30,10 @@ local log_attempt = ARGV[14]
 local log_lines = ARGV[15]     -- the log's last lines, one entry (logs.py); '' for none (archived)
 local band = tonumber(ARGV[16])  -- what `state` adds to a score in the jobs index
 local keep_s = tonumber(ARGV[17])  -- how long the finished job's hash stays (0: its TTL as it is)
+local export_order = ARGV[18]  -- the build's order (enqueued_at) for the export lease
+local exported = ARGV[19]      -- '1' when its cache export completed
 -- -> 1 stored | 2 stored already by this very claim (its reply was lost) | 0 fenced out (nothing written)
+if export_lease ~= '' then release_export(export_lease, job_id, export_order, exported, remember_ttl) end
 local h = read(job_hash, {'gen', 'done_gen', 'slot', 'slot_load', 'enqueued_at'})
 if h.done_gen then
   if h.done_gen == gen then return 2 end

@@ -3,11 +3,14 @@
 -- the lease goes, so there is no moment when the job is nowhere. The history the next delivery
 -- needs (attempts so far, where its time window starts, since when every daemon is down, the
 -- daemon to avoid) is written by this worker here; the next message carries only the job. A job
--- put back to wait for a daemon is indexed in `waiting_index` (the gauges count it from there).
+-- put back to wait for a daemon is indexed in `waiting_index` (the gauges count it from there). The
+-- cache ref's export lease the attempt held (if any) is given back first, fenced by its own holder
+-- (export_fn.lua): an attempt that is retried exported nothing.
 local queue = KEYS[1]
 local job_hash = KEYS[2]
 local jobs_index = KEYS[3]     -- the recent jobs (score enqueued_at while queued)
 local waiting_index = KEYS[4]  -- jobs waiting for a daemon (score: when, server ms)
+local export_lease = KEYS[5]   -- export:<cache key> to give back; '' when the attempt held none
 local message = ARGV[1]        -- the next message (due after its countdown)
 local tag = ARGV[2]            -- its delivery tag
 local delivery = ARGV[3]       -- its delivery id: the job's current delivery from now on
@@ -19,7 +22,9 @@ local window_start = ARGV[8]   -- epoch s (server clock): where the next attempt
 local waiting_since = ARGV[9]  -- epoch s since every daemon is down, '' when not waiting for that
 local avoid = ARGV[10]         -- the daemon the last attempt lost, '' for none
 local ttl = tonumber(ARGV[11])
+local export_order = ARGV[12]  -- the build's order (enqueued_at) for the export lease
 -- -> 1 published (now, or by this very call before: its reply was lost) | 0 fenced out (nothing published)
+if export_lease ~= '' then release_export(export_lease, job_id, export_order, '', ttl) end
 local h = read(job_hash, {'delivery', 'gen', 'done_gen', 'slot', 'slot_load', 'enqueued_at'})
 if h.delivery == delivery then return 1 end
 if h.done_gen or h.gen ~= gen then return 0 end
