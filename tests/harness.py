@@ -109,6 +109,20 @@ def start_redis_server(port: int, *options: str) -> None:
     raise RuntimeError(f"redis-server on port {port} did not start")
 
 
+def require_tool(name: str, hint: str) -> str:
+    """The path of program ``name``; a test without it is skipped on a developer's machine and
+    fails in CI (``CI`` set, as ``.ci/run`` does), where everything it needs is installed."""
+    import pytest
+
+    found = shutil.which(name)
+    if found is None:
+        message = f"{name} is not installed ({hint})"
+        if os.environ.get("CI"):
+            pytest.fail(message + " and CI must run this test")
+        pytest.skip(message)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,6 @@ import configparser
 import copy
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import yaml
 
 from buildq.config import load_settings
 from tests.conftest import scenario
-from tests.harness import client_for, free_port, wait_until
+from tests.harness import client_for, free_port, require_tool, wait_until
 from tests.test_observability import scrape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,10 +35,7 @@ METRIC = re.compile(r"\bbuildq_[a-z0-9_]+")
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.skip("promtool is not installed (Debian: apt-get install prometheus; .ci/run installs it)")
-    return found
+    return require_tool("promtool", "Debian: apt-get install prometheus; .ci/run installs it")
 
 
 def manifests() -> list[dict[str, Any]]:
@@ -287,9 +283,7 @@ def test_the_systemd_worker_stops_warm() -> None:
 
 
 def test_systemd_units_verify(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = require_tool("systemd-analyze", "Debian: apt-get install systemd")
     for name in ("buildq-worker.service", "buildkitd.service"):
         text = (SYSTEMD / name).read_text()
         # the programs are not installed here: verify the unit with a stand-in for each

@@ -7,7 +7,6 @@ The Sentinel failover under 50 plain submits is in tests/test_sentinel.py.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import uuid
@@ -18,7 +17,7 @@ import pytest
 import redis
 
 from tests.conftest import scenario
-from tests.harness import StandinLog, base_env, client_for, free_port, run_cli, wait_until
+from tests.harness import StandinLog, base_env, client_for, free_port, require_tool, run_cli, wait_until
 
 
 class OwnRedis:
@@ -53,8 +52,7 @@ class OwnRedis:
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Any:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+    require_tool("redis-server", "Debian: apt-get install redis-server; .ci/run installs it")
     server = OwnRedis(tmp_path / "redis")
     server.start()
     yield server
