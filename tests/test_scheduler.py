@@ -252,3 +252,26 @@ def test_a_forked_child_needs_a_scheduler_of_its_own() -> None:
     os.close(read)
     assert "after a fork" in answer
     s.stop()
+
+
+def test_a_cancelled_call_keeps_nothing_alive_and_the_queue_stays_as_long_as_what_is_live(scheduler) -> None:
+    """A pool process cancels every build's deadline (hours away) when the build ends: what the
+    call would have touched is freed at once, and cancelled calls do not pile up in the queue."""
+    import gc
+    import weakref
+
+    class Build:
+        def stop(self) -> None: ...
+
+    s = scheduler()
+    keep = s.every(3600, lambda: None)  # a live call is never dropped
+    gone = []
+    for _ in range(500):
+        build = Build()
+        gone.append(weakref.ref(build))
+        s.later(3600, build.stop).cancel()
+        del build
+    gc.collect()
+    assert all(ref() is None for ref in gone)  # no build is kept alive by its cancelled deadline
+    assert len(s._heap) < 100  # private, on purpose: the promise is about the queue's size
+    assert s.pending() == 1 and not keep.cancelled

@@ -31,6 +31,10 @@ log = logging.getLogger("buildq.scheduler")
 Listener = Callable[[float], Any]
 
 
+def _nothing() -> None:
+    return None
+
+
 class Handle:
     """One scheduled call; :meth:`cancel` stops it."""
 
@@ -41,9 +45,14 @@ class Handle:
 
     def cancel(self) -> None:
         """When this returns the call is not running and will not run again (unless it is the
-        scheduler's own thread that cancels: then after the current call)."""
+        scheduler's own thread that cancels: then after the current call), and the handle keeps
+        nothing of the call alive (a build's deadline waits in the queue long after the build)."""
         with self._lock:
+            if self.cancelled:
+                return
             self.cancelled = True
+            self._fn = _nothing
+        self._scheduler._forget_one()
 
     def _run(self) -> bool:
         """Run once; True when it should run again (periodic, not cancelled, not done)."""
@@ -78,6 +87,8 @@ class Scheduler:
         os.set_blocking(self._wake_r, False)
         self._soon_done = 0
         self._soon_sent = 0
+        #: cancelled calls still in the queue (about: a cancel of a call being run counts too)
+        self._dead = 0
 
     # -- scheduling ------------------------------------------------------------------------------
     def every(self, interval_s: float, fn: Callable[[], Any], *, first_in: float | None = None) -> Handle:
@@ -136,6 +147,16 @@ class Scheduler:
             self._cond.notify_all()
         self._wake()
 
+    def _forget_one(self) -> None:
+        """A call was cancelled: once cancelled calls are most of the queue, drop them all (a
+        pool process cancels every build's deadline; the queue stays as long as what is live)."""
+        with self._cond:
+            self._dead += 1
+            if self._dead > 64 and self._dead * 2 > len(self._heap):
+                self._heap = [entry for entry in self._heap if not entry[2].cancelled]
+                heapq.heapify(self._heap)
+                self._dead = 0
+
     # -- the thread ----------------------------------------------------------------------------
     def _add(self, handle: Handle, delay_s: float) -> Handle:
         if os.getpid() != self._pid:
@@ -175,7 +196,11 @@ class Scheduler:
             now = self._clock()
             due = []
             while self._heap and self._heap[0][0] <= now:
-                due.append(heapq.heappop(self._heap)[2])
+                handle = heapq.heappop(self._heap)[2]
+                if handle.cancelled:
+                    self._dead = max(0, self._dead - 1)
+                else:
+                    due.append(handle)
             wait = self._heap[0][0] - now if self._heap else 60.0
         for handle in due:
             if handle._run():
