@@ -209,15 +209,15 @@ MUTATIONS = [
     # -- cache scopes, the export lease, superseded builds (docs/cache-scopes.md) --
     Mutation(
         "the export lease lets an older build export over a newer holder",
-        "buildq/store/lua/export_lease.lua",
-        "  if newer(h.order, h.job, order, job_id) then return {2, h.job} end\n",
+        "buildq/store/lua/export_fn.lua",
+        "    if newer(h.order, h.job, order, job_id) then return {2, h.job} end\n",
         "",
         "tests/test_cache_scopes.py::test_an_older_build_skips_while_a_newer_one_holds_the_lease",
     ),
     Mutation(
         "the export lease forgets the newest export done",
-        "buildq/store/lua/export_lease.lua",
-        "if h.done_order and newer(h.done_order, h.done_job or '', order, job_id) then "
+        "buildq/store/lua/export_fn.lua",
+        "  if h.done_order and newer(h.done_order, h.done_job or '', order, job_id) then "
         "return {2, h.done_job or ''} end",
         "",
         "tests/test_cache_scopes.py::test_once_a_newer_build_exported_an_older_one_never_exports",
@@ -231,17 +231,31 @@ MUTATIONS = [
     ),
     Mutation(
         "the export lease is granted over a live older holder",
-        "buildq/store/lua/export_lease.lua",
-        "  return {3, h.job}",
-        "  return {1, ''}",
+        "buildq/store/lua/export_fn.lua",
+        "    return {3, h.job}",
+        "    return {1, ''}",
         "tests/test_cache_scopes.py::test_a_newer_build_waits_while_an_older_one_holds_it_then_takes_it",
     ),
     Mutation(
         "a dead holder's export lease never lapses",
-        "buildq/store/lua/export_lease.lua",
-        "if h.job and tonumber(h['until'] or '0') > now then",
+        "buildq/store/lua/export_fn.lua",
+        "  if h.job and tonumber(h['until'] or '0') > now then",
         "if h.job then",
         "tests/test_cache_scopes.py::test_only_the_holder_releases_and_a_dead_holder_s_lease_lapses",
+    ),
+    Mutation(
+        "the claim takes the export lease before a lost run is settled",
+        "buildq/store/lua/claim.lua",
+        "if export_lease ~= '' and cancelled == 0 and daemon ~= '' and not h.running then",
+        "if export_lease ~= '' and cancelled == 0 and daemon ~= '' then",
+        "tests/test_store.py::test_a_build_that_starts_at_once_gets_its_export_lease_with_the_claim",
+    ),
+    Mutation(
+        "the claim takes the export lease for a build without a slot",
+        "buildq/store/lua/claim.lua",
+        "if export_lease ~= '' and cancelled == 0 and daemon ~= '' and not h.running then",
+        "if export_lease ~= '' and cancelled == 0 and not h.running then",
+        "tests/test_store.py::test_a_build_that_starts_at_once_gets_its_export_lease_with_the_claim",
     ),
     Mutation(
         "the finishing write keeps the export lease",

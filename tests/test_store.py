@@ -130,16 +130,21 @@ def test_names_out_of_order_are_refused() -> None:
 
 
 def test_the_shared_parts_are_where_they_are_used() -> None:
+    uses = {
+        "job_fn": ("read(", "give_back("),
+        "load_fn": ("least_loaded(", "DOWN_LOAD"),
+        "queue_fn": ("head_stamp(", "put_back("),
+        "export_fn": ("take_export(", "release_export("),
+        "supersede_fn": ("supersede(",),
+    }
     for name, parts in PARTS.items():
-        text = (LUA_DIR / f"{name}.lua").read_text()
-        if "job_fn" in parts:
-            assert "read(" in text or "give_back(" in text, name
-        if "load_fn" in parts:
-            assert "least_loaded(" in text or "DOWN_LOAD" in text, name
-        if "queue_fn" in parts:
-            assert "head_stamp(" in text or "put_back(" in text, name
-        if "prelude" in parts:
-            assert re.search(r"\bnow\b", text), name
+        for n, part in enumerate(parts):
+            # a part is used by the script or by a part that comes after it
+            text = "".join((LUA_DIR / f"{p}.lua").read_text() for p in (name, *parts[n + 1 :]))
+            if part == "prelude":
+                assert re.search(r"\bnow\b", text), name
+            else:
+                assert any(use in text for use in uses[part]), (name, part)
 
 
 def test_the_down_load_is_the_same_in_lua_and_python() -> None:
@@ -184,6 +189,32 @@ def test_a_claim_takes_lease_generation_and_slot_in_one_round_trip(store: JobSto
     assert info["gen"] == "1" and info["holder"] == "host:1" and json.loads(info["running"])["daemon"] == D[0]
     assert (info["state"], info["daemon"], info["attempt"], info["slot"]) == ("running", D[0], "1", D[0])
     assert client.zscore(JOBS_INDEX, "c1") == -float(info["enqueued_at"])  # claimed: below zero
+
+
+def test_a_build_that_starts_at_once_gets_its_export_lease_with_the_claim(store: JobStore, client) -> None:
+    """The claim asks for the export lease (lua/export_fn.lua's take) only for a build that starts
+    now: a slot, no cancel, no lost run to settle; its answer is the take's."""
+    lease = export_lease_key("ck")
+    submit(store, "e1")
+    got = claimed(store, "e1", export_key="ck", limit=3)
+    assert got.export == ("granted", None) and client.hget(lease, "job") == b"e1"
+    assert client.ttl(lease) > 0
+    older = claimed(store, "e0", export_key="ck", limit=3)  # submitted later, so newer than e1
+    assert older.export == ("older", "e1")  # e1 holds it: wait for it, or skip
+    assert client.hget(lease, "job") == b"e1"
+    client.hset(job_key("e2"), "enqueued_at", "1.0")  # a build older than the holder
+    assert claimed(store, "e2", export_key="ck", limit=3).export == ("newer", "e1")
+    assert claimed(store, "plain", limit=3).export is None  # not asked: no export
+    store.request_cancel("ec")
+    assert claimed(store, "ec", export_key="ck2", limit=3).export is None  # cancelled: never starts
+    assert client.exists(export_lease_key("ck2")) == 0
+    full = claimed(store, "ef", export_key="ck3", limit=0)  # no slot: it waits before it starts
+    assert full.daemon is None and full.export is None and client.exists(export_lease_key("ck3")) == 0
+    first = claimed(store, "el", limit=3)
+    expire_lease(client, "el")  # its worker died: the takeover settles the lost run first
+    again = claimed(store, "el", export_key="ck4", limit=3)
+    assert again.history.running is not None and again.export is None
+    assert client.exists(export_lease_key("ck4")) == 0 and first.gen == 1
 
 
 def test_a_finished_job_returns_its_record_and_touches_nothing(store: JobStore, client) -> None:

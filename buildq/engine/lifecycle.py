@@ -368,6 +368,7 @@ class Lifecycle:
                 ttl_s=s.lease_ttl_s, worker=self.worker_id, domain=self.domain,
                 body=json.dumps(body, separators=(",", ":")), queue=queue,
                 cache_key=key if s.cache_affinity else None, affinity_wait=s.affinity_wait_s > 0,
+                export_key=key if job.push else None,
             )  # fmt: skip
             if not isinstance(claim, NotOurs) or not claim.held or time.monotonic() >= held_until:
                 break
@@ -491,14 +492,16 @@ class Lifecycle:
         s, job = self.settings, build.job
         deadline = time.monotonic() + s.cache_export_wait_s
         renewed = time.monotonic()
+        asked = build.claim.export  # the claim asked already when the build started at once
         while True:
             try:
-                answer, other = self.store.take_export(
+                answer, other = asked or self.store.take_export(
                     build.cache_key, job_id=job.job_id, order=build.history.enqueued_at, ttl_s=s.lease_ttl_s
                 )
             except RedisUnavailable as exc:
                 logger.info("job %s: export lease not asked (%s); exporting", job.job_id, exc)
                 return "granted"
+            asked = None
             if answer == "granted":
                 return "granted"
             if answer == "newer":

@@ -114,6 +114,9 @@ class Claimed:
     preferred_full: bool = False
     #: the number of the attempt this claim runs (after the recorded ones and one a dead holder lost)
     attempt: int = 1
+    #: the export lease asked for with the claim (``export_key``): (granted | newer | older, the
+    #: other build), as :meth:`JobStore.take_export` answers; None when not asked
+    export: tuple[str, str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,10 @@ class NotOurs:
 
 
 ClaimReply = Claimed | Finished | NotOurs
+
+
+#: export_fn.lua's take_export answers
+_EXPORT_ANSWERS = {1: "granted", 2: "newer", 3: "older"}
 
 
 class LogEnd(NamedTuple):
@@ -230,7 +237,7 @@ class JobStore:
             "export_lease", lease=export_lease_key(cache_key), op="take", job_id=job_id, order=repr(order),
             ttl_ms=max(1, int(ttl_s * 1000)), exported="", keep_s=self.result_ttl_s,
         )  # fmt: skip
-        return {1: "granted", 2: "newer", 3: "older"}[int(answer)], _text(other) or None
+        return _EXPORT_ANSWERS[int(answer)], _text(other) or None
 
     def release_export(self, cache_key: str, *, job_id: str, order: float, exported: bool) -> bool:
         """Give back the export lease of ``cache_key`` (``exported``: its export completed, so no
@@ -282,9 +289,11 @@ class JobStore:
         queue: str,
         cache_key: str | None = None,
         affinity_wait: bool = False,
+        export_key: str | None = None,
     ) -> ClaimReply:
         """Take ``job_id`` for the message whose delivery id is ``delivery`` (see ``lua/claim.lua``),
-        with a slot on the least loaded of ``daemons`` that is up and has room."""
+        with a slot on the least loaded of ``daemons`` that is up and has room; for a build that
+        exports to the cache of ``export_key`` and starts at once, its export lease too."""
         token = uuid.uuid4().hex
         for _ in range(2):
             load = self.register_daemons(daemons)
@@ -295,6 +304,8 @@ class JobStore:
                 delivery=delivery, token=token, ttl_ms=max(1, int(ttl_s * 1000)), limit=limit,
                 affinity_wait=1 if affinity_wait else 0, job_ttl=self.result_ttl_s, worker=worker,
                 domain=domain, body=body, queue_name=queue,
+                export_lease=export_lease_key(export_key) if export_key else "",
+                export_keep_s=self.result_ttl_s,
             )  # fmt: skip
             if reply[0] != 4:
                 break
@@ -303,7 +314,7 @@ class JobStore:
             return Finished(dict(json.loads(reply[1])))
         if reply[0] in (1, 3):
             return NotOurs(held=reply[0] == 1)
-        _, gen, now_ms, cancelled, daemon, remembered, full, attempt, *history = reply
+        _, gen, now_ms, cancelled, daemon, remembered, full, attempt, *history, export, export_other = reply
         enqueued, attempts, window, waiting, running, domain_before = (_text(v) for v in history)
         run = json.loads(running) if running else None
         if run is not None and run.get("gen") == int(gen):  # this claim's own (a retried reply)
@@ -325,6 +336,7 @@ class JobStore:
             preferred=_text(remembered) or None,
             preferred_full=bool(full),
             attempt=int(attempt),
+            export=(_EXPORT_ANSWERS[int(export)], _text(export_other) or None) if int(export) else None,
         )
 
     def take_slot(

@@ -41,7 +41,7 @@ PARTS: dict[str, tuple[str, ...]] = {
     "submit": ("prelude", "supersede_fn"),
     "supersede": ("prelude", "supersede_fn"),
     "export_lease": ("prelude", "job_fn", "export_fn"),
-    "claim": ("prelude", "job_fn", "load_fn"),
+    "claim": ("prelude", "job_fn", "load_fn", "export_fn"),
     "take_slot": ("prelude", "job_fn", "load_fn"),
     "renew": ("prelude",),
     "requeue": ("prelude", "job_fn", "export_fn"),

@@ -6,11 +6,14 @@
 -- the workers wrote (attempts, time window, waits) is handed back with the server clock. Last, a
 -- daemon slot: the daemon that last built the job's cache when it is one of this worker's, up and
 -- with room (or, full and `affinity_wait` set, nothing: the caller waits for it), else the least
--- loaded daemon with room (load_fn.lua). The job is then `running` on it.
+-- loaded daemon with room (load_fn.lua). The job is then `running` on it. A build that exports and
+-- starts at once (a slot, no cancel, no lost run to settle first) also asks for its cache ref's
+-- export lease here (export_fn.lua), so its launch needs no round trip of its own.
 local job_hash = KEYS[1]
 local jobs_index = KEYS[2]     -- the recent jobs (score -enqueued_at while claimed)
 local load_index = KEYS[3]     -- this worker's daemons, scored by their builds
 local affinity_key = KEYS[4]   -- '' when cache affinity is off
+local export_lease = KEYS[5]   -- export:<cache key> of a build that exports; '' for none
 local job_id = ARGV[1]
 local delivery = ARGV[2]       -- the delivery id of the message being handled
 local token = ARGV[3]          -- this claim's lease token
@@ -22,11 +25,13 @@ local worker = ARGV[8]         -- host:pid of the claiming process
 local domain = ARGV[9]         -- where its runs can be killed from (a host's state folder, an engine)
 local body = ARGV[10]          -- the job's JSON, kept for the janitor and `buildq retry`
 local queue_name = ARGV[11]
+local export_keep_s = tonumber(ARGV[12])  -- how long the export lease key is kept after a write
 -- -> {0, record} finished | {1} the lease is held by another claim | {3} a stale delivery
 --    | {4} the load index is gone (a Redis that lost its data: the caller registers it, tries again)
 --    | {2, gen, now_ms, cancelled (1|0), daemon ('' none), remembered daemon ('' none),
 --       remembered full (1|0), attempt number, enqueued_at, attempts, window_start,
---       waiting_since, running, previous domain}
+--       waiting_since, running, previous domain, export lease (0 not asked | take_export's
+--       1 granted | 2 a newer build's | 3 an older build's), the other build ('' none)}
 local h = read(job_hash, {'record', 'delivery', 'gen', 'lease', 'lease_until', 'enqueued_at',
   'attempts', 'window_start', 'waiting_since', 'running', 'domain', 'avoid', 'job', 'cancel', 'slot',
   'slot_load'})
@@ -87,8 +92,13 @@ if cancelled == 0 then
       'daemon', daemon, 'started_at', string.format('%.3f', now / 1000)})
   end
 end
+local export, export_other = 0, ''
+if export_lease ~= '' and cancelled == 0 and daemon ~= '' and not h.running then
+  local answer = take_export(export_lease, job_id, enqueued_at, ttl_ms, export_keep_s)
+  export, export_other = answer[1], answer[2]
+end
 redis.call('HSET', job_hash, unpack(set))
 if not h.enqueued_at then redis.call('EXPIRE', job_hash, job_ttl) end
 redis.call('ZADD', jobs_index, -tonumber(enqueued_at), job_id)
 return {2, gen, now, cancelled, daemon, remembered, full, attempt, enqueued_at, h.attempts or '',
-  h.window_start or '', h.waiting_since or '', h.running or '', h.domain or ''}
+  h.window_start or '', h.waiting_since or '', h.running or '', h.domain or '', export, export_other}

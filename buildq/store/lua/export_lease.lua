@@ -3,6 +3,7 @@
 -- runs); the lease names the holder (`job`) and its build order (`order`: its enqueued_at), and
 -- lapses at `until` (a holder that died). Fences: only the holder renews or releases it; a build
 -- older than the holder, or than the newest build that exported (`done_order`), never exports.
+-- Both steps are export_fn.lua's (the claim and a build's last write run them too).
 local lease = KEYS[1]          -- export:<cache key>, a hash
 local op = ARGV[1]             -- take (or renew) | release
 local job_id = ARGV[2]
@@ -16,17 +17,4 @@ if op == 'release' then
   if release_export(lease, job_id, order, exported, keep_s) then return {1, ''} end
   return {0, ''}
 end
-local h = read(lease, {'job', 'order', 'until', 'done_order', 'done_job'})
-if h.job == job_id then  -- the holder renews (or a take whose reply was lost)
-  redis.call('HSET', lease, 'until', now + ttl_ms)
-  redis.call('EXPIRE', lease, keep_s)
-  return {1, ''}
-end
-if h.done_order and newer(h.done_order, h.done_job or '', order, job_id) then return {2, h.done_job or ''} end
-if h.job and tonumber(h['until'] or '0') > now then
-  if newer(h.order, h.job, order, job_id) then return {2, h.job} end
-  return {3, h.job}
-end
-redis.call('HSET', lease, 'job', job_id, 'order', order, 'until', now + ttl_ms)
-redis.call('EXPIRE', lease, keep_s)
-return {1, ''}
+return take_export(lease, job_id, order, ttl_ms, keep_s)
