@@ -566,6 +566,27 @@ def test_waiting_returns_a_result_stored_later(store: JobStore) -> None:
     assert store.wait_result("never", timeout=0.05) is None
 
 
+def test_a_record_stored_before_the_subscription_took_effect_is_found(store: JobStore, client) -> None:
+    """The first read can be served before Redis acts on the SUBSCRIBE sent just before it (two
+    connections), and the done message published in between is never delivered: the wait reads
+    again when Redis confirms the subscription, not only after RECHECK_S (a producer waiting
+    behind a busy worker lost up to 10 s a build to this race)."""
+    from buildq.store.jobs import RECHECK_S
+
+    record = json.dumps({"job_id": "race", "state": "succeeded"})
+    read = store.result
+
+    def first_read_then_the_worker_finishes(job_id: str) -> Any:
+        store.result = read  # type: ignore[method-assign]
+        answer = read(job_id)  # nothing yet ...
+        client.hset(job_key(job_id), "record", record)  # ... then stored, its message already gone
+        return answer
+
+    store.result = first_read_then_the_worker_finishes  # type: ignore[method-assign]
+    assert store.wait_result("race", timeout=RECHECK_S / 4) == {"job_id": "race", "state": "succeeded"}
+    assert store.wait_result("race-2", timeout=0.05) is None  # the held subscriber still works
+
+
 def test_the_lua_files_are_the_packaged_ones() -> None:
     assert LUA_DIR == Path(__import__("buildq.store.scripts").store.scripts.__file__).with_name("lua")
 

@@ -594,8 +594,11 @@ class JobStore:
         try:
             pubsub.subscribe(channel)
             deadline = None if timeout is None else time.monotonic() + timeout
-            # read after subscribing (a record stored before is not missed); then the job's message
-            # says when to read again, and a re-read every RECHECK_S covers one lost with a connection
+            # read after subscribing (a record stored before is not missed) and again once Redis
+            # confirms the subscription (the read may have been served before the subscription
+            # took effect, and a message published in between was never ours); then the job's
+            # message says when to read again, and a re-read every RECHECK_S covers one lost with
+            # a connection
             check, recheck_at = True, 0.0
             while True:
                 now = time.monotonic()
@@ -610,7 +613,11 @@ class JobStore:
                     clean = True
                     return None
                 message = pubsub.get_message(timeout=max(0.0, until - now))
-                check = message is not None and message.get("channel") == channel
+                check = (
+                    message is not None
+                    and message.get("channel") == channel
+                    and message.get("type") in ("message", "subscribe")
+                )
         finally:
             if clean:
                 pubsub.unsubscribe(channel)
@@ -622,6 +629,7 @@ class JobStore:
         """This thread's subscriber (made again in a forked child: sockets are not shared)."""
         held = getattr(self._local, "pubsub", None)
         if held is None or held[0] != os.getpid():
-            held = (os.getpid(), self.redis.pubsub(ignore_subscribe_messages=True))
+            # subscribe confirmations are read too: each says a subscription took effect
+            held = (os.getpid(), self.redis.pubsub())
             self._local.pubsub = held
         return held[1]
