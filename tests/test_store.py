@@ -567,23 +567,31 @@ def test_waiting_returns_a_result_stored_later(store: JobStore) -> None:
 
 
 def test_a_record_stored_before_the_subscription_took_effect_is_found(store: JobStore, client) -> None:
-    """The first read can be served before Redis acts on the SUBSCRIBE sent just before it (two
-    connections), and the done message published in between is never delivered: the wait reads
-    again when Redis confirms the subscription, not only after RECHECK_S (a producer waiting
-    behind a busy worker lost up to 10 s a build to this race)."""
+    """A read sent before Redis acts on the SUBSCRIBE (two connections) can be served first, and
+    the done message published in between is never delivered: the wait reads only once Redis
+    confirms the subscription (a producer waiting behind a busy worker lost up to RECHECK_S, 10 s,
+    a build to this race). Here the SUBSCRIBE takes effect 0.3 s late and the job ends at 0.1 s."""
+    import threading
+
     from buildq.store.jobs import RECHECK_S
 
     record = json.dumps({"job_id": "race", "state": "succeeded"})
-    read = store.result
+    pubsub = store._subscriber()
+    subscribe = pubsub.subscribe
 
-    def first_read_then_the_worker_finishes(job_id: str) -> Any:
-        store.result = read  # type: ignore[method-assign]
-        answer = read(job_id)  # nothing yet ...
-        client.hset(job_key(job_id), "record", record)  # ... then stored, its message already gone
-        return answer
+    def late(*channels: Any) -> None:
+        threading.Timer(0.3, subscribe, args=channels).start()
 
-    store.result = first_read_then_the_worker_finishes  # type: ignore[method-assign]
-    assert store.wait_result("race", timeout=RECHECK_S / 4) == {"job_id": "race", "state": "succeeded"}
+    def the_job_ends() -> None:
+        client.hset(job_key("race"), "record", record)
+        client.publish(job_keys("race").done, "succeeded")  # nobody subscribed yet: lost
+
+    pubsub.subscribe = late
+    threading.Timer(0.1, the_job_ends).start()
+    try:
+        assert store.wait_result("race", timeout=RECHECK_S / 4) == {"job_id": "race", "state": "succeeded"}
+    finally:
+        pubsub.subscribe = subscribe
     assert store.wait_result("race-2", timeout=0.05) is None  # the held subscriber still works
 
 

@@ -594,12 +594,12 @@ class JobStore:
         try:
             pubsub.subscribe(channel)
             deadline = None if timeout is None else time.monotonic() + timeout
-            # read after subscribing (a record stored before is not missed) and again once Redis
-            # confirms the subscription (the read may have been served before the subscription
-            # took effect, and a message published in between was never ours); then the job's
-            # message says when to read again, and a re-read every RECHECK_S covers one lost with
-            # a connection
-            check, recheck_at = True, 0.0
+            # read once Redis confirms the subscription: a record stored before is found then, and
+            # one stored after is announced to us (a read sent before the confirmation, on the
+            # other connection, could be served before the SUBSCRIBE took effect, and a message
+            # published in between was never ours); then the job's message says when to read
+            # again, and a re-read every RECHECK_S covers one lost with a connection
+            check, recheck_at = False, time.monotonic() + RECHECK_S
             while True:
                 now = time.monotonic()
                 if check or now >= recheck_at:

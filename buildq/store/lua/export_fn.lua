@@ -42,8 +42,8 @@ local function release_export(lease, job_id, order, exported, keep_s)
   redis.call('HDEL', lease, 'job', 'order', 'until')
   if exported == '1' and not (h.done_order and newer(h.done_order, h.done_job or '', order, job_id)) then
     redis.call('HSET', lease, 'done_order', order, 'done_job', job_id)
+    redis.call('EXPIRE', lease, keep_s)  -- else the take's TTL stands: nothing new to keep
   end
-  redis.call('EXPIRE', lease, keep_s)
   return true
 end
 
