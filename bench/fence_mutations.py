@@ -48,8 +48,8 @@ MUTATIONS = [
     Mutation(
         "the lease is renewed only once",
         "buildq/engine/runner.py",
-        "        stopper.stop(reason)\n        return True\n    return False",
-        "        stopper.stop(reason)\n        return True\n    return True",
+        "    RunRegistry.stamp(run_file)\n    return False",
+        "    RunRegistry.stamp(run_file)\n    return True",
         "tests/test_lifecycle.py::test_the_lease_is_held_throughout_a_build_longer_than_its_ttl",
     ),
     Mutation(
@@ -153,7 +153,7 @@ MUTATIONS = [
     Mutation(
         "the janitor pushes a message that is still in its queue",
         "buildq/store/lua/lost.lua",
-        "      and tonumber(h[6]) + margin_ms < head_stamp(h[4]) then",
+        "      and tonumber(h[6]) + margin_ms < head_stamp(h[4], job_prefix) then",
         "      then",
         "tests/test_janitor.py::test_messages_in_the_queue_unacked_or_claimed_are_left_alone",
     ),
