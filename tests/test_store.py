@@ -199,7 +199,9 @@ def test_a_build_that_starts_at_once_gets_its_export_lease_with_the_claim(store:
     got = claimed(store, "e1", export_key="ck", limit=3)
     assert got.export == ("granted", None) and client.hget(lease, "job") == b"e1"
     assert client.ttl(lease) > 0
-    older = claimed(store, "e0", export_key="ck", limit=3)  # submitted later, so newer than e1
+    later = float(client.hget(job_key("e1"), "enqueued_at")) + 100  # submitted later: newer than e1
+    client.hset(job_key("e0"), "enqueued_at", repr(later))
+    older = claimed(store, "e0", export_key="ck", limit=3)
     assert older.export == ("older", "e1")  # e1 holds it: wait for it, or skip
     assert client.hget(lease, "job") == b"e1"
     client.hset(job_key("e2"), "enqueued_at", "1.0")  # a build older than the holder
