@@ -4,10 +4,10 @@ The worker builds a finished record once and validates it here (:func:`validated
 it is stored; :func:`record_schema` (``buildq schema --record``) is generated from the same models.
 Readers get every state in this shape: the stored record (``buildq submit --wait --json``,
 ``handle.wait()``, field ``record`` of Redis ``buildq:job:<id>``) as it is, a job that has not
-finished from its
-job hash (:func:`job_status`). Every object is closed (``additionalProperties: false``): a field
-that is not documented here is not in a record. :func:`summary` is what Celery keeps as the task's
-result. Nothing here parses build output: showing a record needs no parser.
+finished from its job hash (:func:`job_status`). Every object is closed
+(``additionalProperties: false``): a field that is not documented here is not in a record.
+:func:`summary` is what Celery keeps as the task's result. Nothing here parses build output:
+showing a record needs no parser.
 """
 
 from __future__ import annotations

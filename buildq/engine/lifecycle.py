@@ -56,7 +56,7 @@ from ..contract.status import job_id_time
 from ..contract.wire import Delivery, next_message
 from ..errors import InvalidJobError, RedisUnavailable
 from ..launchers.base import Launcher
-from ..registry import INDEX_TYPES, RegistryReader, RegistryReadError, read_pushed
+from ..registry import RegistryReader, RegistryReadError, is_index, read_pushed
 from ..store.archive import Archive, ArchiveError
 from ..store.daemons import DaemonHealth
 from ..store.jobs import Claimed, ExportRelease, Fence, Finished, History, JobStore, LogEnd, NotOurs
@@ -647,7 +647,7 @@ class Lifecycle:
         descriptor = metadata.get("containerimage.descriptor")
         digest = metadata.get("containerimage.digest")
         media_type = descriptor.get("mediaType") if isinstance(descriptor, dict) else None
-        if not job.push or not isinstance(digest, str) or media_type not in INDEX_TYPES:
+        if not job.push or not isinstance(digest, str) or not is_index(media_type):
             return None
         tag = job.tags[0]
         try:

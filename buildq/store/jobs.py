@@ -45,7 +45,6 @@ from .keys import (
     DAEMONS_DOWN,
     DOMAINS,
     EPOCH,
-    FINAL_BANDS,
     JOB_PREFIX,
     JOBS_INDEX,
     LOADS,
@@ -54,6 +53,7 @@ from .keys import (
     WORKERS,
     JobKeys,
     export_lease_key,
+    final_band,
     job_key,
     job_keys,
     load_key,
@@ -463,7 +463,7 @@ class JobStore:
                 log_ttl=end.ttl_s,
                 log_attempt=end.attempt,
                 log_lines=end.lines,
-                band=FINAL_BANDS[state],
+                band=final_band(state),
                 keep_s=keep_s,
                 export_lease=export_lease_key(export.cache_key) if export is not None else "",
                 export_order=repr(export.order) if export is not None else "",
@@ -491,7 +491,7 @@ class JobStore:
                 delivery=delivery,
                 done_channel=k.done,
                 ttl=self.result_ttl_s,
-                band=FINAL_BANDS[state],
+                band=final_band(state),
             )  # fmt: skip
         )
 

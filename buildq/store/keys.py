@@ -134,13 +134,9 @@ def log_key(job_id: str) -> str:
     return LOG_PREFIX + job_id
 
 
-#: what a job that ended in each final state adds to its score in :data:`JOBS_INDEX`
-FINAL_BANDS: dict[str, int] = {state: BAND * (n + 1) for n, state in enumerate(FINAL_STATES)}
-
-
 def final_band(state: str) -> int:
     """What a job that ended in ``state`` adds to its score in :data:`JOBS_INDEX`."""
-    return FINAL_BANDS[state]
+    return BAND * (FINAL_STATES.index(state) + 1)
 
 
 def state_band(state: str) -> tuple[float, float]:
