@@ -5,13 +5,15 @@ at a cost per pass that does not grow with the backlog."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import redis
 
 from buildq.store.janitor import Janitor, requeue_lost, requeue_stalled
 from buildq.store.keys import JOBS_INDEX, QUEUES, UNACKED_INDEX_KEY, UNACKED_KEY, job_key
-from tests.harness import client_for
+from tests.conftest import scenario
+from tests.harness import client_for, free_port, wait_until
 
 
 def job(context_dir, name: str) -> dict:
@@ -182,3 +184,46 @@ def test_messages_put_back_are_never_called_lost_again(buildq_env, context_dir) 
     )
     assert requeue_lost(client.store, after_s=0, now=time.time() + 1) == []
     assert r.llen(queue) == 3
+
+
+def test_a_worker_books_each_delivery_and_its_ack_without_a_transaction(
+    buildq_env, start_worker, context_dir, tmp_path
+) -> None:
+    """The production configuration (two pool processes, metrics on): the delivery of a build is
+    recorded in kombu's ``unacked`` hash and index and removed after its ack, each as two plain
+    commands in one round trip — no MULTI/EXEC (``book_deliveries_without_transactions``) — and
+    both entries are there while the build runs, as the janitor expects."""
+    env = {**buildq_env, "BUILDQ_METRICS_PORT": str(free_port()), "BUILDQ_METRICS_DIR": str(tmp_path / "m")}
+    start_worker(env, concurrency=2)
+    client = client_for(env)
+    assert client.submit(job(context_dir, "warm-1")).wait(60)["state"] == "succeeded"
+    broker = redis.Redis.from_url(env["BUILDQ_BROKER_URL"])
+    db = broker.connection_pool.connection_kwargs.get("db", 0)
+    seen: list[dict] = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        with broker.monitor() as monitor:
+            for command in monitor.listen():
+                seen.append(command)
+                if stop.is_set():
+                    return
+
+    watcher = threading.Thread(target=listen, daemon=True)
+    watcher.start()
+    wait_until(lambda: broker.ping() and seen, timeout=10)  # the MONITOR is on
+    handle = client.submit({**job(context_dir, "booked-1"), "build_args": {"STANDIN_SCENARIO": scenario(
+        kind="succeed", sleep_s=0.5)}})  # fmt: skip
+    tag = wait_until(lambda: broker.hget(job_key(handle.job_id), "tag"), timeout=10).decode()
+    wait_until(lambda: broker.hexists(UNACKED_KEY, tag) and broker.zscore(UNACKED_INDEX_KEY, tag), timeout=30)
+    assert handle.wait(60)["state"] == "succeeded"
+    wait_until(lambda: not broker.hexists(UNACKED_KEY, tag) and broker.zscore(UNACKED_INDEX_KEY, tag) is None)
+    stop.set()
+    broker.ping()
+    watcher.join(timeout=10)
+    ours = [c for c in seen if c.get("db") == db and c.get("client_type") != "lua"]
+    bookings = (["HSET", UNACKED_KEY, tag], ["HDEL", UNACKED_KEY, tag])
+    booking = {(c["client_address"], c["client_port"]) for c in ours if c["command"].split()[:3] in bookings}
+    assert booking  # the worker's own connection(s)
+    verbs = [c["command"].split()[0] for c in ours if (c["client_address"], c["client_port"]) in booking]
+    assert "MULTI" not in verbs and "EXEC" not in verbs, verbs
