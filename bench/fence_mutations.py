@@ -225,9 +225,23 @@ MUTATIONS = [
     Mutation(
         "the export lease is released by a build that does not hold it",
         "buildq/store/lua/export_fn.lua",
-        "  if h.job ~= job_id then return false end\n",
+        "  if h.job ~= job_id or tonumber(h['until'] or '0') <= 0 then return false end\n",
         "",
         "tests/test_cache_scopes.py::test_only_the_holder_releases_and_a_dead_holder_s_lease_lapses",
+    ),
+    Mutation(
+        "the export lease is renewed for a holder that gave it back",
+        "buildq/store/lua/export_fn.lua",
+        "  if h.job == job_id and live then",
+        "  if h.job == job_id then",
+        "tests/test_store.py::test_the_last_write_gives_back_the_export_lease_in_its_round_trip",
+    ),
+    Mutation(
+        "the export lease is given back twice",
+        "buildq/store/lua/export_fn.lua",
+        "h.job ~= job_id or tonumber(h['until'] or '0') <= 0 then",
+        "h.job ~= job_id then",
+        "tests/test_store.py::test_the_last_write_gives_back_the_export_lease_in_its_round_trip",
     ),
     Mutation(
         "the export lease is granted over a live older holder",
@@ -239,8 +253,8 @@ MUTATIONS = [
     Mutation(
         "a dead holder's export lease never lapses",
         "buildq/store/lua/export_fn.lua",
-        "  if h.job and tonumber(h['until'] or '0') > now then",
-        "if h.job then",
+        "  local live = tonumber(h['until'] or '0') > now\n",
+        "  local live = true\n",
         "tests/test_cache_scopes.py::test_only_the_holder_releases_and_a_dead_holder_s_lease_lapses",
     ),
     Mutation(
@@ -260,22 +274,21 @@ MUTATIONS = [
     Mutation(
         "the finishing write keeps the export lease",
         "buildq/store/lua/finish.lua",
-        "if export_lease ~= '' then release_export(export_lease, job_id, export_order, exported, "
-        "remember_ttl) end",
+        "if export_lease ~= '' then release_export(export_lease, job_id, export_order, exported) end",
         "",
         "tests/test_store.py::test_the_last_write_gives_back_the_export_lease_in_its_round_trip",
     ),
     Mutation(
         "the requeue keeps the export lease",
         "buildq/store/lua/requeue.lua",
-        "if export_lease ~= '' then release_export(export_lease, job_id, export_order, '', ttl) end",
+        "if export_lease ~= '' then release_export(export_lease, job_id, export_order, '') end",
         "",
         "tests/test_store.py::test_the_last_write_gives_back_the_export_lease_in_its_round_trip",
     ),
     Mutation(
         "the finishing write gives back another build's export lease",
         "buildq/store/lua/export_fn.lua",
-        "  if h.job ~= job_id then return false end\n",
+        "  if h.job ~= job_id or tonumber(h['until'] or '0') <= 0 then return false end\n",
         "",
         "tests/test_store.py::test_the_last_write_gives_back_the_export_lease_in_its_round_trip",
     ),

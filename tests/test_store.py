@@ -421,7 +421,30 @@ def test_finish_stores_everything_in_one_round_trip(store: JobStore, client) -> 
     assert load(client, got.daemon) == 0 and load(client, other.daemon) == 1
     messages = [m for m in iter(lambda: pubsub.get_message(timeout=1), None) if m["type"] == "message"]
     pubsub.close()
-    assert [m["data"] for m in messages] == [b"succeeded"]
+    assert [json.loads(m["data"]) for m in messages] == [store.result("fi")]  # the record itself
+
+
+def test_a_waiter_takes_the_record_from_the_done_message(store: JobStore, client) -> None:
+    """The done message is the record (finish.lua, reject.lua): a producer that heard it reads
+    nothing more; a state word (a worker of an earlier version) still makes it read the hash."""
+    import threading
+
+    submit(store, "wm")
+    got = claimed(store, "wm")
+    assert store.wait_result("warm-up", timeout=0.01) is None
+    threading.Timer(0.3, lambda: finish(store, fence(got, "wm"))).start()
+    client.calls.clear()
+    assert store.wait_result("wm", timeout=5) == {"job_id": "wm", "state": "succeeded"}
+    assert client.calls.count("HGET") == 1  # the read on the confirmation, none after the message
+
+    def an_older_worker_ends_it() -> None:
+        client.hset(job_key("wo"), "record", json.dumps({"job_id": "wo", "state": "failed"}))
+        client.publish(job_keys("wo").done, "failed")
+
+    threading.Timer(0.3, an_older_worker_ends_it).start()
+    client.calls.clear()
+    assert store.wait_result("wo", timeout=5) == {"job_id": "wo", "state": "failed"}
+    assert client.calls.count("HGET") == 2
 
 
 def test_a_finish_trims_an_archived_log_to_its_tail(store: JobStore, client) -> None:
@@ -644,15 +667,23 @@ def test_the_last_write_gives_back_the_export_lease_in_its_round_trip(store: Job
     client.calls.clear()
     assert finish(store, fence(got, "xf"), export=ExportRelease("ck", 100.0, exported=True))
     assert client.calls == ["EVALSHA"]  # the record and the lease, one round trip
-    assert client.hmget(lease, "job", "done_order", "done_job") == [None, b"100.0", b"xf"]
+    assert client.hmget(lease, "until", "done_order", "done_job") == [b"0", b"100.0", b"xf"]  # given back
     assert store.take_export("ck", job_id="older", order=50.0, ttl_s=30)[0] == "newer"
+    assert not store.release_export("ck", job_id="xf", order=100.0, exported=True)  # once only
 
     held = claimed(store, "xr")
     assert store.take_export("ck", job_id="xr", order=200.0, ttl_s=30)[0] == "granted"
     assert requeue(store, fence(held, "xr"), export=ExportRelease("ck", 200.0))
-    assert client.hmget(lease, "job", "done_job") == [None, b"xf"]  # free; a retry exported nothing
+    assert client.hmget(lease, "until", "done_job") == [b"0", b"xf"]  # free; a retry exported nothing
+    assert store.take_export("ck", job_id="xr", order=200.0, ttl_s=30)[0] == "granted"  # a take again
+    client.hset(lease, "until", 1)  # lapsed: its holder takes it again as any build would
+    assert store.take_export("ck", job_id="ya", order=210.0, ttl_s=30)[0] == "granted"
+    assert store.take_export("ck", job_id="xr", order=200.0, ttl_s=30) == ("newer", "ya")
+    assert store.release_export("ck", job_id="ya", order=210.0, exported=False)
+    client.hset(lease, mapping={"done_order": 220.0, "done_job": "zz"})  # given back, then a newer export
+    assert store.take_export("ck", job_id="ya", order=210.0, ttl_s=30) == ("newer", "zz")  # not a renewal
 
     assert store.take_export("ck", job_id="holder", order=300.0, ttl_s=30)[0] == "granted"
     other = claimed(store, "xo")
     assert finish(store, fence(other, "xo"), export=ExportRelease("ck", 250.0, exported=True))
-    assert client.hmget(lease, "job", "done_job") == [b"holder", b"xf"]  # not its lease: untouched
+    assert client.hmget(lease, "job", "done_job") == [b"holder", b"zz"]  # not its lease: untouched

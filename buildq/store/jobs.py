@@ -70,6 +70,17 @@ BASELINE_TTL_S = 30 * 24 * 3600
 RECHECK_S = 10.0
 
 
+def _announced(data: Any) -> dict[str, Any] | None:
+    """The record a job's "done" message carries; None for a state word (read the hash then)."""
+    if not isinstance(data, bytes | str) or data[:1] not in (b"{", "{"):
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -586,7 +597,9 @@ class JobStore:
 
         Subscribes to the job's "done" channel first, then reads the record (so a record stored in
         between is not missed), through one subscriber connection per thread kept between calls (a
-        new connection per wait would cost more than the wait itself).
+        new connection per wait would cost more than the wait itself). The channel's message is the
+        record itself (``lua/finish.lua``, ``lua/reject.lua``); a state word instead (a worker of an
+        earlier version) means: read it.
         """
         pubsub = self._subscriber()
         channel = job_keys(job_id).done.encode()
@@ -613,11 +626,14 @@ class JobStore:
                     clean = True
                     return None
                 message = pubsub.get_message(timeout=max(0.0, until - now))
-                check = (
-                    message is not None
-                    and message.get("channel") == channel
-                    and message.get("type") in ("message", "subscribe")
-                )
+                if message is None or message.get("channel") != channel:
+                    continue
+                if message.get("type") == "message":
+                    record = _announced(message.get("data"))
+                    if record is not None:  # the message is the record: no read of our own
+                        clean = True
+                        return record
+                check = message.get("type") in ("message", "subscribe")
         finally:
             if clean:
                 pubsub.unsubscribe(channel)

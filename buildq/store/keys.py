@@ -60,8 +60,9 @@ Shared:
 - ``affinity:<cache key>`` the daemon whose last successful build used this cache
 - ``baseline:<cache key>`` list, newest first: the phases of a repository's last successful builds
 - ``export:<cache key>`` hash, the export lease of one cache ref: ``job``, ``order`` (its
-                    enqueued_at) and ``until`` (server ms) of the build that exports now; ``done_order``
-                    and ``done_job`` of the newest build that exported (``lua/export_lease.lua``)
+                    enqueued_at) and ``until`` (server ms) of its last holder, held while ``until`` is
+                    ahead (0: given back); ``done_order`` and ``done_job`` of the newest build that
+                    exported (``lua/export_lease.lua``)
 - ``supersede:<key>`` the newest job submitted with a ``supersede_key`` (``lua/supersede_fn.lua``)
 
 Kombu's Redis transport keeps delivered, unacknowledged messages in ``unacked`` (hash) and their

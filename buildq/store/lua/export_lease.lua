@@ -10,11 +10,11 @@ local job_id = ARGV[2]
 local order = ARGV[3]          -- the build's order: its enqueued_at (epoch s, server clock)
 local ttl_ms = tonumber(ARGV[4]) -- take: how long the lease lasts unless renewed
 local exported = ARGV[5]       -- release: '1' when the holder's export completed
-local keep_s = tonumber(ARGV[6]) -- how long the key (and `done_order`) is kept after a write
+local keep_s = tonumber(ARGV[6]) -- take: how long the key (and `done_order`) is kept from here
 -- -> take: {1, ''} granted | {2, newer job} a newer build holds it or exported: skip the export
 --    | {3, older job} an older build holds it: wait for it;  release: {1, ''} | {0, ''} not the holder
 if op == 'release' then
-  if release_export(lease, job_id, order, exported, keep_s) then return {1, ''} end
+  if release_export(lease, job_id, order, exported) then return {1, ''} end
   return {0, ''}
 end
 return take_export(lease, job_id, order, ttl_ms, keep_s)

@@ -33,7 +33,7 @@ local keep_s = tonumber(ARGV[17])  -- how long the finished job's hash stays (0:
 local export_order = ARGV[18]  -- the build's order (enqueued_at) for the export lease
 local exported = ARGV[19]      -- '1' when its cache export completed
 -- -> 1 stored | 2 stored already by this very claim (its reply was lost) | 0 fenced out (nothing written)
-if export_lease ~= '' then release_export(export_lease, job_id, export_order, exported, remember_ttl) end
+if export_lease ~= '' then release_export(export_lease, job_id, export_order, exported) end
 local h = read(job_hash, {'gen', 'done_gen', 'slot', 'slot_load', 'enqueued_at'})
 if h.done_gen then
   if h.done_gen == gen then return 2 end
@@ -48,7 +48,7 @@ redis.call('HSET', job_hash, unpack(extend({'state', state, 'phase', 'done', 're
   'done_gen', gen, 'lease_until', 0}, give_back(h))))
 redis.call('ZADD', jobs_index, tonumber(h.enqueued_at or '0') + band, job_id)
 if keep_s > 0 then redis.call('EXPIRE', job_hash, keep_s) end
-redis.call('PUBLISH', done_channel, state)
+redis.call('PUBLISH', done_channel, record)  -- the record itself: a waiter needs no read
 if state == 'succeeded' and affinity_key ~= '' and daemon ~= '' then
   redis.call('SET', affinity_key, daemon, 'EX', remember_ttl)
 end

@@ -21,5 +21,5 @@ redis.call('HSET', job_hash, unpack(extend({'state', state, 'phase', 'done', 're
   'done_gen', '0', 'enqueued_at', enqueued_at}, give_back(h))))
 redis.call('EXPIRE', job_hash, ttl)
 redis.call('ZADD', jobs_index, tonumber(enqueued_at) + band, job_id)
-redis.call('PUBLISH', done_channel, state)
+redis.call('PUBLISH', done_channel, record)  -- the record itself: a waiter needs no read
 return 1

@@ -24,7 +24,7 @@ local avoid = ARGV[10]         -- the daemon the last attempt lost, '' for none
 local ttl = tonumber(ARGV[11])
 local export_order = ARGV[12]  -- the build's order (enqueued_at) for the export lease
 -- -> 1 published (now, or by this very call before: its reply was lost) | 0 fenced out (nothing published)
-if export_lease ~= '' then release_export(export_lease, job_id, export_order, '', ttl) end
+if export_lease ~= '' then release_export(export_lease, job_id, export_order, '') end
 local h = read(job_hash, {'delivery', 'gen', 'done_gen', 'slot', 'slot_load', 'enqueued_at'})
 if h.delivery == delivery then return 1 end
 if h.done_gen or h.gen ~= gen then return 0 end
