@@ -295,7 +295,7 @@ MUTATIONS = [
     Mutation(
         "a build that ended keeps holding the export lease",
         "buildq/engine/lifecycle.py",
-        "ExportRelease(build.cache_key, history.enqueued_at, exported) if build.export_held else None",
+        "ExportRelease(history.enqueued_at, exported) if build.export_held else None",
         "None",
         "tests/test_cache_scopes_worker.py::"
         "test_a_scoped_build_imports_its_scope_then_main_and_exports_to_its_scope",

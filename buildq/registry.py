@@ -22,13 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .buildkit.command import INDEX_TYPES, is_index
 from .contract.reference import parse_reference, registry_host
 from .errors import BuildqError
 
-INDEX_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-)
 MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
@@ -56,11 +53,6 @@ def docker_credentials(host: str) -> tuple[str, str] | None:
     if not found or not found.get("username"):
         return None
     return found["username"], found.get("password") or ""
-
-
-def is_index(media_type: str | None) -> bool:
-    """True for an OCI image index or a Docker manifest list."""
-    return media_type in INDEX_TYPES
 
 
 def platform_text(platform: dict[str, Any] | None) -> str:

@@ -18,8 +18,7 @@ import pytest
 import redis
 
 from buildq.buildkit.command import BuildRequest, build_argv
-from buildq.contract.attest import AttestationPolicy, context_secret_parts, effective_attestations
-from buildq.contract.job import parse_job
+from buildq.contract.job import AttestationPolicy, context_secret_parts, effective_attestations, parse_job
 from buildq.errors import InvalidJobError
 from buildq.registry import RegistryReader, RegistryReadError, read_pushed
 from tests.attest_fixtures import fixture, metadata, replay_scenario, seed_registry

@@ -80,8 +80,8 @@ def claimed(store: JobStore, job_id: str, **kw: Any) -> Claimed:
     return got
 
 
-def fence(got: Claimed, job_id: str) -> Fence:
-    return Fence(job_id, got.token, got.gen)
+def fence(got: Claimed, job_id: str, cache_key: str | None = None) -> Fence:
+    return Fence(job_id, got.token, got.gen, cache_key=cache_key)
 
 
 def finish(store: JobStore, f: Fence, state: str = "succeeded", **kw: Any) -> bool:
@@ -665,7 +665,7 @@ def test_the_last_write_gives_back_the_export_lease_in_its_round_trip(store: Job
     assert store.take_export("ck", job_id="xf", order=100.0, ttl_s=30)[0] == "granted"
     finish(store, fence(claimed(store, "warm", limit=3), "warm"), state="failed")  # loads the script
     client.calls.clear()
-    assert finish(store, fence(got, "xf"), export=ExportRelease("ck", 100.0, exported=True))
+    assert finish(store, fence(got, "xf", "ck"), export=ExportRelease(100.0, exported=True))
     assert client.calls == ["EVALSHA"]  # the record and the lease, one round trip
     assert client.hmget(lease, "until", "done_order", "done_job") == [b"0", b"100.0", b"xf"]  # given back
     assert store.take_export("ck", job_id="older", order=50.0, ttl_s=30)[0] == "newer"
@@ -673,7 +673,7 @@ def test_the_last_write_gives_back_the_export_lease_in_its_round_trip(store: Job
 
     held = claimed(store, "xr")
     assert store.take_export("ck", job_id="xr", order=200.0, ttl_s=30)[0] == "granted"
-    assert requeue(store, fence(held, "xr"), export=ExportRelease("ck", 200.0))
+    assert requeue(store, fence(held, "xr", "ck"), export=ExportRelease(200.0))
     assert client.hmget(lease, "until", "done_job") == [b"0", b"xf"]  # free; a retry exported nothing
     assert store.take_export("ck", job_id="xr", order=200.0, ttl_s=30)[0] == "granted"  # a take again
     client.hset(lease, "until", 1)  # lapsed: its holder takes it again as any build would
@@ -685,5 +685,5 @@ def test_the_last_write_gives_back_the_export_lease_in_its_round_trip(store: Job
 
     assert store.take_export("ck", job_id="holder", order=300.0, ttl_s=30)[0] == "granted"
     other = claimed(store, "xo")
-    assert finish(store, fence(other, "xo"), export=ExportRelease("ck", 250.0, exported=True))
+    assert finish(store, fence(other, "xo", "ck"), export=ExportRelease(250.0, exported=True))
     assert client.hmget(lease, "job", "done_job") == [b"holder", b"zz"]  # not its lease: untouched

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..contract.reference import parse_reference, registry_host
 
@@ -131,3 +132,24 @@ def split_dockerfile(dockerfile: str) -> tuple[str, str]:
     """``("dir/sub", "Dockerfile.x")`` for ``"dir/sub/Dockerfile.x"`` (``""`` for no folder)."""
     head, _, tail = dockerfile.rpartition("/")
     return head, tail
+
+
+#: the media types of an image index (BuildKit pushes one for several platforms, or any attestation)
+INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+
+
+def is_index(media_type: str | None) -> bool:
+    """True for an OCI image index or a Docker manifest list."""
+    return media_type in INDEX_TYPES
+
+
+def pushed_index(metadata: Mapping[str, Any] | None) -> str | None:
+    """The digest of the image index buildctl's ``--metadata-file`` says the build made (its
+    ``containerimage.descriptor``); None for a plain manifest or no image."""
+    metadata = metadata or {}
+    descriptor, digest = metadata.get("containerimage.descriptor"), metadata.get("containerimage.digest")
+    media_type = descriptor.get("mediaType") if isinstance(descriptor, dict) else None
+    return digest if isinstance(digest, str) and is_index(media_type) else None

@@ -31,11 +31,10 @@ from datetime import datetime
 from typing import Any
 
 from ..buildkit.classify import DAEMON_LOST_REASONS, NEVER_REACHED_REASON
-from ..buildkit.command import is_insecure
+from ..buildkit.command import is_insecure, pushed_index
 from ..buildkit.phases import LivePhases
 from ..buildkit.progress import SolveStatus
 from ..config import Settings
-from ..contract.attest import AttestationPolicy, effective_attestations
 from ..contract.grants import (
     check_git_transport,
     check_not_pseudo,
@@ -45,10 +44,12 @@ from ..contract.grants import (
 )
 from ..contract.job import (
     JOB_ID_PATTERN_RE,
+    AttestationPolicy,
     BuildJob,
     cache_key,
     cache_refs,
     context_secrets,
+    effective_attestations,
     parse_job,
 )
 from ..contract.record import summary, validated_record
@@ -56,7 +57,7 @@ from ..contract.status import job_id_time
 from ..contract.wire import Delivery, next_message
 from ..errors import InvalidJobError, RedisUnavailable
 from ..launchers.base import Launcher
-from ..registry import RegistryReader, RegistryReadError, is_index, read_pushed
+from ..registry import RegistryReader, RegistryReadError, read_pushed
 from ..store.archive import Archive, ArchiveError
 from ..store.daemons import DaemonHealth
 from ..store.jobs import Claimed, ExportRelease, Fence, Finished, History, JobStore, LogEnd, NotOurs
@@ -68,8 +69,7 @@ from .backoff import backoff_ceiling
 from .hooks import EndWrites, Hooks
 from .recording import CacheUse
 from .redact import Redactor
-from .runner import CANCELLED, FENCED, CachePlan, Outcome, RunSpec, Stopper, Watch, run_build
-from .runs import RunRegistry
+from .runner import CANCELLED, FENCED, CachePlan, Outcome, RunRegistry, RunSpec, Stopper, Watch, run_build
 from .scheduler import Handle, Scheduler
 
 logger = logging.getLogger("buildq.engine")
@@ -421,7 +421,8 @@ class Lifecycle:
         redactor = Redactor([*self.redact_values, *extra]) if extra else self.redactor
         return Build(
             job=job, claim=claim, delivery=delivery, progress=progress,
-            fence=Fence(job.job_id, claim.token, claim.gen), offset=claim.redis_now - at, cache_key=key,
+            fence=Fence(job.job_id, claim.token, claim.gen, cache_key=key), offset=claim.redis_now - at,
+            cache_key=key,
             body=body, queue=queue, attempts=attempts, redactor=redactor, number=len(attempts) + 1,
             daemon=claim.daemon,
         )  # fmt: skip
@@ -593,7 +594,7 @@ class Lifecycle:
             return self._persist(job.job_id, lambda: write(writes))
 
         exported = concluded.export_outcome == "exported"
-        export = ExportRelease(build.cache_key, history.enqueued_at, exported) if build.export_held else None
+        export = ExportRelease(history.enqueued_at, exported) if build.export_held else None
 
         def write(writes: EndWrites) -> bool:
             if state is not None:
@@ -643,11 +644,8 @@ class Lifecycle:
         attestation manifests, docs/attestations.md); None when no index was pushed. A failed read
         is said in the record (``registry_error``): the image is pushed, the build succeeded."""
         job = build.job
-        metadata = (outcome.metadata if outcome is not None else None) or {}
-        descriptor = metadata.get("containerimage.descriptor")
-        digest = metadata.get("containerimage.digest")
-        media_type = descriptor.get("mediaType") if isinstance(descriptor, dict) else None
-        if not job.push or not isinstance(digest, str) or not is_index(media_type):
+        digest = pushed_index(outcome.metadata if outcome is not None else None)
+        if not job.push or digest is None:
             return None
         tag = job.tags[0]
         try:

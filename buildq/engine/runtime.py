@@ -48,8 +48,7 @@ from .hooks import (
     reap_dead_gauges,
 )
 from .lifecycle import Lifecycle
-from .runner import CANCELLED, Stopper
-from .runs import RunRegistry, stale
+from .runner import CANCELLED, RunRegistry, Stopper, stale
 from .scheduler import Scheduler
 
 log = logging.getLogger("buildq.worker")
@@ -179,6 +178,7 @@ class PoolRuntime:
         )  # fmt: skip
         self.cancels = CancelListener(client, stoppers)
         self.scheduler.listen(self.cancels)
+        self.quick.scripts.preload()  # no build of this process waits for a SCRIPT LOAD
 
     def close(self) -> None:
         """The process is ending: the scheduler stops, the launcher gives back what it holds."""

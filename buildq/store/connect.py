@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
+import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
-from redis.backoff import NoBackoff
+from redis.backoff import AbstractBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
@@ -43,65 +43,64 @@ AWAY = (
 )
 
 
-#: per thread: whether a :class:`Patience` loop runs (redis-py copies retry objects: not kept on them)
-_INSIDE = threading.local()
-
-
 class Patience(Retry):
     """redis-py's retry policy with a time budget: try again (jittered backoff from 0.05 s up to
     1 s, a new connection each time) until ``budget_s`` has passed, then raise
-    :class:`~buildq.errors.RedisUnavailable`. The first failure of a series is logged once."""
+    :class:`~buildq.errors.RedisUnavailable`. The first failure of a series is logged once.
+
+    redis-py's own loop (``Retry.call_with_retry``) runs every command: nothing of buildq runs
+    while Redis answers. Only a failure reaches :class:`_Budget` (the backoff), which decides. A
+    reconnect that redis-py makes inside a command's retry (``connect_check_health``) gets one
+    try there: the command's next try makes a new connection (through Sentinel: to the master the
+    sentinels name now) instead of dialling a dead master again and again."""
 
     def __init__(self, budget_s: float, where: str) -> None:
-        super().__init__(NoBackoff(), retries=-1, supported_errors=AWAY)
+        super().__init__(_Budget(budget_s, where), retries=-1, supported_errors=AWAY)
         self.budget_s, self.where = budget_s, where
 
-    def call_with_retry(
-        self,
-        do: Callable[[], Any],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> Any:
-        # redis-py runs a connection's connect() through the same policy, inside a command's: there
-        # it gets one try, so the command's next try makes a new connection (through Sentinel: to
-        # the master it names now) instead of dialling a dead master again and again
-        if getattr(_INSIDE, "depth", 0):
-            return do()
-        _INSIDE.depth = 1
-        try:
-            return self._patiently(do, fail, is_retryable, with_failure_count)
-        finally:
-            _INSIDE.depth = 0
 
-    def _patiently(
-        self,
-        do: Callable[[], Any],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None,
-        with_failure_count: bool,
-    ) -> Any:
-        started = time.monotonic()
-        failures = 0
-        while True:
-            try:
-                return do()
-            except AWAY as error:
-                if is_retryable is not None and not is_retryable(error):
-                    raise
-                failures += 1
-                fail(error, failures) if with_failure_count else fail(error)
-                waited = time.monotonic() - started
-                pause = min(1.0, 0.05 * 2 ** min(failures, 5)) * (0.5 + random.random() / 2)
-                if waited + pause > self.budget_s:
-                    raise RedisUnavailable(self.where, _cause(error), max(waited, self.budget_s)) from error
-                if failures == 1:
-                    log.warning("Redis at %s does not answer (%s); trying again for up to %.0f s",
-                                self.where, _cause(error), self.budget_s)  # fmt: skip
-                time.sleep(pause)
+#: the code of redis-py's retry loop: a failure inside two of them is a reconnect inside a command
+_RETRY_LOOP = Retry.call_with_retry.__code__
 
 
-def _cause(error: BaseException) -> str:
+class _Budget(AbstractBackoff):
+    """The pause before the next try, asked by redis-py's retry loop only after a failure (in its
+    ``except`` block: the error is the one being handled). Raises instead of pausing when the try
+    was a reconnect inside a command's retry (the command tries again), or when the pause would
+    pass the budget (:class:`~buildq.errors.RedisUnavailable`). ``reset`` is redis-py's own."""
+
+    def __init__(self, budget_s: float, where: str) -> None:
+        self.budget_s, self.where = budget_s, where
+        self._started = 0.0  # when the series of failures began (redis-py copies it per connection)
+
+    def compute(self, failures: int) -> float:
+        error = sys.exc_info()[1]
+        if isinstance(error, AWAY) and _retry_loops() > 1:
+            raise error  # a reconnect inside a command's retry: that command tries again
+        now = time.monotonic()
+        if failures == 1:
+            self._started = now
+        waited = now - self._started
+        pause = min(1.0, 0.05 * 2 ** min(failures, 5)) * (0.5 + random.random() / 2)
+        if waited + pause > self.budget_s:
+            raise RedisUnavailable(self.where, _cause(error), max(waited, self.budget_s)) from error
+        if failures == 1:
+            log.warning("Redis at %s does not answer (%s); trying again for up to %.0f s",
+                        self.where, _cause(error), self.budget_s)  # fmt: skip
+        return pause
+
+
+def _retry_loops() -> int:
+    """How many of redis-py's retry loops are running on this thread's stack."""
+    frame: FrameType | None = sys._getframe(1)
+    loops = 0
+    while frame is not None:
+        loops += frame.f_code is _RETRY_LOOP
+        frame = frame.f_back
+    return loops
+
+
+def _cause(error: BaseException | None) -> str:
     """The last error, briefly: ``connection refused``, ``timed out``, ``a read-only replica``…"""
     text = str(error).lower()
     for needle, said in (

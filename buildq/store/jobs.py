@@ -164,11 +164,11 @@ class LogEnd(NamedTuple):
 
 
 class ExportRelease(NamedTuple):
-    """The export lease of ``cache_key`` that a build's last write gives back (``finish`` or
-    ``requeue``, ``lua/export_fn.lua``): the build's ``order`` (its enqueued_at), and ``exported``
-    when its export completed (then no older build exports after it)."""
+    """The export lease a build's last write gives back (``finish`` or ``requeue``,
+    ``lua/export_fn.lua``), the one its fence names (``Fence.cache_key``): the build's ``order``
+    (its enqueued_at), and ``exported`` when its export completed (then no older build exports
+    after it)."""
 
-    cache_key: str
     order: float
     exported: bool = False
 
@@ -180,11 +180,21 @@ class Fence:
     job_id: str
     token: str
     gen: int
+    #: the cache ref the build exports to, if any: its export lease is named with the job's keys
+    cache_key: str | None = field(repr=False, compare=False, default=None)
     keys: JobKeys = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.keys is None:
-            object.__setattr__(self, "keys", job_keys(self.job_id))
+            object.__setattr__(self, "keys", job_keys(self.job_id, self.cache_key))
+
+    def export_lease(self, export: ExportRelease | None) -> str:
+        """The export lease key a write gives back with ``export`` ('' for none)."""
+        if export is None:
+            return ""
+        if not self.keys.export:
+            raise ValueError(f"job {self.job_id}: an export lease to give back, no cache ref in its fence")
+        return self.keys.export
 
 
 class JobStore:
@@ -412,7 +422,7 @@ class JobStore:
                 job_hash=fence.keys.hash,
                 jobs_index=JOBS_INDEX,
                 waiting_index=WAITING_INDEX,
-                export_lease=export_lease_key(export.cache_key) if export is not None else "",
+                export_lease=fence.export_lease(export),
                 export_order=repr(export.order) if export is not None else "",
                 message=message,
                 tag=tag,
@@ -476,7 +486,7 @@ class JobStore:
                 log_lines=end.lines,
                 band=final_band(state),
                 keep_s=keep_s,
-                export_lease=export_lease_key(export.cache_key) if export is not None else "",
+                export_lease=fence.export_lease(export),
                 export_order=repr(export.order) if export is not None else "",
                 exported="1" if export is not None and export.exported else "",
             )  # fmt: skip

@@ -114,16 +114,18 @@ UNACKED_INDEX_KEY = "unacked_index"
 
 
 class JobKeys(NamedTuple):
-    """The keys and channel of one job."""
+    """The keys and channel of one job, and the export lease of its cache ref ('' for none)."""
 
     hash: str
     log: str
     done: str
+    export: str = ""
 
 
-def job_keys(job_id: str) -> JobKeys:
-    """All of ``job_id``'s keys at once."""
-    return JobKeys(JOB_PREFIX + job_id, LOG_PREFIX + job_id, f"{PREFIX}done:{job_id}")
+def job_keys(job_id: str, cache_key: str | None = None) -> JobKeys:
+    """All of ``job_id``'s keys at once (with ``cache_key``: its export lease's too)."""
+    export = export_lease_key(cache_key) if cache_key else ""
+    return JobKeys(JOB_PREFIX + job_id, LOG_PREFIX + job_id, f"{PREFIX}done:{job_id}", export)
 
 
 def job_key(job_id: str) -> str:

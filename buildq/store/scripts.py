@@ -7,8 +7,9 @@ every key and argument by name (:meth:`Script.call`), and a name missing, unknow
 wrong place fails at once, naming it. Shared parts (the server-clock prelude, reading a job hash
 and giving back its slot, the load index) are put in front of the main file as :data:`PARTS` says.
 
-:class:`Scripts` runs them on one Redis client with ``EVALSHA`` (loading a script again where
-Redis lost it, e.g. on a new master) and, for the writes that must survive a failover
+:class:`Scripts` runs them on one Redis client with ``EVALSHA`` of the script's own SHA1 (loading
+it where Redis does not have it: a new Redis, a restart, a new master; a pool process loads them
+all as it starts, :meth:`Scripts.preload`) and, for the writes that must survive a failover
 (:meth:`Scripts.durable`), waits for the replicas (``WAIT``) on the same connection.
 :class:`Replicas` decides how many: ``BUILDQ_SUBMIT_REPLICAS``, or by default 1 while the master
 has a replica, else 0.
@@ -17,6 +18,7 @@ has a replica, else 0.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 import time
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 
-from ..errors import NotReplicatedError
+from ..errors import NotReplicatedError, RedisUnavailable
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -103,7 +105,8 @@ class Script:
         both = set(self.keys.fixed) & set(self.args.fixed)
         if both:
             raise ValueError(f"lua/{name}.lua names {sorted(both)} both a key and an argument")
-        self.sha = ""
+        #: what Redis names it (SHA1 of the source): EVALSHA needs no SCRIPT LOAD of this process
+        self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
     def positional(self, values: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         """KEYS and ARGV in the script's order from ``values`` by name (TypeError naming a missing
@@ -122,6 +125,12 @@ def _tail(values: dict[str, Any], name: str | None) -> Sequence[Any]:
     return values[name] if name is not None else ()
 
 
+def script_names() -> list[str]:
+    """Every script (the main files of ``lua/``, not the shared parts)."""
+    parts = {part for used in PARTS.values() for part in used}
+    return sorted(p.stem for p in LUA_DIR.glob("*.lua") if p.stem not in parts)
+
+
 @functools.cache
 def script(name: str) -> Script:
     """Script ``name``, read from disk once per process."""
@@ -133,7 +142,6 @@ class Scripts:
 
     def __init__(self, client: Any, replicas: Any = None) -> None:
         self._client = client
-        self._sha: dict[str, str] = {}
         #: a :class:`buildq.store.connect.Replicas`: how many replicas :meth:`durable` waits for
         self.replicas = replicas
 
@@ -141,10 +149,9 @@ class Scripts:
         """Run script ``name`` with its keys and arguments by name; its reply."""
         s = script(name)
         keys, args = s.positional(values)
-        sha = self._sha.get(name) or self._load(s)
         try:
-            return self._client.evalsha(sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:  # a restarted Redis or a new master: load it there
+            return self._client.evalsha(s.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:  # a new or restarted Redis, a new master: load it there
             return self._client.evalsha(self._load(s), len(keys), *keys, *args)
 
     def durable(self, name: str, *, what: str, strict_job: str | None = None, **values: Any) -> Any:
@@ -160,7 +167,7 @@ class Scripts:
             keys, args = s.positional(values)
             while True:
                 pipe = self._client.pipeline(transaction=False)
-                pipe.evalsha(self._sha.get(name) or self._load(s), len(keys), *keys, *args)
+                pipe.evalsha(s.sha, len(keys), *keys, *args)
                 pipe.wait(wanted, replicas.timeout_ms)
                 reply, reached = pipe.execute(raise_on_error=False)
                 if isinstance(reply, redis.exceptions.NoScriptError):
@@ -182,10 +189,21 @@ class Scripts:
                 replicas.forget()
             raise
 
+    def preload(self, names: Sequence[str] | None = None) -> None:
+        """Load ``names`` (default: every script) into Redis in one round trip, so that no build
+        waits for a SCRIPT LOAD (a pool process does it as it starts). Best effort: a script Redis
+        does not have is loaded where it is first run anyway."""
+        pipe = self._client.pipeline(transaction=False)
+        for name in names if names is not None else script_names():
+            pipe.script_load(script(name).source)
+        try:
+            pipe.execute()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, RedisUnavailable) as exc:
+            logger.info("scripts not preloaded (%s); each is loaded when first run", exc)
+
     def _load(self, s: Script) -> str:
-        sha = self._client.script_load(s.source)
-        self._sha[s.name] = sha if isinstance(sha, str) else sha.decode()
-        return self._sha[s.name]
+        self._client.script_load(s.source)
+        return s.sha
 
 
 class Replicas:
