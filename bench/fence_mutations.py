@@ -206,6 +206,21 @@ MUTATIONS = [
         'if s.outcome != "failed" or not s.transient:',
         "tests/test_lifecycle.py::test_nobody_retries_a_build_whose_cancel_was_asked_for",
     ),
+    Mutation(
+        "a reconnect inside a command's retry loops on its own (a dead master dialled again)",
+        "buildq/store/connect.py",
+        "        if isinstance(error, AWAY) and _retry_loops() > 1:",
+        "        if False:",
+        "tests/test_failover.py::"
+        "test_the_patience_policy_retries_a_command_and_gives_a_reconnect_inside_it_one_try",
+    ),
+    Mutation(
+        "a script is named by a SHA Redis does not know",
+        "buildq/store/scripts.py",
+        'self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()',
+        'self.sha = hashlib.sha1(self.source.encode("utf-8") + b" ").hexdigest()',
+        "tests/test_store.py::test_scripts_run_by_their_own_sha_and_a_pool_process_preloads_them",
+    ),
     # -- cache scopes, the export lease, superseded builds (docs/cache-scopes.md) --
     Mutation(
         "the export lease lets an older build export over a newer holder",

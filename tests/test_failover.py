@@ -180,3 +180,35 @@ def test_a_connection_lost_with_messages_delivered_does_not_end_the_worker(caplo
             channel.connection.client = transport
             channel.qos._delivered.clear()
     assert "not handed back on a lost broker connection" in caplog.text
+
+
+def test_the_patience_policy_retries_a_command_and_gives_a_reconnect_inside_it_one_try() -> None:
+    """buildq's retry policy is redis-py's own loop with a budget in the backoff: a command is
+    tried again until the budget, then one RedisUnavailable naming the Redis and the cause; a
+    reconnect that redis-py makes inside a command's retry gets one try (the command's next try
+    makes a new connection, through Sentinel to the master named now), never a loop of its own."""
+    from buildq.errors import RedisUnavailable
+    from buildq.store.connect import Patience
+
+    policy = Patience(2.0, "redis://here:6379/0")
+    tries: list[str] = []
+
+    def reconnect() -> None:
+        tries.append("reconnect")
+        raise redis.exceptions.ConnectionError("Connection refused")
+
+    def command() -> str:
+        tries.append("command")
+        if len(tries) < 4:
+            policy.call_with_retry(reconnect, lambda error: None)  # inside the command's try
+        return "answered"
+
+    assert policy.call_with_retry(command, lambda error: None) == "answered"
+    assert tries == ["command", "reconnect", "command", "reconnect", "command"]
+
+    def refused() -> None:
+        raise redis.exceptions.ConnectionError("Error 111 connecting. Connection refused.")
+
+    said = r"cannot reach Redis at redis://here:6379/0: connection refused"
+    with pytest.raises(RedisUnavailable, match=said):  # the budget ends the loop (retries: no limit)
+        Patience(0.3, "redis://here:6379/0").call_with_retry(refused, lambda error: None)

@@ -32,7 +32,7 @@ from buildq.store.keys import (
     load_key,
 )
 from buildq.store.logs import decode_lines
-from buildq.store.scripts import LUA_DIR, PARTS, Script, read_names
+from buildq.store.scripts import LUA_DIR, PARTS, Script, read_names, script, script_names
 from tests.harness import REDIS_URL, CountingRedis, counting_client
 
 DB_URL = f"{REDIS_URL}/13"
@@ -618,6 +618,26 @@ def test_a_record_stored_before_the_subscription_took_effect_is_found(store: Job
     finally:
         pubsub.subscribe = subscribe
     assert store.wait_result("race-2", timeout=0.05) is None  # the held subscriber still works
+
+
+def test_scripts_run_by_their_own_sha_and_a_pool_process_preloads_them(store: JobStore, client) -> None:
+    """EVALSHA names a script by the SHA1 of its source, so no process loads a script Redis has;
+    one Redis lost (SCRIPT FLUSH: a restart, a new master) is loaded where first run; preload
+    loads every script in one round trip."""
+    names = script_names()
+    assert "claim" in names and "finish" in names and "job_fn" not in names
+    client.script_flush()
+    client.calls.clear()
+    submit(store, "sh")  # not in Redis: NOSCRIPT, loaded, run
+    assert client.calls == ["EVALSHA", "SCRIPT LOAD", "EVALSHA"]
+    client.calls.clear()
+    submit(store, "sh2")
+    assert client.calls == ["EVALSHA"]
+    client.script_flush()
+    store.scripts.preload()
+    assert client.script_exists(*(script(n).sha for n in names)) == [True] * len(names)
+    client.calls.clear()
+    assert isinstance(claim(store, "sh"), Claimed) and set(client.calls) == {"EVALSHA"}  # no load
 
 
 def test_the_lua_files_are_the_packaged_ones() -> None:
