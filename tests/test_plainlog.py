@@ -14,13 +14,8 @@ from typing import Any
 import pytest
 
 from buildq.buildkit.phases import union
-from buildq.buildkit.plainlog import (
-    MAX_PARTIAL_BYTES,
-    TAIL_LINES,
-    PlainLogRenderer,
-    format_bytes,
-)
-from buildq.buildkit.progress import parse_line
+from buildq.buildkit.plainlog import PlainLogRenderer, format_bytes
+from buildq.buildkit.progress import MAX_PARTIAL_BYTES, TAIL_LINES, OutputTails, parse_line
 from buildq.engine.redact import Redactor
 
 FIX = Path(__file__).parent / "fixtures" / "buildkit"
@@ -385,3 +380,58 @@ def test_statuses_of_one_update_print_in_start_order_like_buildkit() -> None:
     ]
     both = [{**late, "completed": ts(0.1)}, {**prep, "completed": ts(0.2), "timestamp": ts(0.2)}]
     assert feed(r, json.dumps({"statuses": both})) == ["#1 preparing 0.2s done", "#1 writing manifest done"]
+
+
+def tails_and_renderer(redact: Any = None, safe_cut: Any = None) -> tuple[OutputTails, PlainLogRenderer]:
+    return OutputTails(redact, safe_cut), PlainLogRenderer(redact=redact, safe_cut=safe_cut)
+
+
+@pytest.mark.parametrize(
+    "capture", sorted(p.name for p in (FIX / "builds").glob("*rawjson*.stderr"))
+    + sorted(f"../errors/{p.name}" for p in (FIX / "errors").glob("*rawjson*.stderr")),
+)  # fmt: skip
+def test_the_worker_s_output_tails_are_the_plain_renderer_s(capture: str) -> None:
+    """The worker keeps only each step's output tail (OutputTails: nothing rendered, the plain
+    view is rendered when read); its failing tail is the renderer's, line for line, on every
+    genuine capture, with a secret masked."""
+    redact = Redactor(["sha256", "hello"]).redact
+    tails, renderer = tails_and_renderer(redact)
+    for line in (FIX / "builds" / capture).read_text().splitlines():
+        status = parse_line(line)
+        if status is not None:
+            tails.feed(status)
+            renderer.feed(status)
+    assert tails.failing_tail(30) == renderer.end(30)[1]
+
+
+def test_output_tails_match_the_renderer_on_failures_partial_and_cut_lines() -> None:
+    secret = "hunter2-sup3r-s3cret"
+    redactor = Redactor([secret])
+    cases = [
+        [vtx("a", "[1/2] RUN make", 0.0, **STEP)]
+        + [log("a", 0.1, b"out %d\n" % i) for i in range(60)]
+        + [vtx("c", "[2/2] RUN other", 0.0, **STEP), log("c", 0.2, b"cancelled step's output\n"),
+           vtx("c", "[2/2] RUN other", 0.0, 0.5, error="context canceled", **STEP),
+           vtx("a", "[1/2] RUN make", 0.0, 1.0, error="process did not complete successfully", **STEP),
+           vtx("z", "later", 2.0, **STEP), log("z", 2.1, b"unrelated\n")],
+        [vtx("a", "A", 0.0, **STEP), log("a", 0.1, b"one\n"), vtx("b", "B", 0.2, **STEP),
+         log("b", 0.3, b"two\npar")],
+        [vtx("a", "A", 0.0, **STEP), log("a", 0.1, f"token={secret[:7]}".encode()),
+         log("a", 0.2, f"{secret[7:]} ok\n\n".encode()), log("a", 0.3, b"x" * (2 * MAX_PARTIAL_BYTES + 5)),
+         log("a", 0.4, "é".encode() * MAX_PARTIAL_BYTES),
+         vtx("a", "A", 0.0, 1.0, error="exit code: 2", **STEP)],
+        [vtx("a", "A", None), log("a", 0.1, b"not started: dropped by neither\n"), vtx("a", "A", 0.0, **STEP),
+         log("a", 0.2, b"a's\n"), vtx("b", "B", 0.3, **STEP), log("b", 0.4, b"b's\n"),
+         vtx("a", "A", None, error="redeclared")],
+    ]  # fmt: skip
+    for lines in cases:
+        tails, renderer = tails_and_renderer(redactor.redact, redactor.safe_cut)
+        for line in lines:
+            status = parse_line(line)
+            assert status is not None
+            tails.feed(status)
+            renderer.feed(status)
+        got = tails.failing_tail(30)
+        assert got == renderer.end(30)[1] and got
+        assert secret not in "".join(got)
+    assert OutputTails().failing_tail() == []

@@ -30,10 +30,16 @@ from dataclasses import dataclass, field
 
 from .phases import Open as Interval
 from .phases import union
-from .progress import SolveStatus, Vertex, VertexStatus, b64decode_lenient
+from .progress import (
+    CANCELED,
+    TAIL_LINES,
+    SolveStatus,
+    Vertex,
+    VertexStatus,
+    b64decode_lenient,
+    output_lines,
+)
 
-MAX_PARTIAL_BYTES = 16 * 1024
-TAIL_LINES = 50
 SUMMARY_LINES = 10  # BuildKit's logsBufferSize: output lines repeated in the error summary
 PROBE_MAX_SECONDS = 0.005  # a source vertex's cache-request interval (captures: 27-200 us)
 PROBE_WINDOW_SECONDS = 0.1  # BuildKit's plain repaint interval
@@ -41,7 +47,7 @@ _MIN_PROGRESS_DELTA = 0.05
 _MIN_TIME_DELTA = 5.0
 _LAST_STATUS_CAP = 1024
 _MAX_OPEN_STATUSES = 256
-_CANCELED = "context canceled"
+_CANCELED = CANCELED
 _UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB")
 
 
@@ -72,14 +78,6 @@ def status_line(index: int, s: VertexStatus) -> str:
 def _log_offset(seconds: float) -> str:
     prec = 3 if seconds < 10 else 2 if seconds < 100 else 1
     return f"{seconds:.{prec}f}"
-
-
-def _utf8_cut(data: bytes | bytearray, limit: int) -> int:
-    """Largest cut <= limit that does not split a UTF-8 sequence (falls back to limit)."""
-    for cut in range(limit, max(limit - 4, 0), -1):
-        if data[cut] & 0xC0 != 0x80:
-            return cut
-    return limit
 
 
 @dataclass(eq=False, slots=True)
@@ -195,29 +193,20 @@ class _VertexBook:
     def _apply_log(self, vx: _Vtx, data: bytes, timestamp: float | None) -> None:
         recent = vx.recent()
         ts = _log_offset(timestamp - recent[0] if timestamp is not None and recent else 0.0)
-        while data:
-            cut = data.find(b"\n")
-            if not vx.partial:
-                vx.partial_ts = ts
-            vx.partial += data if cut < 0 else data[:cut]
-            data = b"" if cut < 0 else data[cut + 1 :]
-            while len(vx.partial) > MAX_PARTIAL_BYTES:  # bound every line, complete or not
-                keep = _utf8_cut(vx.partial, MAX_PARTIAL_BYTES)
-                if self._safe_cut is not None:
-                    keep = self._safe_cut(bytes(vx.partial), keep)
-                rest = bytes(vx.partial[keep:])
-                del vx.partial[keep:]
-                self._flush_partial(vx)
-                vx.partial += rest
-                vx.partial_ts = ts
-            if cut >= 0:
-                self._flush_partial(vx, force=True)
+        if not vx.partial:
+            vx.partial_ts = ts
+        for line in output_lines(vx.partial, data, self._safe_cut):
+            self._emit(vx, line)
+            vx.partial_ts = ts  # the next line starts in this update
 
-    def _flush_partial(self, vx: _Vtx, force: bool = False) -> None:
-        if not (vx.partial or force):
-            return
-        text = self._redact(vx.partial.decode("utf-8", errors="replace"))
-        vx.partial.clear()
+    def _flush_partial(self, vx: _Vtx) -> None:
+        if vx.partial:
+            line = bytes(vx.partial)
+            vx.partial.clear()
+            self._emit(vx, line)
+
+    def _emit(self, vx: _Vtx, line: bytes) -> None:
+        text = self._redact(line.decode("utf-8", errors="replace"))
         vx.lines.append((vx.partial_ts, text))
         vx.tail.append((vx.partial_ts, text))
         self._output_seq += 1

@@ -15,6 +15,10 @@ Promises:
 * Timestamps are the daemon's (float epoch seconds); ``first_output_at`` is the worker's clock
   (the injected ``clock``) when the first line arrived. :mod:`buildq.buildkit.phases` maps the
   former onto the latter.
+
+:class:`OutputTails` keeps what a failed build's record quotes: each step's last output lines
+(redacted), split into lines as the plain printer splits them (:func:`output_lines`, shared with
+:mod:`buildq.buildkit.plainlog`), bounded per vertex.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import binascii
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -398,3 +402,105 @@ def parse_line(line: str) -> SolveStatus | None:
         )
     except (TypeError, ValueError):
         return None
+
+
+# -- output tails ------------------------------------------------------------------------------
+#: an output line longer than this is cut there (a step printing without newlines stays bounded)
+MAX_PARTIAL_BYTES = 16 * 1024
+#: output lines kept per vertex
+TAIL_LINES = 50
+#: the error of a vertex that was only cancelled (another step failed)
+CANCELED = "context canceled"
+
+
+def utf8_cut(data: bytes | bytearray, limit: int) -> int:
+    """Largest cut <= limit that does not split a UTF-8 sequence (falls back to limit)."""
+    for cut in range(limit, max(limit - 4, 0), -1):
+        if data[cut] & 0xC0 != 0x80:
+            return cut
+    return limit
+
+
+def output_lines(
+    partial: bytearray, data: bytes, safe_cut: Callable[[bytes, int], int] | None = None
+) -> Iterator[bytes]:
+    """The output lines ``data`` completes, continuing the unterminated line in ``partial`` (what
+    is left unterminated stays there for the next call). A line ends at a newline (an empty one
+    too), or is cut at :data:`MAX_PARTIAL_BYTES` — never inside a UTF-8 sequence, nor where
+    ``safe_cut`` says a masked value would span the cut. Each is yielded as it completes."""
+    while data:
+        newline = data.find(b"\n")
+        partial += data if newline < 0 else data[:newline]
+        data = b"" if newline < 0 else data[newline + 1 :]
+        while len(partial) > MAX_PARTIAL_BYTES:  # bound every line, complete or not
+            keep = utf8_cut(partial, MAX_PARTIAL_BYTES)
+            if safe_cut is not None:
+                keep = safe_cut(bytes(partial), keep)
+            line = bytes(partial[:keep])
+            del partial[:keep]
+            if line:
+                yield line
+        if newline >= 0:
+            line = bytes(partial)
+            partial.clear()
+            yield line
+
+
+@dataclass(eq=False, slots=True)
+class _Tail:
+    error: str | None = None
+    started: bool = False
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    partial: bytearray = field(default_factory=bytearray)
+    last_output: int = 0
+
+
+class OutputTails:
+    """Each vertex's last :data:`TAIL_LINES` output lines, redacted, and its error: what a failed
+    build's record quotes (:meth:`failing_tail`), the same lines the plain view's renderer
+    (:class:`~buildq.buildkit.plainlog.PlainLogRenderer`) ends with, without rendering anything.
+    Memory is bounded per vertex (the tail and one partial line)."""
+
+    def __init__(
+        self, redact: Callable[[str], str] | None = None, safe_cut: Callable[[bytes, int], int] | None = None
+    ) -> None:
+        self._redact = redact or (lambda text: text)
+        self._safe_cut = safe_cut
+        self._tails: dict[str, _Tail] = {}
+        self._seq = 0
+
+    def feed(self, status: SolveStatus) -> None:
+        for rec in status.vertexes:
+            tail = self._tails.get(rec.digest)
+            if tail is None:
+                tail = self._tails[rec.digest] = _Tail()
+            if rec.started is None:
+                if not tail.started:  # a repeated declaration never resets a started vertex
+                    tail.error = rec.error
+                continue
+            tail.started, tail.error = True, rec.error
+        for log in status.logs:
+            tail = self._tails.get(log.vertex)
+            if tail is not None:
+                for line in output_lines(tail.partial, b64decode_lenient(log.data_b64), self._safe_cut):
+                    self._keep(tail, line)
+
+    def failing_tail(self, n: int = 30) -> list[str]:
+        """At the stream's end: the last ``n`` (at most 50) output lines of the errored vertex, else
+        of the last vertex with output (an unterminated last line counts, as the plain view ends it)."""
+        for tail in self._tails.values():
+            if tail.partial:
+                line = bytes(tail.partial)
+                tail.partial.clear()
+                self._keep(tail, line)
+        with_output = [t for t in self._tails.values() if t.lines]
+        failed = [t for t in with_output if t.error and not t.error.endswith(CANCELED)]
+        pool = failed or with_output
+        if not pool or n <= 0:
+            return []
+        return list(max(pool, key=lambda t: t.last_output).lines)[-n:]
+
+    def _keep(self, tail: _Tail, line: bytes) -> None:
+        tail.lines.append(self._redact(line.decode("utf-8", errors="replace")))
+        self._seq += 1
+        tail.last_output = self._seq

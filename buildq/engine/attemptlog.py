@@ -22,8 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..buildkit.plainlog import MAX_PARTIAL_BYTES, PlainLogRenderer
-from ..buildkit.progress import SolveStatus, b64decode_lenient, parse_line
+from ..buildkit.progress import MAX_PARTIAL_BYTES, OutputTails, SolveStatus, b64decode_lenient, parse_line
 from ..store.archive import GzipLines
 from ..store.logs import FINAL_PREFIX, Entry, LogStore
 from .redact import Redactor
@@ -150,7 +149,7 @@ class _Lines:
     def __init__(self, attempt: int, redactor: Redactor | None) -> None:
         self.attempt = attempt
         self.redact: Callable[[str], str] = redactor.redact if redactor is not None else (lambda text: text)
-        self.renderer = PlainLogRenderer(
+        self.tails = OutputTails(
             redact=redactor.redact if redactor is not None else None,
             safe_cut=redactor.safe_cut if redactor is not None else None,
         )
@@ -161,15 +160,14 @@ class _Lines:
         if status is None:  # buildctl's own text (error line, Dockerfile excerpt)
             return [(a, "raw", self.redact(line))]
         raw = self.raw.line(line) if self.raw is not None else [line]
-        self.renderer.feed(status)  # for the failing step's tail only: plain is rendered when read
+        self.tails.feed(status)  # for the failing step's tail only: plain is rendered when read
         return [(a, "raw", r) for r in raw]
 
     def finish(self) -> tuple[list[Entry], list[str]]:
         """What the end of the stream still holds (held output), and the failing step's last 30
         output lines."""
         raw = self.raw.finish() if self.raw is not None else []
-        _plain, tail = self.renderer.end(30)
-        return [(self.attempt, "raw", r) for r in raw], tail
+        return [(self.attempt, "raw", r) for r in raw], self.tails.failing_tail(30)
 
     def mark(self, text: str, *, closes: bool = False) -> Entry:
         """A mark line; ``closes``: the one that closes the attempt (its log ends there)."""
