@@ -190,6 +190,8 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(default=30.0, gt=0)
     #: broker visibility timeout; must exceed max_timeout_s + retry_backoff_cap_s
     visibility_timeout_s: int = Field(default=6 * 3600, ge=1)
+    #: seconds a worker's task events (Flower's view) wait to be published together (0: at once)
+    event_batch_s: float = Field(default=0.1, ge=0, le=5)
     #: seconds a warm shutdown waits for running builds
     shutdown_grace_s: float = Field(default=600.0, ge=0)
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)

@@ -128,3 +128,67 @@ def test_flush_sends_what_is_buffered_now(app, published, scheduler) -> None:
     assert [[e["phase"] for e in batch] for batch in published(wait_s=0.5)] == [["finalize"]]
     events.flush()  # nothing buffered: nothing sent
     assert len(published(wait_s=0.2)) == 1
+
+
+def test_the_worker_s_consumer_publishes_its_task_events_in_batches() -> None:
+    """The first buffered task event schedules one flush BUILDQ_EVENT_BATCH_S later; events
+    buffered meanwhile ride along; once it ran, the next event schedules the next one."""
+    from types import SimpleNamespace
+
+    from buildq.celeryapp.worker import EventBatchingConsumer
+
+    scheduled: list[tuple[float, Any]] = []
+    flushed: list[int] = []
+
+    class Hub:
+        def call_later(self, delay: float, callback: Any, *args: Any) -> None:
+            scheduled.append((delay, callback))
+
+    consumer = EventBatchingConsumer.__new__(EventBatchingConsumer)  # no broker: the hook alone
+    consumer.app = SimpleNamespace(buildq_settings=SimpleNamespace(event_batch_s=0.25))
+    consumer.hub = Hub()
+    consumer._flush_events = lambda: flushed.append(1)  # type: ignore[method-assign]
+    for _ in range(5):
+        consumer.on_send_event_buffered()
+    assert [delay for delay, _ in scheduled] == [0.25] and flushed == []
+    scheduled[0][1]()
+    assert flushed == [1]
+    consumer.on_send_event_buffered()
+    assert len(scheduled) == 2
+
+
+def test_a_real_worker_sends_every_task_event_in_fewer_messages(
+    buildq_env, start_worker, context_dir, tmp_path
+) -> None:
+    """The production configuration (metrics on, two pool processes): every build's received,
+    started and succeeded events reach an event receiver (Flower), several to a message."""
+    from tests.harness import client_for, free_port
+
+    env = {**buildq_env, "BUILDQ_METRICS_PORT": str(free_port()), "BUILDQ_METRICS_DIR": str(tmp_path / "m"),
+           "BUILDQ_EVENT_BATCH_S": "2"}  # fmt: skip - the builds' events fall in a few batches on any machine
+    start_worker(env, concurrency=2)
+    client = client_for(env)
+    warm = client.submit({"context": str(context_dir), "tags": ["reg/warm:1"]})
+    assert warm.wait(60)["state"] == "succeeded"
+    sub = redis.Redis.from_url(env["BUILDQ_BROKER_URL"]).pubsub(ignore_subscribe_messages=True)
+    sub.psubscribe("*celeryev*")
+    sub.get_message(timeout=0.5)  # the subscription is on
+    handles = [client.submit({"context": str(context_dir), "tags": [f"reg/e{i}:1"]}) for i in range(6)]
+    assert all(h.wait(60)["state"] == "succeeded" for h in handles)
+    ours = {h.job_id for h in handles}
+    seen: dict[str, set[str]] = {job_id: set() for job_id in ours}
+    messages = 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(len(kinds) < 3 for kinds in seen.values()):
+        msg = sub.get_message(timeout=0.2)
+        if msg is None:
+            continue
+        events = json.loads(b64decode(json.loads(msg["data"])["body"]))
+        events = events if isinstance(events, list) else [events]
+        task_events = [e for e in events if e.get("uuid") in ours and e["type"].startswith("task-")]
+        messages += bool(task_events)
+        for e in task_events:
+            seen[e["uuid"]].add(e["type"])
+    sub.close()
+    assert all(kinds >= {"task-received", "task-started", "task-succeeded"} for kinds in seen.values()), seen
+    assert messages <= len(ours)  # 18 events; a message each without batching

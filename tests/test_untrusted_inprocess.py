@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from buildq.buildkit.plainlog import MAX_PARTIAL_BYTES
+from buildq.buildkit.progress import MAX_PARTIAL_BYTES
 from buildq.contract.grants import check_secrets, secret_granted
 from buildq.contract.job import context_secrets, parse_job
 from buildq.engine.attemptlog import AttemptLog
