@@ -98,11 +98,11 @@ def context(tmp: Path) -> Path:
     return ctx
 
 
-def job(ctx: Path, **scenario: Any) -> dict[str, Any]:
+def job(ctx: Path, repo: str = "app", **scenario: Any) -> dict[str, Any]:
     spec = json.dumps({"kind": "succeed", **scenario}, separators=(",", ":"))
     return {
         "context": str(ctx),
-        "tags": [f"127.0.0.1:5000/cost/app:{uuid.uuid4().hex[:6]}"],
+        "tags": [f"127.0.0.1:5000/cost/{repo}:{uuid.uuid4().hex[:6]}"],
         "build_args": {"STANDIN_SCENARIO": spec},
     }
 
@@ -139,8 +139,8 @@ def memory_by_kind(env: dict[str, str]) -> tuple[int, Counter[str], Counter[str]
     return total, sizes, counts
 
 
-def part_build(tmp: Path, n: int) -> None:
-    print(f"\n== build: {n} builds of ~1 s, 39 progress lines each")
+def part_build(tmp: Path, n: int, repos: int = 1) -> None:
+    print(f"\n== build: {n} builds of ~1 s, 39 progress lines each, over {repos} repositories in turn")
     metrics_port = free_port()
     env = deployment(tmp, 2, BUILDQ_METRICS_PORT=str(metrics_port), BUILDQ_METRICS_DIR=str(tmp / "m"))
     if "archive_dir" in Settings.model_fields:  # older checkouts have no archive
@@ -157,7 +157,7 @@ def part_build(tmp: Path, n: int) -> None:
         rate, idle_counts = idle_rate(r, 10)
         before = commandstats(r)
         t0 = time.monotonic()
-        handles = [client.submit(job(ctx, pace=1.0 / CAPTURE_S)) for _ in range(n)]
+        handles = [client.submit(job(ctx, f"app-{i % repos}", pace=1.0 / CAPTURE_S)) for i in range(n)]
         states = Counter(h.wait(timeout=600)["state"] for h in handles)
         elapsed = time.monotonic() - t0
         counts = buildq_only(delta(commandstats(r), before))
@@ -338,6 +338,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--builds", type=int, default=200)
+    parser.add_argument(
+        "--repos", type=int, default=1,
+        help="build: the builds' repositories, in turn (1: two builds of a ref run at once and one "
+        "of them skips its export; 4: no two at once, every build exports)",
+    )  # fmt: skip
     parser.add_argument("--running", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=["build", "running", "claim", "janitor", "cli"])
     args = parser.parse_args()
@@ -352,7 +357,7 @@ def main() -> None:
         if "cli" in args.only:
             part_cli(tmp)
         if "build" in args.only:
-            part_build(tmp, args.builds)
+            part_build(tmp, args.builds, args.repos)
         if "running" in args.only:
             part_running(tmp, args.running)
     finally:

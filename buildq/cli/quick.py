@@ -26,7 +26,7 @@ KNOWN_SETTINGS = frozenset(
     buildkit_max_builds buildctl_image buildctl_path local_state_dir insecure_registries
     docker_url docker_network docker_pull_timeout_s queue high_priority_queue default_timeout_s
     max_timeout_s retry_max_attempts retry_backoff_base_s retry_backoff_cap_s transient_patterns
-    lease_ttl_s visibility_timeout_s shutdown_grace_s result_ttl_s requeue_lost_after_s
+    lease_ttl_s visibility_timeout_s event_batch_s shutdown_grace_s result_ttl_s requeue_lost_after_s
     metrics_port metrics_dir log_format redact_env log_stream_maxlen log_stream_ttl_s
     log_max_bytes archive_dir log_archived_ttl_s archived_record_ttl_s task_results
     daemon_wait_s registry_wait_s daemon_hold_s redis_retry_s redis_persistence deployment
