@@ -38,6 +38,14 @@ def watch(env: dict[str, str]) -> tuple[Any, list[dict], Any]:
     return state, events, receivers[0]
 
 
+def task_state(state: Any, task_id: str) -> str | None:
+    """The task's state in the receiver's view; None until its first event is in (the worker
+    publishes its task events in batches, BUILDQ_EVENT_BATCH_S, so a producer may hear of the
+    record first)."""
+    task = state.tasks.get(task_id)
+    return None if task is None else task.state
+
+
 def test_a_running_build_is_started_and_retries_show_their_reasons(
     buildq_env, start_worker, context_dir, tmp_path
 ) -> None:
@@ -65,14 +73,14 @@ def test_a_running_build_is_started_and_retries_show_their_reasons(
     assert [uuid for uuid, t in state.tasks_by_time() if t.state == "STARTED"] == [hanging.job_id]
     hanging.cancel()
     assert hanging.wait(timeout=60)["state"] == "cancelled"
-    wait_until(lambda: state.tasks[hanging.job_id].state == "FAILURE", timeout=10)
+    wait_until(lambda: task_state(state, hanging.job_id) == "FAILURE", timeout=10)
     # goaway on the first attempt, then success: the task view has both attempts and the reason
     flaky = scenario(kind="flaky", state_dir=str(tmp_path / "st"), fail_first=1, key="logs", seed=6)  # goaway
     retried = client.submit(
         {"context": str(context_dir), "tags": ["reg/fl:2"], "build_args": {"STANDIN_SCENARIO": flaky}}
     )
     assert retried.wait(timeout=60)["state"] == "succeeded"
-    wait_until(lambda: state.tasks[retried.job_id].state == "SUCCESS", timeout=10)
+    wait_until(lambda: task_state(state, retried.job_id) == "SUCCESS", timeout=10)
     receiver.should_stop = True
     task = state.tasks[retried.job_id]
     assert "attempt 1 failed (goaway); retry in" in task.exception
