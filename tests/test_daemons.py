@@ -30,7 +30,7 @@ from buildq.store.keys import job_key, load_key
 from tests.conftest import FIXTURES, scenario
 from tests.harness import REDIS_URL, StandinLog, client_for, simulated_deployment, wait_until
 from tests.inprocess import deliver, pool_env, pool_runtime
-from tests.standin.scenarios import daemon_down, daemon_invocations
+from tests.standin.scenarios import daemon_dials, daemon_down, daemon_invocations
 
 A, B = "tcp://127.0.0.1:1234", "tcp://127.0.0.1:1236"
 DB_URL = f"{REDIS_URL}/13"
@@ -226,9 +226,8 @@ def test_a_restart_of_20s_and_one_of_60s_are_waited_out(standin, context_dir, tm
         start_worker(env, concurrency=2)
         handle = client_for(env).submit(job(context_dir, f"reg/restart{db}:1", sleep_s=8.0))
         runs.append((daemons, addr, outage, env, handle))
-    for _daemons, _addr, _outage, env, handle in runs:  # both builds are in their RUN step
-        status = client_for(env).status
-        wait_until(lambda s=status, h=handle: s(h.job_id).get("state") == "running", timeout=90)
+    for daemons, addr, _outage, _env, _handle in runs:  # both builds reached their daemon
+        wait_until(lambda d=daemons, a=addr: any(e["cmd"] == "build" for e in daemon_dials(d, a)), timeout=90)
     downs = [(daemon_down(daemons, addr, outage), time.time()) for daemons, addr, outage, _e, _h in runs]
     for (daemons, addr, outage, env, handle), (until, since) in zip(runs, downs, strict=True):
         record = handle.wait(timeout=outage + 60)

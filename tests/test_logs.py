@@ -301,6 +301,25 @@ def test_follow_ends_when_the_job_is_finished_and_nothing_more_arrives(store: Lo
     assert final_state(got) is None
 
 
+def test_follow_reads_the_finishing_write_that_lands_between_an_empty_wait_and_the_finished_check(
+    store: LogStore,
+) -> None:
+    store.append(JOB, [(1, "raw", "a")])
+    log = AttemptLog(store, JOB, 1, redactor=None)
+    checks: list[bool] = []
+
+    def finishing_write_lands_now() -> bool:  # the worker's finish: last lines, final mark, record
+        if not checks:
+            log.feed("b")
+            end(store, log, "succeeded")
+        checks.append(True)
+        return True
+
+    got = list(store.follow(JOB, is_finished=finishing_write_lands_now, block_ms=50))
+    assert [e.line for e in got if e.kind == "raw"] == ["a", "b"]
+    assert final_state(got) == "succeeded"
+
+
 def test_read_pages_and_filters(store: LogStore) -> None:
     for batch in range(500):  # 500 stream entries of 5 lines: several pages
         store.append(JOB, [(1, "raw" if i % 2 else "mark", f"l{i}") for i in range(batch * 5, batch * 5 + 5)])

@@ -143,20 +143,26 @@ class LogStore:
         """Yield lines as they arrive (``XREAD BLOCK``), across attempts.
 
         Ends after the ``final: <state>`` line (yielded when ``mark`` is among ``kinds``), or when a
-        block period passes with no new entry while ``is_finished()`` is true (a worker that died
-        before writing the final mark). The client's socket timeout must exceed ``block_ms``.
+        block period passes with no new entry, ``is_finished()`` is then true and one read more still
+        finds nothing (a worker that died before writing the final mark; the read after the check
+        catches a finishing write that landed between the empty wait and the check). The client's
+        socket timeout must exceed ``block_ms``.
         """
         wanted, key, last = frozenset(kinds), log_key(job_id), after
+        finished = False
         while True:
-            reply = self.redis.xread({key: last}, count=_PAGE, block=block_ms)
+            # once finished, one read more without waiting: what the finishing write added between
+            # the last empty read and is_finished()
+            reply = self.redis.xread({key: last}, count=_PAGE, block=None if finished else block_ms)
             if isinstance(reply, dict):  # RESP3: {key: [[(id, fields), ...]]}
                 batches = [batch for value in reply.values() for batch in value]
             else:  # RESP2: [[key, [(id, fields), ...]]]
                 batches = [batch for _, batch in reply or ()]
             stream = [(i, f) for batch in batches for i, f in batch]
             if not stream:
-                if is_finished():
+                if finished:
                     return
+                finished = is_finished()
                 continue
             for entry_id, fields in stream:
                 last = _text(entry_id)

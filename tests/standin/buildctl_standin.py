@@ -175,7 +175,7 @@ def run_build(addr: str, v: dict, info: dict, scenario: dict, rec: dict) -> int:
     daemon = D.daemon_for(addr)
     if daemon is not None:
         rec["daemon"], rec["cmd"] = daemon, "build"
-        daemon.dial()
+        daemon.dial(rec["cmd"])
         if daemon.state().get("disk_full"):  # its disk is full: every build fails as the genuine one
             raise BuildctlError(R.capture_error(R.DISK_FULL_CAPTURE))
     capture = scenario.get("capture")
@@ -299,7 +299,7 @@ def cmd_debug(g: dict, args: list[str], rec: dict) -> int:
     daemon = D.daemon_for(g["addr"])
     if daemon is not None:
         rec["daemon"], rec["cmd"] = daemon, "debug-workers"
-        daemon.dial(what="")
+        daemon.dial(rec["cmd"], what="")
     scenario = load_scenario({})
     kind = scenario.get("kind", "succeed")
     if kind == "refused":  # a flaky daemon answers: only its builds fail now and then

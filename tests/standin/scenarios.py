@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .standin_daemons import LOG, STATE, daemon_slug
+from .standin_daemons import DIALS, LOG, STATE, daemon_slug
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "buildkit"
 
@@ -113,6 +113,15 @@ def daemon_up(daemons_dir: str | Path, addr: str) -> None:
 def daemon_invocations(daemons_dir: str | Path, addr: str) -> list[dict[str, Any]]:
     """The daemon's ``invocations.log``: ``{"cmd","t","pid","key","outcome","variant","rc"}`` per line."""
     path = daemon_dir(daemons_dir, addr) / LOG
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def daemon_dials(daemons_dir: str | Path, addr: str) -> list[dict[str, Any]]:
+    """The daemon's ``dials.log``: ``{"cmd","pid","t"}`` per invocation that reached it, written as it
+    dials (the invocations log is written when an invocation ends)."""
+    path = daemon_dir(daemons_dir, addr) / DIALS
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

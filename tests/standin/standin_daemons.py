@@ -28,6 +28,7 @@ except ImportError:  # run from the stand-in's folder (see buildctl_standin.py)
 
 STATE = "state.json"
 LOG = "invocations.log"
+DIALS = "dials.log"  # one line per invocation that reached the daemon, written as it dials
 
 
 def daemon_slug(addr: str) -> str:
@@ -64,11 +65,13 @@ class Daemon:
         until = self.state().get("down_until")
         return until is not None and (time.time() if now is None else now) < until
 
-    def dial(self, what: str = "listing workers for Build: ") -> None:
-        """Raise :class:`Refused` (buildctl's connection-refused text) while the daemon is down."""
+    def dial(self, cmd: str, what: str = "listing workers for Build: ") -> None:
+        """Raise :class:`Refused` (buildctl's connection-refused text) while the daemon is down;
+        else note the dial in ``dials.log``."""
         self.started = time.time()
         if self.is_down(self.started):
             raise Refused(R.refused_text(self.addr, what=what))
+        self.log({"cmd": cmd, "pid": os.getpid(), "t": self.started}, name=DIALS)
 
     def watch(self) -> None:
         """Raise :class:`DaemonGone` once a GOAWAY outage began during this build (polls ≤ every POLL_S)."""
@@ -116,9 +119,9 @@ class Daemon:
 
     # ---- invocation log ------------------------------------------------------------------------
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, name: str = LOG) -> None:
         os.makedirs(self.dir, exist_ok=True)
-        fd = os.open(os.path.join(self.dir, LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.dir, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, (R.dumps(record) + "\n").encode())
         finally:
