@@ -72,8 +72,20 @@ def delta(after: dict[str, tuple[int, int]], before: dict[str, tuple[int, int]])
     return Counter({k: v[0] - before.get(k, (0, 0))[0] for k, v in after.items()} | {})
 
 
-BENCH_CMDS = {"info", "config|resetstat", "config", "memory|usage", "scan", "flushdb", "select",
-              "ping", "client|setinfo", "hello", "dbsize", "type"}
+BENCH_CMDS = {
+    "info",
+    "config|resetstat",
+    "config",
+    "memory|usage",
+    "scan",
+    "flushdb",
+    "select",
+    "ping",
+    "client|setinfo",
+    "hello",
+    "dbsize",
+    "type",
+}
 
 
 def buildq_only(counts: Counter[str]) -> Counter[str]:
@@ -116,7 +128,7 @@ def idle_rate(r: redis.Redis, seconds: float) -> tuple[float, Counter[str]]:
 
 def key_kind(key: str) -> str:
     if key.startswith("buildq:"):
-        rest = key[len("buildq:"):]
+        rest = key[len("buildq:") :]
         return "buildq:" + rest.split(":", 1)[0] + (":*" if ":" in rest else "")
     if key.startswith("celery-task-meta-"):
         return "celery-task-meta-*"
@@ -165,13 +177,17 @@ def part_build(tmp: Path, n: int, repos: int = 1) -> None:
         background = rate * elapsed
         print(f"states: {dict(states)}  elapsed {elapsed:.1f} s")
         print(f"idle worker background: {rate:.2f} commands/s ({dict(idle_counts.most_common(6))})")
-        print(f"commands per build: {total / n:.1f} total, {(total - background) / n:.1f} "
-              "without the idle background")
+        print(
+            f"commands per build: {total / n:.1f} total, {(total - background) / n:.1f} "
+            "without the idle background"
+        )
         print("  by command:", ", ".join(f"{k} {v / n:.2f}" for k, v in counts.most_common(16)))
         time.sleep(3)  # the last archive writes (the worker archives as each build ends)
         total_bytes, sizes, kinds = memory_by_kind(env)
-        print(f"Redis bytes per finished build: {total_bytes / n / 1024:.2f} KB "
-              f"({total_bytes / 1024:.0f} KB for {n + 1} builds)")
+        print(
+            f"Redis bytes per finished build: {total_bytes / n / 1024:.2f} KB "
+            f"({total_bytes / 1024:.0f} KB for {n + 1} builds)"
+        )
         for kind, size in sizes.most_common(12):
             print(f"  {kind:28} {kinds[kind]:6} keys {size / n / 1024:8.2f} KB/build")
     finally:
@@ -202,8 +218,10 @@ def part_running(tmp: Path, k: int) -> None:
         per = (total / window - rate) / k
         print(f"idle worker background {rate:.2f}/s; with {k} running: {total / window:.2f}/s")
         print(f"commands/s per running build: {per:.2f}")
-        print("  by command (per build per s):",
-              ", ".join(f"{c} {v / window / k:.2f}" for c, v in counts.most_common(10)))
+        print(
+            "  by command (per build per s):",
+            ", ".join(f"{c} {v / window / k:.2f}" for c, v in counts.most_common(10)),
+        )
         for h in handles:
             h.cancel()
     finally:
@@ -233,8 +251,10 @@ def part_claim() -> None:
             samples.append(after[1] - before[1])
             assert getattr(reply, "daemon", None), reply
             _release(store, _fence(store, job_id, reply), reply.daemon)
-        print(f"  {fleet:5} daemons: claim p50 {statistics.median(samples):6.0f} µs, "
-              f"max {max(samples):6.0f} µs (server time, {len(samples)} claims)")
+        print(
+            f"  {fleet:5} daemons: claim p50 {statistics.median(samples):6.0f} µs, "
+            f"max {max(samples):6.0f} µs (server time, {len(samples)} claims)"
+        )
     r.flushdb()
 
 
@@ -249,8 +269,16 @@ def _claim_args(daemons: list[str], prefer: int, limit: int) -> dict[str, Any]:
 
     from buildq.store.jobs import JobStore
 
-    args: dict[str, Any] = dict(delivery=uuid.uuid4().hex, daemons=daemons, limit=limit, ttl_s=600,
-                                worker="bench:1", domain="bench", body="{}", queue="q")
+    args: dict[str, Any] = dict(
+        delivery=uuid.uuid4().hex,
+        daemons=daemons,
+        limit=limit,
+        ttl_s=600,
+        worker="bench:1",
+        domain="bench",
+        body="{}",
+        queue="q",
+    )
     if "prefer" in inspect.signature(JobStore.claim).parameters:  # an older checkout
         args["prefer"] = prefer
     return args
@@ -284,10 +312,10 @@ def part_janitor() -> None:
         for start in range(0, backlog, 1000):
             pipe_jobs = range(start, min(backlog, start + 1000))
             for i in pipe_jobs:
-                message = json.dumps({"body": "e30=", "headers": {"id": f"q{i}"},
-                                      "properties": {"delivery_tag": f"t{i}"}}).encode()
-                store.submit(f"q{i}", queue=queue, message=message, tag=f"t{i}", delivery=f"d{i}",
-                             body="{}")
+                message = json.dumps(
+                    {"body": "e30=", "headers": {"id": f"q{i}"}, "properties": {"delivery_tag": f"t{i}"}}
+                ).encode()
+                store.submit(f"q{i}", queue=queue, message=message, tag=f"t{i}", delivery=f"d{i}", body="{}")
         janitor = Janitor(store, after_s=0.0)
         janitor.run_once()  # the first pass may take the deployment's janitor lease
         walls, servers = [], []
@@ -298,8 +326,10 @@ def part_janitor() -> None:
             walls.append(time.perf_counter() - t0)
             after = commandstats(r)
             servers.append(sum(v[1] - before.get(k, (0, 0))[1] for k, v in after.items()) / 1e3)
-        print(f"  {backlog:6} queued: pass {statistics.median(walls) * 1e3:7.1f} ms wall, "
-              f"{statistics.median(servers):7.1f} ms of Redis (median of 5)")
+        print(
+            f"  {backlog:6} queued: pass {statistics.median(walls) * 1e3:7.1f} ms wall, "
+            f"{statistics.median(servers):7.1f} ms of Redis (median of 5)"
+        )
     r.flushdb()
 
 
@@ -314,9 +344,8 @@ def part_cli(tmp: Path) -> None:
         message = json.dumps({"headers": {"id": job_id}}).encode()
         store.submit(job_id, queue="lq", message=message, tag=f"t{i}", delivery=f"d{i}", body="{}")
         ids.append(job_id)
-    for i, job_id in enumerate(ids[:: 100]):
-        store.reject(job_id, delivery=f"d{i * 100}", record=json.dumps({"job_id": job_id,
-                                                                         "state": "failed"}))
+    for i, job_id in enumerate(ids[::100]):
+        store.reject(job_id, delivery=f"d{i * 100}", record=json.dumps({"job_id": job_id, "state": "failed"}))
     cli_env = {**{k: v for k, v in os.environ.items() if not k.startswith("BUILDQ_")}, **env}
     exe = str(Path(sys.executable).parent / "buildq")
     for argv in (["status", ids[5]], ["list", "--state", "failed", "--limit", "20"]):
@@ -325,8 +354,10 @@ def part_cli(tmp: Path) -> None:
             t0 = time.perf_counter()
             subprocess.run([exe, *argv], env=cli_env, check=True, capture_output=True)
             times.append(time.perf_counter() - t0)
-        print(f"  buildq {' '.join(argv[:1] + argv[1:2] if argv[0] == 'list' else argv[:1])}: "
-              f"median {statistics.median(times) * 1e3:.0f} ms (7 runs)")
+        print(
+            f"  buildq {' '.join(argv[:1] + argv[1:2] if argv[0] == 'list' else argv[:1])}: "
+            f"median {statistics.median(times) * 1e3:.0f} ms (7 runs)"
+        )
     r = redis.Redis.from_url(env["BUILDQ_BROKER_URL"])
     before = commandstats(r)
     client.list_jobs(limit=20, states=["failed"])
@@ -347,8 +378,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=["build", "running", "claim", "janitor", "cli"])
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="buildq-redis-cost-"))
-    print(f"redis {REDIS_URL} ({redis.Redis.from_url(REDIS_URL).info('server')['redis_version']}), "
-          f"checkout {ROOT}")
+    print(
+        f"redis {REDIS_URL} ({redis.Redis.from_url(REDIS_URL).info('server')['redis_version']}), "
+        f"checkout {ROOT}"
+    )
     try:
         if "claim" in args.only:
             part_claim()

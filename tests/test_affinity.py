@@ -115,9 +115,7 @@ def test_a_success_remembers_its_daemon_in_the_finish_round_trip(store, client) 
     got = take(store, "f1", daemons=[B], cache_key=None)
     client.calls.clear()
     record = json.dumps({"job_id": "f1", "state": "succeeded"})
-    assert store.finish(
-        Fence("f1", got.token, got.gen), record=record, state="succeeded", remember=(KEY, B)
-    )
+    assert store.finish(Fence("f1", got.token, got.gen), record=record, state="succeeded", remember=(KEY, B))
     assert client.calls == ["EVALSHA"]
     assert client.get(affinity_key(KEY)) == B.encode()
     assert 0 < client.ttl(affinity_key(KEY)) <= 60  # remembered as long as a result is kept

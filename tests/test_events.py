@@ -164,8 +164,12 @@ def test_a_real_worker_sends_every_task_event_in_fewer_messages(
     started and succeeded events reach an event receiver (Flower), several to a message."""
     from tests.harness import client_for, free_port
 
-    env = {**buildq_env, "BUILDQ_METRICS_PORT": str(free_port()), "BUILDQ_METRICS_DIR": str(tmp_path / "m"),
-           "BUILDQ_EVENT_BATCH_S": "2"}  # fmt: skip - the builds' events fall in a few batches on any machine
+    env = {
+        **buildq_env,
+        "BUILDQ_METRICS_PORT": str(free_port()),
+        "BUILDQ_METRICS_DIR": str(tmp_path / "m"),
+        "BUILDQ_EVENT_BATCH_S": "2",
+    }  # fmt: skip - the builds' events fall in a few batches on any machine
     start_worker(env, concurrency=2)
     client = client_for(env)
     warm = client.submit({"context": str(context_dir), "tags": ["reg/warm:1"]})

@@ -260,6 +260,7 @@ def test_the_lease_is_held_throughout_a_build_longer_than_its_ttl(runtime, env, 
     thread = threading.Thread(target=lambda: runtime.lifecycle.handle(d))
     thread.start()
     r = runtime.store.redis
+
     def left_ms() -> int:  # how long the lease has to run, by the server clock
         until, _ = r.hmget(job_key("ls1"), ["lease_until", "record"])
         sec, usec = r.time()

@@ -149,9 +149,11 @@ def test_prometheus_metrics_after_real_builds(buildq_env, start_worker, context_
     # the metrics of a build are written just after its record (a hook): wait for the last one
     done = 'buildq_build_phase_seconds_count{outcome="failed",phase="total"}'
     samples = wait_until(
-        lambda: (s := scrape(port)).get(done) == 1.0
-        and s.get('buildq_build_phase_seconds_count{outcome="succeeded",phase="total"}') == 4.0
-        and s,
+        lambda: (
+            (s := scrape(port)).get(done) == 1.0
+            and s.get('buildq_build_phase_seconds_count{outcome="succeeded",phase="total"}') == 4.0
+            and s
+        ),
         timeout=10,
     )
     assert samples['buildq_builds_total{outcome="succeeded"}'] == 4.0

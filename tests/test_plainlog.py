@@ -26,6 +26,7 @@ def feed_line(renderer: PlainLogRenderer, line: str) -> list[str]:
     status = parse_line(line)
     return [] if status is None else renderer.feed(status)
 
+
 CTX_PAIRS = [
     (f"builds/ctx_{cache}_rawjson_{phase}.stderr", f"builds/ctx_{cache}_plain_{phase}.stderr")
     for cache in ("oci", "default", "ociindex", "dockerlist", "ocifalse")
@@ -239,16 +240,18 @@ def test_memory_is_bounded_per_vertex() -> None:
     feed(r, vtx("a", "a", 0.0, **STEP), vtx("b", "b", 0.0, **STEP))
     for i in range(2000):
         feed_line(r, log("a" if i % 2 else "b", 0.001 * i, b"line %d\n" % i))
-        feed_line(r,
+        feed_line(
+            r,
             json.dumps(
                 {"statuses": [{"id": f"layer {i}", "vertex": "a", "started": ts(i), "timestamp": ts(i)}]}
-            )
+            ),
         )
     assert sum(len(v.tail) + len(v.lines) for v in r._vtx.values()) == 2 * TAIL_LINES
     assert len(r._last_status) <= 1024
     assert len(r._vtx["a"].statuses) == 256  # open statuses are capped, done ones are dropped
-    feed_line(r,
-        json.dumps({"statuses": [{"id": "layer 1999", "vertex": "a", "started": ts(7), "completed": ts(8)}]})
+    feed_line(
+        r,
+        json.dumps({"statuses": [{"id": "layer 1999", "vertex": "a", "started": ts(7), "completed": ts(8)}]}),
     )
     assert "layer 1999" not in r._vtx["a"].statuses
 

@@ -60,7 +60,11 @@ def test_the_old_compose_knob_points_to_the_stacks_own_variable() -> None:
 def test_the_stacks_and_the_test_suites_variables_are_not_settings() -> None:
     assert not [n for n in KNOWN if n.startswith(NOT_SETTINGS_PREFIXES)]
     assert all(v.startswith("BUILDQ_STACK_") for v in STACK_VARIABLES)
-    env = {"BUILDQ_STACK_REGISTRY_PORT": "5001", "BUILDQ_STACK_ANYTHING": "x", "BUILDQ_TEST_REDIS": "redis://h"}
+    env = {
+        "BUILDQ_STACK_REGISTRY_PORT": "5001",
+        "BUILDQ_STACK_ANYTHING": "x",
+        "BUILDQ_TEST_REDIS": "redis://h",
+    }
     assert load_settings(env) == load_settings({})
 
 

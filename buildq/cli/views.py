@@ -42,6 +42,8 @@ def attestation_kind(predicate_type: str) -> str:
     if "spdx.dev/Document" in predicate_type:
         return "sbom"
     return predicate_type
+
+
 #: what ``buildq status`` says of a build the export lease kept from exporting
 SKIPPED_EXPORTS = {
     "skipped_newer": "a newer build of the ref exports it",

@@ -52,7 +52,6 @@ class PlainView:
             for line in renderer.finish():
                 yield LogEntry(mark.id, mark.attempt, "plain", line)
 
-
     def end(self) -> Iterator[LogEntry]:
         """What the attempts not closed yet still print (a read of the log as it stands now)."""
         for attempt in sorted(set(self._renderers) - self._ended):
