@@ -168,8 +168,8 @@ def test_a_real_worker_sends_every_task_event_in_fewer_messages(
         **buildq_env,
         "BUILDQ_METRICS_PORT": str(free_port()),
         "BUILDQ_METRICS_DIR": str(tmp_path / "m"),
-        "BUILDQ_EVENT_BATCH_S": "2",
-    }  # fmt: skip - the builds' events fall in a few batches on any machine
+        "BUILDQ_EVENT_BATCH_S": "2",  # the builds' events fall in a few batches on any machine
+    }
     start_worker(env, concurrency=2)
     client = client_for(env)
     warm = client.submit({"context": str(context_dir), "tags": ["reg/warm:1"]})

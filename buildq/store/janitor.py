@@ -107,16 +107,10 @@ def _push_back(store: JobStore, job_id: str, stamp: str) -> bool:
     message = build_message(job_id, queue, job, delivery=delivery, delivery_tag=tag, retries=retries)
     return bool(
         store.scripts.call(
-            "push_lost",
-            job_hash=job_key(job_id),
-            unacked=UNACKED_KEY,
-            queue=queue,
-            message=message,
-            delivery=delivery,
-            pushed_at=stamp,
-            job_prefix=JOB_PREFIX,
-        )  # fmt: skip
-    )
+            "push_lost", job_hash=job_key(job_id), unacked=UNACKED_KEY, queue=queue, message=message,
+            delivery=delivery, pushed_at=stamp, job_prefix=JOB_PREFIX,
+        )
+    )  # fmt: skip
 
 
 def requeue_stalled(

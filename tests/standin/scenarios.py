@@ -110,21 +110,23 @@ def daemon_up(daemons_dir: str | Path, addr: str) -> None:
     _write_state(daemons_dir, addr, {**state, "down_until": None})
 
 
-def daemon_invocations(daemons_dir: str | Path, addr: str) -> list[dict[str, Any]]:
-    """The daemon's ``invocations.log``: ``{"cmd","t","pid","key","outcome","variant","rc"}`` per line."""
-    path = daemon_dir(daemons_dir, addr) / LOG
+def _daemon_log(daemons_dir: str | Path, addr: str, name: str) -> list[dict[str, Any]]:
+    """The JSON lines of the daemon's log ``name`` (none before its first line)."""
+    path = daemon_dir(daemons_dir, addr) / name
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def daemon_invocations(daemons_dir: str | Path, addr: str) -> list[dict[str, Any]]:
+    """The daemon's ``invocations.log``: ``{"cmd","t","pid","key","outcome","variant","rc"}`` per line."""
+    return _daemon_log(daemons_dir, addr, LOG)
 
 
 def daemon_dials(daemons_dir: str | Path, addr: str) -> list[dict[str, Any]]:
     """The daemon's ``dials.log``: ``{"cmd","pid","t"}`` per invocation that reached it, written as it
     dials (the invocations log is written when an invocation ends)."""
-    path = daemon_dir(daemons_dir, addr) / DIALS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return _daemon_log(daemons_dir, addr, DIALS)
 
 
 def genuine_argv(
